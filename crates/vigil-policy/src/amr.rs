@@ -1,0 +1,54 @@
+//! Authentication method references (RFC 8176, IANA registry) as a bit set.
+
+/// The registered `amr` values, in bit order.
+pub const AMR_VALUES: [&str; 21] = [
+    "face", "fpt", "geo", "hwk", "iris", "kba", "mca", "mfa", "otp", "pin", "pop", "pwd", "rba",
+    "retina", "sc", "sms", "swk", "tel", "user", "vbm", "wia",
+];
+
+/// A set of authentication methods; values outside the registry are ignored.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct Amr(pub u32);
+
+impl Amr {
+    /// The bit of one registered value, if registered (exact, lowercase).
+    pub fn bit(value: &str) -> Option<Amr> {
+        AMR_VALUES.iter().position(|v| *v == value).map(|i| Amr(1 << i))
+    }
+
+    /// Builds the set from a token's `amr` claim values.
+    pub fn from_values<'a>(values: impl IntoIterator<Item = &'a str>) -> Amr {
+        values.into_iter().filter_map(Amr::bit).fold(Amr(0), |a, b| Amr(a.0 | b.0))
+    }
+
+    /// Whether every method of `other` is in `self`.
+    pub fn contains_all(self, other: Amr) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    /// Whether any method of `other` is in `self`.
+    pub fn contains_any(self, other: Amr) -> bool {
+        self.0 & other.0 != 0
+    }
+
+    /// Multi-factor: the IdP said `mfa`, or at least two distinct registered methods were used.
+    pub fn is_multi_factor(self) -> bool {
+        let mfa = Amr::bit("mfa").map_or(0, |b| b.0);
+        self.0 & mfa != 0 || self.0.count_ones() >= 2
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registry_and_multi_factor() {
+        assert_eq!(Amr::from_values(["pwd", "bogus"]), Amr::bit("pwd").unwrap());
+        assert!(!Amr::from_values(["pwd"]).is_multi_factor());
+        assert!(Amr::from_values(["pwd", "otp"]).is_multi_factor());
+        assert!(Amr::from_values(["mfa"]).is_multi_factor());
+        assert!(!Amr::from_values(["pwd", "pwd", "nope"]).is_multi_factor());
+        assert!(Amr::bit("PWD").is_none());
+    }
+}

@@ -1,0 +1,592 @@
+//! The compiled policy: a flat, serialisable program the proxy evaluates without
+//! re-reading policy text, plus the evaluator and `explain`.
+
+use std::net::IpAddr;
+
+use chrono::{Offset, TimeZone};
+use chrono_tz::Tz;
+use regex::{Regex, RegexBuilder};
+use serde::{Deserialize, Serialize};
+
+use crate::amr::Amr;
+use crate::ast::{Effect, Flag, Scalar, StrField};
+use crate::request::Request;
+use crate::text::{fold_ends_with, fold_eq, fold_starts_with};
+
+/// Bumped when the serialised form changes incompatibly.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Interned fields compared by id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum SymField {
+    User,
+    ServiceAccount,
+    Device,
+}
+
+/// A string test; `In`/`NotIn` lists are sorted (and folded where the field folds).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) enum StrTest {
+    Eq(Box<str>),
+    In(Box<[Box<str>]>),
+    NotIn(Box<[Box<str>]>),
+    Prefix(Box<str>),
+    Suffix(Box<str>),
+    Regex(u32),
+    Present(bool),
+}
+
+/// A test on a claim or posture value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) enum ValueTest {
+    Is(Scalar),
+    In(Box<[Scalar]>),
+    NotIn(Box<[Scalar]>),
+    Has(Scalar),
+    AnyOf(Box<[Scalar]>),
+    AllOf(Box<[Scalar]>),
+    Prefix(Box<str>),
+    Suffix(Box<str>),
+    Regex(u32),
+    Lt(f64),
+    Gt(f64),
+}
+
+/// A set of small integers covering `base..base + 64 * words.len()`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct BitSet {
+    base: u32,
+    words: Box<[u64]>,
+}
+
+impl BitSet {
+    pub fn from_ids(ids: &[u32]) -> BitSet {
+        let (Some(&min), Some(&max)) = (ids.iter().min(), ids.iter().max()) else {
+            return BitSet { base: 0, words: Box::new([]) };
+        };
+        let base = min & !63;
+        let mut words = vec![0u64; ((max - base) / 64 + 1) as usize];
+        for &id in ids {
+            let off = id - base;
+            words[(off / 64) as usize] |= 1 << (off % 64);
+        }
+        BitSet { base, words: words.into() }
+    }
+
+    #[inline]
+    pub fn contains(&self, id: u32) -> bool {
+        let Some(off) = id.checked_sub(self.base) else { return false };
+        self.words.get((off / 64) as usize).is_some_and(|w| w & (1 << (off % 64)) != 0)
+    }
+}
+
+/// Sorted, merged, inclusive address ranges.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct PrefixTable {
+    v4: Box<[(u32, u32)]>,
+    v6: Box<[(u128, u128)]>,
+}
+
+fn merge<T: Ord + Copy>(mut ranges: Vec<(T, T)>, succ: impl Fn(T) -> Option<T>) -> Box<[(T, T)]> {
+    ranges.sort_unstable();
+    let mut out: Vec<(T, T)> = Vec::with_capacity(ranges.len());
+    for (lo, hi) in ranges {
+        if let Some(last) = out.last_mut() {
+            if succ(last.1).is_none_or(|n| lo <= n) {
+                last.1 = last.1.max(hi);
+                continue;
+            }
+        }
+        out.push((lo, hi));
+    }
+    out.into()
+}
+
+fn lookup<T: Ord + Copy>(ranges: &[(T, T)], x: T) -> bool {
+    let i = ranges.partition_point(|(lo, _)| *lo <= x);
+    i > 0 && x <= ranges[i - 1].1
+}
+
+impl PrefixTable {
+    pub fn from_nets(nets: &[ipnet::IpNet]) -> PrefixTable {
+        let mut v4 = Vec::new();
+        let mut v6 = Vec::new();
+        for n in nets {
+            match n {
+                ipnet::IpNet::V4(n) => v4.push((u32::from(n.network()), u32::from(n.broadcast()))),
+                ipnet::IpNet::V6(n) => v6.push((u128::from(n.network()), u128::from(n.broadcast()))),
+            }
+        }
+        PrefixTable { v4: merge(v4, |x: u32| x.checked_add(1)), v6: merge(v6, |x: u128| x.checked_add(1)) }
+    }
+
+    #[inline]
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match ip.to_canonical() {
+            IpAddr::V4(a) => lookup(&self.v4, u32::from(a)),
+            IpAddr::V6(a) => lookup(&self.v6, u128::from(a)),
+        }
+    }
+}
+
+/// One atomic test against the request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) enum Check {
+    Const(bool),
+    Flag { flag: Flag, expect: bool },
+    Sym { field: SymField, set: Box<[u32]>, negate: bool },
+    Str { field: StrField, test: StrTest },
+    GroupHas(u32),
+    GroupAny(BitSet),
+    GroupAll(Box<[u32]>),
+    Claim { path: Box<[Box<str>]>, test: ValueTest },
+    Posture { attr: u32, test: ValueTest },
+    Fingerprint { set: Box<[[u8; 32]]>, negate: bool },
+    Ip { table: PrefixTable, negate: bool },
+    TimeOfDay { zone: u32, after: u32, before: u32 },
+    Date { after: i64, before: i64 },
+    Weekday { zone: u32, days: u8 },
+    AuthAgeLt(i64),
+    AuthAgeGt(i64),
+    AmrAny(Amr),
+    AmrAll(Amr),
+}
+
+/// A node of the flattened tree; children are `edges[first..first + len]` and
+/// always have smaller indices than their parent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum Node {
+    Leaf(u32),
+    All { first: u32, len: u32 },
+    Any { first: u32, len: u32 },
+    NotAll { first: u32, len: u32 },
+    NotAny { first: u32, len: u32 },
+}
+
+/// A top-level rule of the compiled policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleInfo {
+    /// Allow or deny.
+    pub effect: Effect,
+    /// JSON Pointer of the block in the source document.
+    pub pointer: Box<str>,
+    pub(crate) root: u32,
+}
+
+/// The serialised part of a compiled policy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Program {
+    pub checks: Vec<Check>,
+    pub nodes: Vec<Node>,
+    pub edges: Vec<u32>,
+    /// Deny rules first, each group in document order.
+    pub rules: Vec<RuleInfo>,
+    /// Source pointer of each node, for `explain`.
+    pub pointers: Vec<Box<str>>,
+    /// Regular expressions as written (already anchored) and whether they ignore case.
+    pub patterns: Vec<(Box<str>, bool)>,
+    /// IANA names of the time zones used.
+    pub zones: Vec<Box<str>>,
+}
+
+/// A policy ready to evaluate. Cheap to share; evaluation borrows it immutably.
+#[derive(Debug, Clone)]
+pub struct CompiledPolicy {
+    pub(crate) program: Program,
+    regexes: Vec<Regex>,
+    tzs: Vec<Tz>,
+}
+
+/// Why a compiled policy could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The bytes are not a compiled policy of a known version.
+    #[error("undecodable compiled policy: {0}")]
+    Decode(String),
+    /// The program is internally inconsistent (bad index, cycle, unknown zone or pattern).
+    #[error("inconsistent compiled policy: {0}")]
+    Invalid(String),
+}
+
+/// The outcome of evaluating a policy for one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision {
+    /// Whether the request may proceed.
+    pub allow: bool,
+    /// Index (see [`CompiledPolicy::rule`]) of the rule that decided; `None` when no rule
+    /// matched and the default deny applied.
+    pub rule: Option<u32>,
+}
+
+impl Decision {
+    /// The default outcome: nothing matched, so deny.
+    pub const DEFAULT_DENY: Decision = Decision { allow: false, rule: None };
+}
+
+/// Most nodes deep a loaded program may be (the compiler stays far below).
+const MAX_LOADED_DEPTH: usize = 256;
+
+impl CompiledPolicy {
+    pub(crate) fn from_program(program: Program) -> Result<CompiledPolicy, LoadError> {
+        validate(&program)?;
+        let regexes = program
+            .patterns
+            .iter()
+            .map(|(p, ci)| {
+                RegexBuilder::new(p)
+                    .case_insensitive(*ci)
+                    .size_limit(1 << 20)
+                    .build()
+                    .map_err(|e| LoadError::Invalid(format!("pattern {p:?}: {e}")))
+            })
+            .collect::<Result<_, _>>()?;
+        let tzs = program
+            .zones
+            .iter()
+            .map(|z| z.parse::<Tz>().map_err(|_| LoadError::Invalid(format!("unknown time zone {z:?}"))))
+            .collect::<Result<_, _>>()?;
+        Ok(CompiledPolicy { program, regexes, tzs })
+    }
+
+    /// The stable binary form (postcard), versioned, for the snapshot.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        // Serialising plain owned data into a Vec cannot fail.
+        postcard::to_allocvec(&(FORMAT_VERSION, &self.program)).unwrap_or_default()
+    }
+
+    /// Loads the binary form, checking every index so a hostile program cannot panic
+    /// or loop the evaluator.
+    pub fn from_bytes(bytes: &[u8]) -> Result<CompiledPolicy, LoadError> {
+        let (version, program): (u32, Program) =
+            postcard::from_bytes(bytes).map_err(|e| LoadError::Decode(e.to_string()))?;
+        if version != FORMAT_VERSION {
+            return Err(LoadError::Decode(format!("format version {version}, expected {FORMAT_VERSION}")));
+        }
+        CompiledPolicy::from_program(program)
+    }
+
+    /// The rules, deny rules first.
+    pub fn rules(&self) -> &[RuleInfo] {
+        &self.program.rules
+    }
+
+    /// One rule by the index a [`Decision`] carries.
+    pub fn rule(&self, index: u32) -> Option<&RuleInfo> {
+        self.program.rules.get(index as usize)
+    }
+
+    /// Decides one request: the first deny rule that holds denies, else the first
+    /// allow rule that holds allows, else deny.
+    pub fn evaluate(&self, req: &Request<'_>) -> Decision {
+        // Rules are stored deny-first, so the first rule that holds decides.
+        for (i, rule) in self.program.rules.iter().enumerate() {
+            if self.node(rule.root, req) {
+                return Decision { allow: rule.effect == Effect::Allow, rule: Some(i as u32) };
+            }
+        }
+        Decision::DEFAULT_DENY
+    }
+
+    fn children(&self, first: u32, len: u32) -> &[u32] {
+        let start = first as usize;
+        self.program.edges.get(start..start + len as usize).unwrap_or(&[])
+    }
+
+    pub(crate) fn node(&self, idx: u32, req: &Request<'_>) -> bool {
+        let Some(node) = self.program.nodes.get(idx as usize) else { return false };
+        match *node {
+            Node::Leaf(c) => self.check(c, req),
+            Node::All { first, len } => self.children(first, len).iter().all(|&c| self.node(c, req)),
+            Node::Any { first, len } => self.children(first, len).iter().any(|&c| self.node(c, req)),
+            Node::NotAll { first, len } => !self.children(first, len).iter().all(|&c| self.node(c, req)),
+            Node::NotAny { first, len } => !self.children(first, len).iter().any(|&c| self.node(c, req)),
+        }
+    }
+
+    fn check(&self, idx: u32, req: &Request<'_>) -> bool {
+        let Some(check) = self.program.checks.get(idx as usize) else { return false };
+        match check {
+            Check::Const(b) => *b,
+            Check::Flag { flag, expect } => flag_value(*flag, req) == Some(*expect),
+            Check::Sym { field, set, negate } => {
+                let sym = match field {
+                    SymField::User => req.user.map(|u| u.id.sym),
+                    SymField::ServiceAccount => req.service_account.map(|s| s.sym),
+                    SymField::Device => req.device.map(|d| d.id.sym),
+                };
+                match sym {
+                    Some(s) => set.binary_search(&s.0).is_ok() != *negate,
+                    None => false,
+                }
+            }
+            Check::Str { field, test } => self.str_test(field, test, str_field(field, req)),
+            Check::GroupHas(g) => req.user.is_some_and(|u| u.groups.iter().any(|s| s.0 == *g)),
+            Check::GroupAny(set) => req.user.is_some_and(|u| u.groups.iter().any(|s| set.contains(s.0))),
+            Check::GroupAll(all) => {
+                req.user.is_some_and(|u| all.iter().all(|g| u.groups.iter().any(|s| s.0 == *g)))
+            }
+            Check::Claim { path, test } => {
+                let Some(mut v) = req.user.and_then(|u| u.claims) else { return false };
+                for seg in path.iter() {
+                    match v.get(&**seg) {
+                        Some(next) => v = next,
+                        None => return false,
+                    }
+                }
+                self.value_test(test, ValRef::from_json(v))
+            }
+            Check::Posture { attr, test } => {
+                let Some(d) = req.device else { return false };
+                if !d.posture.is_fresh(req.now) {
+                    return false;
+                }
+                match d.posture.get(crate::Sym(*attr)) {
+                    Some(v) => self.value_test(test, ValRef::from_scalar(v)),
+                    None => false,
+                }
+            }
+            Check::Fingerprint { set, negate } => match req.client_certificate {
+                Some(c) => set.binary_search(&c.spki_sha256).is_ok() != *negate,
+                None => false,
+            },
+            Check::Ip { table, negate } => match req.source_ip {
+                Some(ip) => table.contains(ip) != *negate,
+                None => false,
+            },
+            Check::TimeOfDay { zone, after, before } => {
+                let Some(local) = self.local_seconds(*zone, req.now) else { return false };
+                let t = local.rem_euclid(86_400) as u32;
+                if after < before {
+                    *after <= t && t < *before
+                } else {
+                    t >= *after || t < *before
+                }
+            }
+            Check::Date { after, before } => *after <= req.now && req.now < *before,
+            Check::Weekday { zone, days } => {
+                let Some(local) = self.local_seconds(*zone, req.now) else { return false };
+                // 1970-01-01 was a Thursday: three days after Monday.
+                let day = (local.div_euclid(86_400) + 3).rem_euclid(7);
+                days & (1 << day) != 0
+            }
+            Check::AuthAgeLt(n) => req.session.auth_time.is_some_and(|t| req.now.saturating_sub(t) < *n),
+            Check::AuthAgeGt(n) => req.session.auth_time.is_some_and(|t| req.now.saturating_sub(t) > *n),
+            Check::AmrAny(set) => req.session.amr.contains_any(*set),
+            Check::AmrAll(set) => req.session.amr.contains_all(*set),
+        }
+    }
+
+    /// Unix seconds shifted by the zone's UTC offset at `now`.
+    fn local_seconds(&self, zone: u32, now: i64) -> Option<i64> {
+        let tz = self.tzs.get(zone as usize)?;
+        let utc = chrono::DateTime::from_timestamp(now, 0)?.naive_utc();
+        let offset = tz.offset_from_utc_datetime(&utc).fix().local_minus_utc();
+        Some(now + i64::from(offset))
+    }
+
+    fn regex(&self, idx: u32) -> Option<&Regex> {
+        self.regexes.get(idx as usize)
+    }
+
+    fn str_test(&self, field: &StrField, test: &StrTest, value: Option<&str>) -> bool {
+        if let StrTest::Present(p) = test {
+            return value.is_some() == *p;
+        }
+        let Some(v) = value else { return false };
+        let folds = field.folds_case();
+        let eq = |want: &str| if folds { fold_eq(v, want) } else { v == want };
+        match test {
+            StrTest::Eq(w) => eq(w),
+            StrTest::In(list) if folds => list.iter().any(|w| eq(w)),
+            StrTest::In(list) => list.binary_search_by(|w| (**w).cmp(v)).is_ok(),
+            StrTest::NotIn(list) if folds => !list.iter().any(|w| eq(w)),
+            StrTest::NotIn(list) => list.binary_search_by(|w| (**w).cmp(v)).is_err(),
+            StrTest::Prefix(p) if folds => fold_starts_with(v, p),
+            StrTest::Prefix(p) => v.starts_with(&**p),
+            StrTest::Suffix(s) if folds => fold_ends_with(v, s),
+            StrTest::Suffix(s) => v.ends_with(&**s),
+            StrTest::Regex(i) => self.regex(*i).is_some_and(|r| r.is_match(v)),
+            StrTest::Present(_) => false,
+        }
+    }
+
+    fn value_test(&self, test: &ValueTest, v: ValRef<'_>) -> bool {
+        match test {
+            ValueTest::Is(s) => v.eq_scalar(s),
+            ValueTest::In(list) => v.is_scalar() && list.iter().any(|s| v.eq_scalar(s)),
+            ValueTest::NotIn(list) => v.is_scalar() && !list.iter().any(|s| v.eq_scalar(s)),
+            ValueTest::Has(s) => v.array_has(s),
+            ValueTest::AnyOf(list) => list.iter().any(|s| v.array_has(s)),
+            ValueTest::AllOf(list) => v.is_array() && list.iter().all(|s| v.array_has(s)),
+            ValueTest::Prefix(p) => v.as_str().is_some_and(|s| s.starts_with(&**p)),
+            ValueTest::Suffix(p) => v.as_str().is_some_and(|s| s.ends_with(&**p)),
+            ValueTest::Regex(i) => v.as_str().is_some_and(|s| self.regex(*i).is_some_and(|r| r.is_match(s))),
+            ValueTest::Lt(n) => v.as_num().is_some_and(|x| x < *n),
+            ValueTest::Gt(n) => v.as_num().is_some_and(|x| x > *n),
+        }
+    }
+}
+
+/// The value of a yes/no fact; `None` when its subject is absent.
+pub(crate) fn flag_value(flag: Flag, req: &Request<'_>) -> Option<bool> {
+    Some(match flag {
+        Flag::AuthenticatedUser => req.user.is_some(),
+        Flag::ServiceAccount => req.service_account.is_some(),
+        Flag::Device => req.device.is_some(),
+        Flag::DeviceApproved => req.device?.approved,
+        Flag::DevicePostureFresh => req.device?.posture.is_fresh(req.now),
+        Flag::ClientCertificate => req.client_certificate.is_some(),
+        Flag::Mfa => req.session.amr.is_multi_factor(),
+        Flag::Grant => req.has_active_grant(),
+    })
+}
+
+/// The value of a string field; `None` when absent (then only `Present(false)` holds).
+pub(crate) fn str_field<'a>(field: &StrField, req: &Request<'a>) -> Option<&'a str> {
+    match field {
+        StrField::User => req.user.map(|u| u.id.name),
+        StrField::Email => req.verified_email(),
+        StrField::Domain => req.email_domain(),
+        StrField::ServiceAccount => req.service_account.map(|s| s.name),
+        StrField::DeviceId => req.device.map(|d| d.id.name),
+        StrField::ClientCertificateIssuer => req.client_certificate.map(|c| c.issuer),
+        StrField::HttpMethod => Some(req.method),
+        StrField::HttpPath => Some(req.path),
+        StrField::Header(name) => req.headers.get(name),
+    }
+}
+
+/// A borrowed claim or posture value.
+#[derive(Clone, Copy)]
+pub(crate) enum ValRef<'a> {
+    Bool(bool),
+    Num(f64),
+    Str(&'a str),
+    Array(&'a [serde_json::Value]),
+    Other,
+}
+
+impl<'a> ValRef<'a> {
+    pub fn from_json(v: &'a serde_json::Value) -> ValRef<'a> {
+        match v {
+            serde_json::Value::Bool(b) => ValRef::Bool(*b),
+            serde_json::Value::Number(n) => n.as_f64().map_or(ValRef::Other, ValRef::Num),
+            serde_json::Value::String(s) => ValRef::Str(s),
+            serde_json::Value::Array(a) => ValRef::Array(a),
+            _ => ValRef::Other,
+        }
+    }
+
+    pub fn from_scalar(s: &'a Scalar) -> ValRef<'a> {
+        match s {
+            Scalar::Bool(b) => ValRef::Bool(*b),
+            Scalar::Num(n) => ValRef::Num(*n),
+            Scalar::Str(s) => ValRef::Str(s),
+        }
+    }
+
+    fn eq_scalar(self, s: &Scalar) -> bool {
+        match (self, s) {
+            (ValRef::Bool(a), Scalar::Bool(b)) => a == *b,
+            (ValRef::Num(a), Scalar::Num(b)) => a == *b,
+            (ValRef::Str(a), Scalar::Str(b)) => a == b,
+            _ => false,
+        }
+    }
+
+    fn is_scalar(self) -> bool {
+        matches!(self, ValRef::Bool(_) | ValRef::Num(_) | ValRef::Str(_))
+    }
+
+    fn is_array(self) -> bool {
+        matches!(self, ValRef::Array(_))
+    }
+
+    fn array_has(self, s: &Scalar) -> bool {
+        match self {
+            ValRef::Array(items) => items.iter().any(|i| ValRef::from_json(i).eq_scalar(s)),
+            _ => false,
+        }
+    }
+
+    fn as_str(self) -> Option<&'a str> {
+        match self {
+            ValRef::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    fn as_num(self) -> Option<f64> {
+        match self {
+            ValRef::Num(n) => Some(n),
+            _ => None,
+        }
+    }
+}
+
+fn validate(p: &Program) -> Result<(), LoadError> {
+    let bad = |m: String| Err(LoadError::Invalid(m));
+    if p.pointers.len() != p.nodes.len() {
+        return bad("one source pointer per node expected".into());
+    }
+    let mut depth = vec![0usize; p.nodes.len()];
+    for (i, node) in p.nodes.iter().enumerate() {
+        match *node {
+            Node::Leaf(c) => {
+                let Some(check) = p.checks.get(c as usize) else {
+                    return bad(format!("node {i} names missing check {c}"));
+                };
+                validate_check(p, check)?;
+                depth[i] = 1;
+            }
+            Node::All { first, len } | Node::Any { first, len } | Node::NotAll { first, len } | Node::NotAny { first, len } => {
+                let range = (first as usize)..(first as usize).saturating_add(len as usize);
+                let Some(children) = p.edges.get(range) else {
+                    return bad(format!("node {i} has children outside the edge table"));
+                };
+                let mut d = 0;
+                for &c in children {
+                    if c as usize >= i {
+                        return bad(format!("node {i} has child {c} that is not earlier"));
+                    }
+                    d = d.max(depth[c as usize]);
+                }
+                depth[i] = d + 1;
+                if depth[i] > MAX_LOADED_DEPTH {
+                    return bad(format!("node {i} nests deeper than {MAX_LOADED_DEPTH}"));
+                }
+            }
+        }
+    }
+    let mut seen_allow = false;
+    for r in &p.rules {
+        if r.root as usize >= p.nodes.len() {
+            return bad(format!("rule {} has no root node", r.pointer));
+        }
+        match r.effect {
+            Effect::Allow => seen_allow = true,
+            Effect::Deny if seen_allow => return bad("deny rules must come before allow rules".into()),
+            Effect::Deny => {}
+        }
+    }
+    Ok(())
+}
+
+fn validate_check(p: &Program, c: &Check) -> Result<(), LoadError> {
+    let regex_ok = |i: &u32| (*i as usize) < p.patterns.len();
+    let ok = match c {
+        Check::Str { test: StrTest::Regex(i), .. } => regex_ok(i),
+        Check::Claim { test: ValueTest::Regex(i), .. } | Check::Posture { test: ValueTest::Regex(i), .. } => regex_ok(i),
+        Check::TimeOfDay { zone, after, before } => (*zone as usize) < p.zones.len() && *after <= 86_400 && *before <= 86_400,
+        Check::Weekday { zone, .. } => (*zone as usize) < p.zones.len(),
+        Check::Sym { set, .. } => set.windows(2).all(|w| w[0] < w[1]),
+        Check::Fingerprint { set, .. } => set.windows(2).all(|w| w[0] < w[1]),
+        Check::Str { field, test: StrTest::In(l) | StrTest::NotIn(l) } => field.folds_case() || l.windows(2).all(|w| w[0] < w[1]),
+        _ => true,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(LoadError::Invalid(format!("check {c:?} is inconsistent")))
+    }
+}
