@@ -7,18 +7,26 @@ pub const AMR_VALUES: [&str; 21] = [
 ];
 
 /// A set of authentication methods; values outside the registry are ignored.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct Amr(pub u32);
 
 impl Amr {
     /// The bit of one registered value, if registered (exact, lowercase).
     pub fn bit(value: &str) -> Option<Amr> {
-        AMR_VALUES.iter().position(|v| *v == value).map(|i| Amr(1 << i))
+        AMR_VALUES
+            .iter()
+            .position(|v| *v == value)
+            .map(|i| Amr(1 << i))
     }
 
     /// Builds the set from a token's `amr` claim values.
     pub fn from_values<'a>(values: impl IntoIterator<Item = &'a str>) -> Amr {
-        values.into_iter().filter_map(Amr::bit).fold(Amr(0), |a, b| Amr(a.0 | b.0))
+        values
+            .into_iter()
+            .filter_map(Amr::bit)
+            .fold(Amr(0), |a, b| Amr(a.0 | b.0))
     }
 
     /// Whether every method of `other` is in `self`.

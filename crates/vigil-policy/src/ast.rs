@@ -108,7 +108,10 @@ pub enum StrField {
 impl StrField {
     /// Whether values of this field are compared case-insensitively (operands are stored folded).
     pub fn folds_case(&self) -> bool {
-        matches!(self, StrField::Email | StrField::Domain | StrField::HttpMethod)
+        matches!(
+            self,
+            StrField::Email | StrField::Domain | StrField::HttpMethod
+        )
     }
 }
 

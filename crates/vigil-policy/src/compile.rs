@@ -75,7 +75,11 @@ pub fn compile(doc: &Document, env: CompileEnv<'_>) -> Result<CompiledPolicy, Po
     let mut rules: Vec<RuleInfo> = doc
         .rules
         .iter()
-        .map(|r| RuleInfo { effect: r.effect, pointer: r.pointer.as_str().into(), root: c.expr(&r.expr, "") })
+        .map(|r| RuleInfo {
+            effect: r.effect,
+            pointer: r.pointer.as_str().into(),
+            root: c.expr(&r.expr, ""),
+        })
         .collect();
     if !c.problems.is_empty() {
         return Err(PolicyError::Invalid(c.problems.0));
@@ -84,7 +88,10 @@ pub fn compile(doc: &Document, env: CompileEnv<'_>) -> Result<CompiledPolicy, Po
     rules.sort_by_key(|r| r.effect == Effect::Allow);
     c.program.rules = rules;
     CompiledPolicy::from_program(c.program).map_err(|e| {
-        PolicyError::Invalid(vec![crate::Problem { pointer: String::new(), message: e.to_string() }])
+        PolicyError::Invalid(vec![crate::Problem {
+            pointer: String::new(),
+            message: e.to_string(),
+        }])
     })
 }
 
@@ -124,8 +131,11 @@ impl Compiler<'_> {
         let mut flat = Vec::with_capacity(children.len());
         for c in children {
             match (&how, self.program.nodes[c as usize]) {
-                (Combine::All, Node::All { first, len }) | (Combine::Any, Node::Any { first, len }) => {
-                    flat.extend_from_slice(&self.program.edges[first as usize..(first + len) as usize]);
+                (Combine::All, Node::All { first, len })
+                | (Combine::Any, Node::Any { first, len }) => {
+                    flat.extend_from_slice(
+                        &self.program.edges[first as usize..(first + len) as usize],
+                    );
                 }
                 _ => flat.push(c),
             }
@@ -196,16 +206,32 @@ impl Compiler<'_> {
     fn criterion(&mut self, c: &Criterion, ptr: &str) -> u32 {
         let checks: Vec<Check> = match c {
             Criterion::Const(b) => vec![Check::Const(*b)],
-            Criterion::Flag { flag, expect } => vec![Check::Flag { flag: *flag, expect: *expect }],
-            Criterion::Str { field, ops } => ops.iter().map(|op| self.str_check(field, op, ptr)).collect(),
+            Criterion::Flag { flag, expect } => vec![Check::Flag {
+                flag: *flag,
+                expect: *expect,
+            }],
+            Criterion::Str { field, ops } => ops
+                .iter()
+                .map(|op| self.str_check(field, op, ptr))
+                .collect(),
             Criterion::Groups(ops) => ops.iter().map(|op| self.group_check(op, ptr)).collect(),
             Criterion::Claim { path, ops } => {
                 let path: Box<[Box<str>]> = path.iter().map(|s| s.as_str().into()).collect();
-                ops.iter().map(|op| Check::Claim { path: path.clone(), test: self.value_test(op) }).collect()
+                ops.iter()
+                    .map(|op| Check::Claim {
+                        path: path.clone(),
+                        test: self.value_test(op),
+                    })
+                    .collect()
             }
             Criterion::Posture { attr, ops } => {
                 let attr = self.env.symbols.attributes.intern(attr).0;
-                ops.iter().map(|op| Check::Posture { attr, test: self.value_test(op) }).collect()
+                ops.iter()
+                    .map(|op| Check::Posture {
+                        attr,
+                        test: self.value_test(op),
+                    })
+                    .collect()
             }
             Criterion::Fingerprint(ops) => ops
                 .iter()
@@ -217,22 +243,38 @@ impl Compiler<'_> {
                     let mut set = list.clone();
                     set.sort_unstable();
                     set.dedup();
-                    Check::Fingerprint { set: set.into(), negate }
+                    Check::Fingerprint {
+                        set: set.into(),
+                        negate,
+                    }
                 })
                 .collect(),
             Criterion::SourceIp(ops) => ops
                 .iter()
                 .map(|op| match op {
-                    IpOp::In(n) => Check::Ip { table: PrefixTable::from_nets(n), negate: false },
-                    IpOp::NotIn(n) => Check::Ip { table: PrefixTable::from_nets(n), negate: true },
+                    IpOp::In(n) => Check::Ip {
+                        table: PrefixTable::from_nets(n),
+                        negate: false,
+                    },
+                    IpOp::NotIn(n) => Check::Ip {
+                        table: PrefixTable::from_nets(n),
+                        negate: true,
+                    },
                 })
                 .collect(),
             Criterion::TimeOfDay { tz, after, before } => {
                 let zone = self.zone(*tz);
-                vec![Check::TimeOfDay { zone, after: after.unwrap_or(0), before: before.unwrap_or(86_400) }]
+                vec![Check::TimeOfDay {
+                    zone,
+                    after: after.unwrap_or(0),
+                    before: before.unwrap_or(86_400),
+                }]
             }
             Criterion::Date { after, before } => {
-                vec![Check::Date { after: after.unwrap_or(i64::MIN), before: before.unwrap_or(i64::MAX) }]
+                vec![Check::Date {
+                    after: after.unwrap_or(i64::MIN),
+                    before: before.unwrap_or(i64::MAX),
+                }]
             }
             Criterion::Weekday { tz, days, negate } => {
                 let zone = self.zone(*tz);
@@ -262,7 +304,10 @@ impl Compiler<'_> {
     fn sym_set(&mut self, field: SymField, names: &[String], ptr: &str) -> Box<[u32]> {
         let (kind, table) = match field {
             SymField::User => (EntityKind::User, &mut self.env.symbols.users),
-            SymField::ServiceAccount => (EntityKind::ServiceAccount, &mut self.env.symbols.service_accounts),
+            SymField::ServiceAccount => (
+                EntityKind::ServiceAccount,
+                &mut self.env.symbols.service_accounts,
+            ),
             SymField::Device => (EntityKind::Device, &mut self.env.symbols.devices),
         };
         let mut ids: Vec<u32> = names.iter().map(|n| table.intern(n).0).collect();
@@ -289,7 +334,11 @@ impl Compiler<'_> {
                 _ => None,
             };
             if let Some((names, negate)) = set {
-                return Check::Sym { field: sf, set: self.sym_set(sf, names, ptr), negate };
+                return Check::Sym {
+                    field: sf,
+                    set: self.sym_set(sf, names, ptr),
+                    negate,
+                };
             }
         }
         let folds = field.folds_case();
@@ -308,7 +357,10 @@ impl Compiler<'_> {
             StrOp::Matches(p) => StrTest::Regex(self.pattern(p, folds)),
             StrOp::Present(b) => StrTest::Present(*b),
         };
-        Check::Str { field: field.clone(), test }
+        Check::Str {
+            field: field.clone(),
+            test,
+        }
     }
 
     fn group_check(&mut self, op: &SetOp, ptr: &str) -> Check {
@@ -319,7 +371,10 @@ impl Compiler<'_> {
         for n in names {
             self.known(EntityKind::Group, n, ptr);
         }
-        let mut ids: Vec<u32> = names.iter().map(|n| self.env.symbols.groups.intern(n).0).collect();
+        let mut ids: Vec<u32> = names
+            .iter()
+            .map(|n| self.env.symbols.groups.intern(n).0)
+            .collect();
         ids.sort_unstable();
         ids.dedup();
         match op {
@@ -353,7 +408,10 @@ impl Compiler<'_> {
         }
         if self.stack.iter().any(|n| n == name) {
             let chain = self.stack.join(" → ");
-            self.problems.add(ptr, format!("policy `{name}` refers to itself ({chain} → {name})"));
+            self.problems.add(
+                ptr,
+                format!("policy `{name}` refers to itself ({chain} → {name})"),
+            );
             return self.leaf(Check::Const(false), ptr);
         }
         let Some(doc) = self.env.library.and_then(|l| l.get(name)) else {
@@ -387,4 +445,3 @@ impl Compiler<'_> {
         root
     }
 }
-

@@ -62,7 +62,10 @@ pub(crate) struct BitSet {
 impl BitSet {
     pub fn from_ids(ids: &[u32]) -> BitSet {
         let (Some(&min), Some(&max)) = (ids.iter().min(), ids.iter().max()) else {
-            return BitSet { base: 0, words: Box::new([]) };
+            return BitSet {
+                base: 0,
+                words: Box::new([]),
+            };
         };
         let base = min & !63;
         let mut words = vec![0u64; ((max - base) / 64 + 1) as usize];
@@ -70,13 +73,20 @@ impl BitSet {
             let off = id - base;
             words[(off / 64) as usize] |= 1 << (off % 64);
         }
-        BitSet { base, words: words.into() }
+        BitSet {
+            base,
+            words: words.into(),
+        }
     }
 
     #[inline]
     pub fn contains(&self, id: u32) -> bool {
-        let Some(off) = id.checked_sub(self.base) else { return false };
-        self.words.get((off / 64) as usize).is_some_and(|w| w & (1 << (off % 64)) != 0)
+        let Some(off) = id.checked_sub(self.base) else {
+            return false;
+        };
+        self.words
+            .get((off / 64) as usize)
+            .is_some_and(|w| w & (1 << (off % 64)) != 0)
     }
 }
 
@@ -114,10 +124,15 @@ impl PrefixTable {
         for n in nets {
             match n {
                 ipnet::IpNet::V4(n) => v4.push((u32::from(n.network()), u32::from(n.broadcast()))),
-                ipnet::IpNet::V6(n) => v6.push((u128::from(n.network()), u128::from(n.broadcast()))),
+                ipnet::IpNet::V6(n) => {
+                    v6.push((u128::from(n.network()), u128::from(n.broadcast())))
+                }
             }
         }
-        PrefixTable { v4: merge(v4, |x: u32| x.checked_add(1)), v6: merge(v6, |x: u128| x.checked_add(1)) }
+        PrefixTable {
+            v4: merge(v4, |x: u32| x.checked_add(1)),
+            v6: merge(v6, |x: u128| x.checked_add(1)),
+        }
     }
 
     #[inline]
@@ -133,19 +148,51 @@ impl PrefixTable {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) enum Check {
     Const(bool),
-    Flag { flag: Flag, expect: bool },
-    Sym { field: SymField, set: Box<[u32]>, negate: bool },
-    Str { field: StrField, test: StrTest },
+    Flag {
+        flag: Flag,
+        expect: bool,
+    },
+    Sym {
+        field: SymField,
+        set: Box<[u32]>,
+        negate: bool,
+    },
+    Str {
+        field: StrField,
+        test: StrTest,
+    },
     GroupHas(u32),
     GroupAny(BitSet),
     GroupAll(Box<[u32]>),
-    Claim { path: Box<[Box<str>]>, test: ValueTest },
-    Posture { attr: u32, test: ValueTest },
-    Fingerprint { set: Box<[[u8; 32]]>, negate: bool },
-    Ip { table: PrefixTable, negate: bool },
-    TimeOfDay { zone: u32, after: u32, before: u32 },
-    Date { after: i64, before: i64 },
-    Weekday { zone: u32, days: u8 },
+    Claim {
+        path: Box<[Box<str>]>,
+        test: ValueTest,
+    },
+    Posture {
+        attr: u32,
+        test: ValueTest,
+    },
+    Fingerprint {
+        set: Box<[[u8; 32]]>,
+        negate: bool,
+    },
+    Ip {
+        table: PrefixTable,
+        negate: bool,
+    },
+    TimeOfDay {
+        zone: u32,
+        after: u32,
+        before: u32,
+    },
+    Date {
+        after: i64,
+        before: i64,
+    },
+    Weekday {
+        zone: u32,
+        days: u8,
+    },
     AuthAgeLt(i64),
     AuthAgeGt(i64),
     AmrAny(Amr),
@@ -220,7 +267,10 @@ pub struct Decision {
 
 impl Decision {
     /// The default outcome: nothing matched, so deny.
-    pub const DEFAULT_DENY: Decision = Decision { allow: false, rule: None };
+    pub const DEFAULT_DENY: Decision = Decision {
+        allow: false,
+        rule: None,
+    };
 }
 
 /// Most nodes deep a loaded program may be (the compiler stays far below).
@@ -243,9 +293,16 @@ impl CompiledPolicy {
         let tzs = program
             .zones
             .iter()
-            .map(|z| z.parse::<Tz>().map_err(|_| LoadError::Invalid(format!("unknown time zone {z:?}"))))
+            .map(|z| {
+                z.parse::<Tz>()
+                    .map_err(|_| LoadError::Invalid(format!("unknown time zone {z:?}")))
+            })
             .collect::<Result<_, _>>()?;
-        Ok(CompiledPolicy { program, regexes, tzs })
+        Ok(CompiledPolicy {
+            program,
+            regexes,
+            tzs,
+        })
     }
 
     /// The stable binary form (postcard), versioned, for the snapshot.
@@ -260,7 +317,9 @@ impl CompiledPolicy {
         let (version, program): (u32, Program) =
             postcard::from_bytes(bytes).map_err(|e| LoadError::Decode(e.to_string()))?;
         if version != FORMAT_VERSION {
-            return Err(LoadError::Decode(format!("format version {version}, expected {FORMAT_VERSION}")));
+            return Err(LoadError::Decode(format!(
+                "format version {version}, expected {FORMAT_VERSION}"
+            )));
         }
         CompiledPolicy::from_program(program)
     }
@@ -281,7 +340,10 @@ impl CompiledPolicy {
         // Rules are stored deny-first, so the first rule that holds decides.
         for (i, rule) in self.program.rules.iter().enumerate() {
             if self.node(rule.root, req) {
-                return Decision { allow: rule.effect == Effect::Allow, rule: Some(i as u32) };
+                return Decision {
+                    allow: rule.effect == Effect::Allow,
+                    rule: Some(i as u32),
+                };
             }
         }
         Decision::DEFAULT_DENY
@@ -289,22 +351,37 @@ impl CompiledPolicy {
 
     fn children(&self, first: u32, len: u32) -> &[u32] {
         let start = first as usize;
-        self.program.edges.get(start..start + len as usize).unwrap_or(&[])
+        self.program
+            .edges
+            .get(start..start + len as usize)
+            .unwrap_or(&[])
     }
 
     pub(crate) fn node(&self, idx: u32, req: &Request<'_>) -> bool {
-        let Some(node) = self.program.nodes.get(idx as usize) else { return false };
+        let Some(node) = self.program.nodes.get(idx as usize) else {
+            return false;
+        };
         match *node {
             Node::Leaf(c) => self.check(c, req),
-            Node::All { first, len } => self.children(first, len).iter().all(|&c| self.node(c, req)),
-            Node::Any { first, len } => self.children(first, len).iter().any(|&c| self.node(c, req)),
-            Node::NotAll { first, len } => !self.children(first, len).iter().all(|&c| self.node(c, req)),
-            Node::NotAny { first, len } => !self.children(first, len).iter().any(|&c| self.node(c, req)),
+            Node::All { first, len } => {
+                self.children(first, len).iter().all(|&c| self.node(c, req))
+            }
+            Node::Any { first, len } => {
+                self.children(first, len).iter().any(|&c| self.node(c, req))
+            }
+            Node::NotAll { first, len } => {
+                !self.children(first, len).iter().all(|&c| self.node(c, req))
+            }
+            Node::NotAny { first, len } => {
+                !self.children(first, len).iter().any(|&c| self.node(c, req))
+            }
         }
     }
 
     fn check(&self, idx: u32, req: &Request<'_>) -> bool {
-        let Some(check) = self.program.checks.get(idx as usize) else { return false };
+        let Some(check) = self.program.checks.get(idx as usize) else {
+            return false;
+        };
         match check {
             Check::Const(b) => *b,
             Check::Flag { flag, expect } => flag_value(*flag, req) == Some(*expect),
@@ -321,12 +398,16 @@ impl CompiledPolicy {
             }
             Check::Str { field, test } => self.str_test(field, test, str_field(field, req)),
             Check::GroupHas(g) => req.user.is_some_and(|u| u.groups.iter().any(|s| s.0 == *g)),
-            Check::GroupAny(set) => req.user.is_some_and(|u| u.groups.iter().any(|s| set.contains(s.0))),
-            Check::GroupAll(all) => {
-                req.user.is_some_and(|u| all.iter().all(|g| u.groups.iter().any(|s| s.0 == *g)))
-            }
+            Check::GroupAny(set) => req
+                .user
+                .is_some_and(|u| u.groups.iter().any(|s| set.contains(s.0))),
+            Check::GroupAll(all) => req
+                .user
+                .is_some_and(|u| all.iter().all(|g| u.groups.iter().any(|s| s.0 == *g))),
             Check::Claim { path, test } => {
-                let Some(mut v) = req.user.and_then(|u| u.claims) else { return false };
+                let Some(mut v) = req.user.and_then(|u| u.claims) else {
+                    return false;
+                };
                 for seg in path.iter() {
                     match v.get(&**seg) {
                         Some(next) => v = next,
@@ -353,8 +434,14 @@ impl CompiledPolicy {
                 Some(ip) => table.contains(ip) != *negate,
                 None => false,
             },
-            Check::TimeOfDay { zone, after, before } => {
-                let Some(local) = self.local_seconds(*zone, req.now) else { return false };
+            Check::TimeOfDay {
+                zone,
+                after,
+                before,
+            } => {
+                let Some(local) = self.local_seconds(*zone, req.now) else {
+                    return false;
+                };
                 let t = local.rem_euclid(86_400) as u32;
                 if after < before {
                     *after <= t && t < *before
@@ -364,13 +451,21 @@ impl CompiledPolicy {
             }
             Check::Date { after, before } => *after <= req.now && req.now < *before,
             Check::Weekday { zone, days } => {
-                let Some(local) = self.local_seconds(*zone, req.now) else { return false };
+                let Some(local) = self.local_seconds(*zone, req.now) else {
+                    return false;
+                };
                 // 1970-01-01 was a Thursday: three days after Monday.
                 let day = (local.div_euclid(86_400) + 3).rem_euclid(7);
                 days & (1 << day) != 0
             }
-            Check::AuthAgeLt(n) => req.session.auth_time.is_some_and(|t| req.now.saturating_sub(t) < *n),
-            Check::AuthAgeGt(n) => req.session.auth_time.is_some_and(|t| req.now.saturating_sub(t) > *n),
+            Check::AuthAgeLt(n) => req
+                .session
+                .auth_time
+                .is_some_and(|t| req.now.saturating_sub(t) < *n),
+            Check::AuthAgeGt(n) => req
+                .session
+                .auth_time
+                .is_some_and(|t| req.now.saturating_sub(t) > *n),
             Check::AmrAny(set) => req.session.amr.contains_any(*set),
             Check::AmrAll(set) => req.session.amr.contains_all(*set),
         }
@@ -420,7 +515,9 @@ impl CompiledPolicy {
             ValueTest::AllOf(list) => v.is_array() && list.iter().all(|s| v.array_has(s)),
             ValueTest::Prefix(p) => v.as_str().is_some_and(|s| s.starts_with(&**p)),
             ValueTest::Suffix(p) => v.as_str().is_some_and(|s| s.ends_with(&**p)),
-            ValueTest::Regex(i) => v.as_str().is_some_and(|s| self.regex(*i).is_some_and(|r| r.is_match(s))),
+            ValueTest::Regex(i) => v
+                .as_str()
+                .is_some_and(|s| self.regex(*i).is_some_and(|r| r.is_match(s))),
             ValueTest::Lt(n) => v.as_num().is_some_and(|x| x < *n),
             ValueTest::Gt(n) => v.as_num().is_some_and(|x| x > *n),
         }
@@ -539,7 +636,10 @@ fn validate(p: &Program) -> Result<(), LoadError> {
                 validate_check(p, check)?;
                 depth[i] = 1;
             }
-            Node::All { first, len } | Node::Any { first, len } | Node::NotAll { first, len } | Node::NotAny { first, len } => {
+            Node::All { first, len }
+            | Node::Any { first, len }
+            | Node::NotAll { first, len }
+            | Node::NotAny { first, len } => {
                 let range = (first as usize)..(first as usize).saturating_add(len as usize);
                 let Some(children) = p.edges.get(range) else {
                     return bad(format!("node {i} has children outside the edge table"));
@@ -565,7 +665,9 @@ fn validate(p: &Program) -> Result<(), LoadError> {
         }
         match r.effect {
             Effect::Allow => seen_allow = true,
-            Effect::Deny if seen_allow => return bad("deny rules must come before allow rules".into()),
+            Effect::Deny if seen_allow => {
+                return bad("deny rules must come before allow rules".into())
+            }
             Effect::Deny => {}
         }
     }
@@ -575,13 +677,30 @@ fn validate(p: &Program) -> Result<(), LoadError> {
 fn validate_check(p: &Program, c: &Check) -> Result<(), LoadError> {
     let regex_ok = |i: &u32| (*i as usize) < p.patterns.len();
     let ok = match c {
-        Check::Str { test: StrTest::Regex(i), .. } => regex_ok(i),
-        Check::Claim { test: ValueTest::Regex(i), .. } | Check::Posture { test: ValueTest::Regex(i), .. } => regex_ok(i),
-        Check::TimeOfDay { zone, after, before } => (*zone as usize) < p.zones.len() && *after <= 86_400 && *before <= 86_400,
+        Check::Str {
+            test: StrTest::Regex(i),
+            ..
+        } => regex_ok(i),
+        Check::Claim {
+            test: ValueTest::Regex(i),
+            ..
+        }
+        | Check::Posture {
+            test: ValueTest::Regex(i),
+            ..
+        } => regex_ok(i),
+        Check::TimeOfDay {
+            zone,
+            after,
+            before,
+        } => (*zone as usize) < p.zones.len() && *after <= 86_400 && *before <= 86_400,
         Check::Weekday { zone, .. } => (*zone as usize) < p.zones.len(),
         Check::Sym { set, .. } => set.windows(2).all(|w| w[0] < w[1]),
         Check::Fingerprint { set, .. } => set.windows(2).all(|w| w[0] < w[1]),
-        Check::Str { field, test: StrTest::In(l) | StrTest::NotIn(l) } => field.folds_case() || l.windows(2).all(|w| w[0] < w[1]),
+        Check::Str {
+            field,
+            test: StrTest::In(l) | StrTest::NotIn(l),
+        } => field.folds_case() || l.windows(2).all(|w| w[0] < w[1]),
         _ => true,
     };
     if ok {

@@ -91,22 +91,29 @@ impl From<&serde_json::Value> for Value {
 /// Reads a JSON document.
 pub fn from_json(text: &str) -> Result<Value, PolicyError> {
     check_size(text)?;
-    serde_json::from_str(text)
-        .map_err(|e| PolicyError::Syntax { format: "JSON", message: e.to_string() })
+    serde_json::from_str(text).map_err(|e| PolicyError::Syntax {
+        format: "JSON",
+        message: e.to_string(),
+    })
 }
 
 /// Reads a single YAML document (YAML 1.2 core schema as read by `serde_norway`).
 pub fn from_yaml(text: &str) -> Result<Value, PolicyError> {
     check_size(text)?;
-    serde_norway::from_str(text)
-        .map_err(|e| PolicyError::Syntax { format: "YAML", message: e.to_string() })
+    serde_norway::from_str(text).map_err(|e| PolicyError::Syntax {
+        format: "YAML",
+        message: e.to_string(),
+    })
 }
 
 fn check_size(text: &str) -> Result<(), PolicyError> {
     if text.len() > MAX_DOCUMENT_BYTES {
         return Err(PolicyError::Syntax {
             format: "policy",
-            message: format!("document is {} bytes; the limit is {MAX_DOCUMENT_BYTES}", text.len()),
+            message: format!(
+                "document is {} bytes; the limit is {MAX_DOCUMENT_BYTES}",
+                text.len()
+            ),
         });
     }
     Ok(())
@@ -133,7 +140,9 @@ impl<'de> Visitor<'de> for ValueVisitor {
         Ok(Value::Int(v))
     }
     fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
-        Ok(i64::try_from(v).map(Value::Int).unwrap_or(Value::Float(v as f64)))
+        Ok(i64::try_from(v)
+            .map(Value::Int)
+            .unwrap_or(Value::Float(v as f64)))
     }
     fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
         Ok(Value::Float(v))
@@ -211,7 +220,10 @@ mod tests {
         let big = format!("\"{}\"", "a".repeat(MAX_DOCUMENT_BYTES));
         assert!(matches!(from_json(&big), Err(PolicyError::Syntax { .. })));
         assert!(matches!(from_json("{"), Err(PolicyError::Syntax { .. })));
-        assert!(matches!(from_yaml("a: [1"), Err(PolicyError::Syntax { .. })));
+        assert!(matches!(
+            from_yaml("a: [1"),
+            Err(PolicyError::Syntax { .. })
+        ));
         // Deep nesting is refused by the readers' recursion limits, not by a stack overflow.
         let deep = "[".repeat(10_000) + &"]".repeat(10_000);
         assert!(from_json(&deep).is_err());

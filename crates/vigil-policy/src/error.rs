@@ -13,7 +13,11 @@ pub struct Problem {
 
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let at = if self.pointer.is_empty() { "/" } else { &self.pointer };
+        let at = if self.pointer.is_empty() {
+            "/"
+        } else {
+            &self.pointer
+        };
         write!(f, "{at}: {}", self.message)
     }
 }
@@ -77,7 +81,10 @@ impl Problems {
 
     pub fn add(&mut self, pointer: &str, message: impl Into<String>) {
         if self.0.len() < Self::MAX {
-            self.0.push(Problem { pointer: pointer.to_owned(), message: message.into() });
+            self.0.push(Problem {
+                pointer: pointer.to_owned(),
+                message: message.into(),
+            });
         }
     }
 

@@ -58,33 +58,63 @@ impl CompiledPolicy {
             .iter()
             .map(|r| {
                 let condition = self.trace(r.root, req);
-                RuleTrace { effect: r.effect, pointer: r.pointer.to_string(), matched: condition.matched, condition }
+                RuleTrace {
+                    effect: r.effect,
+                    pointer: r.pointer.to_string(),
+                    matched: condition.matched,
+                    condition,
+                }
             })
             .collect();
         Explanation {
             allow: decision.allow,
-            decided_by: decision.rule.and_then(|i| self.rule(i)).map(|r| r.pointer.to_string()),
+            decided_by: decision
+                .rule
+                .and_then(|i| self.rule(i))
+                .map(|r| r.pointer.to_string()),
             rules,
         }
     }
 
     fn trace(&self, idx: u32, req: &Request<'_>) -> Trace {
-        let pointer = self.program.pointers.get(idx as usize).map(|p| p.to_string()).unwrap_or_default();
+        let pointer = self
+            .program
+            .pointers
+            .get(idx as usize)
+            .map(|p| p.to_string())
+            .unwrap_or_default();
         let matched = self.node(idx, req);
         let (kind, children, note) = match self.program.nodes.get(idx as usize) {
-            Some(Node::Leaf(c)) => ("criterion", Vec::new(), self.program.checks.get(*c as usize).and_then(|c| missing(c, req))),
+            Some(Node::Leaf(c)) => (
+                "criterion",
+                Vec::new(),
+                self.program
+                    .checks
+                    .get(*c as usize)
+                    .and_then(|c| missing(c, req)),
+            ),
             Some(&Node::All { first, len }) => ("and", self.traces(first, len, req), None),
             Some(&Node::Any { first, len }) => ("or", self.traces(first, len, req), None),
             Some(&Node::NotAll { first, len }) => ("not", self.traces(first, len, req), None),
             Some(&Node::NotAny { first, len }) => ("nor", self.traces(first, len, req), None),
             None => ("criterion", Vec::new(), Some("missing node")),
         };
-        Trace { pointer, kind, matched, note: if matched { None } else { note }, children }
+        Trace {
+            pointer,
+            kind,
+            matched,
+            note: if matched { None } else { note },
+            children,
+        }
     }
 
     fn traces(&self, first: u32, len: u32, req: &Request<'_>) -> Vec<Trace> {
         let start = first as usize;
-        let ids = self.program.edges.get(start..start + len as usize).unwrap_or(&[]);
+        let ids = self
+            .program
+            .edges
+            .get(start..start + len as usize)
+            .unwrap_or(&[]);
         ids.iter().map(|&c| self.trace(c, req)).collect()
     }
 }
@@ -99,8 +129,15 @@ fn missing(check: &Check, req: &Request<'_>) -> Option<&'static str> {
                 return None;
             }
             Some(match field {
+                StrField::User | StrField::Email | StrField::Domain if req.user.is_none() => {
+                    "no user"
+                }
                 StrField::User => "no user",
-                StrField::Email | StrField::Domain if req.user.is_some_and(|u| u.email.is_some()) => "email not verified",
+                StrField::Email | StrField::Domain
+                    if req.user.is_some_and(|u| u.email.is_some()) =>
+                {
+                    "email not verified"
+                }
                 StrField::Email | StrField::Domain => "no email",
                 StrField::ServiceAccount => "no service account",
                 StrField::DeviceId => "no device",
@@ -109,20 +146,40 @@ fn missing(check: &Check, req: &Request<'_>) -> Option<&'static str> {
                 StrField::HttpMethod | StrField::HttpPath => return None,
             })
         }
-        Check::Sym { field: SymField::User, .. } | Check::GroupHas(_) | Check::GroupAny(_) | Check::GroupAll(_) => {
-            req.user.is_none().then_some("no user")
+        Check::Sym {
+            field: SymField::User,
+            ..
         }
-        Check::Sym { field: SymField::ServiceAccount, .. } => req.service_account.is_none().then_some("no service account"),
-        Check::Sym { field: SymField::Device, .. } => req.device.is_none().then_some("no device"),
+        | Check::GroupHas(_)
+        | Check::GroupAny(_)
+        | Check::GroupAll(_) => req.user.is_none().then_some("no user"),
+        Check::Sym {
+            field: SymField::ServiceAccount,
+            ..
+        } => req
+            .service_account
+            .is_none()
+            .then_some("no service account"),
+        Check::Sym {
+            field: SymField::Device,
+            ..
+        } => req.device.is_none().then_some("no device"),
         Check::Claim { .. } => Some("claim absent or of another type"),
         Check::Posture { .. } => match req.device {
             None => Some("no device"),
             Some(d) if !d.posture.is_fresh(req.now) => Some("device posture is stale"),
             Some(_) => None,
         },
-        Check::Fingerprint { .. } => req.client_certificate.is_none().then_some("no client certificate"),
+        Check::Fingerprint { .. } => req
+            .client_certificate
+            .is_none()
+            .then_some("no client certificate"),
         Check::Ip { .. } => req.source_ip.is_none().then_some("no source address"),
-        Check::AuthAgeLt(_) | Check::AuthAgeGt(_) => req.session.auth_time.is_none().then_some("no authentication time"),
+        Check::AuthAgeLt(_) | Check::AuthAgeGt(_) => req
+            .session
+            .auth_time
+            .is_none()
+            .then_some("no authentication time"),
         _ => None,
     }
 }

@@ -11,7 +11,12 @@ use crate::request::Request;
 use crate::symbols::Symbols;
 
 /// Evaluates `doc` for `req`: `(allowed, pointer of the deciding rule)`.
-pub fn evaluate(doc: &Document, lib: Option<&dyn Library>, symbols: &Symbols, req: &Request<'_>) -> (bool, Option<String>) {
+pub fn evaluate(
+    doc: &Document,
+    lib: Option<&dyn Library>,
+    symbols: &Symbols,
+    req: &Request<'_>,
+) -> (bool, Option<String>) {
     let i = Interp { lib, symbols, req };
     for r in doc.rules.iter().filter(|r| r.effect == Effect::Deny) {
         if i.expr(&r.expr, 0) {
@@ -57,20 +62,42 @@ impl Interp<'_, '_> {
                     Flag::ServiceAccount => Some(req.service_account.is_some()),
                     Flag::Device => Some(req.device.is_some()),
                     Flag::DeviceApproved => req.device.map(|d| d.approved),
-                    Flag::DevicePostureFresh => req.device.map(|d| d.posture.expires_at.is_none_or(|e| req.now < e)),
+                    Flag::DevicePostureFresh => req
+                        .device
+                        .map(|d| d.posture.expires_at.is_none_or(|e| req.now < e)),
                     Flag::ClientCertificate => Some(req.client_certificate.is_some()),
                     Flag::Mfa => {
-                        let n = crate::amr::AMR_VALUES.iter().filter(|v| req.session.amr.contains_all(crate::Amr::bit(v).unwrap_or_default())).count();
-                        Some(req.session.amr.contains_any(crate::Amr::bit("mfa").unwrap_or_default()) || n >= 2)
+                        let n = crate::amr::AMR_VALUES
+                            .iter()
+                            .filter(|v| {
+                                req.session
+                                    .amr
+                                    .contains_all(crate::Amr::bit(v).unwrap_or_default())
+                            })
+                            .count();
+                        Some(
+                            req.session
+                                .amr
+                                .contains_any(crate::Amr::bit("mfa").unwrap_or_default())
+                                || n >= 2,
+                        )
                     }
-                    Flag::Grant => Some(req.grants.iter().any(|g| g.start <= req.now && req.now < g.end)),
+                    Flag::Grant => Some(
+                        req.grants
+                            .iter()
+                            .any(|g| g.start <= req.now && req.now < g.end),
+                    ),
                 };
                 v == Some(*expect)
             }
             Criterion::Str { field, ops } => ops.iter().all(|op| self.str_op(field, op)),
             Criterion::Groups(ops) => {
                 let Some(u) = req.user else { return false };
-                let names: Vec<&str> = u.groups.iter().filter_map(|g| self.symbols.groups.name(*g)).collect();
+                let names: Vec<&str> = u
+                    .groups
+                    .iter()
+                    .filter_map(|g| self.symbols.groups.name(*g))
+                    .collect();
                 ops.iter().all(|op| match op {
                     SetOp::Has(g) => names.contains(&g.as_str()),
                     SetOp::AnyOf(l) => l.iter().any(|g| names.contains(&g.as_str())),
@@ -96,45 +123,64 @@ impl Interp<'_, '_> {
                 if d.posture.expires_at.is_some_and(|e| req.now >= e) {
                     return false;
                 }
-                let found = d.posture.attributes.iter().find(|(s, _)| self.symbols.attributes.name(*s) == Some(attr.as_str()));
+                let found = d
+                    .posture
+                    .attributes
+                    .iter()
+                    .find(|(s, _)| self.symbols.attributes.name(*s) == Some(attr.as_str()));
                 let Some((_, v)) = found else { return false };
                 let v = match v {
                     Scalar::Bool(b) => serde_json::Value::Bool(*b),
-                    Scalar::Num(n) => serde_json::Number::from_f64(*n).map_or(serde_json::Value::Null, serde_json::Value::Number),
+                    Scalar::Num(n) => serde_json::Number::from_f64(*n)
+                        .map_or(serde_json::Value::Null, serde_json::Value::Number),
                     Scalar::Str(s) => serde_json::Value::String(s.clone()),
                 };
                 ops.iter().all(|op| value_op(op, &v, true))
             }
             Criterion::Fingerprint(ops) => {
-                let Some(c) = req.client_certificate else { return false };
+                let Some(c) = req.client_certificate else {
+                    return false;
+                };
                 ops.iter().all(|op| match op {
                     FingerprintOp::In(l) => l.contains(&c.spki_sha256),
                     FingerprintOp::NotIn(l) => !l.contains(&c.spki_sha256),
                 })
             }
             Criterion::SourceIp(ops) => {
-                let Some(ip) = req.source_ip.map(|i| i.to_canonical()) else { return false };
+                let Some(ip) = req.source_ip.map(|i| i.to_canonical()) else {
+                    return false;
+                };
                 ops.iter().all(|op| match op {
                     IpOp::In(n) => n.iter().any(|n| n.contains(&ip)),
                     IpOp::NotIn(n) => !n.iter().any(|n| n.contains(&ip)),
                 })
             }
             Criterion::TimeOfDay { tz, after, before } => {
-                let Some(t) = tz.timestamp_opt(req.now, 0).single() else { return false };
+                let Some(t) = tz.timestamp_opt(req.now, 0).single() else {
+                    return false;
+                };
                 let secs = t.time().num_seconds_from_midnight();
                 let (a, b) = (after.unwrap_or(0), before.unwrap_or(86_400));
-                if a < b { a <= secs && secs < b } else { secs >= a || secs < b }
+                if a < b {
+                    a <= secs && secs < b
+                } else {
+                    secs >= a || secs < b
+                }
             }
             Criterion::Date { after, before } => {
                 after.is_none_or(|a| req.now >= a) && before.is_none_or(|b| req.now < b)
             }
             Criterion::Weekday { tz, days, negate } => {
-                let Some(t) = tz.timestamp_opt(req.now, 0).single() else { return false };
+                let Some(t) = tz.timestamp_opt(req.now, 0).single() else {
+                    return false;
+                };
                 let d = t.weekday().num_days_from_monday();
                 (days & (1 << d) != 0) != *negate
             }
             Criterion::AuthAge(ops) => {
-                let Some(at) = req.session.auth_time else { return false };
+                let Some(at) = req.session.auth_time else {
+                    return false;
+                };
                 let age = req.now.saturating_sub(at);
                 ops.iter().all(|op| match op {
                     NumOp::Lt(n) => age < *n,
@@ -146,12 +192,22 @@ impl Interp<'_, '_> {
                 AmrOp::AllOf(s) => req.session.amr.0 & s.0 == s.0,
             }),
             Criterion::Policy(name) => {
-                let Some(doc) = self.lib.and_then(|l| l.get(name)) else { return false };
+                let Some(doc) = self.lib.and_then(|l| l.get(name)) else {
+                    return false;
+                };
                 if depth > 16 {
                     return false;
                 }
-                let deny = doc.rules.iter().filter(|r| r.effect == Effect::Deny).any(|r| self.expr(&r.expr, depth + 1));
-                let allow = doc.rules.iter().filter(|r| r.effect == Effect::Allow).any(|r| self.expr(&r.expr, depth + 1));
+                let deny = doc
+                    .rules
+                    .iter()
+                    .filter(|r| r.effect == Effect::Deny)
+                    .any(|r| self.expr(&r.expr, depth + 1));
+                let allow = doc
+                    .rules
+                    .iter()
+                    .filter(|r| r.effect == Effect::Allow)
+                    .any(|r| self.expr(&r.expr, depth + 1));
                 !deny && allow
             }
         }
@@ -162,7 +218,12 @@ impl Interp<'_, '_> {
         let value: Option<&str> = match field {
             StrField::User => req.user.map(|u| u.id.name),
             StrField::Email => req.user.filter(|u| u.email_verified).and_then(|u| u.email),
-            StrField::Domain => req.user.filter(|u| u.email_verified).and_then(|u| u.email).and_then(|e| e.rsplit_once('@')).map(|x| x.1),
+            StrField::Domain => req
+                .user
+                .filter(|u| u.email_verified)
+                .and_then(|u| u.email)
+                .and_then(|e| e.rsplit_once('@'))
+                .map(|x| x.1),
             StrField::ServiceAccount => req.service_account.map(|s| s.name),
             StrField::DeviceId => req.device.map(|d| d.id.name),
             StrField::ClientCertificateIssuer => req.client_certificate.map(|c| c.issuer),
@@ -188,7 +249,10 @@ impl Interp<'_, '_> {
             StrOp::EndsWith(w) => v.ends_with(w.as_str()),
             StrOp::Matches(p) => {
                 let original = value.unwrap_or_default();
-                RegexBuilder::new(p.regex.as_str()).case_insensitive(ci).build().is_ok_and(|r| r.is_match(original))
+                RegexBuilder::new(p.regex.as_str())
+                    .case_insensitive(ci)
+                    .build()
+                    .is_ok_and(|r| r.is_match(original))
             }
             StrOp::Present(_) => false,
         }
@@ -205,15 +269,22 @@ fn scalar_eq(v: &serde_json::Value, s: &Scalar) -> bool {
 }
 
 fn value_op(op: &ValueOp, v: &serde_json::Value, _posture: bool) -> bool {
-    let scalar = matches!(v, serde_json::Value::Bool(_) | serde_json::Value::Number(_) | serde_json::Value::String(_));
+    let scalar = matches!(
+        v,
+        serde_json::Value::Bool(_) | serde_json::Value::Number(_) | serde_json::Value::String(_)
+    );
     let arr = v.as_array();
     match op {
         ValueOp::Is(s) => scalar_eq(v, s),
         ValueOp::In(l) => scalar && l.iter().any(|s| scalar_eq(v, s)),
         ValueOp::NotIn(l) => scalar && !l.iter().any(|s| scalar_eq(v, s)),
         ValueOp::Has(s) => arr.is_some_and(|a| a.iter().any(|x| scalar_eq(x, s))),
-        ValueOp::AnyOf(l) => arr.is_some_and(|a| l.iter().any(|s| a.iter().any(|x| scalar_eq(x, s)))),
-        ValueOp::AllOf(l) => arr.is_some_and(|a| l.iter().all(|s| a.iter().any(|x| scalar_eq(x, s)))),
+        ValueOp::AnyOf(l) => {
+            arr.is_some_and(|a| l.iter().any(|s| a.iter().any(|x| scalar_eq(x, s))))
+        }
+        ValueOp::AllOf(l) => {
+            arr.is_some_and(|a| l.iter().all(|s| a.iter().any(|x| scalar_eq(x, s))))
+        }
         ValueOp::StartsWith(p) => v.as_str().is_some_and(|s| s.starts_with(p.as_str())),
         ValueOp::EndsWith(p) => v.as_str().is_some_and(|s| s.ends_with(p.as_str())),
         ValueOp::Matches(p) => v.as_str().is_some_and(|s| p.regex.is_match(s)),

@@ -14,6 +14,8 @@ pub mod interp;
 mod parse;
 pub mod request;
 mod symbols;
+#[cfg(test)]
+mod tests;
 mod text;
 
 pub use amr::Amr;
@@ -23,7 +25,10 @@ pub use compiled::{CompiledPolicy, Decision, LoadError, RuleInfo, FORMAT_VERSION
 pub use error::{PolicyError, Problem};
 pub use explain::{Explanation, RuleTrace, Trace};
 pub use parse::{parse, parse_fingerprint, parse_net, CRITERIA, MAX_DEPTH, MAX_NODES};
-pub use request::{ClientCertificate, Device, GrantWindow, Headers, Id, NoHeaders, Posture, Request, Session, User};
+pub use request::{
+    ClientCertificate, Device, GrantWindow, HeaderList, Headers, Id, NoHeaders, Posture, Request,
+    Session, User,
+};
 pub use symbols::{Interner, Sym, Symbols};
 
 /// Parses a JSON policy document.
@@ -44,6 +49,16 @@ pub fn parse_json_value(value: &serde_json::Value) -> Result<Document, PolicyErr
 
 /// Parses and compiles a standalone policy with a fresh symbol table, no directory
 /// and no named policies: handy for validation and tests.
-pub fn compile_standalone(doc: &Document, symbols: &mut Symbols) -> Result<CompiledPolicy, PolicyError> {
-    compile(doc, CompileEnv { symbols, directory: None, library: None })
+pub fn compile_standalone(
+    doc: &Document,
+    symbols: &mut Symbols,
+) -> Result<CompiledPolicy, PolicyError> {
+    compile(
+        doc,
+        CompileEnv {
+            symbols,
+            directory: None,
+            library: None,
+        },
+    )
 }

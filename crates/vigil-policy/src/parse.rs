@@ -50,7 +50,10 @@ const BLOCKS: [&str; 4] = ["and", "or", "not", "nor"];
 
 /// Parses and validates a document.
 pub fn parse(value: &Value) -> Result<Document, PolicyError> {
-    let mut p = Parser { problems: Problems::default(), nodes: 0 };
+    let mut p = Parser {
+        problems: Problems::default(),
+        nodes: 0,
+    };
     let rules = p.document(value);
     if p.problems.is_empty() {
         Ok(Document { rules })
@@ -65,7 +68,10 @@ struct Parser {
 }
 
 fn describe_ops(ops: &[&str]) -> String {
-    ops.iter().map(|o| format!("`{o}`")).collect::<Vec<_>>().join(", ")
+    ops.iter()
+        .map(|o| format!("`{o}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn closest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
@@ -129,7 +135,13 @@ impl Parser {
 
     fn rule_object(&mut self, v: &Value, ptr: &str, rules: &mut Vec<Rule>) {
         let Value::Object(entries) = v else {
-            self.err(ptr, format!("expected an object with `allow` and/or `deny`, found {}", v.kind()));
+            self.err(
+                ptr,
+                format!(
+                    "expected an object with `allow` and/or `deny`, found {}",
+                    v.kind()
+                ),
+            );
             return;
         };
         if entries.is_empty() {
@@ -142,12 +154,19 @@ impl Parser {
                 "deny" => Effect::Deny,
                 other => {
                     let hint = did_you_mean(other, &["allow", "deny"]);
-                    self.err(&p, format!("unknown key `{other}`: expected `allow` or `deny`{hint}"));
+                    self.err(
+                        &p,
+                        format!("unknown key `{other}`: expected `allow` or `deny`{hint}"),
+                    );
                     continue;
                 }
             };
             if let Some(expr) = self.block(value, &p, 0) {
-                rules.push(Rule { effect, expr, pointer: p });
+                rules.push(Rule {
+                    effect,
+                    expr,
+                    pointer: p,
+                });
             }
         }
     }
@@ -176,17 +195,29 @@ impl Parser {
                 let msg = if CRITERIA.contains(&criterion_name(key)) {
                     format!("a criterion cannot stand directly in a block; wrap it: `and: [{{{key}: ...}}]`")
                 } else {
-                    format!("unknown key `{key}`: expected `and`, `or`, `not` or `nor`{}", did_you_mean(key, &BLOCKS))
+                    format!(
+                        "unknown key `{key}`: expected `and`, `or`, `not` or `nor`{}",
+                        did_you_mean(key, &BLOCKS)
+                    )
                 };
                 self.err(&p, msg);
                 continue;
             }
             let Value::Array(items) = value else {
-                self.err(&p, format!("`{key}` takes a list of criteria or blocks, found {}", value.kind()));
+                self.err(
+                    &p,
+                    format!(
+                        "`{key}` takes a list of criteria or blocks, found {}",
+                        value.kind()
+                    ),
+                );
                 continue;
             };
             if items.is_empty() {
-                self.err(&p, format!("`{key}` is empty; write `accept: true` to match every request"));
+                self.err(
+                    &p,
+                    format!("`{key}` is empty; write `accept: true` to match every request"),
+                );
                 continue;
             }
             let mut children = Vec::with_capacity(items.len());
@@ -207,14 +238,20 @@ impl Parser {
         match parts.len() {
             0 => None,
             1 => parts.pop(),
-            _ => Some(Expr { pointer: ptr.to_owned(), kind: ExprKind::And(parts) }),
+            _ => Some(Expr {
+                pointer: ptr.to_owned(),
+                kind: ExprKind::And(parts),
+            }),
         }
     }
 
     fn count(&mut self, ptr: &str) -> Option<()> {
         self.nodes += 1;
         if self.nodes == MAX_NODES + 1 {
-            self.err(ptr, format!("the policy has more than {MAX_NODES} criteria and blocks"));
+            self.err(
+                ptr,
+                format!("the policy has more than {MAX_NODES} criteria and blocks"),
+            );
         }
         (self.nodes <= MAX_NODES).then_some(())
     }
@@ -222,7 +259,13 @@ impl Parser {
     /// An item of a block's list: a nested block or a single-key criterion object.
     fn item(&mut self, v: &Value, ptr: &str, depth: usize) -> Option<Expr> {
         let Value::Object(entries) = v else {
-            self.err(ptr, format!("expected a criterion such as `{{email: {{is: ...}}}}` or a block, found {}", v.kind()));
+            self.err(
+                ptr,
+                format!(
+                    "expected a criterion such as `{{email: {{is: ...}}}}` or a block, found {}",
+                    v.kind()
+                ),
+            );
             return None;
         };
         match entries.as_slice() {
@@ -235,7 +278,10 @@ impl Parser {
                 self.count(ptr)?;
                 let p = push_pointer(ptr, key);
                 let criterion = self.criterion(key, operand, &p)?;
-                Some(Expr { pointer: p, kind: ExprKind::Criterion(criterion) })
+                Some(Expr {
+                    pointer: p,
+                    kind: ExprKind::Criterion(criterion),
+                })
             }
             many => {
                 let keys: Vec<&str> = many.iter().map(|(k, _)| k.as_str()).collect();
@@ -263,8 +309,12 @@ impl Parser {
             return None;
         }
         match (name, sub) {
-            ("accept", None) => self.expect_true(v, ptr, name).map(|()| Criterion::Const(true)),
-            ("reject", None) => self.expect_true(v, ptr, name).map(|()| Criterion::Const(false)),
+            ("accept", None) => self
+                .expect_true(v, ptr, name)
+                .map(|()| Criterion::Const(true)),
+            ("reject", None) => self
+                .expect_true(v, ptr, name)
+                .map(|()| Criterion::Const(false)),
             ("authenticated_user", None) => self.flag(v, ptr, Flag::AuthenticatedUser),
             ("user", None) => self.strings(v, ptr, StrField::User, STR_OPS),
             ("email", None) => self.strings(v, ptr, StrField::Email, STR_OPS),
@@ -272,7 +322,10 @@ impl Parser {
             ("groups", None) => self.groups(v, ptr),
             ("claim", sub) => self.claim(v, ptr, sub),
             ("service_account", None) => match v {
-                Value::Bool(b) => Some(Criterion::Flag { flag: Flag::ServiceAccount, expect: *b }),
+                Value::Bool(b) => Some(Criterion::Flag {
+                    flag: Flag::ServiceAccount,
+                    expect: *b,
+                }),
                 _ => self.strings(v, ptr, StrField::ServiceAccount, STR_OPS),
             },
             ("device", None) => self.flag(v, ptr, Flag::Device),
@@ -289,10 +342,15 @@ impl Parser {
                 self.err(ptr, format!("unknown field `{other}` of `client_certificate`: expected `fingerprint` or `issuer`"));
                 None
             }
-            ("http_method", None) => self.strings(v, ptr, StrField::HttpMethod, &["is", "in", "not_in"]),
+            ("http_method", None) => {
+                self.strings(v, ptr, StrField::HttpMethod, &["is", "in", "not_in"])
+            }
             ("http_path", None) => self.strings(v, ptr, StrField::HttpPath, STR_OPS),
             ("header", None) => {
-                self.err(ptr, "name the header: `header/<name>`, e.g. `header/x-team`");
+                self.err(
+                    ptr,
+                    "name the header: `header/<name>`, e.g. `header/x-team`",
+                );
                 None
             }
             ("header", Some(h)) => self.header(v, ptr, h),
@@ -306,7 +364,13 @@ impl Parser {
             ("policy", None) => match v {
                 Value::String(s) if !s.trim().is_empty() => Some(Criterion::Policy(s.clone())),
                 other => {
-                    self.err(ptr, format!("`policy` takes the name of a policy, found {}", other.kind()));
+                    self.err(
+                        ptr,
+                        format!(
+                            "`policy` takes the name of a policy, found {}",
+                            other.kind()
+                        ),
+                    );
                     None
                 }
             },
@@ -333,12 +397,21 @@ impl Parser {
             Value::Object(entries) => match entries.as_slice() {
                 [(k, Value::Bool(b))] if k == "is" => *b,
                 _ => {
-                    self.err(ptr, format!("expected `true`, `false` or `{{is: <boolean>}}`, found {}", v.kind()));
+                    self.err(
+                        ptr,
+                        format!(
+                            "expected `true`, `false` or `{{is: <boolean>}}`, found {}",
+                            v.kind()
+                        ),
+                    );
                     return None;
                 }
             },
             other => {
-                self.err(ptr, format!("expected `true` or `false`, found {}", other.kind()));
+                self.err(
+                    ptr,
+                    format!("expected `true` or `false`, found {}", other.kind()),
+                );
                 return None;
             }
         };
@@ -356,7 +429,13 @@ impl Parser {
         match v {
             Value::Object(entries) => {
                 if entries.is_empty() {
-                    self.err(ptr, format!("no operator given: expected one of {}", describe_ops(allowed)));
+                    self.err(
+                        ptr,
+                        format!(
+                            "no operator given: expected one of {}",
+                            describe_ops(allowed)
+                        ),
+                    );
                     return None;
                 }
                 let mut out = Vec::new();
@@ -368,17 +447,35 @@ impl Parser {
                     } else {
                         ok = false;
                         let hint = did_you_mean(op, allowed);
-                        self.err(&p, format!("operator `{op}` is not valid here: expected one of {}{hint}", describe_ops(allowed)));
+                        self.err(
+                            &p,
+                            format!(
+                                "operator `{op}` is not valid here: expected one of {}{hint}",
+                                describe_ops(allowed)
+                            ),
+                        );
                     }
                 }
                 ok.then_some(out)
             }
             Value::Array(_) => {
-                self.err(ptr, format!("a list needs an operator, e.g. `{{in: [...]}}`; expected one of {}", describe_ops(allowed)));
+                self.err(
+                    ptr,
+                    format!(
+                        "a list needs an operator, e.g. `{{in: [...]}}`; expected one of {}",
+                        describe_ops(allowed)
+                    ),
+                );
                 None
             }
             Value::Null => {
-                self.err(ptr, format!("missing operand: expected a value or one of {}", describe_ops(allowed)));
+                self.err(
+                    ptr,
+                    format!(
+                        "missing operand: expected a value or one of {}",
+                        describe_ops(allowed)
+                    ),
+                );
                 None
             }
             scalar => Some(vec![(shorthand, scalar, ptr.to_owned())]),
@@ -397,7 +494,10 @@ impl Parser {
 
     fn string_list(&mut self, v: &Value, ptr: &str) -> Option<Vec<String>> {
         let Value::Array(items) = v else {
-            self.err(ptr, format!("expected a list of strings, found {}", v.kind()));
+            self.err(
+                ptr,
+                format!("expected a list of strings, found {}", v.kind()),
+            );
             return None;
         };
         if items.is_empty() {
@@ -426,7 +526,13 @@ impl Parser {
         }
     }
 
-    fn strings(&mut self, v: &Value, ptr: &str, field: StrField, allowed: &[&str]) -> Option<Criterion> {
+    fn strings(
+        &mut self,
+        v: &Value,
+        ptr: &str,
+        field: StrField,
+        allowed: &[&str],
+    ) -> Option<Criterion> {
         let ops = self.operators(v, ptr, allowed, "is")?;
         let mut out = Vec::with_capacity(ops.len());
         let mut ok = true;
@@ -457,7 +563,9 @@ impl Parser {
                     if s.is_empty() {
                         bad = Some("must not be empty".to_owned());
                     } else if *field == StrField::Domain && s.contains('@') {
-                        bad = Some(format!("`{s}` is an email address; `domain` takes the part after `@`"));
+                        bad = Some(format!(
+                            "`{s}` is an email address; `domain` takes the part after `@`"
+                        ));
                     }
                     crate::text::fold(&s)
                 }
@@ -509,7 +617,10 @@ impl Parser {
         }
         let field = StrField::Header(name.to_ascii_lowercase());
         if let Value::Bool(b) = v {
-            return Some(Criterion::Str { field, ops: vec![StrOp::Present(*b)] });
+            return Some(Criterion::Str {
+                field,
+                ops: vec![StrOp::Present(*b)],
+            });
         }
         self.strings(v, ptr, field, STR_OPS)
     }
@@ -544,13 +655,23 @@ impl Parser {
     fn scalar(&mut self, v: &Value, ptr: &str) -> Option<Scalar> {
         match v {
             Value::Bool(b) => Some(Scalar::Bool(*b)),
-            Value::Int(_) | Value::Float(_) => v.as_f64().filter(|f| f.is_finite()).map(Scalar::Num).or_else(|| {
-                self.err(ptr, "numbers must be finite");
-                None
-            }),
+            Value::Int(_) | Value::Float(_) => v
+                .as_f64()
+                .filter(|f| f.is_finite())
+                .map(Scalar::Num)
+                .or_else(|| {
+                    self.err(ptr, "numbers must be finite");
+                    None
+                }),
             Value::String(s) => Some(Scalar::Str(s.clone())),
             other => {
-                self.err(ptr, format!("expected a string, number or boolean, found {}", other.kind()));
+                self.err(
+                    ptr,
+                    format!(
+                        "expected a string, number or boolean, found {}",
+                        other.kind()
+                    ),
+                );
                 None
             }
         }
@@ -620,7 +741,10 @@ impl Parser {
             None => {
                 // `claim: {path: [...], <operators>}` for claim names that contain dots.
                 let Value::Object(entries) = v else {
-                    self.err(ptr, "name the claim: `claim/<name>` or `claim: {path: [...], is: ...}`");
+                    self.err(
+                        ptr,
+                        "name the claim: `claim/<name>` or `claim: {path: [...], is: ...}`",
+                    );
                     return None;
                 };
                 let Some((_, path_value)) = entries.iter().find(|(k, _)| k == "path") else {
@@ -636,7 +760,13 @@ impl Parser {
                     self.err(&pp, "claim names must not be empty");
                     return None;
                 }
-                let rest = Value::Object(entries.iter().filter(|(k, _)| k != "path").cloned().collect());
+                let rest = Value::Object(
+                    entries
+                        .iter()
+                        .filter(|(k, _)| k != "path")
+                        .cloned()
+                        .collect(),
+                );
                 (path, rest)
             }
         };
@@ -646,13 +776,23 @@ impl Parser {
     }
 
     fn posture(&mut self, v: &Value, ptr: &str, attr: &str) -> Option<Criterion> {
-        if attr.is_empty() || !attr.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.') {
-            self.err(ptr, format!("`{attr}` is not a device attribute name (letters, digits, `_`, `-`, `.`)"));
+        if attr.is_empty()
+            || !attr
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+        {
+            self.err(
+                ptr,
+                format!("`{attr}` is not a device attribute name (letters, digits, `_`, `-`, `.`)"),
+            );
             return None;
         }
         let ops = self.operators(v, ptr, POSTURE_OPS, "is")?;
         let ops = self.value_ops(ops)?;
-        Some(Criterion::Posture { attr: attr.to_owned(), ops })
+        Some(Criterion::Posture {
+            attr: attr.to_owned(),
+            ops,
+        })
     }
 
     fn fingerprint(&mut self, v: &Value, ptr: &str) -> Option<Criterion> {
@@ -665,16 +805,27 @@ impl Parser {
             };
             let mut fps = Vec::with_capacity(list.len());
             for (i, s) in list.iter().enumerate() {
-                let at = if op == "is" { p.clone() } else { format!("{p}/{i}") };
+                let at = if op == "is" {
+                    p.clone()
+                } else {
+                    format!("{p}/{i}")
+                };
                 match parse_fingerprint(s) {
                     Some(fp) => fps.push(fp),
                     None => {
-                        self.err(&at, "expected a SHA-256 fingerprint: 64 hex digits, colons allowed");
+                        self.err(
+                            &at,
+                            "expected a SHA-256 fingerprint: 64 hex digits, colons allowed",
+                        );
                         return None;
                     }
                 }
             }
-            out.push(if op == "not_in" { FingerprintOp::NotIn(fps) } else { FingerprintOp::In(fps) });
+            out.push(if op == "not_in" {
+                FingerprintOp::NotIn(fps)
+            } else {
+                FingerprintOp::In(fps)
+            });
         }
         Some(Criterion::Fingerprint(out))
     }
@@ -689,7 +840,11 @@ impl Parser {
             };
             let mut nets = Vec::with_capacity(list.len());
             for (i, s) in list.iter().enumerate() {
-                let at = if matches!(value, Value::Array(_)) { format!("{p}/{i}") } else { p.clone() };
+                let at = if matches!(value, Value::Array(_)) {
+                    format!("{p}/{i}")
+                } else {
+                    p.clone()
+                };
                 match parse_net(s) {
                     Ok(n) => nets.push(n),
                     Err(msg) => {
@@ -698,17 +853,34 @@ impl Parser {
                     }
                 }
             }
-            out.push(if op == "not_in" { IpOp::NotIn(nets) } else { IpOp::In(nets) });
+            out.push(if op == "not_in" {
+                IpOp::NotIn(nets)
+            } else {
+                IpOp::In(nets)
+            });
         }
         Some(Criterion::SourceIp(out))
     }
 
-    fn fields<'v>(&mut self, v: &'v Value, ptr: &str, allowed: &[&str]) -> Option<Vec<(&'v str, &'v Value, String)>> {
+    fn fields<'v>(
+        &mut self,
+        v: &'v Value,
+        ptr: &str,
+        allowed: &[&str],
+    ) -> Option<Vec<(&'v str, &'v Value, String)>> {
         let Value::Object(entries) = v else {
-            self.err(ptr, format!("expected an object with {}, found {}", describe_ops(allowed), v.kind()));
+            self.err(
+                ptr,
+                format!(
+                    "expected an object with {}, found {}",
+                    describe_ops(allowed),
+                    v.kind()
+                ),
+            );
             return None;
         };
-        self.operators(v, ptr, allowed, "is").filter(|_| !entries.is_empty())
+        self.operators(v, ptr, allowed, "is")
+            .filter(|_| !entries.is_empty())
     }
 
     fn tz(&mut self, fields: &[(&str, &Value, String)]) -> Option<Tz> {
@@ -740,15 +912,20 @@ impl Parser {
                 _ => continue,
             };
             match value {
-                Value::String(s) => match parse_clock(s, *k == "before") {
-                    Some(secs) => *slot = Some(secs),
-                    None => {
-                        self.err(p, format!("`{s}` is not a time of day: use `HH:MM` or `HH:MM:SS` (24-hour)"));
-                        ok = false;
+                Value::String(s) => {
+                    match parse_clock(s, *k == "before") {
+                        Some(secs) => *slot = Some(secs),
+                        None => {
+                            self.err(p, format!("`{s}` is not a time of day: use `HH:MM` or `HH:MM:SS` (24-hour)"));
+                            ok = false;
+                        }
                     }
-                },
+                }
                 other => {
-                    self.err(p, format!("expected a time such as \"09:00\", found {}", other.kind()));
+                    self.err(
+                        p,
+                        format!("expected a time such as \"09:00\", found {}", other.kind()),
+                    );
                     ok = false;
                 }
             }
@@ -761,7 +938,12 @@ impl Parser {
             self.err(ptr, "`after` and `before` are equal: the window is empty");
             ok = false;
         }
-        Some(Criterion::TimeOfDay { tz: tz?, after, before }).filter(|_| ok)
+        Some(Criterion::TimeOfDay {
+            tz: tz?,
+            after,
+            before,
+        })
+        .filter(|_| ok)
     }
 
     fn date(&mut self, v: &Value, ptr: &str) -> Option<Criterion> {
@@ -796,7 +978,10 @@ impl Parser {
         }
         if let (true, Some(a), Some(b)) = (ok, after, before) {
             if a >= b {
-                self.err(ptr, "`after` is not earlier than `before`: no instant matches");
+                self.err(
+                    ptr,
+                    "`after` is not earlier than `before`: no instant matches",
+                );
                 ok = false;
             }
         }
@@ -825,8 +1010,15 @@ impl Parser {
                 match parse_weekday(n) {
                     Some(d) => days |= 1 << d,
                     None => {
-                        let at = if *k == "is" { p.clone() } else { format!("{p}/{i}") };
-                        self.err(&at, format!("`{n}` is not a day: use mon, tue, wed, thu, fri, sat, sun"));
+                        let at = if *k == "is" {
+                            p.clone()
+                        } else {
+                            format!("{p}/{i}")
+                        };
+                        self.err(
+                            &at,
+                            format!("`{n}` is not a day: use mon, tue, wed, thu, fri, sat, sun"),
+                        );
                         return None;
                     }
                 }
@@ -841,7 +1033,10 @@ impl Parser {
 
     fn auth_age(&mut self, v: &Value, ptr: &str) -> Option<Criterion> {
         let Value::Object(_) = v else {
-            self.err(ptr, "expected `{lt: <seconds or duration>}` or `{gt: ...}`, e.g. `{lt: 15m}`");
+            self.err(
+                ptr,
+                "expected `{lt: <seconds or duration>}` or `{gt: ...}`, e.g. `{lt: 15m}`",
+            );
             return None;
         };
         let ops = self.operators(v, ptr, &["lt", "gt"], "lt")?;
@@ -856,14 +1051,21 @@ impl Parser {
                 self.err(&p, "expected seconds (a whole number ≥ 0) or a duration such as `90s`, `15m`, `12h`, `7d`");
                 return None;
             };
-            out.push(if op == "lt" { NumOp::Lt(secs) } else { NumOp::Gt(secs) });
+            out.push(if op == "lt" {
+                NumOp::Lt(secs)
+            } else {
+                NumOp::Gt(secs)
+            });
         }
         Some(Criterion::AuthAge(out))
     }
 
     fn mfa(&mut self, v: &Value, ptr: &str) -> Option<Criterion> {
         if let Value::Bool(b) = v {
-            return Some(Criterion::Flag { flag: Flag::Mfa, expect: *b });
+            return Some(Criterion::Flag {
+                flag: Flag::Mfa,
+                expect: *b,
+            });
         }
         let ops = self.operators(v, ptr, &["has", "any_of", "all_of"], "has")?;
         let mut out = Vec::new();
@@ -877,14 +1079,27 @@ impl Parser {
                 match Amr::bit(n) {
                     Some(b) => set.0 |= b.0,
                     None => {
-                        let at = if op == "has" { p.clone() } else { format!("{p}/{i}") };
+                        let at = if op == "has" {
+                            p.clone()
+                        } else {
+                            format!("{p}/{i}")
+                        };
                         let hint = did_you_mean(n, &AMR_VALUES);
-                        self.err(&at, format!("`{n}` is not a registered authentication method (RFC 8176){hint}"));
+                        self.err(
+                            &at,
+                            format!(
+                                "`{n}` is not a registered authentication method (RFC 8176){hint}"
+                            ),
+                        );
                         return None;
                     }
                 }
             }
-            out.push(if op == "all_of" { AmrOp::AllOf(set) } else { AmrOp::AnyOf(set) });
+            out.push(if op == "all_of" {
+                AmrOp::AllOf(set)
+            } else {
+                AmrOp::AnyOf(set)
+            });
         }
         Some(Criterion::Mfa(out))
     }
@@ -892,9 +1107,28 @@ impl Parser {
 
 const STR_OPS: &[&str] = &["is", "in", "not_in", "starts_with", "ends_with", "matches"];
 const CLAIM_OPS: &[&str] = &[
-    "is", "in", "not_in", "has", "any_of", "all_of", "starts_with", "ends_with", "matches", "lt", "gt",
+    "is",
+    "in",
+    "not_in",
+    "has",
+    "any_of",
+    "all_of",
+    "starts_with",
+    "ends_with",
+    "matches",
+    "lt",
+    "gt",
 ];
-const POSTURE_OPS: &[&str] = &["is", "in", "not_in", "starts_with", "ends_with", "matches", "lt", "gt"];
+const POSTURE_OPS: &[&str] = &[
+    "is",
+    "in",
+    "not_in",
+    "starts_with",
+    "ends_with",
+    "matches",
+    "lt",
+    "gt",
+];
 
 fn criterion_name(key: &str) -> &str {
     key.split_once('/').map_or(key, |(n, _)| n)
@@ -924,7 +1158,9 @@ pub fn parse_fingerprint(s: &str) -> Option<[u8; 32]> {
 pub fn parse_net(s: &str) -> Result<IpNet, String> {
     let s = s.trim();
     let net = if s.contains('/') {
-        IpNet::from_str(s).map_err(|_| format!("`{s}` is not a CIDR network such as `10.0.0.0/8` or `2001:db8::/32`"))?
+        IpNet::from_str(s).map_err(|_| {
+            format!("`{s}` is not a CIDR network such as `10.0.0.0/8` or `2001:db8::/32`")
+        })?
     } else {
         let ip = std::net::IpAddr::from_str(s)
             .map_err(|_| format!("`{s}` is not an IP address or CIDR network"))?;
@@ -976,7 +1212,10 @@ fn parse_instant(s: &str, tz: Tz) -> Option<i64> {
     // At a DST gap midnight may not exist locally; take the earliest valid instant.
     tz.from_local_datetime(&midnight)
         .earliest()
-        .or_else(|| tz.from_local_datetime(&(midnight + chrono::Duration::hours(1))).earliest())
+        .or_else(|| {
+            tz.from_local_datetime(&(midnight + chrono::Duration::hours(1)))
+                .earliest()
+        })
         .map(|t| t.timestamp())
 }
 
@@ -991,7 +1230,9 @@ fn parse_weekday(s: &str) -> Option<u8> {
         ["sat", "saturday"],
         ["sun", "sunday"],
     ];
-    DAYS.iter().position(|names| names.contains(&l.as_str())).map(|i| i as u8)
+    DAYS.iter()
+        .position(|names| names.contains(&l.as_str()))
+        .map(|i| i as u8)
 }
 
 /// `90`, `90s`, `15m`, `12h`, `7d` as seconds.

@@ -91,9 +91,13 @@ pub trait Headers {
     fn get(&self, name: &str) -> Option<&str>;
 }
 
-impl Headers for [(&str, &str)] {
+/// Headers as a list of (name, value) pairs, names in any case.
+#[derive(Debug, Clone, Copy)]
+pub struct HeaderList<'a>(pub &'a [(&'a str, &'a str)]);
+
+impl Headers for HeaderList<'_> {
     fn get(&self, name: &str) -> Option<&str> {
-        let mut found = self.iter().filter(|(k, _)| k.eq_ignore_ascii_case(name));
+        let mut found = self.0.iter().filter(|(k, _)| k.eq_ignore_ascii_case(name));
         match (found.next(), found.next()) {
             (Some((_, v)), None) => Some(v),
             _ => None,
@@ -171,12 +175,16 @@ impl<'a> Request<'a> {
 
     /// The domain of the verified email.
     pub fn email_domain(&self) -> Option<&'a str> {
-        self.verified_email().and_then(|e| e.rsplit_once('@')).map(|(_, d)| d)
+        self.verified_email()
+            .and_then(|e| e.rsplit_once('@'))
+            .map(|(_, d)| d)
     }
 
     /// Whether some grant is active at `now`.
     pub fn has_active_grant(&self) -> bool {
-        self.grants.iter().any(|g| g.start <= self.now && self.now < g.end)
+        self.grants
+            .iter()
+            .any(|g| g.start <= self.now && self.now < g.end)
     }
 
     /// The source address with IPv4-mapped IPv6 turned into IPv4.

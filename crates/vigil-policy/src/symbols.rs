@@ -67,7 +67,9 @@ impl<'de> Deserialize<'de> for Interner {
         for (i, n) in names.iter().enumerate() {
             let sym = Sym(u32::try_from(i).map_err(serde::de::Error::custom)?);
             if index.insert(n.clone(), sym).is_some() {
-                return Err(serde::de::Error::custom(format_args!("name `{n}` interned twice")));
+                return Err(serde::de::Error::custom(format_args!(
+                    "name `{n}` interned twice"
+                )));
             }
         }
         Ok(Interner { names, index })
