@@ -87,6 +87,18 @@ fn bench(c: &mut Criterion) {
     c.bench_function("evaluate/denied_anonymous", |b| {
         b.iter(|| black_box(&policy).evaluate(black_box(&denied_early)))
     });
+    let no_tz = compile_standalone(
+        &parse_yaml(&POLICY.replace(
+            "    - time_of_day: {tz: Europe/Paris, after: \"07:00\", before: \"20:00\"}\n",
+            "",
+        ))
+        .expect("parses"),
+        &mut symbols.clone(),
+    )
+    .expect("compiles");
+    c.bench_function("evaluate/allowed_without_time_window", |b| {
+        b.iter(|| black_box(&no_tz).evaluate(black_box(&allowed)))
+    });
     c.bench_function("explain/allowed", |b| {
         b.iter(|| black_box(&policy).explain(black_box(&allowed)))
     });

@@ -39,10 +39,21 @@ impl Amr {
         self.0 & other.0 != 0
     }
 
-    /// Multi-factor: the IdP said `mfa`, or at least two distinct registered methods were used.
+    /// Multi-factor: the IdP said `mfa`, or the methods span at least two factor
+    /// categories (knowledge, possession, inherence). Two passwords are one factor.
     pub fn is_multi_factor(self) -> bool {
-        let mfa = Amr::bit("mfa").map_or(0, |b| b.0);
-        self.0 & mfa != 0 || self.0.count_ones() >= 2
+        const KNOWLEDGE: &[&str] = &["pwd", "pin", "kba"];
+        const POSSESSION: &[&str] = &["hwk", "swk", "otp", "sms", "tel", "sc", "pop"];
+        const INHERENCE: &[&str] = &["face", "fpt", "iris", "retina", "vbm"];
+        let has = |set: &[&str]| {
+            set.iter()
+                .any(|v| Amr::bit(v).is_some_and(|b| self.contains_any(b)))
+        };
+        let categories = [KNOWLEDGE, POSSESSION, INHERENCE]
+            .iter()
+            .filter(|c| has(c))
+            .count();
+        Amr::bit("mfa").is_some_and(|b| self.contains_any(b)) || categories >= 2
     }
 }
 
@@ -55,7 +66,20 @@ mod tests {
         assert_eq!(Amr::from_values(["pwd", "bogus"]), Amr::bit("pwd").unwrap());
         assert!(!Amr::from_values(["pwd"]).is_multi_factor());
         assert!(Amr::from_values(["pwd", "otp"]).is_multi_factor());
+        assert!(Amr::from_values(["hwk", "fpt"]).is_multi_factor());
         assert!(Amr::from_values(["mfa"]).is_multi_factor());
+        assert!(
+            !Amr::from_values(["pwd", "kba"]).is_multi_factor(),
+            "two knowledge factors"
+        );
+        assert!(
+            !Amr::from_values(["pwd", "geo"]).is_multi_factor(),
+            "location is not a factor"
+        );
+        assert!(
+            !Amr::from_values(["otp", "sms"]).is_multi_factor(),
+            "two possession factors"
+        );
         assert!(!Amr::from_values(["pwd", "pwd", "nope"]).is_multi_factor());
         assert!(Amr::bit("PWD").is_none());
     }

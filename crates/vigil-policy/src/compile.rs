@@ -53,7 +53,13 @@ pub struct CompileEnv<'a> {
     pub directory: Option<&'a dyn Directory>,
     /// Named policies for references.
     pub library: Option<&'a dyn Library>,
+    /// The name of the policy being compiled, when it has one, so that a reference
+    /// back to it is reported as a cycle.
+    pub name: Option<&'a str>,
 }
+
+/// How many named-policy references may nest.
+pub const MAX_REFERENCE_DEPTH: usize = 8;
 
 /// Compiles a parsed document.
 pub fn compile(doc: &Document, env: CompileEnv<'_>) -> Result<CompiledPolicy, PolicyError> {
@@ -72,6 +78,9 @@ pub fn compile(doc: &Document, env: CompileEnv<'_>) -> Result<CompiledPolicy, Po
         refs: HashMap::new(),
         stack: Vec::new(),
     };
+    if let Some(name) = c.env.name {
+        c.stack.push(name.to_owned());
+    }
     let mut rules: Vec<RuleInfo> = doc
         .rules
         .iter()
@@ -406,12 +415,17 @@ impl Compiler<'_> {
         if let Some(&root) = self.refs.get(name) {
             return root;
         }
-        if self.stack.iter().any(|n| n == name) {
-            let chain = self.stack.join(" → ");
+        if let Some(start) = self.stack.iter().position(|n| n == name) {
+            let chain = self.stack[start..].join(" → ");
             self.problems.add(
                 ptr,
                 format!("policy `{name}` refers to itself ({chain} → {name})"),
             );
+            return self.leaf(Check::Const(false), ptr);
+        }
+        if self.stack.len() > MAX_REFERENCE_DEPTH {
+            let msg = format!("policy references nest more than {MAX_REFERENCE_DEPTH} deep");
+            self.problems.add(ptr, msg);
             return self.leaf(Check::Const(false), ptr);
         }
         let Some(doc) = self.env.library.and_then(|l| l.get(name)) else {

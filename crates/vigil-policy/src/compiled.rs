@@ -3,14 +3,13 @@
 
 use std::net::IpAddr;
 
-use chrono::{Offset, TimeZone};
 use chrono_tz::Tz;
 use regex::{Regex, RegexBuilder};
 use serde::{Deserialize, Serialize};
 
 use crate::amr::Amr;
 use crate::ast::{Effect, Flag, Scalar, StrField};
-use crate::request::Request;
+use crate::request::{HeaderValue, Request};
 use crate::text::{fold_ends_with, fold_eq, fold_starts_with};
 
 /// Bumped when the serialised form changes incompatibly.
@@ -255,6 +254,52 @@ pub enum LoadError {
     Invalid(String),
 }
 
+/// Three-valued outcome of a node. Only ambiguous input (a repeated header) is
+/// `Unknown`; it never allows and always lets a deny rule fire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Truth {
+    /// Certainly does not hold.
+    False,
+    /// Cannot be decided from the request.
+    Unknown,
+    /// Certainly holds.
+    True,
+}
+
+impl std::ops::Not for Truth {
+    type Output = Truth;
+
+    /// Kleene negation: unknown stays unknown.
+    fn not(self) -> Truth {
+        match self {
+            Truth::False => Truth::True,
+            Truth::Unknown => Truth::Unknown,
+            Truth::True => Truth::False,
+        }
+    }
+}
+
+impl From<bool> for Truth {
+    fn from(b: bool) -> Truth {
+        if b {
+            Truth::True
+        } else {
+            Truth::False
+        }
+    }
+}
+
+impl RuleInfo {
+    /// Whether a rule with this outcome decides: allow needs certainty, deny
+    /// fires unless it certainly does not hold.
+    pub fn fires(&self, t: Truth) -> bool {
+        match self.effect {
+            Effect::Allow => t == Truth::True,
+            Effect::Deny => t != Truth::False,
+        }
+    }
+}
+
 /// The outcome of evaluating a policy for one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Decision {
@@ -274,7 +319,7 @@ impl Decision {
 }
 
 /// Most nodes deep a loaded program may be (the compiler stays far below).
-const MAX_LOADED_DEPTH: usize = 256;
+const MAX_LOADED_DEPTH: usize = 1024;
 
 impl CompiledPolicy {
     pub(crate) fn from_program(program: Program) -> Result<CompiledPolicy, LoadError> {
@@ -334,12 +379,13 @@ impl CompiledPolicy {
         self.program.rules.get(index as usize)
     }
 
-    /// Decides one request: the first deny rule that holds denies, else the first
-    /// allow rule that holds allows, else deny.
+    /// Decides one request: the first deny rule that holds — or cannot be ruled out
+    /// because the input is ambiguous — denies; else the first allow rule that
+    /// certainly holds allows; else deny.
     pub fn evaluate(&self, req: &Request<'_>) -> Decision {
-        // Rules are stored deny-first, so the first rule that holds decides.
+        // Rules are stored deny-first, so the first rule that fires decides.
         for (i, rule) in self.program.rules.iter().enumerate() {
-            if self.node(rule.root, req) {
+            if rule.fires(self.node(rule.root, req)) {
                 return Decision {
                     allow: rule.effect == Effect::Allow,
                     rule: Some(i as u32),
@@ -357,31 +403,58 @@ impl CompiledPolicy {
             .unwrap_or(&[])
     }
 
-    pub(crate) fn node(&self, idx: u32, req: &Request<'_>) -> bool {
+    pub(crate) fn node(&self, idx: u32, req: &Request<'_>) -> Truth {
         let Some(node) = self.program.nodes.get(idx as usize) else {
-            return false;
+            return Truth::False;
         };
         match *node {
             Node::Leaf(c) => self.check(c, req),
-            Node::All { first, len } => {
-                self.children(first, len).iter().all(|&c| self.node(c, req))
-            }
-            Node::Any { first, len } => {
-                self.children(first, len).iter().any(|&c| self.node(c, req))
-            }
-            Node::NotAll { first, len } => {
-                !self.children(first, len).iter().all(|&c| self.node(c, req))
-            }
-            Node::NotAny { first, len } => {
-                !self.children(first, len).iter().any(|&c| self.node(c, req))
-            }
+            Node::All { first, len } => self.all(self.children(first, len), req),
+            Node::Any { first, len } => self.any(self.children(first, len), req),
+            Node::NotAll { first, len } => !self.all(self.children(first, len), req),
+            Node::NotAny { first, len } => !self.any(self.children(first, len), req),
         }
     }
 
-    fn check(&self, idx: u32, req: &Request<'_>) -> bool {
-        let Some(check) = self.program.checks.get(idx as usize) else {
-            return false;
-        };
+    fn all(&self, children: &[u32], req: &Request<'_>) -> Truth {
+        let mut acc = Truth::True;
+        for &c in children {
+            match self.node(c, req) {
+                Truth::False => return Truth::False,
+                t => acc = acc.min(t),
+            }
+        }
+        acc
+    }
+
+    fn any(&self, children: &[u32], req: &Request<'_>) -> Truth {
+        let mut acc = Truth::False;
+        for &c in children {
+            match self.node(c, req) {
+                Truth::True => return Truth::True,
+                t => acc = acc.max(t),
+            }
+        }
+        acc
+    }
+
+    fn check(&self, idx: u32, req: &Request<'_>) -> Truth {
+        match self.program.checks.get(idx as usize) {
+            Some(Check::Str {
+                field: field @ StrField::Header(name),
+                test,
+            }) => match (req.headers.get(name), test) {
+                (HeaderValue::Repeated, StrTest::Present(p)) => Truth::from(*p),
+                (HeaderValue::Repeated, _) => Truth::Unknown,
+                (HeaderValue::One(v), _) => self.str_test(field, test, Some(v)).into(),
+                (HeaderValue::Absent, _) => self.str_test(field, test, None).into(),
+            },
+            Some(check) => self.check_bool(check, req).into(),
+            None => Truth::False,
+        }
+    }
+
+    fn check_bool(&self, check: &Check, req: &Request<'_>) -> bool {
         match check {
             Check::Const(b) => *b,
             Check::Flag { flag, expect } => flag_value(*flag, req) == Some(*expect),
@@ -474,9 +547,7 @@ impl CompiledPolicy {
     /// Unix seconds shifted by the zone's UTC offset at `now`.
     fn local_seconds(&self, zone: u32, now: i64) -> Option<i64> {
         let tz = self.tzs.get(zone as usize)?;
-        let utc = chrono::DateTime::from_timestamp(now, 0)?.naive_utc();
-        let offset = tz.offset_from_utc_datetime(&utc).fix().local_minus_utc();
-        Some(now + i64::from(offset))
+        Some(now + i64::from(crate::zone::offset(*tz, now)?))
     }
 
     fn regex(&self, idx: u32) -> Option<&Regex> {
@@ -489,7 +560,13 @@ impl CompiledPolicy {
         }
         let Some(v) = value else { return false };
         let folds = field.folds_case();
-        let eq = |want: &str| if folds { fold_eq(v, want) } else { v == want };
+        let ascii_only = *field == StrField::HttpMethod || v.is_ascii();
+        // Operands of folding fields are stored folded; an ASCII value needs no Unicode folding.
+        let eq = |want: &str| match (folds, ascii_only) {
+            (false, _) => v == want,
+            (true, true) => v.len() == want.len() && v.eq_ignore_ascii_case(want),
+            (true, false) => fold_eq(v, want),
+        };
         match test {
             StrTest::Eq(w) => eq(w),
             StrTest::In(list) if folds => list.iter().any(|w| eq(w)),
@@ -549,7 +626,10 @@ pub(crate) fn str_field<'a>(field: &StrField, req: &Request<'a>) -> Option<&'a s
         StrField::ClientCertificateIssuer => req.client_certificate.map(|c| c.issuer),
         StrField::HttpMethod => Some(req.method),
         StrField::HttpPath => Some(req.path),
-        StrField::Header(name) => req.headers.get(name),
+        StrField::Header(name) => match req.headers.get(name) {
+            HeaderValue::One(v) => Some(v),
+            HeaderValue::Absent | HeaderValue::Repeated => None,
+        },
     }
 }
 

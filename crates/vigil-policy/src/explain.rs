@@ -4,7 +4,7 @@
 use serde::Serialize;
 
 use crate::ast::Effect;
-use crate::compiled::{str_field, Check, CompiledPolicy, Node};
+use crate::compiled::{str_field, Check, CompiledPolicy, Node, Truth};
 use crate::request::Request;
 
 /// Why a request would be allowed or denied.
@@ -25,7 +25,7 @@ pub struct RuleTrace {
     pub effect: Effect,
     /// Where the rule is in the document.
     pub pointer: String,
-    /// Whether its condition held.
+    /// Whether the rule decided or would have decided (deny rules fire on unknown too).
     pub matched: bool,
     /// The condition, node by node.
     pub condition: Trace,
@@ -38,8 +38,11 @@ pub struct Trace {
     pub pointer: String,
     /// `and`, `or`, `not`, `nor` or `criterion`.
     pub kind: &'static str,
-    /// Whether the node held.
+    /// Whether the node certainly held.
     pub matched: bool,
+    /// Whether the outcome could not be decided (ambiguous input such as a repeated header).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub unknown: bool,
     /// Why a criterion could not hold, when the request lacks what it looks at.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<&'static str>,
@@ -83,7 +86,8 @@ impl CompiledPolicy {
             .get(idx as usize)
             .map(|p| p.to_string())
             .unwrap_or_default();
-        let matched = self.node(idx, req);
+        let outcome = self.node(idx, req);
+        let matched = outcome == Truth::True;
         let (kind, children, note) = match self.program.nodes.get(idx as usize) {
             Some(Node::Leaf(c)) => (
                 "criterion",
@@ -103,6 +107,7 @@ impl CompiledPolicy {
             pointer,
             kind,
             matched,
+            unknown: outcome == Truth::Unknown,
             note: if matched { None } else { note },
             children,
         }
@@ -134,11 +139,14 @@ fn missing(check: &Check, req: &Request<'_>) -> Option<&'static str> {
                 }
                 StrField::User => "no user",
                 StrField::Email | StrField::Domain
-                    if req.user.is_some_and(|u| u.email.is_some()) =>
+                    if req
+                        .user
+                        .is_some_and(|u| u.email.is_some() && !u.email_verified) =>
                 {
                     "email not verified"
                 }
-                StrField::Email | StrField::Domain => "no email",
+                StrField::Email => "no email",
+                StrField::Domain => "no domain in the email",
                 StrField::ServiceAccount => "no service account",
                 StrField::DeviceId => "no device",
                 StrField::ClientCertificateIssuer => "no client certificate",
@@ -164,7 +172,19 @@ fn missing(check: &Check, req: &Request<'_>) -> Option<&'static str> {
             field: SymField::Device,
             ..
         } => req.device.is_none().then_some("no device"),
-        Check::Claim { .. } => Some("claim absent or of another type"),
+        Check::Claim { path, .. } => {
+            let mut v = match req.user.and_then(|u| u.claims) {
+                Some(v) => v,
+                None => return Some("no claims"),
+            };
+            for seg in path.iter() {
+                match v.get(&**seg) {
+                    Some(next) => v = next,
+                    None => return Some("claim absent"),
+                }
+            }
+            None
+        }
         Check::Posture { .. } => match req.device {
             None => Some("no device"),
             Some(d) if !d.posture.is_fresh(req.now) => Some("device posture is stale"),

@@ -7,7 +7,8 @@ use regex::RegexBuilder;
 
 use crate::ast::*;
 use crate::compile::Library;
-use crate::request::Request;
+use crate::compiled::Truth;
+use crate::request::{HeaderValue, Request};
 use crate::symbols::Symbols;
 
 /// Evaluates `doc` for `req`: `(allowed, pointer of the deciding rule)`.
@@ -19,12 +20,12 @@ pub fn evaluate(
 ) -> (bool, Option<String>) {
     let i = Interp { lib, symbols, req };
     for r in doc.rules.iter().filter(|r| r.effect == Effect::Deny) {
-        if i.expr(&r.expr, 0) {
+        if i.expr(&r.expr, 0) != Truth::False {
             return (false, Some(r.pointer.clone()));
         }
     }
     for r in doc.rules.iter().filter(|r| r.effect == Effect::Allow) {
-        if i.expr(&r.expr, 0) {
+        if i.expr(&r.expr, 0) == Truth::True {
             return (true, Some(r.pointer.clone()));
         }
     }
@@ -42,17 +43,86 @@ fn lower(s: &str) -> String {
 }
 
 impl Interp<'_, '_> {
-    fn expr(&self, e: &Expr, depth: usize) -> bool {
+    fn expr(&self, e: &Expr, depth: usize) -> Truth {
+        let and = |c: &[Expr]| {
+            let v: Vec<Truth> = c.iter().map(|x| self.expr(x, depth)).collect();
+            if v.contains(&Truth::False) {
+                Truth::False
+            } else if v.contains(&Truth::Unknown) {
+                Truth::Unknown
+            } else {
+                Truth::True
+            }
+        };
+        let or = |c: &[Expr]| {
+            let v: Vec<Truth> = c.iter().map(|x| self.expr(x, depth)).collect();
+            if v.contains(&Truth::True) {
+                Truth::True
+            } else if v.contains(&Truth::Unknown) {
+                Truth::Unknown
+            } else {
+                Truth::False
+            }
+        };
         match &e.kind {
-            ExprKind::And(c) => c.iter().all(|x| self.expr(x, depth)),
-            ExprKind::Or(c) => c.iter().any(|x| self.expr(x, depth)),
-            ExprKind::Not(c) => !c.iter().all(|x| self.expr(x, depth)),
-            ExprKind::Nor(c) => !c.iter().any(|x| self.expr(x, depth)),
-            ExprKind::Criterion(c) => self.criterion(c, depth),
+            ExprKind::And(c) => and(c),
+            ExprKind::Or(c) => or(c),
+            ExprKind::Not(c) => !and(c),
+            ExprKind::Nor(c) => !or(c),
+            ExprKind::Criterion(
+                c @ Criterion::Str {
+                    field: StrField::Header(h),
+                    ops,
+                },
+            ) => {
+                if matches!(self.req.headers.get(h), HeaderValue::Repeated) {
+                    // Presence is certain; anything about the value is not.
+                    let v: Vec<Truth> = ops
+                        .iter()
+                        .map(|op| match op {
+                            StrOp::Present(p) => Truth::from(*p),
+                            _ => Truth::Unknown,
+                        })
+                        .collect();
+                    if v.contains(&Truth::False) {
+                        Truth::False
+                    } else if v.contains(&Truth::Unknown) {
+                        Truth::Unknown
+                    } else {
+                        Truth::True
+                    }
+                } else {
+                    Truth::from(self.criterion(c, depth))
+                }
+            }
+            ExprKind::Criterion(Criterion::Policy(name)) => {
+                let Some(doc) = self.lib.and_then(|l| l.get(name)) else {
+                    return Truth::False;
+                };
+                if depth > 16 {
+                    return Truth::False;
+                }
+                let deny = doc
+                    .rules
+                    .iter()
+                    .filter(|r| r.effect == Effect::Deny)
+                    .map(|r| self.expr(&r.expr, depth + 1))
+                    .max()
+                    .unwrap_or(Truth::False);
+                let allow = doc
+                    .rules
+                    .iter()
+                    .filter(|r| r.effect == Effect::Allow)
+                    .map(|r| self.expr(&r.expr, depth + 1))
+                    .max()
+                    .unwrap_or(Truth::False);
+                (!deny).min(allow)
+            }
+            ExprKind::Criterion(c) => Truth::from(self.criterion(c, depth)),
         }
     }
 
-    fn criterion(&self, c: &Criterion, depth: usize) -> bool {
+    fn criterion(&self, c: &Criterion, _depth: usize) -> bool {
         let req = self.req;
         match c {
             Criterion::Const(b) => *b,
@@ -67,20 +137,17 @@ impl Interp<'_, '_> {
                         .map(|d| d.posture.expires_at.is_none_or(|e| req.now < e)),
                     Flag::ClientCertificate => Some(req.client_certificate.is_some()),
                     Flag::Mfa => {
-                        let n = crate::amr::AMR_VALUES
-                            .iter()
-                            .filter(|v| {
-                                req.session
-                                    .amr
-                                    .contains_all(crate::Amr::bit(v).unwrap_or_default())
+                        let used = |names: &[&str]| {
+                            names.iter().any(|n| {
+                                crate::Amr::bit(n).is_some_and(|b| req.session.amr.0 & b.0 != 0)
                             })
-                            .count();
-                        Some(
-                            req.session
-                                .amr
-                                .contains_any(crate::Amr::bit("mfa").unwrap_or_default())
-                                || n >= 2,
-                        )
+                        };
+                        let factors = [
+                            &["pwd", "pin", "kba"][..],
+                            &["hwk", "swk", "otp", "sms", "tel", "sc", "pop"],
+                            &["face", "fpt", "iris", "retina", "vbm"],
+                        ];
+                        Some(used(&["mfa"]) || factors.iter().filter(|f| used(f)).count() >= 2)
                     }
                     Flag::Grant => Some(
                         req.grants
@@ -191,25 +258,7 @@ impl Interp<'_, '_> {
                 AmrOp::AnyOf(s) => req.session.amr.0 & s.0 != 0,
                 AmrOp::AllOf(s) => req.session.amr.0 & s.0 == s.0,
             }),
-            Criterion::Policy(name) => {
-                let Some(doc) = self.lib.and_then(|l| l.get(name)) else {
-                    return false;
-                };
-                if depth > 16 {
-                    return false;
-                }
-                let deny = doc
-                    .rules
-                    .iter()
-                    .filter(|r| r.effect == Effect::Deny)
-                    .any(|r| self.expr(&r.expr, depth + 1));
-                let allow = doc
-                    .rules
-                    .iter()
-                    .filter(|r| r.effect == Effect::Allow)
-                    .any(|r| self.expr(&r.expr, depth + 1));
-                !deny && allow
-            }
+            Criterion::Policy(_) => false, // handled in `expr`, where unknown can propagate
         }
     }
 
@@ -229,7 +278,10 @@ impl Interp<'_, '_> {
             StrField::ClientCertificateIssuer => req.client_certificate.map(|c| c.issuer),
             StrField::HttpMethod => Some(req.method),
             StrField::HttpPath => Some(req.path),
-            StrField::Header(h) => req.headers.get(h),
+            StrField::Header(h) => match req.headers.get(h) {
+                HeaderValue::One(v) => Some(v),
+                _ => None,
+            },
         };
         if let StrOp::Present(p) = op {
             return value.is_some() == *p;

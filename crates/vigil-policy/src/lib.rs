@@ -17,17 +17,18 @@ mod symbols;
 #[cfg(test)]
 mod tests;
 mod text;
+mod zone;
 
 pub use amr::Amr;
 pub use ast::{Document, Effect};
-pub use compile::{compile, CompileEnv, Directory, EntityKind, Library};
-pub use compiled::{CompiledPolicy, Decision, LoadError, RuleInfo, FORMAT_VERSION};
+pub use compile::{compile, CompileEnv, Directory, EntityKind, Library, MAX_REFERENCE_DEPTH};
+pub use compiled::{CompiledPolicy, Decision, LoadError, RuleInfo, Truth, FORMAT_VERSION};
 pub use error::{PolicyError, Problem};
 pub use explain::{Explanation, RuleTrace, Trace};
 pub use parse::{parse, parse_fingerprint, parse_net, CRITERIA, MAX_DEPTH, MAX_NODES};
 pub use request::{
-    ClientCertificate, Device, GrantWindow, HeaderList, Headers, Id, NoHeaders, Posture, Request,
-    Session, User,
+    ClientCertificate, Device, GrantWindow, HeaderList, HeaderValue, Headers, Id, NoHeaders,
+    Posture, Request, Session, User,
 };
 pub use symbols::{Interner, Sym, Symbols};
 
@@ -59,6 +60,7 @@ pub fn compile_standalone(
             symbols,
             directory: None,
             library: None,
+            name: None,
         },
     )
 }

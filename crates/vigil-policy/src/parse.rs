@@ -273,7 +273,9 @@ impl Parser {
                 self.err(ptr, "empty object: expected one criterion or block");
                 None
             }
-            [(key, _)] if BLOCKS.contains(&key.as_str()) => self.block(v, ptr, depth),
+            keys if keys.iter().all(|(k, _)| BLOCKS.contains(&k.as_str())) => {
+                self.block(v, ptr, depth)
+            }
             [(key, operand)] => {
                 self.count(ptr)?;
                 let p = push_pointer(ptr, key);
@@ -303,6 +305,11 @@ impl Parser {
             Some((n, s)) => (n, Some(s)),
             None => (key, None),
         };
+        if !CRITERIA.contains(&name) {
+            let hint = did_you_mean(name, CRITERIA);
+            self.err(ptr, format!("unknown criterion `{name}`{hint}"));
+            return None;
+        }
         let takes_sub = matches!(name, "claim" | "device" | "client_certificate" | "header");
         if sub.is_some() && !takes_sub {
             self.err(ptr, format!("`{name}` takes no `/` sub-field"));
@@ -321,12 +328,12 @@ impl Parser {
             ("domain", None) => self.strings(v, ptr, StrField::Domain, STR_OPS),
             ("groups", None) => self.groups(v, ptr),
             ("claim", sub) => self.claim(v, ptr, sub),
-            ("service_account", None) => match v {
-                Value::Bool(b) => Some(Criterion::Flag {
+            ("service_account", None) => match bool_operand(v) {
+                Some(b) => Some(Criterion::Flag {
                     flag: Flag::ServiceAccount,
-                    expect: *b,
+                    expect: b,
                 }),
-                _ => self.strings(v, ptr, StrField::ServiceAccount, STR_OPS),
+                None => self.strings(v, ptr, StrField::ServiceAccount, STR_OPS),
             },
             ("device", None) => self.flag(v, ptr, Flag::Device),
             ("device", Some("id")) => self.strings(v, ptr, StrField::DeviceId, STR_OPS),
@@ -386,7 +393,12 @@ impl Parser {
         if *v == Value::Bool(true) {
             Some(())
         } else {
-            self.err(ptr, format!("`{name}` takes `true`, found {}", v.kind()));
+            let found = if *v == Value::Bool(false) {
+                "`false` (leave the criterion out instead)"
+            } else {
+                v.kind()
+            };
+            self.err(ptr, format!("`{name}` takes `true`, found {found}"));
             None
         }
     }
@@ -511,12 +523,17 @@ impl Parser {
         Some(out)
     }
 
-    fn pattern(&mut self, v: &Value, ptr: &str) -> Option<Pattern> {
+    /// A regular expression matched against the whole value. The source must stand
+    /// alone as an expression: `a)|(?:b` would otherwise escape the anchors.
+    fn pattern(&mut self, v: &Value, ptr: &str, ignore_case: bool) -> Option<Pattern> {
         let source = self.string(v, ptr)?;
-        match RegexBuilder::new(&format!("^(?:{source})$"))
-            .size_limit(REGEX_SIZE_LIMIT)
-            .build()
-        {
+        let build = |re: &str| {
+            RegexBuilder::new(re)
+                .case_insensitive(ignore_case)
+                .size_limit(REGEX_SIZE_LIMIT)
+                .build()
+        };
+        match build(&source).and_then(|_| build(&format!("^(?:{source})$"))) {
             Ok(regex) => Some(Pattern { source, regex }),
             Err(e) => {
                 let msg = e.to_string().replace('\n', " ");
@@ -543,7 +560,9 @@ impl Parser {
                 "not_in" => self.string_list(value, &p).map(StrOp::NotIn),
                 "starts_with" => self.string(value, &p).map(StrOp::StartsWith),
                 "ends_with" => self.string(value, &p).map(StrOp::EndsWith),
-                "matches" => self.pattern(value, &p).map(StrOp::Matches),
+                "matches" => self
+                    .pattern(value, &p, field.folds_case())
+                    .map(StrOp::Matches),
                 _ => None,
             };
             match parsed.and_then(|o| self.normalize_str_op(&field, o, &p)) {
@@ -616,10 +635,10 @@ impl Parser {
             return None;
         }
         let field = StrField::Header(name.to_ascii_lowercase());
-        if let Value::Bool(b) = v {
+        if let Some(b) = bool_operand(v) {
             return Some(Criterion::Str {
                 field,
-                ops: vec![StrOp::Present(*b)],
+                ops: vec![StrOp::Present(b)],
             });
         }
         self.strings(v, ptr, field, STR_OPS)
@@ -696,7 +715,11 @@ impl Parser {
     fn number(&mut self, v: &Value, ptr: &str) -> Option<f64> {
         match v.as_f64() {
             Some(f) if f.is_finite() => Some(f),
-            _ => {
+            Some(_) => {
+                self.err(ptr, "numbers must be finite");
+                None
+            }
+            None => {
                 self.err(ptr, format!("expected a number, found {}", v.kind()));
                 None
             }
@@ -716,7 +739,7 @@ impl Parser {
                 "all_of" => self.scalar_list(value, &p).map(ValueOp::AllOf),
                 "starts_with" => self.string(value, &p).map(ValueOp::StartsWith),
                 "ends_with" => self.string(value, &p).map(ValueOp::EndsWith),
-                "matches" => self.pattern(value, &p).map(ValueOp::Matches),
+                "matches" => self.pattern(value, &p, false).map(ValueOp::Matches),
                 "lt" => self.number(value, &p).map(ValueOp::Lt),
                 _ => self.number(value, &p).map(ValueOp::Gt),
             };
@@ -834,8 +857,15 @@ impl Parser {
         let ops = self.operators(v, ptr, &["is", "in", "not_in"], "in")?;
         let mut out = Vec::new();
         for (op, value, p) in ops {
-            let list = match (op, value) {
-                ("in", Value::String(s)) | ("is", Value::String(s)) => vec![s.clone()],
+            let list = match value {
+                Value::String(s) => vec![s.clone()],
+                _ if op == "is" => {
+                    self.err(
+                        &p,
+                        format!("`is` takes one address or network, found {}", value.kind()),
+                    );
+                    return None;
+                }
                 _ => self.string_list(value, &p)?,
             };
             let mut nets = Vec::with_capacity(list.len());
@@ -934,8 +964,11 @@ impl Parser {
             self.err(ptr, "give `after`, `before` or both");
             ok = false;
         }
-        if ok && after.is_some() && after == before {
-            self.err(ptr, "`after` and `before` are equal: the window is empty");
+        if ok && after.unwrap_or(0) == before.unwrap_or(86_400) {
+            self.err(
+                ptr,
+                "the window is empty: `after` and `before` give the same time",
+            );
             ok = false;
         }
         Some(Criterion::TimeOfDay {
@@ -1061,10 +1094,10 @@ impl Parser {
     }
 
     fn mfa(&mut self, v: &Value, ptr: &str) -> Option<Criterion> {
-        if let Value::Bool(b) = v {
+        if let Some(b) = bool_operand(v) {
             return Some(Criterion::Flag {
                 flag: Flag::Mfa,
-                expect: *b,
+                expect: b,
             });
         }
         let ops = self.operators(v, ptr, &["has", "any_of", "all_of"], "has")?;
@@ -1130,6 +1163,18 @@ const POSTURE_OPS: &[&str] = &[
     "gt",
 ];
 
+/// `true`, `false`, or `{is: <boolean>}`.
+fn bool_operand(v: &Value) -> Option<bool> {
+    match v {
+        Value::Bool(b) => Some(*b),
+        Value::Object(entries) => match entries.as_slice() {
+            [(k, Value::Bool(b))] if k == "is" => Some(*b),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
 fn criterion_name(key: &str) -> &str {
     key.split_once('/').map_or(key, |(n, _)| n)
 }
@@ -1154,19 +1199,28 @@ pub fn parse_fingerprint(s: &str) -> Option<[u8; 32]> {
     Some(out)
 }
 
-/// Parses an address or CIDR network; IPv4-mapped IPv6 becomes IPv4 and host bits are cleared.
+/// Parses an address or CIDR network; IPv4-mapped IPv6 becomes IPv4. A network with
+/// host bits set (`192.168.1.7/16`) is refused: usually a typo granting far more than meant.
 pub fn parse_net(s: &str) -> Result<IpNet, String> {
     let s = s.trim();
     let net = if s.contains('/') {
-        IpNet::from_str(s).map_err(|_| {
+        let net = IpNet::from_str(s).map_err(|_| {
             format!("`{s}` is not a CIDR network such as `10.0.0.0/8` or `2001:db8::/32`")
-        })?
+        })?;
+        if net.trunc() != net {
+            let host = IpNet::from(net.addr());
+            return Err(format!(
+                "`{s}` has host bits set: write `{}` for the network or `{host}` for the one address",
+                net.trunc()
+            ));
+        }
+        net
     } else {
         let ip = std::net::IpAddr::from_str(s)
             .map_err(|_| format!("`{s}` is not an IP address or CIDR network"))?;
         IpNet::from(ip)
     };
-    Ok(canonical_net(net).trunc())
+    Ok(canonical_net(net))
 }
 
 fn canonical_net(net: IpNet) -> IpNet {

@@ -84,11 +84,22 @@ pub struct GrantWindow {
     pub end: i64,
 }
 
+/// One header's value as the policy sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeaderValue<'a> {
+    /// Not sent.
+    Absent,
+    /// Sent once.
+    One(&'a str),
+    /// Sent more than once: ambiguous, so criteria on it are *unknown* — never
+    /// enough to allow, always enough for a deny rule to fire.
+    Repeated,
+}
+
 /// Request headers, looked up by lowercase name.
 pub trait Headers {
-    /// The single value of a header; `None` when absent *or repeated* (ambiguous
-    /// input never matches a criterion).
-    fn get(&self, name: &str) -> Option<&str>;
+    /// The header's value.
+    fn get(&self, name: &str) -> HeaderValue<'_>;
 }
 
 /// Headers as a list of (name, value) pairs, names in any case.
@@ -96,11 +107,12 @@ pub trait Headers {
 pub struct HeaderList<'a>(pub &'a [(&'a str, &'a str)]);
 
 impl Headers for HeaderList<'_> {
-    fn get(&self, name: &str) -> Option<&str> {
+    fn get(&self, name: &str) -> HeaderValue<'_> {
         let mut found = self.0.iter().filter(|(k, _)| k.eq_ignore_ascii_case(name));
         match (found.next(), found.next()) {
-            (Some((_, v)), None) => Some(v),
-            _ => None,
+            (None, _) => HeaderValue::Absent,
+            (Some((_, v)), None) => HeaderValue::One(v),
+            (Some(_), Some(_)) => HeaderValue::Repeated,
         }
     }
 }
@@ -109,8 +121,8 @@ impl Headers for HeaderList<'_> {
 pub struct NoHeaders;
 
 impl Headers for NoHeaders {
-    fn get(&self, _: &str) -> Option<&str> {
-        None
+    fn get(&self, _: &str) -> HeaderValue<'_> {
+        HeaderValue::Absent
     }
 }
 

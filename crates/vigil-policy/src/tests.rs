@@ -39,6 +39,7 @@ impl Fixture {
                 symbols: &mut self.symbols,
                 directory: None,
                 library: Some(&self.library),
+                name: None,
             },
         )
         .unwrap_or_else(|e| panic!("{yaml}\n{e}"));
@@ -426,9 +427,25 @@ fn http_method_path_and_headers() {
     assert!(f.allows(&allow("header/x-team: true"), &req));
     assert!(f.allows(&allow("header/x-absent: false"), &req));
     assert!(!f.allows(&allow("header/x-absent: {not_in: [x]}"), &req));
-    // A repeated header is ambiguous and matches nothing.
+    // A repeated header is ambiguous: never enough to allow, always enough to deny.
     assert!(!f.allows(&allow("header/x-dup: a"), &req));
     assert!(!f.allows(&allow("header/x-dup: {not_in: [zzz]}"), &req));
+    assert!(!f.allows("allow:\n  not:\n    - header/x-dup: a\n", &req));
+    assert!(
+        f.allows(&allow("header/x-dup: true"), &req),
+        "presence itself is certain"
+    );
+    let deny_prod = "allow:\n  and: [accept: true]\ndeny:\n  or:\n    - header/x-dup: prod\n";
+    assert!(
+        !f.allows(deny_prod, &req),
+        "sending the header twice cannot dodge a deny"
+    );
+    let deny_not_core = "allow:\n  and: [accept: true]\ndeny:\n  nor:\n    - header/x-dup: core\n";
+    assert!(!f.allows(deny_not_core, &req));
+    assert!(f.allows(
+        "allow:\n  and: [accept: true]\ndeny:\n  or:\n    - header/x-team: prod\n",
+        &req
+    ));
 }
 
 #[test]
@@ -596,6 +613,24 @@ fn blocks_and_named_policies() {
     assert!(f.allows(&allow("policy: admins"), &staff));
     assert!(!f.allows(&allow("policy: admins"), &contractor));
     assert!(f.allows("allow:\n  not:\n    - policy: staff\n", &contractor));
+    // A policy cannot refer to itself, directly or through others.
+    let doc = parse_yaml("allow:\n  and:\n    - policy: loop\n").unwrap();
+    let f2 = Fixture::new().named("loop", "allow:\n  and:\n    - policy: outer\n");
+    let e = compile(
+        &doc,
+        CompileEnv {
+            symbols: &mut Symbols::default(),
+            directory: None,
+            library: Some(&f2.library),
+            name: Some("outer"),
+        },
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("refers to itself (outer → loop → outer)"),
+        "{e}"
+    );
     // not = not(and), nor = not(or); several keys in one block all must hold.
     let p = "allow:\n  or: [domain: corp.example]\n  nor: [groups: contractors]\n";
     assert!(f.allows(p, &staff));

@@ -251,3 +251,49 @@ fn yaml_oddities_are_errors_not_surprises() {
         .message
         .contains("`true` or `false`"));
 }
+
+#[test]
+fn a_regex_cannot_escape_its_anchors() {
+    // Wrapped naively as `^(?:...)$`, this would become `^(?:/api/.*)|(?:/admin)$`,
+    // whose second branch is unanchored at the start and matches `/x/admin`.
+    let p = one("allow:\n  and:\n    - http_path: {matches: '/api/.*)|(?:/admin'}\n");
+    assert_eq!(p.pointer, "/allow/and/0/http_path/matches");
+    assert!(
+        p.message.starts_with("invalid regular expression"),
+        "{}",
+        p.message
+    );
+    ok("allow:\n  and:\n    - http_path: {matches: '/api/.*|/admin'}\n");
+}
+
+#[test]
+fn empty_windows_and_widened_networks_are_refused() {
+    assert!(
+        one("allow:\n  and:\n    - time_of_day: {before: '00:00'}\n")
+            .message
+            .contains("window is empty")
+    );
+    ok("allow:\n  and:\n    - time_of_day: {after: '00:00', before: '24:00'}\n");
+    let p = one("allow:\n  and:\n    - source_ip: {in: [10.0.0.0/8, 192.168.1.7/16]}\n");
+    assert_eq!(p.pointer, "/allow/and/0/source_ip/in/1");
+    assert!(
+        p.message.contains("host bits set") && p.message.contains("192.168.0.0/16"),
+        "{}",
+        p.message
+    );
+    ok("allow:\n  and:\n    - source_ip: {not_in: 10.0.0.0/8}\n");
+    assert!(one("allow:\n  and:\n    - source_ip: {is: [10.0.0.1]}\n")
+        .message
+        .contains("one address"));
+}
+
+#[test]
+fn list_items_may_be_multi_key_blocks_and_hints_cover_sub_fields() {
+    ok("allow:\n  or:\n    - {and: [accept: true], nor: [groups: x]}\n");
+    let p = one("allow:\n  and:\n    - claims/org.team: x\n");
+    assert!(p.message.contains("did you mean `claim`"), "{}", p.message);
+    ok("allow:\n  and:\n    - service_account: {is: true}\n    - mfa: {is: true}\n    - header/x-a: {is: false}\n");
+    assert!(one("allow:\n  and:\n    - accept: false\n")
+        .message
+        .contains("leave the criterion out"));
+}
