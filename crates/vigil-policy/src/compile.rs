@@ -193,8 +193,7 @@ impl Compiler<'_> {
     }
 
     fn pattern(&mut self, p: &Pattern, ignore_case: bool) -> u32 {
-        let anchored: Box<str> = p.regex.as_str().into();
-        let key = (anchored, ignore_case);
+        let key: (Box<str>, bool) = (p.source.as_str().into(), ignore_case);
         if let Some(i) = self.program.patterns.iter().position(|x| *x == key) {
             return i as u32;
         }

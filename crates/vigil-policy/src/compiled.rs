@@ -229,7 +229,7 @@ pub(crate) struct Program {
     pub rules: Vec<RuleInfo>,
     /// Source pointer of each node, for `explain`.
     pub pointers: Vec<Box<str>>,
-    /// Regular expressions as written (already anchored) and whether they ignore case.
+    /// Regular expressions as written (anchored on load) and whether they ignore case.
     pub patterns: Vec<(Box<str>, bool)>,
     /// IANA names of the time zones used.
     pub zones: Vec<Box<str>>,
@@ -328,10 +328,15 @@ impl CompiledPolicy {
             .patterns
             .iter()
             .map(|(p, ci)| {
-                RegexBuilder::new(p)
-                    .case_insensitive(*ci)
-                    .size_limit(1 << 20)
-                    .build()
+                // The source must stand alone before it is anchored, exactly as at parse time.
+                let build = |re: &str| {
+                    RegexBuilder::new(re)
+                        .case_insensitive(*ci)
+                        .size_limit(1 << 20)
+                        .build()
+                };
+                build(p)
+                    .and_then(|_| build(&format!("^(?:{p})$")))
                     .map_err(|e| LoadError::Invalid(format!("pattern {p:?}: {e}")))
             })
             .collect::<Result<_, _>>()?;
@@ -773,7 +778,12 @@ fn validate_check(p: &Program, c: &Check) -> Result<(), LoadError> {
             zone,
             after,
             before,
-        } => (*zone as usize) < p.zones.len() && *after <= 86_400 && *before <= 86_400,
+        } => {
+            (*zone as usize) < p.zones.len()
+                && *after <= 86_400
+                && *before <= 86_400
+                && after != before
+        }
         Check::Weekday { zone, .. } => (*zone as usize) < p.zones.len(),
         Check::Sym { set, .. } => set.windows(2).all(|w| w[0] < w[1]),
         Check::Fingerprint { set, .. } => set.windows(2).all(|w| w[0] < w[1]),

@@ -64,7 +64,7 @@ impl CompiledPolicy {
                 RuleTrace {
                     effect: r.effect,
                     pointer: r.pointer.to_string(),
-                    matched: condition.matched,
+                    matched: r.fires(self.node(r.root, req)),
                     condition,
                 }
             })
@@ -146,7 +146,10 @@ fn missing(check: &Check, req: &Request<'_>) -> Option<&'static str> {
                     "email not verified"
                 }
                 StrField::Email => "no email",
-                StrField::Domain => "no domain in the email",
+                StrField::Domain if req.user.is_some_and(|u| u.email.is_some()) => {
+                    "no domain in the email"
+                }
+                StrField::Domain => "no email",
                 StrField::ServiceAccount => "no service account",
                 StrField::DeviceId => "no device",
                 StrField::ClientCertificateIssuer => "no client certificate",

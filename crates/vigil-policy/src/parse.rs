@@ -967,7 +967,7 @@ impl Parser {
         if ok && after.unwrap_or(0) == before.unwrap_or(86_400) {
             self.err(
                 ptr,
-                "the window is empty: `after` and `before` give the same time",
+                "the window is empty (a missing `after` means 00:00, a missing `before` 24:00)",
             );
             ok = false;
         }

@@ -711,3 +711,36 @@ fn corrupt_compiled_programs_are_refused() {
         }
     }
 }
+
+#[test]
+fn loaded_programs_are_held_to_the_parser_rules() {
+    let mut symbols = Symbols::default();
+    let doc = parse_yaml("allow:\n  and:\n    - http_path: {matches: '/api/.*'}\n    - time_of_day: {after: '09:00', before: '17:00'}\n").unwrap();
+    let p = compile_standalone(&doc, &mut symbols).unwrap();
+    // A stored pattern that would escape its anchors is refused on load.
+    let mut program = p.program.clone();
+    program.patterns[0].0 = "/api/.*)|(?:/admin".into();
+    assert!(CompiledPolicy::from_program(program).is_err());
+    // So is an empty (always-true when wrapped) time window.
+    let mut program = p.program.clone();
+    for c in &mut program.checks {
+        if let crate::compiled::Check::TimeOfDay { after, before, .. } = c {
+            *after = *before;
+        }
+    }
+    assert!(CompiledPolicy::from_program(program).is_err());
+    // Explain reports a deny that fires on ambiguous input as matched.
+    let doc = parse_yaml("allow:\n  and: [accept: true]\ndeny:\n  or:\n    - header/x-env: prod\n")
+        .unwrap();
+    let p = compile_standalone(&doc, &mut symbols).unwrap();
+    let headers = HeaderList(&[("x-env", "dev"), ("x-env", "prod")]);
+    let req = Request {
+        headers: &headers,
+        ..Request::anonymous("GET", "/", T0)
+    };
+    let e = p.explain(&req);
+    assert!(!e.allow);
+    assert_eq!(e.decided_by.as_deref(), Some("/deny"));
+    assert!(e.rules[0].matched);
+    assert!(e.rules[0].condition.unknown);
+}
