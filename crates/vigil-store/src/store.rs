@@ -1,0 +1,949 @@
+//! The store proper: one code path over sqlx's `Any` driver for both backends.
+//!
+//! Every write transaction starts by bumping the single revision row. That row
+//! lock serialises writers, so revision order is commit order: a reader that has
+//! seen revision *n* has seen every change up to *n*, which snapshot deltas rely on.
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use serde_json::Value;
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::migrate::Migrator;
+use sqlx::{AnyPool, Row};
+
+use crate::error::{classify, StoreError};
+
+static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("../../migrations/postgres");
+static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("../../migrations/sqlite");
+
+/// Which database the store talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    /// PostgreSQL: production, several control-plane replicas.
+    Postgres,
+    /// SQLite: the embedded single-node default.
+    Sqlite,
+}
+
+/// Connection settings.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Most connections in the pool.
+    pub max_connections: u32,
+    /// How long a request waits for a connection before the database counts as unavailable.
+    pub acquire_timeout: Duration,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            max_connections: 16,
+            acquire_timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+/// One stored entity.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    /// Entity kind, e.g. `route`.
+    pub kind: String,
+    /// Server-assigned id.
+    pub id: String,
+    /// Unique natural key within the kind (a name), if the kind has one.
+    pub key: Option<String>,
+    /// The document.
+    pub body: Value,
+    /// Revision of the entity's last write: its ETag.
+    pub version: i64,
+    /// Creation time, Unix milliseconds.
+    pub created_at: i64,
+    /// Last write, Unix milliseconds.
+    pub updated_at: i64,
+}
+
+/// A reference from one entity to another, enforced by a foreign key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ref {
+    /// Referenced kind.
+    pub kind: String,
+    /// Referenced id.
+    pub id: String,
+    /// Deleting the referenced entity deletes the referring one too (else it is refused).
+    pub cascade: bool,
+}
+
+/// A new entity.
+#[derive(Debug, Clone)]
+pub struct Entity {
+    /// Kind.
+    pub kind: String,
+    /// Id.
+    pub id: String,
+    /// Natural key, unique within the kind.
+    pub key: Option<String>,
+    /// Document (never holds secrets).
+    pub body: Value,
+    /// Token hash or encrypted secret, stored apart from the body and never listed.
+    pub secret: Option<String>,
+    /// Entities this one refers to.
+    pub refs: Vec<Ref>,
+}
+
+/// What a replace does to the stored secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretChange {
+    /// Leave it as it is.
+    Keep,
+    /// Replace it (or clear it with `None`).
+    Set(Option<String>),
+}
+
+/// One change inside a write transaction.
+#[derive(Debug, Clone)]
+pub enum Op {
+    /// Insert a new entity.
+    Create(Entity),
+    /// Replace an entity's document, key and references.
+    Replace {
+        /// The new state (its `secret` is ignored; see `secret`).
+        entity: Entity,
+        /// Refuse unless the entity is at this version.
+        if_version: Option<i64>,
+        /// What happens to the secret.
+        secret: SecretChange,
+    },
+    /// Delete an entity, and the entities that refer to it with `cascade`.
+    Delete {
+        /// Kind.
+        kind: String,
+        /// Id.
+        id: String,
+        /// Refuse unless the entity is at this version.
+        if_version: Option<i64>,
+    },
+}
+
+/// The result of a committed write.
+#[derive(Debug, Clone)]
+pub struct Committed {
+    /// The revision the write created.
+    pub revision: i64,
+    /// Each op's resulting record (`None` for deletes), in order.
+    pub records: Vec<Option<Record>>,
+}
+
+/// Listing parameters.
+#[derive(Debug, Clone, Default)]
+pub struct ListQuery {
+    /// Opaque cursor from a previous page.
+    pub cursor: Option<String>,
+    /// Page size (clamped to 1..=1000; default 100).
+    pub limit: Option<u32>,
+    /// Exact natural key.
+    pub key: Option<String>,
+    /// Top-level string fields of the body that must equal the given values.
+    pub fields: Vec<(&'static str, String)>,
+}
+
+/// One page of a listing.
+#[derive(Debug, Clone)]
+pub struct Page<T> {
+    /// The items.
+    pub items: Vec<T>,
+    /// Cursor for the next page, if there may be one.
+    pub next: Option<String>,
+}
+
+/// One audit trail entry.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct AuditEvent {
+    /// Position in the trail.
+    pub seq: i64,
+    /// Revision written.
+    pub revision: i64,
+    /// Unix milliseconds.
+    pub at: i64,
+    /// Who wrote.
+    pub actor: String,
+    /// What they did: `create`, `replace`, `delete`, `revoke`, ...
+    pub action: String,
+    /// Entity kind.
+    pub kind: String,
+    /// Entity id.
+    pub entity_id: String,
+    /// The document before (absent for creates).
+    pub before: Option<Value>,
+    /// The document after (absent for deletes).
+    pub after: Option<Value>,
+}
+
+/// Audit listing parameters.
+#[derive(Debug, Clone, Default)]
+pub struct AuditQuery {
+    /// Opaque cursor from a previous page.
+    pub cursor: Option<String>,
+    /// Page size.
+    pub limit: Option<u32>,
+    /// Only this kind.
+    pub kind: Option<String>,
+    /// Only this entity id.
+    pub entity_id: Option<String>,
+    /// Only this actor.
+    pub actor: Option<String>,
+}
+
+/// One change-log row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// Revision.
+    pub revision: i64,
+    /// Kind.
+    pub kind: String,
+    /// Id.
+    pub id: String,
+    /// `upsert` or `delete`.
+    pub op: String,
+}
+
+/// How the database's schema compares with this build's migrations.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SchemaStatus {
+    /// Versions applied in the database.
+    pub applied: Vec<i64>,
+    /// Versions this build knows.
+    pub known: Vec<i64>,
+}
+
+impl SchemaStatus {
+    /// Migrations this build has that the database lacks.
+    pub fn pending(&self) -> Vec<i64> {
+        self.known
+            .iter()
+            .copied()
+            .filter(|v| !self.applied.contains(v))
+            .collect()
+    }
+}
+
+/// The store: a pool and its dialect. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: AnyPool,
+    dialect: Dialect,
+}
+
+const MAX_PAGE: u32 = 1000;
+
+fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn encode_cursor(s: &str) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s)
+}
+
+fn decode_cursor(s: &str) -> Result<String, StoreError> {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(s)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .ok_or_else(|| StoreError::Database("invalid cursor".into()))
+}
+
+fn parse_json(text: &str) -> Result<Value, StoreError> {
+    serde_json::from_str(text)
+        .map_err(|e| StoreError::Database(format!("stored document is not JSON: {e}")))
+}
+
+fn record(row: &AnyRow) -> Result<Record, StoreError> {
+    let body: String = row.try_get("body").map_err(classify)?;
+    Ok(Record {
+        kind: row.try_get("kind").map_err(classify)?,
+        id: row.try_get("id").map_err(classify)?,
+        key: row.try_get("natural_key").map_err(classify)?,
+        body: parse_json(&body)?,
+        version: row.try_get("version").map_err(classify)?,
+        created_at: row.try_get("created_at").map_err(classify)?,
+        updated_at: row.try_get("updated_at").map_err(classify)?,
+    })
+}
+
+const RECORD_COLUMNS: &str = "kind, id, natural_key, body, version, created_at, updated_at";
+
+type Tx<'a> = sqlx::Transaction<'a, sqlx::Any>;
+
+impl Store {
+    /// Connects to `postgres://...` or `sqlite://...` (created if missing).
+    pub async fn connect(url: &str, opts: StoreOptions) -> Result<Store, StoreError> {
+        sqlx::any::install_default_drivers();
+        let dialect = if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            Dialect::Postgres
+        } else if url.starts_with("sqlite:") {
+            Dialect::Sqlite
+        } else {
+            return Err(StoreError::Database(
+                "database URL must start with postgres:// or sqlite://".into(),
+            ));
+        };
+        let mut pool = AnyPoolOptions::new()
+            .max_connections(opts.max_connections)
+            .acquire_timeout(opts.acquire_timeout);
+        if dialect == Dialect::Sqlite {
+            pool = pool
+                .max_connections(opts.max_connections.min(8))
+                .after_connect(|conn, _| {
+                    Box::pin(async move {
+                        // WAL for concurrent readers; FULL so an acknowledged write survives power loss.
+                        for pragma in [
+                            "PRAGMA journal_mode = WAL",
+                            "PRAGMA synchronous = FULL",
+                            "PRAGMA foreign_keys = ON",
+                            "PRAGMA busy_timeout = 10000",
+                        ] {
+                            sqlx::query(pragma).execute(&mut *conn).await?;
+                        }
+                        Ok(())
+                    })
+                });
+        }
+        let pool = pool.connect_lazy(url).map_err(classify)?;
+        Ok(Store { pool, dialect })
+    }
+
+    /// The database behind the store.
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
+    }
+
+    fn migrator(&self) -> &'static Migrator {
+        match self.dialect {
+            Dialect::Postgres => &POSTGRES_MIGRATIONS,
+            Dialect::Sqlite => &SQLITE_MIGRATIONS,
+        }
+    }
+
+    /// Applies pending migrations (forward only).
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        self.migrator().run(&self.pool).await.map_err(|e| match e {
+            sqlx::migrate::MigrateError::Execute(e) => classify(e),
+            other => StoreError::Schema(other.to_string()),
+        })
+    }
+
+    /// Which migrations are applied and which this build knows.
+    pub async fn schema_status(&self) -> Result<SchemaStatus, StoreError> {
+        let known: Vec<i64> = self.migrator().iter().map(|m| m.version).collect();
+        let rows = sqlx::query(
+            "SELECT version FROM _sqlx_migrations WHERE success = TRUE ORDER BY version",
+        )
+        .fetch_all(&self.pool)
+        .await;
+        let applied = match rows {
+            Ok(rows) => rows
+                .iter()
+                .map(|r| r.try_get::<i64, _>(0))
+                .collect::<Result<_, _>>()
+                .map_err(classify)?,
+            Err(sqlx::Error::Database(e)) if e.message().contains("_sqlx_migrations") => Vec::new(),
+            Err(e) => return Err(classify(e)),
+        };
+        Ok(SchemaStatus { applied, known })
+    }
+
+    /// Checks the database answers.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+            .map_err(classify)
+    }
+
+    /// Closes the pool.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// The current revision.
+    pub async fn revision(&self) -> Result<i64, StoreError> {
+        sqlx::query_scalar("SELECT value FROM revision WHERE id = 1")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(classify)
+    }
+
+    /// One entity.
+    pub async fn get(&self, kind: &str, id: &str) -> Result<Option<Record>, StoreError> {
+        let sql = format!("SELECT {RECORD_COLUMNS} FROM entities WHERE kind = $1 AND id = $2");
+        let row = sqlx::query(&sql)
+            .bind(kind)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(classify)?;
+        row.as_ref().map(record).transpose()
+    }
+
+    /// One entity by natural key.
+    pub async fn get_by_key(&self, kind: &str, key: &str) -> Result<Option<Record>, StoreError> {
+        let sql =
+            format!("SELECT {RECORD_COLUMNS} FROM entities WHERE kind = $1 AND natural_key = $2");
+        let row = sqlx::query(&sql)
+            .bind(kind)
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(classify)?;
+        row.as_ref().map(record).transpose()
+    }
+
+    /// The entity of a kind whose stored secret equals `secret` (a token hash).
+    pub async fn find_by_secret(
+        &self,
+        kind: &str,
+        secret: &str,
+    ) -> Result<Option<Record>, StoreError> {
+        let sql = format!("SELECT {RECORD_COLUMNS} FROM entities WHERE kind = $1 AND secret = $2");
+        let row = sqlx::query(&sql)
+            .bind(kind)
+            .bind(secret)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(classify)?;
+        row.as_ref().map(record).transpose()
+    }
+
+    /// The stored secret of one entity (for decryption by its owner, never for the API).
+    pub async fn secret(&self, kind: &str, id: &str) -> Result<Option<String>, StoreError> {
+        let row = sqlx::query("SELECT secret FROM entities WHERE kind = $1 AND id = $2")
+            .bind(kind)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(classify)?;
+        match row {
+            Some(r) => r.try_get::<Option<String>, _>(0).map_err(classify),
+            None => Ok(None),
+        }
+    }
+
+    fn json_field(&self, field: &str) -> String {
+        match self.dialect {
+            Dialect::Postgres => format!("(body::jsonb ->> '{field}')"),
+            Dialect::Sqlite => format!("json_extract(body, '$.{field}')"),
+        }
+    }
+
+    /// A page of one kind's entities, in id order.
+    pub async fn list(&self, kind: &str, q: &ListQuery) -> Result<Page<Record>, StoreError> {
+        let limit = q.limit.unwrap_or(100).clamp(1, MAX_PAGE);
+        let mut sql = format!("SELECT {RECORD_COLUMNS} FROM entities WHERE kind = $1 AND id > $2");
+        let mut n = 3;
+        if q.key.is_some() {
+            sql.push_str(&format!(" AND natural_key = ${n}"));
+            n += 1;
+        }
+        for (field, _) in &q.fields {
+            if field.is_empty() || !field.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
+                return Err(StoreError::Database(format!(
+                    "invalid filter field {field:?}"
+                )));
+            }
+            sql.push_str(&format!(" AND {} = ${n}", self.json_field(field)));
+            n += 1;
+        }
+        sql.push_str(&format!(" ORDER BY id LIMIT ${n}"));
+        let after = match &q.cursor {
+            Some(c) => decode_cursor(c)?,
+            None => String::new(),
+        };
+        let mut query = sqlx::query(&sql).bind(kind).bind(after);
+        if let Some(k) = &q.key {
+            query = query.bind(k.clone());
+        }
+        for (_, v) in &q.fields {
+            query = query.bind(v.clone());
+        }
+        let rows = query
+            .bind(i64::from(limit) + 1)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(classify)?;
+        let mut items = rows.iter().map(record).collect::<Result<Vec<_>, _>>()?;
+        let next = if items.len() > limit as usize {
+            items.truncate(limit as usize);
+            items.last().map(|r| encode_cursor(&r.id))
+        } else {
+            None
+        };
+        Ok(Page { items, next })
+    }
+
+    /// Every entity with its secret, for building a snapshot: `(record, secret)`.
+    pub async fn load_all(&self) -> Result<(i64, Vec<(Record, Option<String>)>), StoreError> {
+        // One transaction so the revision matches the rows read.
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        let revision: i64 = sqlx::query_scalar("SELECT value FROM revision WHERE id = 1")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(classify)?;
+        let sql = format!("SELECT {RECORD_COLUMNS}, secret FROM entities ORDER BY kind, id");
+        let rows = sqlx::query(&sql)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(classify)?;
+        tx.commit().await.map_err(classify)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let secret: Option<String> = row.try_get("secret").map_err(classify)?;
+            out.push((record(row)?, secret));
+        }
+        Ok((revision, out))
+    }
+
+    /// Change-log rows after `revision`, in order, with the current revision.
+    pub async fn changes_since(&self, revision: i64) -> Result<(i64, Vec<Change>), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        let current: i64 = sqlx::query_scalar("SELECT value FROM revision WHERE id = 1")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(classify)?;
+        let rows = sqlx::query("SELECT revision, kind, id, op FROM changes WHERE revision > $1 ORDER BY revision, kind, id")
+            .bind(revision)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(classify)?;
+        tx.commit().await.map_err(classify)?;
+        let changes = rows
+            .iter()
+            .map(|r| {
+                Ok(Change {
+                    revision: r.try_get(0)?,
+                    kind: r.try_get(1)?,
+                    id: r.try_get(2)?,
+                    op: r.try_get(3)?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(classify)?;
+        Ok((current, changes))
+    }
+
+    /// A page of the audit trail, oldest first.
+    pub async fn audit(&self, q: &AuditQuery) -> Result<Page<AuditEvent>, StoreError> {
+        let limit = q.limit.unwrap_or(100).clamp(1, MAX_PAGE);
+        let after: i64 = match &q.cursor {
+            Some(c) => decode_cursor(c)?
+                .parse()
+                .map_err(|_| StoreError::Database("invalid cursor".into()))?,
+            None => 0,
+        };
+        let mut sql = String::from(
+            "SELECT seq, revision, at, actor, action, kind, entity_id, before, after FROM audit WHERE seq > $1",
+        );
+        let mut binds: Vec<String> = Vec::new();
+        for (col, v) in [
+            ("kind", &q.kind),
+            ("entity_id", &q.entity_id),
+            ("actor", &q.actor),
+        ] {
+            if let Some(v) = v {
+                binds.push(v.clone());
+                sql.push_str(&format!(" AND {col} = ${}", binds.len() + 1));
+            }
+        }
+        sql.push_str(&format!(" ORDER BY seq LIMIT ${}", binds.len() + 2));
+        let mut query = sqlx::query(&sql).bind(after);
+        for b in binds {
+            query = query.bind(b);
+        }
+        let rows = query
+            .bind(i64::from(limit) + 1)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(classify)?;
+        let mut items = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let doc = |col: &str| -> Result<Option<Value>, StoreError> {
+                let text: Option<String> = r.try_get(col).map_err(classify)?;
+                text.as_deref().map(parse_json).transpose()
+            };
+            items.push(AuditEvent {
+                seq: r.try_get("seq").map_err(classify)?,
+                revision: r.try_get("revision").map_err(classify)?,
+                at: r.try_get("at").map_err(classify)?,
+                actor: r.try_get("actor").map_err(classify)?,
+                action: r.try_get("action").map_err(classify)?,
+                kind: r.try_get("kind").map_err(classify)?,
+                entity_id: r.try_get("entity_id").map_err(classify)?,
+                before: doc("before")?,
+                after: doc("after")?,
+            });
+        }
+        let next = if items.len() > limit as usize {
+            items.truncate(limit as usize);
+            items.last().map(|e| encode_cursor(&e.seq.to_string()))
+        } else {
+            None
+        };
+        Ok(Page { items, next })
+    }
+
+    /// Applies `ops` in one transaction under a new revision, recording each change
+    /// and an audit event (`action`, or the op's own name). Nothing is applied
+    /// unless everything is.
+    pub async fn write(
+        &self,
+        actor: &str,
+        action: Option<&str>,
+        ops: Vec<Op>,
+    ) -> Result<Committed, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        let revision: i64 = sqlx::query_scalar(
+            "UPDATE revision SET value = value + 1 WHERE id = 1 RETURNING value",
+        )
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(classify)?;
+        let now = now_millis();
+        let mut records = Vec::with_capacity(ops.len());
+        let w = Writer {
+            revision,
+            now,
+            actor,
+            action,
+        };
+        for op in ops {
+            records.push(w.apply(&mut tx, op).await?);
+        }
+        tx.commit().await.map_err(classify)?;
+        Ok(Committed { revision, records })
+    }
+}
+
+struct Writer<'a> {
+    revision: i64,
+    now: i64,
+    actor: &'a str,
+    action: Option<&'a str>,
+}
+
+async fn current(tx: &mut Tx<'_>, kind: &str, id: &str) -> Result<Record, StoreError> {
+    let sql = format!("SELECT {RECORD_COLUMNS} FROM entities WHERE kind = $1 AND id = $2");
+    let row = sqlx::query(&sql)
+        .bind(kind)
+        .bind(id)
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(classify)?;
+    match row {
+        Some(r) => record(&r),
+        None => Err(StoreError::NotFound {
+            kind: kind.into(),
+            id: id.into(),
+        }),
+    }
+}
+
+impl Writer<'_> {
+    async fn apply(&self, tx: &mut Tx<'_>, op: Op) -> Result<Option<Record>, StoreError> {
+        match op {
+            Op::Create(e) => self.create(tx, e).await.map(Some),
+            Op::Replace {
+                entity,
+                if_version,
+                secret,
+            } => self.replace(tx, entity, if_version, secret).await.map(Some),
+            Op::Delete {
+                kind,
+                id,
+                if_version,
+            } => {
+                let cur = current(tx, &kind, &id).await?;
+                if if_version.is_some_and(|v| v != cur.version) {
+                    return Err(StoreError::VersionMismatch {
+                        kind,
+                        id,
+                        current: cur.version,
+                    });
+                }
+                self.delete(tx, cur, 0).await.map(|()| None)
+            }
+        }
+    }
+
+    async fn create(&self, tx: &mut Tx<'_>, e: Entity) -> Result<Record, StoreError> {
+        let body = e.body.to_string();
+        let inserted = sqlx::query(
+            "INSERT INTO entities (kind, id, natural_key, body, secret, version, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $7)",
+        )
+        .bind(&e.kind)
+        .bind(&e.id)
+        .bind(e.key.clone())
+        .bind(&body)
+        .bind(e.secret.clone())
+        .bind(self.revision)
+        .bind(self.now)
+        .execute(&mut **tx)
+        .await;
+        if let Err(err) = inserted {
+            return Err(unique_violation(err, &e));
+        }
+        self.write_refs(tx, &e).await?;
+        self.log(tx, &e.kind, &e.id, "upsert", "create", None, Some(&body))
+            .await?;
+        Ok(Record {
+            kind: e.kind,
+            id: e.id,
+            key: e.key,
+            body: e.body,
+            version: self.revision,
+            created_at: self.now,
+            updated_at: self.now,
+        })
+    }
+
+    async fn replace(
+        &self,
+        tx: &mut Tx<'_>,
+        e: Entity,
+        if_version: Option<i64>,
+        secret: SecretChange,
+    ) -> Result<Record, StoreError> {
+        let cur = current(tx, &e.kind, &e.id).await?;
+        if if_version.is_some_and(|v| v != cur.version) {
+            return Err(StoreError::VersionMismatch {
+                kind: e.kind,
+                id: e.id,
+                current: cur.version,
+            });
+        }
+        let body = e.body.to_string();
+        let result = match &secret {
+            SecretChange::Keep => sqlx::query(
+                "UPDATE entities SET natural_key = $3, body = $4, version = $5, updated_at = $6 WHERE kind = $1 AND id = $2",
+            )
+            .bind(&e.kind)
+            .bind(&e.id)
+            .bind(e.key.clone())
+            .bind(&body)
+            .bind(self.revision)
+            .bind(self.now)
+            .execute(&mut **tx)
+            .await,
+            SecretChange::Set(s) => sqlx::query(
+                "UPDATE entities SET natural_key = $3, body = $4, version = $5, updated_at = $6, secret = $7 WHERE kind = $1 AND id = $2",
+            )
+            .bind(&e.kind)
+            .bind(&e.id)
+            .bind(e.key.clone())
+            .bind(&body)
+            .bind(self.revision)
+            .bind(self.now)
+            .bind(s.clone())
+            .execute(&mut **tx)
+            .await,
+        };
+        if let Err(err) = result {
+            return Err(unique_violation(err, &e));
+        }
+        sqlx::query("DELETE FROM refs WHERE kind = $1 AND id = $2")
+            .bind(&e.kind)
+            .bind(&e.id)
+            .execute(&mut **tx)
+            .await
+            .map_err(classify)?;
+        self.write_refs(tx, &e).await?;
+        let before = cur.body.to_string();
+        self.log(
+            tx,
+            &e.kind,
+            &e.id,
+            "upsert",
+            "replace",
+            Some(&before),
+            Some(&body),
+        )
+        .await?;
+        Ok(Record {
+            kind: e.kind,
+            id: e.id,
+            key: e.key,
+            body: e.body,
+            version: self.revision,
+            created_at: cur.created_at,
+            updated_at: self.now,
+        })
+    }
+
+    /// Deletes `cur`, first deleting what refers to it with `cascade`; refuses when
+    /// anything refers to it without.
+    fn delete<'s>(
+        &'s self,
+        tx: &'s mut Tx<'_>,
+        cur: Record,
+        depth: u32,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StoreError>> + Send + 's>>
+    {
+        Box::pin(async move {
+            if depth > 8 {
+                return Err(StoreError::Database("delete cascades too deep".into()));
+            }
+            let rows = sqlx::query("SELECT kind, id, cascade FROM refs WHERE ref_kind = $1 AND ref_id = $2 ORDER BY kind, id")
+                .bind(&cur.kind)
+                .bind(&cur.id)
+                .fetch_all(&mut **tx)
+                .await
+                .map_err(classify)?;
+            let mut blocking = Vec::new();
+            let mut cascading = Vec::new();
+            for r in &rows {
+                let kind: String = r.try_get(0).map_err(classify)?;
+                let id: String = r.try_get(1).map_err(classify)?;
+                let cascade: i64 = r.try_get(2).map_err(classify)?;
+                if cascade != 0 {
+                    cascading.push((kind, id));
+                } else if blocking.len() < 20 {
+                    blocking.push((kind, id));
+                }
+            }
+            if !blocking.is_empty() {
+                return Err(StoreError::Referenced {
+                    kind: cur.kind,
+                    id: cur.id,
+                    by: blocking,
+                });
+            }
+            for (kind, id) in cascading {
+                // A row may already be gone if two cascades reached it.
+                if let Ok(dependent) = current(tx, &kind, &id).await {
+                    self.delete(tx, dependent, depth + 1).await?;
+                }
+            }
+            sqlx::query("DELETE FROM entities WHERE kind = $1 AND id = $2")
+                .bind(&cur.kind)
+                .bind(&cur.id)
+                .execute(&mut **tx)
+                .await
+                .map_err(classify)?;
+            let before = cur.body.to_string();
+            let action = if depth == 0 {
+                "delete"
+            } else {
+                "cascade-delete"
+            };
+            self.log(
+                tx,
+                &cur.kind,
+                &cur.id,
+                "delete",
+                action,
+                Some(&before),
+                None,
+            )
+            .await
+        })
+    }
+
+    async fn write_refs(&self, tx: &mut Tx<'_>, e: &Entity) -> Result<(), StoreError> {
+        for r in &e.refs {
+            let exists = sqlx::query("SELECT 1 FROM entities WHERE kind = $1 AND id = $2")
+                .bind(&r.kind)
+                .bind(&r.id)
+                .fetch_optional(&mut **tx)
+                .await
+                .map_err(classify)?;
+            if exists.is_none() {
+                return Err(StoreError::MissingReference {
+                    kind: r.kind.clone(),
+                    id: r.id.clone(),
+                });
+            }
+            sqlx::query(
+                "INSERT INTO refs (kind, id, ref_kind, ref_id, cascade) VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+            )
+            .bind(&e.kind)
+            .bind(&e.id)
+            .bind(&r.kind)
+            .bind(&r.id)
+            .bind(i64::from(r.cascade))
+            .execute(&mut **tx)
+            .await
+            .map_err(classify)?;
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn log(
+        &self,
+        tx: &mut Tx<'_>,
+        kind: &str,
+        id: &str,
+        change: &str,
+        default_action: &str,
+        before: Option<&str>,
+        after: Option<&str>,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO changes (revision, kind, id, op) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (revision, kind, id) DO UPDATE SET op = excluded.op",
+        )
+        .bind(self.revision)
+        .bind(kind)
+        .bind(id)
+        .bind(change)
+        .execute(&mut **tx)
+        .await
+        .map_err(classify)?;
+        let action = if default_action == "cascade-delete" {
+            default_action
+        } else {
+            self.action.unwrap_or(default_action)
+        };
+        sqlx::query(
+            "INSERT INTO audit (revision, at, actor, action, kind, entity_id, before, after) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(self.revision)
+        .bind(self.now)
+        .bind(self.actor)
+        .bind(action)
+        .bind(kind)
+        .bind(id)
+        .bind(before.map(str::to_owned))
+        .bind(after.map(str::to_owned))
+        .execute(&mut **tx)
+        .await
+        .map_err(classify)?;
+        Ok(())
+    }
+}
+
+fn unique_violation(err: sqlx::Error, e: &Entity) -> StoreError {
+    if let sqlx::Error::Database(db) = &err {
+        if db.kind() == sqlx::error::ErrorKind::UniqueViolation {
+            let msg = db.message().to_owned();
+            let constraint = db.constraint().unwrap_or_default().to_owned();
+            if constraint.contains("natural_key") || msg.contains("natural_key") {
+                return StoreError::AlreadyExists {
+                    kind: e.kind.clone(),
+                    key: e.key.clone().unwrap_or_default(),
+                };
+            }
+            if constraint.contains("pkey") || msg.contains("entities.id") {
+                return StoreError::AlreadyExists {
+                    kind: e.kind.clone(),
+                    key: e.id.clone(),
+                };
+            }
+        }
+    }
+    classify(err)
+}
