@@ -18,6 +18,7 @@ fuzz_target!(|data: &[u8]| {
             id: Id { sym: symbols.users.get("alice").unwrap_or(Sym::NONE), name: "alice" },
             email: Some("alice@corp.example"),
             email_verified: true,
+            domain: symbols.domain_of("alice@corp.example"),
             groups: &groups,
             claims: Some(&claims),
         };

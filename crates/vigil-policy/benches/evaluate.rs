@@ -53,6 +53,7 @@ fn bench(c: &mut Criterion) {
         },
         email: Some("u1@corp.example"),
         email_verified: true,
+        domain: symbols.domain_of("u1@corp.example"),
         groups: &groups,
         claims: None,
     };

@@ -16,6 +16,26 @@ pub struct Document {
     pub rules: Vec<Rule>,
 }
 
+impl Document {
+    /// Names of the policies this document refers to with `policy: <name>`, sorted, unique.
+    pub fn references(&self) -> Vec<String> {
+        fn walk(e: &Expr, out: &mut Vec<String>) {
+            match &e.kind {
+                ExprKind::And(c) | ExprKind::Or(c) | ExprKind::Not(c) | ExprKind::Nor(c) => {
+                    c.iter().for_each(|x| walk(x, out))
+                }
+                ExprKind::Criterion(Criterion::Policy(n)) => out.push(n.clone()),
+                ExprKind::Criterion(_) => {}
+            }
+        }
+        let mut out = Vec::new();
+        self.rules.iter().for_each(|r| walk(&r.expr, &mut out));
+        out.sort();
+        out.dedup();
+        out
+    }
+}
+
 /// Whether a rule grants or refuses access.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -19,6 +19,7 @@ pub const FORMAT_VERSION: u32 = 1;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) enum SymField {
     User,
+    Domain,
     ServiceAccount,
     Device,
 }
@@ -466,6 +467,10 @@ impl CompiledPolicy {
             Check::Sym { field, set, negate } => {
                 let sym = match field {
                     SymField::User => req.user.map(|u| u.id.sym),
+                    SymField::Domain => req
+                        .user
+                        .filter(|u| u.email_verified && u.email.is_some())
+                        .map(|u| u.domain),
                     SymField::ServiceAccount => req.service_account.map(|s| s.sym),
                     SymField::Device => req.device.map(|d| d.id.sym),
                 };

@@ -120,6 +120,9 @@ impl CompiledPolicy {
             .edges
             .get(start..start + len as usize)
             .unwrap_or(&[]);
+        // Node ids follow document order; evaluation order may differ (cheapest first).
+        let mut ids = ids.to_vec();
+        ids.sort_unstable();
         ids.iter().map(|&c| self.trace(c, req)).collect()
     }
 }
@@ -164,6 +167,15 @@ fn missing(check: &Check, req: &Request<'_>) -> Option<&'static str> {
         | Check::GroupHas(_)
         | Check::GroupAny(_)
         | Check::GroupAll(_) => req.user.is_none().then_some("no user"),
+        Check::Sym {
+            field: SymField::Domain,
+            ..
+        } => match req.user {
+            None => Some("no user"),
+            Some(u) if u.email.is_none() => Some("no email"),
+            Some(u) if !u.email_verified => Some("email not verified"),
+            Some(_) => None,
+        },
         Check::Sym {
             field: SymField::ServiceAccount,
             ..

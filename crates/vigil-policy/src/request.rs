@@ -25,6 +25,8 @@ pub struct User<'a> {
     pub email: Option<&'a str>,
     /// Whether the IdP vouched for the email; email and domain criteria ignore unverified ones.
     pub email_verified: bool,
+    /// The email's domain, interned: [`crate::Symbols::domain_of`].
+    pub domain: Sym,
     /// Interned groups, from the directory and the IdP's claims.
     pub groups: &'a [Sym],
     /// The IdP's claims (a JSON object), for `claim` criteria.

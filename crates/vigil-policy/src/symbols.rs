@@ -89,6 +89,19 @@ pub struct Symbols {
     pub devices: Interner,
     /// Device posture attribute names.
     pub attributes: Interner,
+    /// Email domains, folded to lower case.
+    pub domains: Interner,
+}
+
+impl Symbols {
+    /// The interned domain of an email address ([`Sym::NONE`] when no policy names it),
+    /// for [`crate::User::domain`]. Computed once per identity, not per request.
+    pub fn domain_of(&self, email: &str) -> Sym {
+        email
+            .rsplit_once('@')
+            .and_then(|(_, d)| self.domains.get(&crate::text::fold(d)))
+            .unwrap_or(Sym::NONE)
+    }
 }
 
 #[cfg(test)]

@@ -43,6 +43,12 @@ impl Fixture {
             },
         )
         .unwrap_or_else(|e| panic!("{yaml}\n{e}"));
+        // Domains are interned by compilation; resolve the request's like a proxy would.
+        let mut req = *req;
+        if let Some(u) = &mut req.user {
+            u.domain = u.email.map_or(Sym::NONE, |e| self.symbols.domain_of(e));
+        }
+        let req = &req;
         let d = policy.evaluate(req);
         let (allow, rule) = interp::evaluate(&doc, Some(&self.library), &self.symbols, req);
         assert_eq!(
@@ -81,6 +87,7 @@ fn user<'a>(id: &'a str, email: Option<&'a str>, groups: &'a [Sym]) -> User<'a> 
         },
         email,
         email_verified: true,
+        domain: Sym::NONE,
         groups,
         claims: None,
     }
@@ -652,7 +659,8 @@ fn decision_names_the_rule_and_explain_shows_the_tree() {
     )
     .unwrap();
     let p = compile_standalone(&doc, &mut symbols).unwrap();
-    let u = user("a", Some("a@corp.example"), &[]);
+    let mut u = user("a", Some("a@corp.example"), &[]);
+    u.domain = symbols.domain_of("a@corp.example");
     let ok = Request {
         user: Some(u),
         ..Request::anonymous("GET", "/x", T0)
@@ -710,6 +718,37 @@ fn corrupt_compiled_programs_are_refused() {
             let _ = p.evaluate(&Request::anonymous("GET", "/", T0));
         }
     }
+}
+
+#[test]
+fn domains_resolve_through_the_symbol_table() {
+    let mut symbols = Symbols::default();
+    let doc =
+        parse_yaml("allow:\n  and:\n    - domain: {in: [Corp.Example, other.org]}\n").unwrap();
+    let p = compile_standalone(&doc, &mut symbols).unwrap();
+    assert_eq!(
+        symbols.domain_of("x@CORP.example"),
+        symbols.domains.get("corp.example").unwrap()
+    );
+    assert_eq!(symbols.domain_of("x@nowhere.net"), Sym::NONE);
+    assert_eq!(symbols.domain_of("no-at-sign"), Sym::NONE);
+    let mut u = user("a", Some("a@CORP.EXAMPLE"), &[]);
+    u.domain = symbols.domain_of("a@CORP.EXAMPLE");
+    assert!(
+        p.evaluate(&Request {
+            user: Some(u),
+            ..Request::anonymous("GET", "/", T0)
+        })
+        .allow
+    );
+    u.email_verified = false;
+    assert!(
+        !p.evaluate(&Request {
+            user: Some(u),
+            ..Request::anonymous("GET", "/", T0)
+        })
+        .allow
+    );
 }
 
 #[test]

@@ -436,6 +436,7 @@ fn run(doc_value: &Value, spec: &Spec) -> Result<(), TestCaseError> {
             },
             email: e.map(|e| EMAILS[e]),
             email_verified: *verified,
+            domain: e.map_or(Sym::NONE, |e| symbols.domain_of(EMAILS[e])),
             groups: &groups,
             claims: Some(&claim_values[*c]),
         }),
