@@ -1,0 +1,682 @@
+//! The admin REST API's handlers: one generic set for every resource kind, plus
+//! the few actions that are not plain CRUD.
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{Map, Value};
+use vigil_store::{Entity, ListQuery, Op, Record, SecretChange};
+
+use crate::auth::Admin;
+use crate::body::{json_value, too_large, typed, MAX_BODY};
+use crate::crypto::{new_token, token_hash};
+use crate::problem::Problem;
+use crate::resources::*;
+use crate::Control;
+
+/// Fields the server owns in every resource.
+const META: &[&str] = &["id", "version", "created_at", "updated_at", "token"];
+
+async fn read_body(body: Body) -> Result<Bytes, Problem> {
+    axum::body::to_bytes(body, MAX_BODY).await.map_err(|e| {
+        // to_bytes reports a limit hit through its source chain.
+        let msg = e.to_string();
+        if msg.contains("length limit")
+            || std::error::Error::source(&e).is_some_and(|s| s.to_string().contains("length limit"))
+        {
+            too_large()
+        } else {
+            Problem::bad_request(format!("could not read the body: {msg}"))
+        }
+    })
+}
+
+fn millis_to_rfc3339(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        .unwrap_or_default()
+}
+
+/// The API form of a record: its document plus id, version and timestamps.
+pub fn render(rec: &Record) -> Value {
+    let mut out = Map::new();
+    out.insert("id".into(), Value::String(rec.id.clone()));
+    if let Value::Object(body) = &rec.body {
+        for (k, v) in body {
+            out.insert(k.clone(), v.clone());
+        }
+    }
+    out.insert("version".into(), Value::from(rec.version));
+    out.insert(
+        "created_at".into(),
+        Value::String(millis_to_rfc3339(rec.created_at)),
+    );
+    out.insert(
+        "updated_at".into(),
+        Value::String(millis_to_rfc3339(rec.updated_at)),
+    );
+    Value::Object(out)
+}
+
+fn etag(version: i64) -> HeaderValue {
+    HeaderValue::from_str(&format!("\"{version}\"")).unwrap_or(HeaderValue::from_static("\"0\""))
+}
+
+fn respond(
+    status: StatusCode,
+    rec: &Record,
+    token: Option<String>,
+    location: Option<String>,
+) -> Response {
+    let mut body = render(rec);
+    if let (Some(t), Value::Object(o)) = (token, &mut body) {
+        o.insert("token".into(), Value::String(t));
+    }
+    let mut res = (status, Json(body)).into_response();
+    res.headers_mut().insert(header::ETAG, etag(rec.version));
+    if let Some(l) = location.and_then(|l| HeaderValue::from_str(&l).ok()) {
+        res.headers_mut().insert(header::LOCATION, l);
+    }
+    if rec.kind == AdminToken::KIND || res.headers().contains_key(header::LOCATION) {
+        res.headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
+    res
+}
+
+/// `If-Match`: `None` when absent, `Some(None)` for `*`, `Some(Some(v))` for `"v"`.
+fn if_match(headers: &HeaderMap) -> Result<Option<Option<i64>>, Problem> {
+    let mut all = headers.get_all(header::IF_MATCH).iter();
+    let Some(v) = all.next() else { return Ok(None) };
+    if all.next().is_some() {
+        return Err(Problem::bad_request("send one If-Match header"));
+    }
+    let s = v
+        .to_str()
+        .map_err(|_| Problem::bad_request("malformed If-Match"))?
+        .trim();
+    if s == "*" {
+        return Ok(Some(None));
+    }
+    let inner = s
+        .strip_prefix('"')
+        .and_then(|x| x.strip_suffix('"'))
+        .ok_or_else(|| {
+            Problem::bad_request(format!(
+                "If-Match must be one strong ETag such as \"12\" or *, got {s}"
+            ))
+        })?;
+    inner.parse::<i64>().map(|n| Some(Some(n))).map_err(|_| {
+        Problem::new(
+            StatusCode::PRECONDITION_FAILED,
+            "precondition-failed",
+            format!("ETag {s} is not one this server issued"),
+        )
+    })
+}
+
+fn require_if_match(headers: &HeaderMap) -> Result<Option<i64>, Problem> {
+    if_match(headers)?.ok_or_else(|| {
+        Problem::new(
+            StatusCode::PRECONDITION_REQUIRED,
+            "precondition-required",
+            "send If-Match with the ETag you read (or `*` to overwrite whatever is there)",
+        )
+    })
+}
+
+/// Removes server-owned fields a client echoed back; a differing `id` is an error.
+fn strip_meta<R: Resource>(value: &mut Value, id: Option<&str>) -> Result<(), Problem> {
+    let Value::Object(o) = value else {
+        return Err(Problem::field("", "expected a JSON object"));
+    };
+    if let (Some(id), Some(given)) = (id, o.get("id")) {
+        if given.as_str() != Some(id) {
+            return Err(Problem::field(
+                "/id",
+                format!("does not match the id in the URL (`{id}`)"),
+            ));
+        }
+    }
+    for k in META.iter().chain(R::READ_ONLY) {
+        o.remove(*k);
+    }
+    Ok(())
+}
+
+fn new_id<R: Resource>(spec: &R::Spec) -> Result<String, Problem> {
+    if R::NAMED {
+        let name = R::name(spec).unwrap_or_default();
+        check_name(name)?;
+        Ok(name.to_owned())
+    } else {
+        Ok(format!(
+            "{}_{}",
+            R::ID_PREFIX,
+            uuid::Uuid::now_v7().simple()
+        ))
+    }
+}
+
+struct Prepared {
+    body: Value,
+    key: Option<String>,
+    refs: Vec<vigil_store::Ref>,
+    secret: Option<String>,
+}
+
+async fn prepare<R: Resource>(
+    control: &Control,
+    mut spec: R::Spec,
+    id: &str,
+    had_secret: bool,
+) -> Result<Prepared, Problem> {
+    if R::NAMED && R::name(&spec) != Some(id) {
+        return Err(Problem::field(
+            "/name",
+            format!("does not match the id in the URL (`{id}`); names cannot change"),
+        ));
+    }
+    let ctx = R::context(control).await?;
+    let checked = R::check(&mut spec, id, &ctx)?;
+    let secret = match R::take_secret(&mut spec) {
+        Some(plain) => Some(control.seal(&plain)?),
+        None => None,
+    };
+    R::mark_secret(&mut spec, secret.is_some() || had_secret);
+    let body = serde_json::to_value(&spec).map_err(|_| Problem::internal())?;
+    Ok(Prepared {
+        body,
+        key: checked.key,
+        refs: checked.refs,
+        secret,
+    })
+}
+
+fn parse_spec<R: Resource>(
+    headers: &HeaderMap,
+    bytes: &Bytes,
+    id: Option<&str>,
+) -> Result<R::Spec, Problem> {
+    let mut value = json_value(headers, bytes, false)?;
+    strip_meta::<R>(&mut value, id)?;
+    typed(value)
+}
+
+/// `POST /v1/{kind}`.
+pub async fn create<R: Resource>(
+    State(c): State<Control>,
+    admin: Admin,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, Problem> {
+    admin.require(R::WRITE_ROLE)?;
+    let bytes = read_body(body).await?;
+    let spec: R::Spec = parse_spec::<R>(&headers, &bytes, None)?;
+    let id = new_id::<R>(&spec)?;
+    let mut p = prepare::<R>(&c, spec, &id, false).await?;
+    let token = R::TOKEN_PREFIX.map(new_token);
+    if let Some(t) = &token {
+        p.secret = Some(token_hash(t));
+    }
+    let entity = Entity {
+        kind: R::KIND.into(),
+        id: id.clone(),
+        key: p.key,
+        body: p.body,
+        secret: p.secret,
+        refs: p.refs,
+    };
+    let done = c
+        .store
+        .write(&admin.actor, None, vec![Op::Create(entity)])
+        .await?;
+    c.notify(done.revision);
+    let rec = done
+        .records
+        .into_iter()
+        .flatten()
+        .next()
+        .ok_or_else(Problem::internal)?;
+    Ok(respond(
+        StatusCode::CREATED,
+        &rec,
+        token,
+        Some(format!("/v1/{}/{}", R::PATH, rec.id)),
+    ))
+}
+
+async fn current<R: Resource>(c: &Control, id: &str) -> Result<Record, Problem> {
+    c.store.get(R::KIND, id).await?.ok_or_else(|| {
+        Problem::not_found(format!(
+            "{} `{id}` does not exist",
+            R::TITLE.trim_end_matches('s').to_lowercase()
+        ))
+    })
+}
+
+/// `GET /v1/{kind}/{id}`.
+pub async fn get<R: Resource>(
+    State(c): State<Control>,
+    admin: Admin,
+    Path(id): Path<String>,
+) -> Result<Response, Problem> {
+    admin.require(R::READ_ROLE)?;
+    let rec = current::<R>(&c, &id).await?;
+    Ok(respond(StatusCode::OK, &rec, None, None))
+}
+
+async fn store_replace<R: Resource>(
+    c: &Control,
+    admin: &Admin,
+    id: &str,
+    spec: R::Spec,
+    version: Option<i64>,
+    action: Option<&str>,
+) -> Result<Response, Problem> {
+    let had_secret = c.store.secret(R::KIND, id).await?.is_some() && R::TOKEN_PREFIX.is_none();
+    let p = prepare::<R>(c, spec, id, had_secret).await?;
+    let secret = match p.secret {
+        Some(s) => SecretChange::Set(Some(s)),
+        None => SecretChange::Keep,
+    };
+    let entity = Entity {
+        kind: R::KIND.into(),
+        id: id.into(),
+        key: p.key,
+        body: p.body,
+        secret: None,
+        refs: p.refs,
+    };
+    let done = c
+        .store
+        .write(
+            &admin.actor,
+            action,
+            vec![Op::Replace {
+                entity,
+                if_version: version,
+                secret,
+            }],
+        )
+        .await?;
+    c.notify(done.revision);
+    let rec = done
+        .records
+        .into_iter()
+        .flatten()
+        .next()
+        .ok_or_else(Problem::internal)?;
+    Ok(respond(StatusCode::OK, &rec, None, None))
+}
+
+/// `PUT /v1/{kind}/{id}`: replaces the document; needs `If-Match`.
+pub async fn replace<R: Resource>(
+    State(c): State<Control>,
+    admin: Admin,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, Problem> {
+    admin.require(R::WRITE_ROLE)?;
+    let version = require_if_match(&headers)?;
+    let bytes = read_body(body).await?;
+    let spec: R::Spec = parse_spec::<R>(&headers, &bytes, Some(&id))?;
+    store_replace::<R>(&c, &admin, &id, spec, version, None).await
+}
+
+/// RFC 7396 JSON merge patch.
+fn merge_patch(target: &mut Value, patch: &Value) {
+    match patch {
+        Value::Object(p) => {
+            if !target.is_object() {
+                *target = Value::Object(Map::new());
+            }
+            if let Value::Object(t) = target {
+                for (k, v) in p {
+                    if v.is_null() {
+                        t.remove(k);
+                    } else {
+                        merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
+                    }
+                }
+            }
+        }
+        other => *target = other.clone(),
+    }
+}
+
+/// `PATCH /v1/{kind}/{id}`: a JSON merge patch onto the document; needs `If-Match`.
+pub async fn patch<R: Resource>(
+    State(c): State<Control>,
+    admin: Admin,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, Problem> {
+    admin.require(R::WRITE_ROLE)?;
+    let version = require_if_match(&headers)?;
+    let bytes = read_body(body).await?;
+    let mut patch_doc = json_value(&headers, &bytes, true)?;
+    strip_meta::<R>(&mut patch_doc, Some(&id))?;
+    let cur = current::<R>(&c, &id).await?;
+    if let Some(v) = version {
+        if v != cur.version {
+            return Err(vigil_store::StoreError::VersionMismatch {
+                kind: R::KIND.into(),
+                id,
+                current: cur.version,
+            }
+            .into());
+        }
+    }
+    let mut doc = cur.body.clone();
+    for k in R::READ_ONLY {
+        if let Value::Object(o) = &mut doc {
+            o.remove(*k);
+        }
+    }
+    merge_patch(&mut doc, &patch_doc);
+    let spec: R::Spec = typed(doc)?;
+    store_replace::<R>(
+        &c,
+        &admin,
+        &id,
+        spec,
+        Some(version.unwrap_or(cur.version)),
+        None,
+    )
+    .await
+}
+
+/// `DELETE /v1/{kind}/{id}`; `If-Match` optional.
+pub async fn delete<R: Resource>(
+    State(c): State<Control>,
+    admin: Admin,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, Problem> {
+    admin.require(R::WRITE_ROLE)?;
+    let version = if_match(&headers)?.flatten();
+    let done = c
+        .store
+        .write(
+            &admin.actor,
+            None,
+            vec![Op::Delete {
+                kind: R::KIND.into(),
+                id,
+                if_version: version,
+            }],
+        )
+        .await?;
+    c.notify(done.revision);
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Parses `?limit=&cursor=&<filter>=` strictly: unknown parameters are errors.
+fn list_query(raw: Option<&str>, filters: &'static [&'static str]) -> Result<ListQuery, Problem> {
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw.unwrap_or(""))
+        .map_err(|e| Problem::bad_request(format!("malformed query string: {e}")))?;
+    let mut q = ListQuery::default();
+    for (k, v) in pairs {
+        match k.as_str() {
+            "limit" => {
+                let n: u32 = v
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=1000).contains(n))
+                    .ok_or_else(|| {
+                        Problem::field("/query/limit", "must be a whole number from 1 to 1000")
+                    })?;
+                q.limit = Some(n);
+            }
+            "cursor" => q.cursor = Some(v),
+            other => match filters.iter().find(|f| **f == other) {
+                Some(f) => q.fields.push((f, v)),
+                None => {
+                    let allowed: Vec<&str> =
+                        ["limit", "cursor"].iter().chain(filters).copied().collect();
+                    return Err(Problem::field(
+                        format!("/query/{other}"),
+                        format!("unknown parameter; this list takes {}", allowed.join(", ")),
+                    ));
+                }
+            },
+        }
+    }
+    Ok(q)
+}
+
+/// `GET /v1/{kind}`.
+pub async fn list<R: Resource>(
+    State(c): State<Control>,
+    admin: Admin,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, Problem> {
+    admin.require(R::READ_ROLE)?;
+    let q = list_query(raw.as_deref(), R::FILTERS)?;
+    let page = c.store.list(R::KIND, &q).await.map_err(|e| match e {
+        vigil_store::StoreError::Database(m) if m.contains("cursor") => {
+            Problem::field("/query/cursor", "invalid cursor")
+        }
+        other => other.into(),
+    })?;
+    let items: Vec<Value> = page.items.iter().map(render).collect();
+    Ok(Json(serde_json::json!({ "items": items, "next_cursor": page.next })).into_response())
+}
+
+/// `GET /v1/audit`.
+pub async fn audit(
+    State(c): State<Control>,
+    admin: Admin,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, Problem> {
+    admin.require(Role::Viewer)?;
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw.as_deref().unwrap_or(""))
+        .map_err(|e| Problem::bad_request(format!("malformed query string: {e}")))?;
+    let mut q = vigil_store::AuditQuery::default();
+    for (k, v) in pairs {
+        match k.as_str() {
+            "limit" => {
+                q.limit = Some(
+                    v.parse()
+                        .ok()
+                        .filter(|n| (1..=1000).contains(n))
+                        .ok_or_else(|| {
+                            Problem::field("/query/limit", "must be a whole number from 1 to 1000")
+                        })?,
+                )
+            }
+            "cursor" => q.cursor = Some(v),
+            "kind" => q.kind = Some(v),
+            "entity_id" => q.entity_id = Some(v),
+            "actor" => q.actor = Some(v),
+            other => {
+                return Err(Problem::field(
+                    format!("/query/{other}"),
+                    "unknown parameter; audit takes limit, cursor, kind, entity_id, actor",
+                ))
+            }
+        }
+    }
+    let page = c.store.audit(&q).await.map_err(|e| match e {
+        vigil_store::StoreError::Database(m) if m.contains("cursor") => {
+            Problem::field("/query/cursor", "invalid cursor")
+        }
+        other => other.into(),
+    })?;
+    let items: Vec<Value> = page
+        .items
+        .iter()
+        .map(|e| {
+            let mut v = serde_json::to_value(e).unwrap_or(Value::Null);
+            if let Value::Object(o) = &mut v {
+                o.insert("at".into(), Value::String(millis_to_rfc3339(e.at)));
+            }
+            v
+        })
+        .collect();
+    Ok(Json(serde_json::json!({ "items": items, "next_cursor": page.next })).into_response())
+}
+
+/// `POST /v1/{kind}/{id}/rotate-token`: a new token, shown once; the old one stops working.
+pub async fn rotate_token<R: Resource>(
+    State(c): State<Control>,
+    admin: Admin,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, Problem> {
+    admin.require(R::WRITE_ROLE)?;
+    let prefix = R::TOKEN_PREFIX.ok_or_else(|| Problem::not_found("this kind has no token"))?;
+    let cur = current::<R>(&c, &id).await?;
+    let version = if_match(&headers)?.flatten();
+    let token = new_token(prefix);
+    let entity = Entity {
+        kind: R::KIND.into(),
+        id: id.clone(),
+        key: cur.key.clone(),
+        body: cur.body.clone(),
+        secret: None,
+        refs: vec![],
+    };
+    // References are rebuilt from the document.
+    let spec: R::Spec = serde_json::from_value(cur.body).map_err(|_| Problem::internal())?;
+    let p = prepare::<R>(&c, spec, &id, false).await?;
+    let entity = Entity {
+        refs: p.refs,
+        ..entity
+    };
+    let done = c
+        .store
+        .write(
+            &admin.actor,
+            Some("rotate-token"),
+            vec![Op::Replace {
+                entity,
+                if_version: version,
+                secret: SecretChange::Set(Some(token_hash(&token))),
+            }],
+        )
+        .await?;
+    c.notify(done.revision);
+    let rec = done
+        .records
+        .into_iter()
+        .flatten()
+        .next()
+        .ok_or_else(Problem::internal)?;
+    Ok(respond(StatusCode::OK, &rec, Some(token), None))
+}
+
+/// `POST /v1/sessions/{id}/revoke`.
+pub async fn revoke_session(
+    State(c): State<Control>,
+    admin: Admin,
+    Path(id): Path<String>,
+) -> Result<Response, Problem> {
+    admin.require(Role::Editor)?;
+    let cur = current::<Session>(&c, &id).await?;
+    let mut spec: SessionSpec =
+        serde_json::from_value(cur.body).map_err(|_| Problem::internal())?;
+    if spec.revoked_at.is_none() {
+        spec.revoked_at =
+            Some(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+    }
+    store_replace::<Session>(&c, &admin, &id, spec, Some(cur.version), Some("revoke")).await
+}
+
+/// `POST /v1/users/{id}/revoke-sessions`: revokes every live session of the user at once.
+pub async fn revoke_user_sessions(
+    State(c): State<Control>,
+    admin: Admin,
+    Path(id): Path<String>,
+) -> Result<Response, Problem> {
+    admin.require(Role::Editor)?;
+    current::<User>(&c, &id).await?;
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let mut ops = Vec::new();
+    let mut q = ListQuery {
+        limit: Some(1000),
+        fields: vec![("user_id", id.clone())],
+        ..Default::default()
+    };
+    loop {
+        let page = c.store.list(Session::KIND, &q).await?;
+        for rec in page.items {
+            let mut spec: SessionSpec =
+                serde_json::from_value(rec.body).map_err(|_| Problem::internal())?;
+            if spec.revoked_at.is_some() {
+                continue;
+            }
+            spec.revoked_at = Some(now.clone());
+            let mut refs = vec![vigil_store::Ref {
+                kind: User::KIND.into(),
+                id: spec.user_id.clone(),
+                cascade: true,
+            }];
+            if let Some(d) = &spec.device_id {
+                refs.push(vigil_store::Ref {
+                    kind: Device::KIND.into(),
+                    id: d.clone(),
+                    cascade: true,
+                });
+            }
+            let body = serde_json::to_value(&spec).map_err(|_| Problem::internal())?;
+            let entity = Entity {
+                kind: Session::KIND.into(),
+                id: rec.id,
+                key: None,
+                body,
+                secret: None,
+                refs,
+            };
+            ops.push(Op::Replace {
+                entity,
+                if_version: Some(rec.version),
+                secret: SecretChange::Keep,
+            });
+        }
+        match page.next {
+            Some(n) => q.cursor = Some(n),
+            None => break,
+        }
+    }
+    let revoked = ops.len();
+    let revision = if ops.is_empty() {
+        None
+    } else {
+        let done = c.store.write(&admin.actor, Some("revoke"), ops).await?;
+        c.notify(done.revision);
+        Some(done.revision)
+    };
+    Ok(Json(serde_json::json!({ "revoked": revoked, "revision": revision })).into_response())
+}
+
+/// `POST /v1/policies/validate`: checks a document without storing it.
+pub async fn validate_policy(
+    State(c): State<Control>,
+    admin: Admin,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, Problem> {
+    admin.require(Role::Viewer)?;
+    let bytes = read_body(body).await?;
+    let value = json_value(&headers, &bytes, false)?;
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Req {
+        document: Value,
+    }
+    let req: Req = typed(value)?;
+    let lib = Policy::context(&c).await?;
+    let mut spec = PolicySpec {
+        name: "validate".into(),
+        description: None,
+        document: req.document,
+    };
+    Policy::check(&mut spec, "", &lib)?;
+    Ok(Json(serde_json::json!({ "valid": true })).into_response())
+}

@@ -1,0 +1,104 @@
+//! Admin authentication: `Authorization: Bearer <token>`, a bootstrap owner token
+//! from configuration, and admin tokens (stored hashed) with roles.
+
+use axum::extract::FromRequestParts;
+use axum::http::header::AUTHORIZATION;
+use axum::http::request::Parts;
+
+use crate::crypto::token_hash;
+use crate::problem::Problem;
+use crate::resources::{AdminToken, AdminTokenSpec, Resource, Role};
+use crate::Control;
+
+/// An authenticated admin.
+#[derive(Debug, Clone)]
+pub struct Admin {
+    /// Who, for the audit trail: `bootstrap` or `admin-token:<name>`.
+    pub actor: String,
+    /// What they may do.
+    pub role: Role,
+}
+
+impl Admin {
+    /// 403 unless the admin has at least `role`.
+    pub fn require(&self, role: Role) -> Result<(), Problem> {
+        if self.role >= role {
+            Ok(())
+        } else {
+            Err(Problem::forbidden(format!(
+                "this needs the {} role; the token has {}",
+                role_name(role),
+                role_name(self.role)
+            )))
+        }
+    }
+}
+
+fn role_name(r: Role) -> &'static str {
+    match r {
+        Role::Viewer => "viewer",
+        Role::Editor => "editor",
+        Role::Owner => "owner",
+    }
+}
+
+/// Constant-time comparison of two hashes.
+fn same(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+impl FromRequestParts<Control> for Admin {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, control: &Control) -> Result<Admin, Problem> {
+        let mut values = parts.headers.get_all(AUTHORIZATION).iter();
+        let (Some(value), None) = (values.next(), values.next()) else {
+            return Err(Problem::unauthorized(
+                "send exactly one `Authorization: Bearer <token>` header",
+            ));
+        };
+        let value = value
+            .to_str()
+            .map_err(|_| Problem::unauthorized("malformed Authorization header"))?;
+        let token = match value.split_once(' ') {
+            Some((scheme, t)) if scheme.eq_ignore_ascii_case("bearer") && !t.trim().is_empty() => {
+                t.trim()
+            }
+            _ => return Err(Problem::unauthorized("use `Authorization: Bearer <token>`")),
+        };
+        let hash = token_hash(token);
+        if let Some(boot) = control.bootstrap_hash() {
+            if same(&hash, boot) {
+                return Ok(Admin {
+                    actor: "bootstrap".into(),
+                    role: Role::Owner,
+                });
+            }
+        }
+        let Some(rec) = control
+            .store
+            .find_by_secret(AdminToken::KIND, &hash)
+            .await?
+        else {
+            return Err(Problem::unauthorized("unknown or revoked token"));
+        };
+        let spec: AdminTokenSpec =
+            serde_json::from_value(rec.body).map_err(|_| Problem::internal())?;
+        if let Some(exp) = &spec.expires_at {
+            let expired = chrono::DateTime::parse_from_rfc3339(exp)
+                .map(|t| t <= chrono::Utc::now())
+                .unwrap_or(true);
+            if expired {
+                return Err(Problem::unauthorized("the token has expired"));
+            }
+        }
+        Ok(Admin {
+            actor: format!("admin-token:{}", rec.id),
+            role: spec.role,
+        })
+    }
+}

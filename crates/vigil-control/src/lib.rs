@@ -1,0 +1,193 @@
+//! Vigil's control plane: the admin REST API over the store (this crate), with
+//! snapshot building and streaming to proxies alongside.
+
+pub mod api;
+pub mod auth;
+pub mod body;
+pub mod crypto;
+pub mod openapi;
+pub mod problem;
+pub mod resources;
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use tokio::sync::watch;
+use vigil_store::Store;
+
+use crate::crypto::{token_hash, SecretBox};
+use crate::problem::Problem;
+use crate::resources::*;
+
+/// What the control plane is configured with besides its store.
+#[derive(Debug, Default)]
+pub struct ControlConfig {
+    /// An owner token accepted without being stored (for the first start).
+    pub bootstrap_token: Option<String>,
+    /// Key for secrets at rest: (key id, base64 32-byte key).
+    pub secret_key: Option<(String, String)>,
+}
+
+/// Shared state of the control plane. Cheap to clone.
+#[derive(Clone)]
+pub struct Control {
+    /// The store.
+    pub store: Store,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    bootstrap_hash: Option<String>,
+    secrets: Option<SecretBox>,
+    revision: watch::Sender<i64>,
+}
+
+impl Control {
+    /// Builds the state; fails on a malformed secret key.
+    pub fn new(store: Store, config: ControlConfig) -> Result<Control, crypto::SecretError> {
+        let secrets = match &config.secret_key {
+            Some((id, key)) => Some(SecretBox::from_base64(id, key)?),
+            None => None,
+        };
+        let (revision, _) = watch::channel(0);
+        Ok(Control {
+            store,
+            inner: Arc::new(Inner {
+                bootstrap_hash: config
+                    .bootstrap_token
+                    .as_deref()
+                    .filter(|t| !t.is_empty())
+                    .map(token_hash),
+                secrets,
+                revision,
+            }),
+        })
+    }
+
+    pub(crate) fn bootstrap_hash(&self) -> Option<&str> {
+        self.inner.bootstrap_hash.as_deref()
+    }
+
+    pub(crate) fn seal(&self, plain: &str) -> Result<String, Problem> {
+        match &self.inner.secrets {
+            Some(b) => Ok(b.seal(plain)),
+            None => Err(Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no-secret-key",
+                "the control plane has no secret key configured, so it cannot store secrets",
+            )),
+        }
+    }
+
+    /// Decrypts a stored secret.
+    pub fn open(&self, sealed: &str) -> Option<String> {
+        self.inner
+            .secrets
+            .as_ref()
+            .and_then(|b| b.open(sealed).ok())
+    }
+
+    /// Announces a committed revision to local subscribers.
+    pub fn notify(&self, revision: i64) {
+        self.inner.revision.send_if_modified(|r| {
+            if revision > *r {
+                *r = revision;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// Revisions committed through this process.
+    pub fn revisions(&self) -> watch::Receiver<i64> {
+        self.inner.revision.subscribe()
+    }
+}
+
+fn resource<R: Resource>(router: Router<Control>) -> Router<Control> {
+    let base = format!("/v1/{}", R::PATH);
+    router
+        .route(&base, get(api::list::<R>).post(api::create::<R>))
+        .route(
+            &format!("{base}/{{id}}"),
+            get(api::get::<R>)
+                .put(api::replace::<R>)
+                .patch(api::patch::<R>)
+                .delete(api::delete::<R>),
+        )
+}
+
+fn token_rotation<R: Resource>(router: Router<Control>) -> Router<Control> {
+    router.route(
+        &format!("/v1/{}/{{id}}/rotate-token", R::PATH),
+        post(api::rotate_token::<R>),
+    )
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn readyz(State(c): State<Control>) -> Response {
+    match c.store.ping().await {
+        Ok(()) => (StatusCode::OK, "ready").into_response(),
+        Err(e) => Problem::from(e).into_response(),
+    }
+}
+
+async fn not_found() -> Problem {
+    Problem::new(
+        StatusCode::NOT_FOUND,
+        "no-such-endpoint",
+        "no such endpoint; see /v1/openapi.json",
+    )
+}
+
+async fn method_not_allowed() -> Problem {
+    Problem::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method-not-allowed",
+        "this endpoint does not take that method",
+    )
+}
+
+async fn openapi_json() -> Json<serde_json::Value> {
+    Json(openapi::document())
+}
+
+/// The admin API's router.
+pub fn router(control: Control) -> Router {
+    let mut r: Router<Control> = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/v1/openapi.json", get(openapi_json))
+        .route("/v1/audit", get(api::audit))
+        .route("/v1/policies/validate", post(api::validate_policy))
+        .route("/v1/sessions/{id}/revoke", post(api::revoke_session))
+        .route(
+            "/v1/users/{id}/revoke-sessions",
+            post(api::revoke_user_sessions),
+        );
+    r = resource::<Policy>(r);
+    r = resource::<Route>(r);
+    r = resource::<User>(r);
+    r = resource::<Group>(r);
+    r = resource::<Device>(r);
+    r = resource::<ServiceAccount>(r);
+    r = resource::<Grant>(r);
+    r = resource::<IdentityProvider>(r);
+    r = resource::<Session>(r);
+    r = resource::<JoinToken>(r);
+    r = resource::<AdminToken>(r);
+    r = token_rotation::<ServiceAccount>(r);
+    r = token_rotation::<JoinToken>(r);
+    r = token_rotation::<AdminToken>(r);
+    r.fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(control)
+}

@@ -1,0 +1,1184 @@
+//! The resources of the admin API: what each kind's document holds, how it is
+//! validated, what it refers to, and who may read and write it.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use utoipa::ToSchema;
+use vigil_store::Ref;
+
+use crate::problem::{FieldError, Problem};
+use crate::Control;
+
+/// Admin roles, ordered by power.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Reads everything but admin tokens.
+    Viewer,
+    /// Also writes everything but admin tokens.
+    Editor,
+    /// Everything, including admin tokens.
+    Owner,
+}
+
+/// What validation found besides errors: the natural key and the references.
+#[derive(Debug, Default)]
+pub struct Checked {
+    /// Unique key within the kind.
+    pub key: Option<String>,
+    /// Entities referred to.
+    pub refs: Vec<Ref>,
+}
+
+/// One kind of resource in the API.
+pub trait Resource: Send + Sync + 'static {
+    /// Store kind.
+    const KIND: &'static str;
+    /// URL segment under `/v1/`.
+    const PATH: &'static str;
+    /// Human name for messages and the OpenAPI tags.
+    const TITLE: &'static str;
+    /// Whether the id is the document's `name` (else generated with [`Self::ID_PREFIX`]).
+    const NAMED: bool;
+    /// Prefix of generated ids.
+    const ID_PREFIX: &'static str = "";
+    /// Role needed to read.
+    const READ_ROLE: Role = Role::Viewer;
+    /// Role needed to write.
+    const WRITE_ROLE: Role = Role::Editor;
+    /// Top-level string fields that list requests may filter on.
+    const FILTERS: &'static [&'static str] = &[];
+    /// When set, creating issues a bearer token with this prefix, shown once and stored hashed.
+    const TOKEN_PREFIX: Option<&'static str> = None;
+    /// Fields the server owns that clients may echo back but never set.
+    const READ_ONLY: &'static [&'static str] = &[];
+    /// The document.
+    type Spec: Serialize + DeserializeOwned + ToSchema + Send + Sync + 'static;
+    /// What validation needs from the store (e.g. the named policies).
+    type Context: Send + Sync;
+
+    /// Loads the validation context.
+    fn context(control: &Control) -> impl Future<Output = Result<Self::Context, Problem>> + Send;
+    /// The name of a named resource.
+    fn name(_spec: &Self::Spec) -> Option<&str> {
+        None
+    }
+    /// Validates and normalises the document for entity `id`.
+    fn check(spec: &mut Self::Spec, id: &str, ctx: &Self::Context) -> Result<Checked, Problem>;
+    /// Removes a write-only secret from the document, to be stored encrypted.
+    fn take_secret(_spec: &mut Self::Spec) -> Option<String> {
+        None
+    }
+    /// Records in the document whether a secret is stored (e.g. `client_secret_set`).
+    fn mark_secret(_spec: &mut Self::Spec, _present: bool) {}
+}
+
+// ---------- shared validation helpers ----------
+
+/// Names that collide with action paths such as `POST /v1/policies/validate`.
+const RESERVED_NAMES: &[&str] = &["validate"];
+
+/// `^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`: names double as ids in URLs.
+pub fn check_name(name: &str) -> Result<(), Problem> {
+    if RESERVED_NAMES.contains(&name) {
+        return Err(Problem::invalid_field(
+            "/name",
+            format!("`{name}` is reserved"),
+        ));
+    }
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(Problem::invalid_field(
+            "/name",
+            format!("`{name}` is not a valid name: 1-63 lowercase letters, digits and `-`, not starting or ending with `-`"),
+        ))
+    }
+}
+
+/// Normalises an RFC 3339 instant to UTC (`...Z`).
+pub fn check_time(pointer: &str, value: &str, errors: &mut Vec<FieldError>) -> Option<String> {
+    match chrono::DateTime::parse_from_rfc3339(value) {
+        Ok(t) => Some(
+            t.with_timezone(&chrono::Utc)
+                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        ),
+        Err(e) => {
+            errors.push(FieldError {
+                pointer: pointer.into(),
+                detail: format!("`{value}` is not an RFC 3339 time: {e}"),
+            });
+            None
+        }
+    }
+}
+
+fn done(errors: Vec<FieldError>, checked: Checked) -> Result<Checked, Problem> {
+    if errors.is_empty() {
+        Ok(checked)
+    } else {
+        Err(Problem::invalid(errors))
+    }
+}
+
+fn restrict(kind: &str, id: &str) -> Ref {
+    Ref {
+        kind: kind.into(),
+        id: id.into(),
+        cascade: false,
+    }
+}
+
+fn cascade(kind: &str, id: &str) -> Ref {
+    Ref {
+        kind: kind.into(),
+        id: id.into(),
+        cascade: true,
+    }
+}
+
+/// Parsed named policies, for references and cycle checks.
+pub type PolicyLibrary = BTreeMap<String, vigil_policy::Document>;
+
+async fn policy_library(control: &Control) -> Result<PolicyLibrary, Problem> {
+    let mut lib = BTreeMap::new();
+    let mut q = vigil_store::ListQuery {
+        limit: Some(1000),
+        ..Default::default()
+    };
+    loop {
+        let page = control.store.list(Policy::KIND, &q).await?;
+        for r in &page.items {
+            if let Some(doc) = r.body.get("document") {
+                if let Ok(d) = vigil_policy::parse_json_value(doc) {
+                    lib.insert(r.id.clone(), d);
+                }
+            }
+        }
+        match page.next {
+            Some(n) => q.cursor = Some(n),
+            None => return Ok(lib),
+        }
+    }
+}
+
+/// Validates a policy document at `pointer`, compiling it against the library with
+/// `own` (when it is a named policy) so cycles through it are found.
+fn check_document(
+    doc: &serde_json::Value,
+    pointer: &str,
+    own: Option<&str>,
+    lib: &PolicyLibrary,
+    errors: &mut Vec<FieldError>,
+) -> Vec<String> {
+    let relocate = |p: vigil_policy::Problem| FieldError {
+        pointer: format!("{pointer}{}", p.pointer),
+        detail: p.message,
+    };
+    let parsed = match vigil_policy::parse_json_value(doc) {
+        Ok(d) => d,
+        Err(e) => {
+            match e.problems() {
+                [] => errors.push(FieldError {
+                    pointer: pointer.into(),
+                    detail: e.to_string(),
+                }),
+                ps => errors.extend(ps.iter().cloned().map(relocate)),
+            }
+            return Vec::new();
+        }
+    };
+    // Compile against a library that holds this document under its own name.
+    let mut lib = lib.clone();
+    if let Some(own) = own {
+        lib.insert(own.to_owned(), parsed.clone());
+    }
+    let mut symbols = vigil_policy::Symbols::default();
+    let env = vigil_policy::CompileEnv {
+        symbols: &mut symbols,
+        directory: None,
+        library: Some(&lib),
+        name: own,
+    };
+    if let Err(e) = vigil_policy::compile(&parsed, env) {
+        errors.extend(e.problems().iter().cloned().map(relocate));
+    }
+    parsed.references()
+}
+
+// ---------- policies ----------
+
+/// A named, reusable policy.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySpec {
+    /// Unique name, also the id.
+    pub name: String,
+    /// What the policy is for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// The policy document (see docs/policy.md).
+    #[schema(value_type = Object)]
+    pub document: serde_json::Value,
+}
+
+/// `/v1/policies`.
+pub struct Policy;
+
+impl Resource for Policy {
+    const KIND: &'static str = "policy";
+    const PATH: &'static str = "policies";
+    const TITLE: &'static str = "Policies";
+    const NAMED: bool = true;
+    type Spec = PolicySpec;
+    type Context = PolicyLibrary;
+
+    fn context(control: &Control) -> impl Future<Output = Result<PolicyLibrary, Problem>> + Send {
+        policy_library(control)
+    }
+    fn name(spec: &PolicySpec) -> Option<&str> {
+        Some(&spec.name)
+    }
+    fn check(spec: &mut PolicySpec, id: &str, lib: &PolicyLibrary) -> Result<Checked, Problem> {
+        let mut errors = Vec::new();
+        let refs = check_document(&spec.document, "/document", Some(id), lib, &mut errors);
+        let refs = refs
+            .iter()
+            .filter(|r| r.as_str() != id)
+            .map(|r| restrict(Policy::KIND, r))
+            .collect();
+        done(errors, Checked { key: None, refs })
+    }
+}
+
+// ---------- routes ----------
+
+/// How a route matches the request path (already normalised by the proxy).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum PathMatch {
+    /// Paths beginning with this prefix, on a segment boundary (`/api` matches `/api` and `/api/x`, not `/apix`).
+    Prefix(String),
+    /// Exactly this path.
+    Exact(String),
+    /// The whole path matches this regular expression.
+    Regex(String),
+}
+
+impl Default for PathMatch {
+    fn default() -> Self {
+        PathMatch::Prefix("/".into())
+    }
+}
+
+/// Per-route behaviour of the proxy.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct RouteSettings {
+    /// Upstream timeout for the response headers, in milliseconds.
+    pub timeout_ms: u64,
+    /// Send the client's Host to the upstream instead of the upstream's.
+    pub preserve_host: bool,
+    /// Replace the matched prefix with this before forwarding.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefix_rewrite: Option<String>,
+    /// Headers to set on the forwarded request.
+    pub set_request_headers: BTreeMap<String, String>,
+    /// Headers to remove from the forwarded request.
+    pub remove_request_headers: Vec<String>,
+    /// Allow WebSocket upgrades.
+    pub allow_websockets: bool,
+    /// Answer CORS preflight requests without authentication.
+    pub cors_preflight: bool,
+    /// Send users back through login when their authentication is older (seconds).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_auth_age_s: Option<u64>,
+    /// Identity provider used to log in to this route (name).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity_provider: Option<String>,
+    /// PEM bundle of CAs trusted for HTTPS upstreams (default: the system roots).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_ca_pem: Option<String>,
+}
+
+impl Default for RouteSettings {
+    fn default() -> Self {
+        RouteSettings {
+            timeout_ms: 30_000,
+            preserve_host: false,
+            prefix_rewrite: None,
+            set_request_headers: BTreeMap::new(),
+            remove_request_headers: Vec::new(),
+            allow_websockets: true,
+            cors_preflight: false,
+            max_auth_age_s: None,
+            identity_provider: None,
+            upstream_ca_pem: None,
+        }
+    }
+}
+
+/// A protected application: where requests for it go and which policies guard it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSpec {
+    /// Unique name, also the id.
+    pub name: String,
+    /// What the route is for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Host the route answers: `app.example.com` or a wildcard `*.example.com`.
+    pub host: String,
+    /// Which paths of the host (default: everything).
+    #[serde(default)]
+    pub path: PathMatch,
+    /// Upstream base URLs (`http://` or `https://`), tried in order.
+    pub upstreams: Vec<String>,
+    /// Named policies; a request is allowed when any allows and none denies.
+    #[serde(default)]
+    pub policies: Vec<String>,
+    /// An inline policy document, combined with the named ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub policy: Option<serde_json::Value>,
+    /// Proxy behaviour.
+    #[serde(default)]
+    pub settings: RouteSettings,
+}
+
+fn check_host(host: &str) -> Result<String, String> {
+    let h = host.trim().trim_end_matches('.').to_ascii_lowercase();
+    let (wild, rest) = match h.strip_prefix("*.") {
+        Some(r) => (true, r),
+        None => (false, h.as_str()),
+    };
+    let labels: Vec<&str> = rest.split('.').collect();
+    let ok = !rest.is_empty()
+        && rest.len() <= 253
+        && labels.iter().all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        })
+        && (!wild || labels.len() >= 2);
+    if ok {
+        Ok(h)
+    } else {
+        Err(format!("`{host}` is not a host name (letters, digits, `-`, dots; `*.` allowed as the first label)"))
+    }
+}
+
+fn check_upstream(u: &str) -> Result<(), String> {
+    let uri: http::Uri = u.parse().map_err(|e| format!("`{u}` is not a URL: {e}"))?;
+    match uri.scheme_str() {
+        Some("http") | Some("https") => {}
+        _ => return Err(format!("`{u}` must start with http:// or https://")),
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(format!("`{u}` has no host"));
+    }
+    if uri.query().is_some() {
+        return Err(format!("`{u}` must not have a query"));
+    }
+    Ok(())
+}
+
+fn check_header_name(h: &str) -> bool {
+    http::HeaderName::from_bytes(h.as_bytes()).is_ok() && !h.contains('_')
+}
+
+/// `/v1/routes`.
+pub struct Route;
+
+impl Resource for Route {
+    const KIND: &'static str = "route";
+    const PATH: &'static str = "routes";
+    const TITLE: &'static str = "Routes";
+    const NAMED: bool = true;
+    const FILTERS: &'static [&'static str] = &["host"];
+    type Spec = RouteSpec;
+    type Context = PolicyLibrary;
+
+    fn context(control: &Control) -> impl Future<Output = Result<PolicyLibrary, Problem>> + Send {
+        policy_library(control)
+    }
+    fn name(spec: &RouteSpec) -> Option<&str> {
+        Some(&spec.name)
+    }
+    fn check(spec: &mut RouteSpec, _id: &str, lib: &PolicyLibrary) -> Result<Checked, Problem> {
+        let mut errors = Vec::new();
+        let mut err = |p: &str, d: String| {
+            errors.push(FieldError {
+                pointer: p.into(),
+                detail: d,
+            })
+        };
+        match check_host(&spec.host) {
+            Ok(h) => spec.host = h,
+            Err(e) => err("/host", e),
+        }
+        let path_key = match &spec.path {
+            PathMatch::Prefix(p) | PathMatch::Exact(p) if !p.starts_with('/') => {
+                err("/path", format!("`{p}` must begin with `/`"));
+                String::new()
+            }
+            PathMatch::Prefix(p) => format!(
+                "prefix {}",
+                if p.len() > 1 {
+                    p.trim_end_matches('/')
+                } else {
+                    p
+                }
+            ),
+            PathMatch::Exact(p) => format!("exact {p}"),
+            PathMatch::Regex(r) => {
+                if let Err(e) =
+                    regex::Regex::new(&format!("^(?:{r})$")).and_then(|_| regex::Regex::new(r))
+                {
+                    err(
+                        "/path/regex",
+                        format!(
+                            "invalid regular expression: {}",
+                            e.to_string().replace('\n', " ")
+                        ),
+                    );
+                }
+                format!("regex {r}")
+            }
+        };
+        if spec.upstreams.is_empty() {
+            err("/upstreams", "at least one upstream is needed".into());
+        }
+        for (i, u) in spec.upstreams.iter().enumerate() {
+            if let Err(e) = check_upstream(u) {
+                err(&format!("/upstreams/{i}"), e);
+            }
+        }
+        let mut refs = Vec::new();
+        for (i, p) in spec.policies.iter().enumerate() {
+            if !lib.contains_key(p) {
+                err(&format!("/policies/{i}"), format!("unknown policy `{p}`"));
+            }
+            refs.push(restrict(Policy::KIND, p));
+        }
+        if let Some(doc) = &spec.policy {
+            for r in check_document(doc, "/policy", None, lib, &mut errors) {
+                refs.push(restrict(Policy::KIND, &r));
+            }
+        }
+        let s = &spec.settings;
+        let mut err = |p: &str, d: String| {
+            errors.push(FieldError {
+                pointer: p.into(),
+                detail: d,
+            })
+        };
+        if s.timeout_ms == 0 || s.timeout_ms > 3_600_000 {
+            err(
+                "/settings/timeout_ms",
+                "must be between 1 and 3600000".into(),
+            );
+        }
+        if let Some(p) = &s.prefix_rewrite {
+            if !p.starts_with('/') {
+                err("/settings/prefix_rewrite", "must begin with `/`".into());
+            }
+        }
+        for (name, value) in &s.set_request_headers {
+            if !check_header_name(name) {
+                err(
+                    &format!("/settings/set_request_headers/{name}"),
+                    "not a valid header name".into(),
+                );
+            } else if name.to_ascii_lowercase().starts_with("x-vigil-") {
+                err(
+                    &format!("/settings/set_request_headers/{name}"),
+                    "`X-Vigil-*` headers are set by the proxy only".into(),
+                );
+            }
+            if http::HeaderValue::from_str(value).is_err() {
+                err(
+                    &format!("/settings/set_request_headers/{name}"),
+                    "not a valid header value".into(),
+                );
+            }
+        }
+        for (i, name) in s.remove_request_headers.iter().enumerate() {
+            if !check_header_name(name) {
+                err(
+                    &format!("/settings/remove_request_headers/{i}"),
+                    "not a valid header name".into(),
+                );
+            }
+        }
+        if let Some(idp) = &s.identity_provider {
+            refs.push(restrict(IdentityProvider::KIND, idp));
+        }
+        refs.sort_by(|a, b| (&a.kind, &a.id).cmp(&(&b.kind, &b.id)));
+        refs.dedup();
+        done(
+            errors,
+            Checked {
+                key: Some(format!("{} {path_key}", spec.host)),
+                refs,
+            },
+        )
+    }
+}
+
+// ---------- users and groups ----------
+
+/// Whether a user may sign in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum UserStatus {
+    /// May sign in.
+    #[default]
+    Active,
+    /// Every session denied until reactivated.
+    Suspended,
+}
+
+/// A person, as known from an identity provider.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UserSpec {
+    /// The identity provider's issuer URL.
+    pub issuer: String,
+    /// The subject (`sub`) at that issuer; (issuer, subject) is unique.
+    pub subject: String,
+    /// Email address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+    /// Whether the email was verified by the IdP.
+    #[serde(default)]
+    pub email_verified: bool,
+    /// Display name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display_name: Option<String>,
+    /// Active or suspended.
+    #[serde(default)]
+    pub status: UserStatus,
+    /// Local groups (names).
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// Free-form attributes.
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub attributes: serde_json::Map<String, serde_json::Value>,
+}
+
+/// `/v1/users`.
+pub struct User;
+
+impl Resource for User {
+    const KIND: &'static str = "user";
+    const PATH: &'static str = "users";
+    const TITLE: &'static str = "Users";
+    const NAMED: bool = false;
+    const ID_PREFIX: &'static str = "usr";
+    const FILTERS: &'static [&'static str] = &["email", "issuer", "subject", "status"];
+    type Spec = UserSpec;
+    type Context = ();
+
+    async fn context(_: &Control) -> Result<(), Problem> {
+        Ok(())
+    }
+    fn check(spec: &mut UserSpec, _id: &str, _: &()) -> Result<Checked, Problem> {
+        let mut errors = Vec::new();
+        if spec.issuer.trim().is_empty() {
+            errors.push(FieldError {
+                pointer: "/issuer".into(),
+                detail: "must not be empty".into(),
+            });
+        }
+        if spec.subject.is_empty() {
+            errors.push(FieldError {
+                pointer: "/subject".into(),
+                detail: "must not be empty".into(),
+            });
+        }
+        if let Some(e) = &spec.email {
+            if e.matches('@').count() != 1 || e.starts_with('@') || e.ends_with('@') {
+                errors.push(FieldError {
+                    pointer: "/email".into(),
+                    detail: format!("`{e}` is not an email address"),
+                });
+            }
+        }
+        spec.groups.sort();
+        spec.groups.dedup();
+        let refs = spec
+            .groups
+            .iter()
+            .map(|g| restrict(Group::KIND, g))
+            .collect();
+        done(
+            errors,
+            Checked {
+                key: Some(format!("{}\n{}", spec.issuer, spec.subject)),
+                refs,
+            },
+        )
+    }
+}
+
+/// A local group of users.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GroupSpec {
+    /// Unique name, also the id.
+    pub name: String,
+    /// What the group is for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+/// `/v1/groups`.
+pub struct Group;
+
+impl Resource for Group {
+    const KIND: &'static str = "group";
+    const PATH: &'static str = "groups";
+    const TITLE: &'static str = "Groups";
+    const NAMED: bool = true;
+    type Spec = GroupSpec;
+    type Context = ();
+
+    async fn context(_: &Control) -> Result<(), Problem> {
+        Ok(())
+    }
+    fn name(spec: &GroupSpec) -> Option<&str> {
+        Some(&spec.name)
+    }
+    fn check(_: &mut GroupSpec, _: &str, _: &()) -> Result<Checked, Problem> {
+        Ok(Checked::default())
+    }
+}
+
+// ---------- devices ----------
+
+/// A device's reported posture.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PostureSpec {
+    /// Attribute values (booleans, numbers, strings), e.g. `managed`, `disk_encrypted`, `os`.
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub attributes: BTreeMap<String, serde_json::Value>,
+    /// When the report stops counting (RFC 3339); stale posture is not compliant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+}
+
+/// A device that may be used to reach routes.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceSpec {
+    /// Display name.
+    pub name: String,
+    /// Owning user's id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    /// Approved by an admin.
+    #[serde(default)]
+    pub approved: bool,
+    /// Revoked: every request from it is denied.
+    #[serde(default)]
+    pub revoked: bool,
+    /// Latest posture.
+    #[serde(default)]
+    pub posture: PostureSpec,
+    /// SHA-256 of the client certificate's SubjectPublicKeyInfo (hex), unique.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_certificate_sha256: Option<String>,
+}
+
+/// `/v1/devices`.
+pub struct Device;
+
+impl Resource for Device {
+    const KIND: &'static str = "device";
+    const PATH: &'static str = "devices";
+    const TITLE: &'static str = "Devices";
+    const NAMED: bool = false;
+    const ID_PREFIX: &'static str = "dev";
+    const FILTERS: &'static [&'static str] = &["owner", "name"];
+    type Spec = DeviceSpec;
+    type Context = ();
+
+    async fn context(_: &Control) -> Result<(), Problem> {
+        Ok(())
+    }
+    fn check(spec: &mut DeviceSpec, _: &str, _: &()) -> Result<Checked, Problem> {
+        let mut errors = Vec::new();
+        if spec.name.trim().is_empty() {
+            errors.push(FieldError {
+                pointer: "/name".into(),
+                detail: "must not be empty".into(),
+            });
+        }
+        for (k, v) in &spec.posture.attributes {
+            let scalar = v.is_boolean() || v.is_number() || v.is_string();
+            let name_ok = !k.is_empty()
+                && k.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
+            if !scalar || !name_ok {
+                errors.push(FieldError {
+                    pointer: format!("/posture/attributes/{}", crate::body::pointer_token(k)),
+                    detail: "attributes are named with letters, digits, `_`, `-`, `.` and hold a boolean, number or string".into(),
+                });
+            }
+        }
+        if let Some(t) = spec.posture.expires_at.take() {
+            spec.posture.expires_at = check_time("/posture/expires_at", &t, &mut errors);
+        }
+        let mut key = None;
+        if let Some(fp) = &spec.client_certificate_sha256 {
+            match vigil_policy::parse_fingerprint(fp) {
+                Some(bytes) => {
+                    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+                    key = Some(hex.clone());
+                    spec.client_certificate_sha256 = Some(hex);
+                }
+                None => errors.push(FieldError {
+                    pointer: "/client_certificate_sha256".into(),
+                    detail: "expected a SHA-256 fingerprint: 64 hex digits, colons allowed".into(),
+                }),
+            }
+        }
+        let refs = spec.owner.iter().map(|o| restrict(User::KIND, o)).collect();
+        done(errors, Checked { key, refs })
+    }
+}
+
+// ---------- service accounts ----------
+
+/// A non-human principal that authenticates with a bearer token.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceAccountSpec {
+    /// Unique name, also the id.
+    pub name: String,
+    /// What it is for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Groups (names) the account is treated as a member of.
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// When its token stops working (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+    /// Disabled accounts are denied everywhere.
+    #[serde(default)]
+    pub disabled: bool,
+}
+
+fn check_expiry(expires_at: &mut Option<String>, errors: &mut Vec<FieldError>) {
+    if let Some(t) = expires_at.take() {
+        *expires_at = check_time("/expires_at", &t, errors);
+    }
+}
+
+/// `/v1/service-accounts`.
+pub struct ServiceAccount;
+
+impl Resource for ServiceAccount {
+    const KIND: &'static str = "service_account";
+    const PATH: &'static str = "service-accounts";
+    const TITLE: &'static str = "Service accounts";
+    const NAMED: bool = true;
+    const TOKEN_PREFIX: Option<&'static str> = Some("sa");
+    type Spec = ServiceAccountSpec;
+    type Context = ();
+
+    async fn context(_: &Control) -> Result<(), Problem> {
+        Ok(())
+    }
+    fn name(spec: &ServiceAccountSpec) -> Option<&str> {
+        Some(&spec.name)
+    }
+    fn check(spec: &mut ServiceAccountSpec, _: &str, _: &()) -> Result<Checked, Problem> {
+        let mut errors = Vec::new();
+        check_expiry(&mut spec.expires_at, &mut errors);
+        spec.groups.sort();
+        spec.groups.dedup();
+        let refs = spec
+            .groups
+            .iter()
+            .map(|g| restrict(Group::KIND, g))
+            .collect();
+        done(errors, Checked { key: None, refs })
+    }
+}
+
+// ---------- access grants ----------
+
+/// Who a grant is for.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Subject {
+    /// A user id.
+    User(String),
+    /// A service account name.
+    ServiceAccount(String),
+}
+
+/// Just-in-time access to one route for a window of time.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GrantSpec {
+    /// Who gets access.
+    pub subject: Subject,
+    /// The route (name).
+    pub route: String,
+    /// Start of access (RFC 3339, inclusive).
+    pub start: String,
+    /// End of access (RFC 3339, exclusive).
+    pub end: String,
+    /// Why access was granted.
+    pub reason: String,
+    /// Who approved it.
+    pub approver: String,
+}
+
+/// `/v1/grants`.
+pub struct Grant;
+
+impl Resource for Grant {
+    const KIND: &'static str = "grant";
+    const PATH: &'static str = "grants";
+    const TITLE: &'static str = "Access grants";
+    const NAMED: bool = false;
+    const ID_PREFIX: &'static str = "grt";
+    const FILTERS: &'static [&'static str] = &["route", "approver"];
+    type Spec = GrantSpec;
+    type Context = ();
+
+    async fn context(_: &Control) -> Result<(), Problem> {
+        Ok(())
+    }
+    fn check(spec: &mut GrantSpec, _: &str, _: &()) -> Result<Checked, Problem> {
+        let mut errors = Vec::new();
+        let start = check_time("/start", &spec.start, &mut errors);
+        let end = check_time("/end", &spec.end, &mut errors);
+        if let (Some(s), Some(e)) = (&start, &end) {
+            if s >= e {
+                errors.push(FieldError {
+                    pointer: "/end".into(),
+                    detail: "must be after `start`".into(),
+                });
+            }
+        }
+        if spec.reason.trim().is_empty() {
+            errors.push(FieldError {
+                pointer: "/reason".into(),
+                detail: "a grant needs a reason".into(),
+            });
+        }
+        if spec.approver.trim().is_empty() {
+            errors.push(FieldError {
+                pointer: "/approver".into(),
+                detail: "a grant needs an approver".into(),
+            });
+        }
+        if let (Some(s), Some(e)) = (start, end) {
+            spec.start = s;
+            spec.end = e;
+        }
+        let subject = match &spec.subject {
+            Subject::User(u) => cascade(User::KIND, u),
+            Subject::ServiceAccount(s) => cascade(ServiceAccount::KIND, s),
+        };
+        done(
+            errors,
+            Checked {
+                key: None,
+                refs: vec![subject, cascade(Route::KIND, &spec.route)],
+            },
+        )
+    }
+}
+
+// ---------- identity providers ----------
+
+/// Where to find identity facts in the IdP's claims.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClaimMapping {
+    /// Claim holding the email.
+    pub email: String,
+    /// Claim holding group names.
+    pub groups: String,
+    /// Claim holding the display name.
+    pub name: String,
+}
+
+impl Default for ClaimMapping {
+    fn default() -> Self {
+        ClaimMapping {
+            email: "email".into(),
+            groups: "groups".into(),
+            name: "name".into(),
+        }
+    }
+}
+
+/// An OpenID Connect provider users log in with.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityProviderSpec {
+    /// Unique name, also the id.
+    pub name: String,
+    /// Issuer URL (https, or http on loopback for development).
+    pub issuer_url: String,
+    /// OAuth client id.
+    pub client_id: String,
+    /// OAuth client secret: write-only, stored encrypted, never returned.
+    #[serde(default, skip_serializing)]
+    pub client_secret: Option<String>,
+    /// Whether a client secret is stored (read-only).
+    #[serde(default)]
+    pub client_secret_set: bool,
+    /// Scopes to request.
+    #[serde(default = "default_scopes")]
+    pub scopes: Vec<String>,
+    /// Claim names.
+    #[serde(default)]
+    pub claim_mapping: ClaimMapping,
+    /// Only emails in these domains may sign in (empty: any).
+    #[serde(default)]
+    pub allowed_domains: Vec<String>,
+}
+
+fn default_scopes() -> Vec<String> {
+    vec!["openid".into(), "email".into(), "profile".into()]
+}
+
+/// `/v1/identity-providers`.
+pub struct IdentityProvider;
+
+impl Resource for IdentityProvider {
+    const KIND: &'static str = "identity_provider";
+    const PATH: &'static str = "identity-providers";
+    const TITLE: &'static str = "Identity providers";
+    const NAMED: bool = true;
+    const READ_ONLY: &'static [&'static str] = &["client_secret_set"];
+    type Spec = IdentityProviderSpec;
+    type Context = ();
+
+    async fn context(_: &Control) -> Result<(), Problem> {
+        Ok(())
+    }
+    fn name(spec: &IdentityProviderSpec) -> Option<&str> {
+        Some(&spec.name)
+    }
+    fn check(spec: &mut IdentityProviderSpec, _: &str, _: &()) -> Result<Checked, Problem> {
+        let mut errors = Vec::new();
+        match spec.issuer_url.parse::<http::Uri>() {
+            Ok(u) => {
+                let loopback = matches!(
+                    u.host(),
+                    Some("localhost") | Some("127.0.0.1") | Some("[::1]")
+                );
+                let ok =
+                    u.scheme_str() == Some("https") || (u.scheme_str() == Some("http") && loopback);
+                if !ok || u.host().is_none() {
+                    errors.push(FieldError {
+                        pointer: "/issuer_url".into(),
+                        detail: "must be an https:// URL (http:// only on loopback)".into(),
+                    });
+                }
+            }
+            Err(e) => errors.push(FieldError {
+                pointer: "/issuer_url".into(),
+                detail: format!("not a URL: {e}"),
+            }),
+        }
+        if spec.client_id.is_empty() {
+            errors.push(FieldError {
+                pointer: "/client_id".into(),
+                detail: "must not be empty".into(),
+            });
+        }
+        if !spec.scopes.iter().any(|s| s == "openid") {
+            errors.push(FieldError {
+                pointer: "/scopes".into(),
+                detail: "must include `openid`".into(),
+            });
+        }
+        for d in &mut spec.allowed_domains {
+            *d = d.trim().to_lowercase();
+        }
+        done(errors, Checked::default())
+    }
+    fn take_secret(spec: &mut IdentityProviderSpec) -> Option<String> {
+        spec.client_secret.take()
+    }
+    fn mark_secret(spec: &mut IdentityProviderSpec, present: bool) {
+        spec.client_secret_set = present;
+    }
+}
+
+// ---------- sessions ----------
+
+/// A signed-in session, reported by a proxy.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SessionSpec {
+    /// The user's id.
+    pub user_id: String,
+    /// The device's id, if one was identified.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_id: Option<String>,
+    /// Identity provider (name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity_provider: Option<String>,
+    /// When the user authenticated (RFC 3339).
+    pub auth_time: String,
+    /// When the session ends (RFC 3339).
+    pub expires_at: String,
+    /// Authentication methods (RFC 8176).
+    #[serde(default)]
+    pub amr: Vec<String>,
+    /// When it was revoked (RFC 3339); revoked sessions are denied everywhere.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<String>,
+    /// Last request seen (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seen_at: Option<String>,
+}
+
+/// `/v1/sessions`.
+pub struct Session;
+
+impl Resource for Session {
+    const KIND: &'static str = "session";
+    const PATH: &'static str = "sessions";
+    const TITLE: &'static str = "Sessions";
+    const NAMED: bool = false;
+    const ID_PREFIX: &'static str = "ses";
+    const FILTERS: &'static [&'static str] = &["user_id", "device_id"];
+    type Spec = SessionSpec;
+    type Context = ();
+
+    async fn context(_: &Control) -> Result<(), Problem> {
+        Ok(())
+    }
+    fn check(spec: &mut SessionSpec, _: &str, _: &()) -> Result<Checked, Problem> {
+        let mut errors = Vec::new();
+        for (p, t) in [
+            ("/auth_time", &mut spec.auth_time),
+            ("/expires_at", &mut spec.expires_at),
+        ] {
+            if let Some(n) = check_time(p, t, &mut errors) {
+                *t = n;
+            }
+        }
+        for (p, t) in [
+            ("/revoked_at", &mut spec.revoked_at),
+            ("/last_seen_at", &mut spec.last_seen_at),
+        ] {
+            if let Some(v) = t.take() {
+                *t = check_time(p, &v, &mut errors);
+            }
+        }
+        let mut refs = vec![cascade(User::KIND, &spec.user_id)];
+        if let Some(d) = &spec.device_id {
+            refs.push(cascade(Device::KIND, d));
+        }
+        done(errors, Checked { key: None, refs })
+    }
+}
+
+// ---------- tokens ----------
+
+/// A token proxies present to join the fleet.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JoinTokenSpec {
+    /// Unique name, also the id.
+    pub name: String,
+    /// What it is for (which fleet, which cluster).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// When it stops working (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+}
+
+/// `/v1/join-tokens`.
+pub struct JoinToken;
+
+impl Resource for JoinToken {
+    const KIND: &'static str = "join_token";
+    const PATH: &'static str = "join-tokens";
+    const TITLE: &'static str = "Proxy join tokens";
+    const NAMED: bool = true;
+    const TOKEN_PREFIX: Option<&'static str> = Some("join");
+    type Spec = JoinTokenSpec;
+    type Context = ();
+
+    async fn context(_: &Control) -> Result<(), Problem> {
+        Ok(())
+    }
+    fn name(spec: &JoinTokenSpec) -> Option<&str> {
+        Some(&spec.name)
+    }
+    fn check(spec: &mut JoinTokenSpec, _: &str, _: &()) -> Result<Checked, Problem> {
+        let mut errors = Vec::new();
+        check_expiry(&mut spec.expires_at, &mut errors);
+        done(errors, Checked::default())
+    }
+}
+
+/// A bearer token for the admin API.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AdminTokenSpec {
+    /// Unique name, also the id.
+    pub name: String,
+    /// What the bearer may do.
+    pub role: Role,
+    /// When it stops working (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+}
+
+/// `/v1/admin-tokens` (owners only).
+pub struct AdminToken;
+
+impl Resource for AdminToken {
+    const KIND: &'static str = "admin_token";
+    const PATH: &'static str = "admin-tokens";
+    const TITLE: &'static str = "Admin tokens";
+    const NAMED: bool = true;
+    const READ_ROLE: Role = Role::Owner;
+    const WRITE_ROLE: Role = Role::Owner;
+    const TOKEN_PREFIX: Option<&'static str> = Some("admin");
+    type Spec = AdminTokenSpec;
+    type Context = ();
+
+    async fn context(_: &Control) -> Result<(), Problem> {
+        Ok(())
+    }
+    fn name(spec: &AdminTokenSpec) -> Option<&str> {
+        Some(&spec.name)
+    }
+    fn check(spec: &mut AdminTokenSpec, _: &str, _: &()) -> Result<Checked, Problem> {
+        let mut errors = Vec::new();
+        check_expiry(&mut spec.expires_at, &mut errors);
+        done(errors, Checked::default())
+    }
+}

@@ -1,0 +1,120 @@
+//! Helpers shared by the end-to-end tests: start `vigil` processes and wait for them.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `vigil control` child process; killed on drop.
+pub struct ControlProcess {
+    child: Child,
+    /// Base URL of its admin API.
+    pub url: String,
+    db: String,
+    port: u16,
+    log: std::path::PathBuf,
+}
+
+pub const TOKEN: &str = "e2e-bootstrap-token";
+
+impl ControlProcess {
+    /// Starts the control plane on `db` (with --migrate) and waits until it answers.
+    pub fn start(db: &str) -> ControlProcess {
+        let port = free_port();
+        let log = std::env::temp_dir().join(format!(
+            "vigil-e2e-control-{}-{port}.log",
+            std::process::id()
+        ));
+        let child = spawn(db, port, true, &log);
+        let p = ControlProcess {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            db: db.into(),
+            port,
+            log,
+        };
+        p.wait_ready();
+        p
+    }
+
+    /// Kills the process at once (SIGKILL) and starts it again on the same port and database.
+    pub fn crash_and_restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = spawn(&self.db, self.port, false, &self.log);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "control plane did not start; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The process's output so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+fn spawn(db: &str, port: u16, migrate: bool, log: &std::path::Path) -> Child {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vigil"));
+    cmd.arg("control")
+        .args([
+            "--database-url",
+            db,
+            "--admin-listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .env("VIGIL_BOOTSTRAP_TOKEN", TOKEN)
+        .env("VIGIL_SECRET_KEY", "A".repeat(43))
+        .env("VIGIL_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out);
+    if migrate {
+        cmd.arg("--migrate");
+    }
+    cmd.spawn().unwrap()
+}
+
+impl Drop for ControlProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An HTTP client with the bootstrap token.
+pub fn client() -> reqwest::Client {
+    let mut h = reqwest::header::HeaderMap::new();
+    h.insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+    reqwest::Client::builder()
+        .default_headers(h)
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
+}
