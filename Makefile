@@ -3,10 +3,14 @@ SHELL := /bin/bash
 CARGO ?= cargo
 FUZZ_SECONDS ?= 20
 
-.PHONY: test lint fmt bench bench-policy fuzz-smoke clean
+.PHONY: test deps lint fmt bench bench-policy bench-control openapi fuzz-smoke clean
 
-## test: the whole test suite (unit, property, end-to-end).
-test:
+## deps: installs what the tests need (PostgreSQL server binaries) when missing.
+deps:
+	@bash scripts/ensure-deps.sh
+
+## test: the whole test suite (unit, property, end-to-end with real PostgreSQL).
+test: deps
 	$(CARGO) test --workspace --locked
 
 ## lint: formatting and clippy, warnings are errors.
@@ -18,7 +22,15 @@ fmt:
 	$(CARGO) fmt --all
 
 ## bench: every benchmark; figures go to docs/benchmarks.md by hand.
-bench: bench-policy
+bench: deps bench-policy bench-control
+
+## bench-control: the store and REST API at 100,000 users and 10,000 routes on PostgreSQL.
+bench-control:
+	$(CARGO) bench -p vigil-control --bench control
+
+## openapi: regenerates docs/api/openapi.json from the code.
+openapi:
+	VIGIL_WRITE_OPENAPI=1 $(CARGO) test -p vigil-control --test openapi
 
 ## bench-policy: Vigil's evaluator against cedar-policy and regorus on the same work.
 bench-policy:

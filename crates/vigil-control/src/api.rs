@@ -71,6 +71,7 @@ fn respond(
     location: Option<String>,
 ) -> Response {
     let mut body = render(rec);
+    let shows_token = token.is_some();
     if let (Some(t), Value::Object(o)) = (token, &mut body) {
         o.insert("token".into(), Value::String(t));
     }
@@ -79,7 +80,7 @@ fn respond(
     if let Some(l) = location.and_then(|l| HeaderValue::from_str(&l).ok()) {
         res.headers_mut().insert(header::LOCATION, l);
     }
-    if rec.kind == AdminToken::KIND || res.headers().contains_key(header::LOCATION) {
+    if shows_token || rec.kind == AdminToken::KIND || res.headers().contains_key(header::LOCATION) {
         res.headers_mut()
             .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     }
@@ -249,12 +250,10 @@ pub async fn create<R: Resource>(
 }
 
 async fn current<R: Resource>(c: &Control, id: &str) -> Result<Record, Problem> {
-    c.store.get(R::KIND, id).await?.ok_or_else(|| {
-        Problem::not_found(format!(
-            "{} `{id}` does not exist",
-            R::TITLE.trim_end_matches('s').to_lowercase()
-        ))
-    })
+    c.store
+        .get(R::KIND, id)
+        .await?
+        .ok_or_else(|| Problem::not_found(format!("{} `{id}` does not exist", R::SINGULAR)))
 }
 
 /// `GET /v1/{kind}/{id}`.
@@ -276,7 +275,7 @@ async fn store_replace<R: Resource>(
     version: Option<i64>,
     action: Option<&str>,
 ) -> Result<Response, Problem> {
-    let had_secret = c.store.secret(R::KIND, id).await?.is_some() && R::TOKEN_PREFIX.is_none();
+    let had_secret = R::WRITE_ONLY_SECRET && c.store.secret(R::KIND, id).await?.is_some();
     let p = prepare::<R>(c, spec, id, had_secret).await?;
     let secret = match p.secret {
         Some(s) => SecretChange::Set(Some(s)),
@@ -478,6 +477,10 @@ pub async fn audit(
     let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw.as_deref().unwrap_or(""))
         .map_err(|e| Problem::bad_request(format!("malformed query string: {e}")))?;
     let mut q = vigil_store::AuditQuery::default();
+    // Admin tokens are readable by owners only; their history is too.
+    if admin.require(AdminToken::READ_ROLE).is_err() {
+        q.hide_kinds.push(AdminToken::KIND.to_owned());
+    }
     for (k, v) in pairs {
         match k.as_str() {
             "limit" => {

@@ -69,9 +69,10 @@ pub fn json_value(
         ))
     })?;
     // The policy crate's reader refuses duplicate keys, which serde_json would silently merge.
-    let checked =
-        vigil_policy::doc::from_json(text).map_err(|e| Problem::bad_request(e.to_string()))?;
-    Ok(checked.to_json())
+    vigil_policy::doc::from_json(text).map_err(|e| Problem::bad_request(e.to_string()))?;
+    // Parsed again by serde_json so every number keeps its exact value (the policy
+    // reader folds integers beyond i64 into floats).
+    serde_json::from_str(text).map_err(|e| Problem::bad_request(format!("malformed JSON: {e}")))
 }
 
 /// Deserialises a typed body from JSON, naming the offending field on error.

@@ -126,8 +126,43 @@ impl Problem {
     }
 }
 
+/// A store kind in words (`service_account` → `service account`).
+fn words(kind: &str) -> String {
+    kind.replace('_', " ")
+}
+
+/// The store's error with its kinds in words, for messages people read.
+fn in_words(e: StoreError) -> StoreError {
+    match e {
+        StoreError::NotFound { kind, id } => StoreError::NotFound {
+            kind: words(&kind),
+            id,
+        },
+        StoreError::AlreadyExists { kind, key } => StoreError::AlreadyExists {
+            kind: words(&kind),
+            key,
+        },
+        StoreError::VersionMismatch { kind, id, current } => StoreError::VersionMismatch {
+            kind: words(&kind),
+            id,
+            current,
+        },
+        StoreError::Referenced { kind, id, by } => StoreError::Referenced {
+            kind: words(&kind),
+            id,
+            by: by.into_iter().map(|(k, i)| (words(&k), i)).collect(),
+        },
+        StoreError::MissingReference { kind, id } => StoreError::MissingReference {
+            kind: words(&kind),
+            id,
+        },
+        other => other,
+    }
+}
+
 impl From<StoreError> for Problem {
     fn from(e: StoreError) -> Problem {
+        let e = in_words(e);
         match &e {
             StoreError::NotFound { .. } => Problem::not_found(e.to_string()),
             StoreError::AlreadyExists { .. } | StoreError::Referenced { .. } => {
@@ -153,7 +188,7 @@ impl From<StoreError> for Problem {
                 p.retry_after = Some(2);
                 p
             }
-            StoreError::Schema(_) | StoreError::Database(_) => {
+            StoreError::Schema(_) | StoreError::Database(_) | StoreError::Retry(_) => {
                 tracing::error!(error = %e, "Store error");
                 Problem::internal()
             }

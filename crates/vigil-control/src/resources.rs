@@ -38,8 +38,10 @@ pub trait Resource: Send + Sync + 'static {
     const KIND: &'static str;
     /// URL segment under `/v1/`.
     const PATH: &'static str;
-    /// Human name for messages and the OpenAPI tags.
+    /// Human name for the OpenAPI tags.
     const TITLE: &'static str;
+    /// One of these in words, for messages (`policy`, `service account`).
+    const SINGULAR: &'static str;
     /// Whether the id is the document's `name` (else generated with [`Self::ID_PREFIX`]).
     const NAMED: bool;
     /// Prefix of generated ids.
@@ -52,6 +54,8 @@ pub trait Resource: Send + Sync + 'static {
     const FILTERS: &'static [&'static str] = &[];
     /// When set, creating issues a bearer token with this prefix, shown once and stored hashed.
     const TOKEN_PREFIX: Option<&'static str> = None;
+    /// Whether the document carries a write-only secret (see [`Self::take_secret`]).
+    const WRITE_ONLY_SECRET: bool = false;
     /// Fields the server owns that clients may echo back but never set.
     const READ_ONLY: &'static [&'static str] = &[];
     /// The document.
@@ -238,6 +242,7 @@ impl Resource for Policy {
     const KIND: &'static str = "policy";
     const PATH: &'static str = "policies";
     const TITLE: &'static str = "Policies";
+    const SINGULAR: &'static str = "policy";
     const NAMED: bool = true;
     type Spec = PolicySpec;
     type Context = PolicyLibrary;
@@ -405,6 +410,7 @@ impl Resource for Route {
     const KIND: &'static str = "route";
     const PATH: &'static str = "routes";
     const TITLE: &'static str = "Routes";
+    const SINGULAR: &'static str = "route";
     const NAMED: bool = true;
     const FILTERS: &'static [&'static str] = &["host"];
     type Spec = RouteSpec;
@@ -498,18 +504,27 @@ impl Resource for Route {
         for (name, value) in &s.set_request_headers {
             if !check_header_name(name) {
                 err(
-                    &format!("/settings/set_request_headers/{name}"),
+                    &format!(
+                        "/settings/set_request_headers/{}",
+                        crate::body::pointer_token(name)
+                    ),
                     "not a valid header name".into(),
                 );
             } else if name.to_ascii_lowercase().starts_with("x-vigil-") {
                 err(
-                    &format!("/settings/set_request_headers/{name}"),
+                    &format!(
+                        "/settings/set_request_headers/{}",
+                        crate::body::pointer_token(name)
+                    ),
                     "`X-Vigil-*` headers are set by the proxy only".into(),
                 );
             }
             if http::HeaderValue::from_str(value).is_err() {
                 err(
-                    &format!("/settings/set_request_headers/{name}"),
+                    &format!(
+                        "/settings/set_request_headers/{}",
+                        crate::body::pointer_token(name)
+                    ),
                     "not a valid header value".into(),
                 );
             }
@@ -586,6 +601,7 @@ impl Resource for User {
     const KIND: &'static str = "user";
     const PATH: &'static str = "users";
     const TITLE: &'static str = "Users";
+    const SINGULAR: &'static str = "user";
     const NAMED: bool = false;
     const ID_PREFIX: &'static str = "usr";
     const FILTERS: &'static [&'static str] = &["email", "issuer", "subject", "status"];
@@ -652,6 +668,7 @@ impl Resource for Group {
     const KIND: &'static str = "group";
     const PATH: &'static str = "groups";
     const TITLE: &'static str = "Groups";
+    const SINGULAR: &'static str = "group";
     const NAMED: bool = true;
     type Spec = GroupSpec;
     type Context = ();
@@ -712,6 +729,7 @@ impl Resource for Device {
     const KIND: &'static str = "device";
     const PATH: &'static str = "devices";
     const TITLE: &'static str = "Devices";
+    const SINGULAR: &'static str = "device";
     const NAMED: bool = false;
     const ID_PREFIX: &'static str = "dev";
     const FILTERS: &'static [&'static str] = &["owner", "name"];
@@ -798,6 +816,7 @@ impl Resource for ServiceAccount {
     const KIND: &'static str = "service_account";
     const PATH: &'static str = "service-accounts";
     const TITLE: &'static str = "Service accounts";
+    const SINGULAR: &'static str = "service account";
     const NAMED: bool = true;
     const TOKEN_PREFIX: Option<&'static str> = Some("sa");
     type Spec = ServiceAccountSpec;
@@ -860,6 +879,7 @@ impl Resource for Grant {
     const KIND: &'static str = "grant";
     const PATH: &'static str = "grants";
     const TITLE: &'static str = "Access grants";
+    const SINGULAR: &'static str = "access grant";
     const NAMED: bool = false;
     const ID_PREFIX: &'static str = "grt";
     const FILTERS: &'static [&'static str] = &["route", "approver"];
@@ -973,8 +993,10 @@ impl Resource for IdentityProvider {
     const KIND: &'static str = "identity_provider";
     const PATH: &'static str = "identity-providers";
     const TITLE: &'static str = "Identity providers";
+    const SINGULAR: &'static str = "identity provider";
     const NAMED: bool = true;
     const READ_ONLY: &'static [&'static str] = &["client_secret_set"];
+    const WRITE_ONLY_SECRET: bool = true;
     type Spec = IdentityProviderSpec;
     type Context = ();
 
@@ -1067,6 +1089,7 @@ impl Resource for Session {
     const KIND: &'static str = "session";
     const PATH: &'static str = "sessions";
     const TITLE: &'static str = "Sessions";
+    const SINGULAR: &'static str = "session";
     const NAMED: bool = false;
     const ID_PREFIX: &'static str = "ses";
     const FILTERS: &'static [&'static str] = &["user_id", "device_id"];
@@ -1125,6 +1148,7 @@ impl Resource for JoinToken {
     const KIND: &'static str = "join_token";
     const PATH: &'static str = "join-tokens";
     const TITLE: &'static str = "Proxy join tokens";
+    const SINGULAR: &'static str = "proxy join token";
     const NAMED: bool = true;
     const TOKEN_PREFIX: Option<&'static str> = Some("join");
     type Spec = JoinTokenSpec;
@@ -1163,6 +1187,7 @@ impl Resource for AdminToken {
     const KIND: &'static str = "admin_token";
     const PATH: &'static str = "admin-tokens";
     const TITLE: &'static str = "Admin tokens";
+    const SINGULAR: &'static str = "admin token";
     const NAMED: bool = true;
     const READ_ROLE: Role = Role::Owner;
     const WRITE_ROLE: Role = Role::Owner;

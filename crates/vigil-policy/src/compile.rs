@@ -493,6 +493,10 @@ impl Compiler<'_> {
             return self.leaf(Check::Const(false), ptr);
         };
         self.stack.push(name.to_owned());
+        // Problems found inside a referenced policy are reported at the reference in the
+        // document being compiled, so every pointer points into that document.
+        let from_root = !ptr.contains('#');
+        let reported = self.problems.0.len();
         let prefix = format!("{name}#");
         let mut denies = Vec::new();
         let mut allows = Vec::new();
@@ -504,6 +508,14 @@ impl Compiler<'_> {
             }
         }
         self.stack.pop();
+        if from_root {
+            for p in &mut self.problems.0[reported..] {
+                if p.pointer.contains('#') {
+                    p.message = format!("in `{}`: {}", p.pointer, p.message);
+                    p.pointer = ptr.to_owned();
+                }
+            }
+        }
         let allowed = if allows.is_empty() {
             self.leaf(Check::Const(false), ptr)
         } else {

@@ -638,6 +638,16 @@ fn blocks_and_named_policies() {
             .contains("refers to itself (outer → loop → outer)"),
         "{e}"
     );
+    // The loop closes inside `loop`; the problem still points into the compiled document,
+    // at the reference that leads there, and names where inside `loop` it closed.
+    assert_eq!(e.problems().len(), 1, "{e}");
+    assert_eq!(e.problems()[0].pointer, "/allow/and/0/policy", "{e}");
+    assert!(
+        e.problems()[0]
+            .message
+            .starts_with("in `loop#/allow/and/0/policy`: "),
+        "{e}"
+    );
     // not = not(and), nor = not(or); several keys in one block all must hold.
     let p = "allow:\n  or: [domain: corp.example]\n  nor: [groups: contractors]\n";
     assert!(f.allows(p, &staff));

@@ -50,6 +50,9 @@ pub enum StoreError {
     /// The database cannot be reached right now; retrying later may succeed.
     #[error("database unavailable: {0}")]
     Unavailable(String),
+    /// A deadlock or serialisation failure; the whole write may simply be retried.
+    #[error("write conflict: {0}")]
+    Retry(String),
     /// The schema is not what this version expects.
     #[error("schema: {0}")]
     Schema(String),
@@ -85,6 +88,9 @@ pub(crate) fn classify(e: sqlx::Error) -> StoreError {
         E::Database(db) => {
             // PostgreSQL: admin shutdown, crash shutdown, cannot connect now, too many connections.
             let code = db.code().unwrap_or_default();
+            if matches!(&*code, "40P01" | "40001") {
+                return StoreError::Retry(e.to_string());
+            }
             if matches!(
                 &*code,
                 "57P01" | "57P02" | "57P03" | "53300" | "08006" | "08001" | "08003" | "08004"

@@ -8,6 +8,6 @@ mod store;
 
 pub use error::StoreError;
 pub use store::{
-    AuditEvent, AuditQuery, Change, Committed, Dialect, Entity, ListQuery, Op, Page, Record, Ref,
-    SchemaStatus, SecretChange, Store, StoreOptions,
+    AuditEvent, AuditQuery, Change, Committed, Dialect, Entity, ListQuery, Op, Page, RawRecord,
+    Record, Ref, SchemaStatus, SecretChange, Store, StoreOptions,
 };

@@ -63,6 +63,23 @@ pub struct Record {
     pub updated_at: i64,
 }
 
+/// An entity as loaded for a snapshot build: the document undecoded, with its secret.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawRecord {
+    /// Kind.
+    pub kind: String,
+    /// Id.
+    pub id: String,
+    /// Natural key.
+    pub key: Option<String>,
+    /// The document as stored (JSON text).
+    pub body: String,
+    /// Revision of its last write.
+    pub version: i64,
+    /// Token hash or sealed secret.
+    pub secret: Option<String>,
+}
+
 /// A reference from one entity to another, enforced by a foreign key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ref {
@@ -192,6 +209,8 @@ pub struct AuditQuery {
     pub entity_id: Option<String>,
     /// Only this actor.
     pub actor: Option<String>,
+    /// Leave out events about these kinds (for readers not allowed to see them).
+    pub hide_kinds: Vec<String>,
 }
 
 /// One change-log row.
@@ -484,24 +503,32 @@ impl Store {
         Ok(Page { items, next })
     }
 
-    /// Every entity with its secret, for building a snapshot: `(record, secret)`.
-    pub async fn load_all(&self) -> Result<(i64, Vec<(Record, Option<String>)>), StoreError> {
+    /// Every entity with its secret and its document as stored text, for building a
+    /// snapshot: the caller decodes each document once, straight into its own types.
+    pub async fn load_all(&self) -> Result<(i64, Vec<RawRecord>), StoreError> {
         // One transaction so the revision matches the rows read.
         let mut tx = self.pool.begin().await.map_err(classify)?;
         let revision: i64 = sqlx::query_scalar("SELECT value FROM revision WHERE id = 1")
             .fetch_one(&mut *tx)
             .await
             .map_err(classify)?;
-        let sql = format!("SELECT {RECORD_COLUMNS}, secret FROM entities ORDER BY kind, id");
-        let rows = sqlx::query(&sql)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(classify)?;
+        let rows = sqlx::query(
+            "SELECT kind, id, natural_key, body, version, secret FROM entities ORDER BY kind, id",
+        )
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(classify)?;
         tx.commit().await.map_err(classify)?;
         let mut out = Vec::with_capacity(rows.len());
         for row in &rows {
-            let secret: Option<String> = row.try_get("secret").map_err(classify)?;
-            out.push((record(row)?, secret));
+            out.push(RawRecord {
+                kind: row.try_get(0).map_err(classify)?,
+                id: row.try_get(1).map_err(classify)?,
+                key: row.try_get(2).map_err(classify)?,
+                body: row.try_get(3).map_err(classify)?,
+                version: row.try_get(4).map_err(classify)?,
+                secret: row.try_get(5).map_err(classify)?,
+            });
         }
         Ok((revision, out))
     }
@@ -557,6 +584,10 @@ impl Store {
                 sql.push_str(&format!(" AND {col} = ${}", binds.len() + 1));
             }
         }
+        for hidden in &q.hide_kinds {
+            binds.push(hidden.clone());
+            sql.push_str(&format!(" AND kind <> ${}", binds.len() + 1));
+        }
         sql.push_str(&format!(" ORDER BY seq LIMIT ${}", binds.len() + 2));
         let mut query = sqlx::query(&sql).bind(after);
         for b in binds {
@@ -597,29 +628,61 @@ impl Store {
     /// Applies `ops` in one transaction under a new revision, recording each change
     /// and an audit event (`action`, or the op's own name). Nothing is applied
     /// unless everything is.
+    ///
+    /// The revision row is the one lock every writer takes, so it is taken as late
+    /// as possible: on PostgreSQL the work runs under row locks (`FOR UPDATE`) and a
+    /// single final statement bumps the revision, stamps the written rows and logs
+    /// the changes and audit events; SQLite serialises writers anyway and takes it first.
     pub async fn write(
         &self,
         actor: &str,
         action: Option<&str>,
         ops: Vec<Op>,
     ) -> Result<Committed, StoreError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.write_once(actor, action, ops.clone()).await {
+                Err(StoreError::Retry(e)) if attempt < 4 => {
+                    tracing::debug!(error = %e, attempt, "Write conflicted; retrying");
+                }
+                Err(StoreError::Retry(e)) => return Err(StoreError::Unavailable(e)),
+                other => return other,
+            }
+        }
+    }
+
+    async fn write_once(
+        &self,
+        actor: &str,
+        action: Option<&str>,
+        ops: Vec<Op>,
+    ) -> Result<Committed, StoreError> {
         let mut tx = self.pool.begin().await.map_err(classify)?;
-        let revision: i64 = sqlx::query_scalar(
-            "UPDATE revision SET value = value + 1 WHERE id = 1 RETURNING value",
-        )
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(classify)?;
-        let now = now_millis();
-        let mut records = Vec::with_capacity(ops.len());
-        let w = Writer {
+        let early = self.dialect == Dialect::Sqlite;
+        let revision = if early {
+            sqlx::query_scalar("UPDATE revision SET value = value + 1 WHERE id = 1 RETURNING value")
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(classify)?
+        } else {
+            0
+        };
+        let mut w = Writer {
             revision,
-            now,
+            now: now_millis(),
             actor,
             action,
+            lock: !early,
+            pending: Vec::new(),
         };
+        let mut records = Vec::with_capacity(ops.len());
         for op in ops {
             records.push(w.apply(&mut tx, op).await?);
+        }
+        let revision = w.finish(&mut tx, self.dialect).await?;
+        for r in records.iter_mut().flatten() {
+            r.version = revision;
         }
         tx.commit().await.map_err(classify)?;
         Ok(Committed { revision, records })
@@ -627,14 +690,43 @@ impl Store {
 }
 
 struct Writer<'a> {
+    /// Known up front on SQLite; assigned by `finish` on PostgreSQL.
     revision: i64,
     now: i64,
     actor: &'a str,
     action: Option<&'a str>,
+    /// Lock rows read for update (PostgreSQL).
+    lock: bool,
+    /// Changes and audit events, written by `finish` once the revision is known.
+    pending: Vec<Pending>,
 }
 
-async fn current(tx: &mut Tx<'_>, kind: &str, id: &str) -> Result<Record, StoreError> {
-    let sql = format!("SELECT {RECORD_COLUMNS} FROM entities WHERE kind = $1 AND id = $2");
+struct Pending {
+    kind: String,
+    id: String,
+    change: &'static str,
+    action: String,
+    before: Option<String>,
+    after: Option<String>,
+}
+
+fn values(rows: usize, cols: usize, first: usize) -> String {
+    (0..rows)
+        .map(|r| {
+            let cells: Vec<String> = (0..cols)
+                .map(|c| format!("${}", first + r * cols + c))
+                .collect();
+            format!("({})", cells.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+async fn current(tx: &mut Tx<'_>, kind: &str, id: &str, lock: bool) -> Result<Record, StoreError> {
+    let sql = format!(
+        "SELECT {RECORD_COLUMNS} FROM entities WHERE kind = $1 AND id = $2{}",
+        if lock { " FOR UPDATE" } else { "" }
+    );
     let row = sqlx::query(&sql)
         .bind(kind)
         .bind(id)
@@ -651,7 +743,7 @@ async fn current(tx: &mut Tx<'_>, kind: &str, id: &str) -> Result<Record, StoreE
 }
 
 impl Writer<'_> {
-    async fn apply(&self, tx: &mut Tx<'_>, op: Op) -> Result<Option<Record>, StoreError> {
+    async fn apply(&mut self, tx: &mut Tx<'_>, op: Op) -> Result<Option<Record>, StoreError> {
         match op {
             Op::Create(e) => self.create(tx, e).await.map(Some),
             Op::Replace {
@@ -664,7 +756,7 @@ impl Writer<'_> {
                 id,
                 if_version,
             } => {
-                let cur = current(tx, &kind, &id).await?;
+                let cur = current(tx, &kind, &id, self.lock).await?;
                 if if_version.is_some_and(|v| v != cur.version) {
                     return Err(StoreError::VersionMismatch {
                         kind,
@@ -677,7 +769,7 @@ impl Writer<'_> {
         }
     }
 
-    async fn create(&self, tx: &mut Tx<'_>, e: Entity) -> Result<Record, StoreError> {
+    async fn create(&mut self, tx: &mut Tx<'_>, e: Entity) -> Result<Record, StoreError> {
         let body = e.body.to_string();
         let inserted = sqlx::query(
             "INSERT INTO entities (kind, id, natural_key, body, secret, version, created_at, updated_at) \
@@ -696,8 +788,7 @@ impl Writer<'_> {
             return Err(unique_violation(err, &e));
         }
         self.write_refs(tx, &e).await?;
-        self.log(tx, &e.kind, &e.id, "upsert", "create", None, Some(&body))
-            .await?;
+        self.log(&e.kind, &e.id, "upsert", "create", None, Some(&body));
         Ok(Record {
             kind: e.kind,
             id: e.id,
@@ -710,13 +801,13 @@ impl Writer<'_> {
     }
 
     async fn replace(
-        &self,
+        &mut self,
         tx: &mut Tx<'_>,
         e: Entity,
         if_version: Option<i64>,
         secret: SecretChange,
     ) -> Result<Record, StoreError> {
-        let cur = current(tx, &e.kind, &e.id).await?;
+        let cur = current(tx, &e.kind, &e.id, self.lock).await?;
         if if_version.is_some_and(|v| v != cur.version) {
             return Err(StoreError::VersionMismatch {
                 kind: e.kind,
@@ -762,15 +853,13 @@ impl Writer<'_> {
         self.write_refs(tx, &e).await?;
         let before = cur.body.to_string();
         self.log(
-            tx,
             &e.kind,
             &e.id,
             "upsert",
             "replace",
             Some(&before),
             Some(&body),
-        )
-        .await?;
+        );
         Ok(Record {
             kind: e.kind,
             id: e.id,
@@ -785,7 +874,7 @@ impl Writer<'_> {
     /// Deletes `cur`, first deleting what refers to it with `cascade`; refuses when
     /// anything refers to it without.
     fn delete<'s>(
-        &'s self,
+        &'s mut self,
         tx: &'s mut Tx<'_>,
         cur: Record,
         depth: u32,
@@ -822,7 +911,7 @@ impl Writer<'_> {
             }
             for (kind, id) in cascading {
                 // A row may already be gone if two cascades reached it.
-                if let Ok(dependent) = current(tx, &kind, &id).await {
+                if let Ok(dependent) = current(tx, &kind, &id, self.lock).await {
                     self.delete(tx, dependent, depth + 1).await?;
                 }
             }
@@ -838,91 +927,224 @@ impl Writer<'_> {
             } else {
                 "cascade-delete"
             };
-            self.log(
-                tx,
-                &cur.kind,
-                &cur.id,
-                "delete",
-                action,
-                Some(&before),
-                None,
-            )
-            .await
+            self.log(&cur.kind, &cur.id, "delete", action, Some(&before), None);
+            Ok(())
         })
     }
 
+    /// Checks the references' targets exist with one query, then inserts them with
+    /// one statement (per 200); the foreign keys stay as the last line of defence.
     async fn write_refs(&self, tx: &mut Tx<'_>, e: &Entity) -> Result<(), StoreError> {
-        for r in &e.refs {
-            let exists = sqlx::query("SELECT 1 FROM entities WHERE kind = $1 AND id = $2")
-                .bind(&r.kind)
-                .bind(&r.id)
-                .fetch_optional(&mut **tx)
-                .await
-                .map_err(classify)?;
-            if exists.is_none() {
-                return Err(StoreError::MissingReference {
-                    kind: r.kind.clone(),
-                    id: r.id.clone(),
-                });
+        if e.refs.is_empty() {
+            return Ok(());
+        }
+        let mut refs: Vec<&Ref> = e.refs.iter().collect();
+        refs.sort_by(|a, b| (&a.kind, &a.id).cmp(&(&b.kind, &b.id)));
+        refs.dedup_by(|a, b| a.kind == b.kind && a.id == b.id);
+        for chunk in refs.chunks(200) {
+            if let Some(missing) = self.missing_ref(tx, chunk).await? {
+                return Err(missing);
             }
-            sqlx::query(
-                "INSERT INTO refs (kind, id, ref_kind, ref_id, cascade) VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
-            )
-            .bind(&e.kind)
-            .bind(&e.id)
-            .bind(&r.kind)
-            .bind(&r.id)
-            .bind(i64::from(r.cascade))
-            .execute(&mut **tx)
-            .await
-            .map_err(classify)?;
+            let mut sql =
+                String::from("INSERT INTO refs (kind, id, ref_kind, ref_id, cascade) VALUES ");
+            for i in 0..chunk.len() {
+                let b = i * 5;
+                if i > 0 {
+                    sql.push_str(", ");
+                }
+                sql.push_str(&format!(
+                    "(${}, ${}, ${}, ${}, ${})",
+                    b + 1,
+                    b + 2,
+                    b + 3,
+                    b + 4,
+                    b + 5
+                ));
+            }
+            let mut q = sqlx::query(&sql);
+            for r in chunk {
+                q = q
+                    .bind(&e.kind)
+                    .bind(&e.id)
+                    .bind(&r.kind)
+                    .bind(&r.id)
+                    .bind(i64::from(r.cascade));
+            }
+            q.execute(&mut **tx).await.map_err(classify)?;
         }
         Ok(())
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn log(
+    /// The first of `refs` (in sorted order) whose target does not exist, if any.
+    async fn missing_ref(
         &self,
         tx: &mut Tx<'_>,
+        refs: &[&Ref],
+    ) -> Result<Option<StoreError>, StoreError> {
+        let mut sql = String::from("SELECT kind, id FROM entities WHERE ");
+        for i in 0..refs.len() {
+            if i > 0 {
+                sql.push_str(" OR ");
+            }
+            sql.push_str(&format!("(kind = ${} AND id = ${})", 2 * i + 1, 2 * i + 2));
+        }
+        let mut q = sqlx::query(&sql);
+        for r in refs {
+            q = q.bind(&r.kind).bind(&r.id);
+        }
+        let rows = q.fetch_all(&mut **tx).await.map_err(classify)?;
+        let mut found = std::collections::HashSet::with_capacity(rows.len());
+        for row in &rows {
+            let kind: String = row.try_get(0).map_err(classify)?;
+            let id: String = row.try_get(1).map_err(classify)?;
+            found.insert((kind, id));
+        }
+        Ok(refs
+            .iter()
+            .find(|r| !found.contains(&(r.kind.clone(), r.id.clone())))
+            .map(|r| StoreError::MissingReference {
+                kind: r.kind.clone(),
+                id: r.id.clone(),
+            }))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn log(
+        &mut self,
         kind: &str,
         id: &str,
-        change: &str,
+        change: &'static str,
         default_action: &str,
         before: Option<&str>,
         after: Option<&str>,
-    ) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO changes (revision, kind, id, op) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (revision, kind, id) DO UPDATE SET op = excluded.op",
-        )
-        .bind(self.revision)
-        .bind(kind)
-        .bind(id)
-        .bind(change)
-        .execute(&mut **tx)
-        .await
-        .map_err(classify)?;
+    ) {
         let action = if default_action == "cascade-delete" {
             default_action
         } else {
             self.action.unwrap_or(default_action)
         };
-        sqlx::query(
-            "INSERT INTO audit (revision, at, actor, action, kind, entity_id, before, after) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-        )
-        .bind(self.revision)
-        .bind(self.now)
-        .bind(self.actor)
-        .bind(action)
-        .bind(kind)
-        .bind(id)
-        .bind(before.map(str::to_owned))
-        .bind(after.map(str::to_owned))
-        .execute(&mut **tx)
-        .await
-        .map_err(classify)?;
-        Ok(())
+        self.pending.push(Pending {
+            kind: kind.into(),
+            id: id.into(),
+            change,
+            action: action.into(),
+            before: before.map(str::to_owned),
+            after: after.map(str::to_owned),
+        });
+    }
+
+    /// Writes the change log and audit rows and, on PostgreSQL, takes the revision.
+    async fn finish(&mut self, tx: &mut Tx<'_>, dialect: Dialect) -> Result<i64, StoreError> {
+        let mut changes: Vec<(&str, &str, &str)> = Vec::new();
+        for p in &self.pending {
+            match changes.iter_mut().find(|c| c.0 == p.kind && c.1 == p.id) {
+                Some(c) => c.2 = p.change,
+                None => changes.push((&p.kind, &p.id, p.change)),
+            }
+        }
+        let small = changes.len() <= 100 && self.pending.len() <= 100;
+        let mut revision = self.revision;
+        let mut logged = false;
+        if dialect == Dialect::Postgres {
+            let upserts: Vec<&(&str, &str, &str)> =
+                changes.iter().filter(|c| c.2 == "upsert").collect();
+            let mut sql = String::from(
+                "WITH r AS (UPDATE revision SET value = value + 1 WHERE id = 1 RETURNING value)",
+            );
+            let mut n = 1;
+            for chunk in upserts.chunks(1000).take(1) {
+                sql.push_str(&format!(
+                    ", e AS (UPDATE entities SET version = (SELECT value FROM r) WHERE (kind, id) IN ({}) RETURNING 1)",
+                    values(chunk.len(), 2, n)
+                ));
+                n += chunk.len() * 2;
+            }
+            if small {
+                sql.push_str(&format!(
+                    ", c AS (INSERT INTO changes (revision, kind, id, op) SELECT r.value, v.k, v.i, v.o FROM r, (VALUES {}) AS v(k, i, o) RETURNING 1)",
+                    values(changes.len(), 3, n)
+                ));
+                n += changes.len() * 3;
+                sql.push_str(&format!(
+                    ", a AS (INSERT INTO audit (revision, at, actor, action, kind, entity_id, before, after) \
+                     SELECT r.value, CAST(${n} AS BIGINT), v.ac, v.an, v.k, v.i, v.b, v.af FROM r, (VALUES {}) AS v(ac, an, k, i, b, af) RETURNING 1)",
+                    values(self.pending.len(), 6, n + 1)
+                ));
+            }
+            sql.push_str(" SELECT value FROM r");
+            let mut q = sqlx::query_scalar::<_, i64>(&sql);
+            for c in upserts.iter().take(1000) {
+                q = q.bind(c.0.to_owned()).bind(c.1.to_owned());
+            }
+            if small {
+                for c in &changes {
+                    q = q
+                        .bind(c.0.to_owned())
+                        .bind(c.1.to_owned())
+                        .bind(c.2.to_owned());
+                }
+                q = q.bind(self.now);
+                for p in &self.pending {
+                    q = q
+                        .bind(self.actor.to_owned())
+                        .bind(p.action.clone())
+                        .bind(p.kind.clone())
+                        .bind(p.id.clone())
+                        .bind(p.before.clone())
+                        .bind(p.after.clone());
+                }
+            }
+            revision = q.fetch_one(&mut **tx).await.map_err(classify)?;
+            for chunk in upserts.chunks(1000).skip(1) {
+                let sql = format!(
+                    "UPDATE entities SET version = $1 WHERE (kind, id) IN ({})",
+                    values(chunk.len(), 2, 2)
+                );
+                let mut q = sqlx::query(&sql).bind(revision);
+                for c in chunk {
+                    q = q.bind(c.0.to_owned()).bind(c.1.to_owned());
+                }
+                q.execute(&mut **tx).await.map_err(classify)?;
+            }
+            logged = small;
+        }
+        if !logged {
+            for chunk in changes.chunks(500) {
+                let sql = format!(
+                    "INSERT INTO changes (revision, kind, id, op) VALUES {}",
+                    values(chunk.len(), 4, 1)
+                );
+                let mut q = sqlx::query(&sql);
+                for c in chunk {
+                    q = q
+                        .bind(revision)
+                        .bind(c.0.to_owned())
+                        .bind(c.1.to_owned())
+                        .bind(c.2.to_owned());
+                }
+                q.execute(&mut **tx).await.map_err(classify)?;
+            }
+            for chunk in self.pending.chunks(500) {
+                let sql = format!(
+                    "INSERT INTO audit (revision, at, actor, action, kind, entity_id, before, after) VALUES {}",
+                    values(chunk.len(), 8, 1)
+                );
+                let mut q = sqlx::query(&sql);
+                for p in chunk {
+                    q = q
+                        .bind(revision)
+                        .bind(self.now)
+                        .bind(self.actor.to_owned())
+                        .bind(p.action.clone())
+                        .bind(p.kind.clone())
+                        .bind(p.id.clone())
+                        .bind(p.before.clone())
+                        .bind(p.after.clone());
+                }
+                q.execute(&mut **tx).await.map_err(classify)?;
+            }
+        }
+        Ok(revision)
     }
 }
 

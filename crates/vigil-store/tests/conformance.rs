@@ -56,6 +56,7 @@ conformance!(
     secrets_stay_apart,
     change_log_and_audit,
     migrations_are_reported,
+    bulk_writes_log_every_change,
 );
 
 fn entity(kind: &str, id: &str, key: Option<&str>, body: serde_json::Value) -> Entity {
@@ -509,6 +510,9 @@ async fn listing_pages_and_filters(s: Store) {
         .is_err());
     let (rev, all) = s.load_all().await.unwrap();
     assert_eq!((rev, all.len()), (2, 26));
+    assert!(all
+        .iter()
+        .any(|r| r.kind == "group" && r.body.contains("suspended")));
 }
 
 async fn secrets_stay_apart(s: Store) {
@@ -693,4 +697,39 @@ async fn a_fresh_database_reports_pending_migrations() {
     assert!(Store::connect("mysql://x", StoreOptions::default())
         .await
         .is_err());
+}
+
+async fn bulk_writes_log_every_change(s: Store) {
+    let ops = (0..600)
+        .map(|i| Op::Create(entity("group", &format!("g{i:03}"), None, json!({"n": i}))))
+        .collect();
+    let c = s.write("bulk", None, ops).await.unwrap();
+    assert!(c.records.iter().flatten().all(|r| r.version == c.revision));
+    let (_, changes) = s.changes_since(0).await.unwrap();
+    assert_eq!(changes.len(), 600);
+    assert!(changes.iter().all(|ch| ch.revision == c.revision));
+    let mut audit = 0;
+    let mut q = AuditQuery {
+        limit: Some(1000),
+        ..AuditQuery::default()
+    };
+    loop {
+        let page = s.audit(&q).await.unwrap();
+        audit += page.items.len();
+        match page.next {
+            Some(n) => q.cursor = Some(n),
+            None => break,
+        }
+    }
+    assert_eq!(audit, 600);
+    let (rev, rows) = s.load_all().await.unwrap();
+    assert_eq!(rev, c.revision);
+    assert!(rows
+        .iter()
+        .all(|r| r.version == c.revision
+            && serde_json::from_str::<serde_json::Value>(&r.body).is_ok()));
+    assert_eq!(
+        s.get("group", "g599").await.unwrap().unwrap().version,
+        c.revision
+    );
 }

@@ -18,6 +18,7 @@ pub struct TestPostgres {
     bin: PathBuf,
     port: u16,
     as_root: bool,
+    durable: bool,
 }
 
 /// Finds the server binaries (`/usr/lib/postgresql/<version>/bin`, newest first).
@@ -71,8 +72,18 @@ fn unique_dir() -> io::Result<PathBuf> {
 }
 
 impl TestPostgres {
-    /// Creates and starts a fresh cluster (about a second).
+    /// Creates and starts a fresh cluster (about a second), tuned for tests: no fsync.
     pub fn start() -> io::Result<TestPostgres> {
+        Self::start_with(false)
+    }
+
+    /// Like [`TestPostgres::start`] but with PostgreSQL's durable defaults (fsync on),
+    /// for benchmarks that must count the cost of flushing commits.
+    pub fn start_durable() -> io::Result<TestPostgres> {
+        Self::start_with(true)
+    }
+
+    fn start_with(durable: bool) -> io::Result<TestPostgres> {
         let bin = server_bin_dir()?;
         let dir = unique_dir()?;
         let as_root = is_root();
@@ -85,6 +96,7 @@ impl TestPostgres {
             bin,
             port: free_port()?,
             as_root,
+            durable,
         };
         let data = pg.data_dir();
         pg.run_pg(
@@ -153,8 +165,13 @@ impl TestPostgres {
     /// Starts the (stopped) server again on the same port and data.
     pub fn resume(&self) -> io::Result<()> {
         let data = self.data_dir();
+        let fast = if self.durable {
+            ""
+        } else {
+            " -c fsync=off -c full_page_writes=off"
+        };
         let opts = format!(
-            "-k {} -h 127.0.0.1 -p {} -c fsync=off -c full_page_writes=off -c max_connections=200",
+            "-k {} -h 127.0.0.1 -p {}{fast} -c max_connections=200",
             path_str(&self.dir)?,
             self.port
         );
