@@ -19,10 +19,16 @@ pub struct ControlProcess {
     child: Child,
     /// Base URL of its admin API.
     pub url: String,
+    /// Address of its gRPC snapshot stream.
+    pub grpc_url: String,
     db: String,
     port: u16,
+    grpc_port: u16,
     log: std::path::PathBuf,
 }
+
+/// The Ed25519 seed every test control plane signs snapshots with (bytes 1..=32).
+pub const SIGNING_SEED: &str = "AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA=";
 
 pub const TOKEN: &str = "e2e-bootstrap-token";
 
@@ -34,12 +40,15 @@ impl ControlProcess {
             "vigil-e2e-control-{}-{port}.log",
             std::process::id()
         ));
-        let child = spawn(db, port, true, &log);
+        let grpc_port = free_port();
+        let child = spawn(db, port, grpc_port, true, &log);
         let p = ControlProcess {
             child,
             url: format!("http://127.0.0.1:{port}"),
+            grpc_url: format!("http://127.0.0.1:{grpc_port}"),
             db: db.into(),
             port,
+            grpc_port,
             log,
         };
         p.wait_ready();
@@ -50,14 +59,28 @@ impl ControlProcess {
     pub fn crash_and_restart(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        self.child = spawn(&self.db, self.port, false, &self.log);
+        self.child = spawn(&self.db, self.port, self.grpc_port, false, &self.log);
+        self.wait_ready();
+    }
+
+    /// Kills the process at once (SIGKILL) and leaves it down.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts a killed process again on the same ports and database.
+    pub fn restart(&mut self) {
+        self.child = spawn(&self.db, self.port, self.grpc_port, false, &self.log);
         self.wait_ready();
     }
 
     fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+                && std::net::TcpStream::connect(("127.0.0.1", self.grpc_port)).is_ok()
+            {
                 return;
             }
             assert!(
@@ -75,7 +98,7 @@ impl ControlProcess {
     }
 }
 
-fn spawn(db: &str, port: u16, migrate: bool, log: &std::path::Path) -> Child {
+fn spawn(db: &str, port: u16, grpc_port: u16, migrate: bool, log: &std::path::Path) -> Child {
     let out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -88,7 +111,10 @@ fn spawn(db: &str, port: u16, migrate: bool, log: &std::path::Path) -> Child {
             db,
             "--admin-listen",
             &format!("127.0.0.1:{port}"),
+            "--grpc-listen",
+            &format!("127.0.0.1:{grpc_port}"),
         ])
+        .env("VIGIL_SIGNING_KEY", SIGNING_SEED)
         .env("VIGIL_BOOTSTRAP_TOKEN", TOKEN)
         .env("VIGIL_SECRET_KEY", "A".repeat(43))
         .env("VIGIL_LOG", "info")

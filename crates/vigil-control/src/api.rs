@@ -467,6 +467,24 @@ pub async fn list<R: Resource>(
     Ok(Json(serde_json::json!({ "items": items, "next_cursor": page.next })).into_response())
 }
 
+/// `GET /v1/proxies`: every proxy this replica has streamed to, with the version it
+/// holds and its last refusal.
+pub async fn proxies(State(c): State<Control>, admin: Admin) -> Result<Response, Problem> {
+    admin.require(Role::Viewer)?;
+    let hub = c.hub().ok_or_else(|| {
+        Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no-snapshots",
+            "this control plane does not serve snapshots",
+        )
+    })?;
+    Ok(Json(serde_json::json!({
+        "snapshot_version": hub.version(),
+        "items": hub.proxies().await,
+    }))
+    .into_response())
+}
+
 /// `GET /v1/audit`.
 pub async fn audit(
     State(c): State<Control>,

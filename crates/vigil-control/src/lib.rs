@@ -8,6 +8,8 @@ pub mod crypto;
 pub mod openapi;
 pub mod problem;
 pub mod resources;
+pub mod snapshot;
+pub mod stream;
 
 use std::sync::Arc;
 
@@ -44,6 +46,7 @@ struct Inner {
     bootstrap_hash: Option<String>,
     secrets: Option<SecretBox>,
     revision: watch::Sender<i64>,
+    hub: std::sync::OnceLock<Arc<stream::Hub>>,
 }
 
 impl Control {
@@ -64,6 +67,7 @@ impl Control {
                     .map(token_hash),
                 secrets,
                 revision,
+                hub: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -101,6 +105,26 @@ impl Control {
                 false
             }
         });
+    }
+
+    /// Builds the first snapshot and starts keeping it current; after this the
+    /// gRPC service and `GET /v1/proxies` work.
+    pub async fn start_snapshots(
+        &self,
+        signer: vigil_snapshot::Signer,
+    ) -> Result<Arc<stream::Hub>, vigil_store::StoreError> {
+        if let Some(h) = self.inner.hub.get() {
+            return Ok(h.clone());
+        }
+        let hub = stream::Hub::start(self, signer).await?;
+        let hub = self.inner.hub.get_or_init(|| hub).clone();
+        tokio::spawn(stream::run_refresher(self.clone(), hub.clone()));
+        Ok(hub)
+    }
+
+    /// The snapshot hub, once started.
+    pub fn hub(&self) -> Option<&Arc<stream::Hub>> {
+        self.inner.hub.get()
     }
 
     /// Revisions committed through this process.
@@ -167,6 +191,7 @@ pub fn router(control: Control) -> Router {
         .route("/readyz", get(readyz))
         .route("/v1/openapi.json", get(openapi_json))
         .route("/v1/audit", get(api::audit))
+        .route("/v1/proxies", get(api::proxies))
         .route("/v1/policies/validate", post(api::validate_policy))
         .route("/v1/sessions/{id}/revoke", post(api::revoke_session))
         .route(

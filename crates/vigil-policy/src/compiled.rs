@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::amr::Amr;
 use crate::ast::{Effect, Flag, Scalar, StrField};
 use crate::request::{HeaderValue, Request};
+use crate::symbols::{Interner, Sym, Symbols};
 use crate::text::{fold_ends_with, fold_eq, fold_starts_with};
 
 /// Bumped when the serialised form changes incompatibly.
@@ -87,6 +88,17 @@ impl BitSet {
         self.words
             .get((off / 64) as usize)
             .is_some_and(|w| w & (1 << (off % 64)) != 0)
+    }
+
+    /// The ids in the set, ascending. A bit past `u32::MAX` (only a hand-made program
+    /// has one) can never be matched by [`BitSet::contains`] and is skipped.
+    pub(crate) fn ids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.words.iter().enumerate().flat_map(move |(i, &word)| {
+            let start = u64::from(self.base) + 64 * i as u64;
+            std::iter::successors(Some(word), |&w| Some(w & w.wrapping_sub(1)))
+                .take_while(|&w| w != 0)
+                .filter_map(move |w| u32::try_from(start + u64::from(w.trailing_zeros())).ok())
+        })
     }
 }
 
@@ -373,6 +385,38 @@ impl CompiledPolicy {
             )));
         }
         CompiledPolicy::from_program(program)
+    }
+
+    /// Re-expresses a policy compiled against `from` in terms of `to`, interning into `to`
+    /// every name the policy uses. A snapshot ships each policy with its own small symbol
+    /// table; the proxy relinks them all into one table shared with its users and devices.
+    ///
+    /// Only interned ids change (sets are re-sorted, as the compiler emits them); the
+    /// tree, its evaluation order and every other operand stay as they are, so the result
+    /// decides every request exactly as the policy compiled directly against `to` would.
+    /// An id that `from` does not hold is [`LoadError::Invalid`], reported before anything
+    /// is interned into `to`. The result passes the same checks as a loaded policy.
+    pub fn relink(&self, from: &Symbols, to: &mut Symbols) -> Result<CompiledPolicy, LoadError> {
+        let mut program = self.program.clone();
+        // A first pass only resolves (keeping every id), so a bad id leaves `to` untouched.
+        let mut resolve = |ns: Namespace, id: u32| ns.name(from, id).map(|_| id);
+        for check in &mut program.checks {
+            relink_check(check, &mut resolve)?;
+        }
+        let mut relink = |ns: Namespace, id: u32| -> Result<u32, LoadError> {
+            let name = ns.name(from, id)?;
+            Ok(ns.table_mut(to).intern(name).0)
+        };
+        for check in &mut program.checks {
+            relink_check(check, &mut relink)?;
+        }
+        validate(&program)?;
+        // Patterns and zones are unchanged: reuse what `self` already built from them.
+        Ok(CompiledPolicy {
+            program,
+            regexes: self.regexes.clone(),
+            tzs: self.tzs.clone(),
+        })
     }
 
     /// The rules, deny rules first.
@@ -711,6 +755,117 @@ impl<'a> ValRef<'a> {
     }
 }
 
+/// A symbol namespace a check refers to.
+#[derive(Debug, Clone, Copy)]
+enum Namespace {
+    Users,
+    Groups,
+    ServiceAccounts,
+    Devices,
+    Attributes,
+    Domains,
+}
+
+impl Namespace {
+    fn of(field: SymField) -> Namespace {
+        match field {
+            SymField::User => Namespace::Users,
+            SymField::Domain => Namespace::Domains,
+            SymField::ServiceAccount => Namespace::ServiceAccounts,
+            SymField::Device => Namespace::Devices,
+        }
+    }
+
+    fn table(self, s: &Symbols) -> &Interner {
+        match self {
+            Namespace::Users => &s.users,
+            Namespace::Groups => &s.groups,
+            Namespace::ServiceAccounts => &s.service_accounts,
+            Namespace::Devices => &s.devices,
+            Namespace::Attributes => &s.attributes,
+            Namespace::Domains => &s.domains,
+        }
+    }
+
+    fn table_mut(self, s: &mut Symbols) -> &mut Interner {
+        match self {
+            Namespace::Users => &mut s.users,
+            Namespace::Groups => &mut s.groups,
+            Namespace::ServiceAccounts => &mut s.service_accounts,
+            Namespace::Devices => &mut s.devices,
+            Namespace::Attributes => &mut s.attributes,
+            Namespace::Domains => &mut s.domains,
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Namespace::Users => "user",
+            Namespace::Groups => "group",
+            Namespace::ServiceAccounts => "service account",
+            Namespace::Devices => "device",
+            Namespace::Attributes => "posture attribute",
+            Namespace::Domains => "domain",
+        }
+    }
+
+    /// The name of `id` in `symbols`, or why there is none.
+    fn name(self, symbols: &Symbols, id: u32) -> Result<&str, LoadError> {
+        self.table(symbols).name(Sym(id)).ok_or_else(|| {
+            LoadError::Invalid(format!(
+                "{} id {id} is not in the policy's symbol table",
+                self.label()
+            ))
+        })
+    }
+}
+
+/// Replaces every interned id in `check` by `map` of it, leaving sets sorted and
+/// deduplicated as the compiler emits them. Nothing else in the check changes.
+fn relink_check(
+    check: &mut Check,
+    map: &mut impl FnMut(Namespace, u32) -> Result<u32, LoadError>,
+) -> Result<(), LoadError> {
+    match check {
+        Check::Sym { field, set, .. } => {
+            *set = relink_set(Namespace::of(*field), set.iter().copied(), map)?.into();
+        }
+        Check::GroupHas(g) => *g = map(Namespace::Groups, *g)?,
+        Check::GroupAny(set) => {
+            *set = BitSet::from_ids(&relink_set(Namespace::Groups, set.ids(), map)?);
+        }
+        Check::GroupAll(all) => {
+            *all = relink_set(Namespace::Groups, all.iter().copied(), map)?.into();
+        }
+        Check::Posture { attr, .. } => *attr = map(Namespace::Attributes, *attr)?,
+        Check::Const(_)
+        | Check::Flag { .. }
+        | Check::Str { .. }
+        | Check::Claim { .. }
+        | Check::Fingerprint { .. }
+        | Check::Ip { .. }
+        | Check::TimeOfDay { .. }
+        | Check::Date { .. }
+        | Check::Weekday { .. }
+        | Check::AuthAgeLt(_)
+        | Check::AuthAgeGt(_)
+        | Check::AmrAny(_)
+        | Check::AmrAll(_) => {}
+    }
+    Ok(())
+}
+
+fn relink_set(
+    ns: Namespace,
+    ids: impl Iterator<Item = u32>,
+    map: &mut impl FnMut(Namespace, u32) -> Result<u32, LoadError>,
+) -> Result<Vec<u32>, LoadError> {
+    let mut out = ids.map(|id| map(ns, id)).collect::<Result<Vec<u32>, _>>()?;
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
+}
+
 fn validate(p: &Program) -> Result<(), LoadError> {
     let bad = |m: String| Err(LoadError::Invalid(m));
     if p.pointers.len() != p.nodes.len() {
@@ -802,5 +957,31 @@ fn validate_check(p: &Program, c: &Check) -> Result<(), LoadError> {
         Ok(())
     } else {
         Err(LoadError::Invalid(format!("check {c:?} is inconsistent")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::BitSet;
+
+    #[test]
+    fn bit_set_ids_round_trip_and_stop_at_u32_max() {
+        for ids in [
+            &[][..],
+            &[0],
+            &[5, 63, 64, 65, 200],
+            &[1000, 1001, 1063],
+            &[u32::MAX - 64, u32::MAX],
+        ] {
+            let set = BitSet::from_ids(ids);
+            assert_eq!(set.ids().collect::<Vec<_>>(), ids);
+            assert!(ids.iter().all(|&id| set.contains(id)));
+        }
+        // A hand-made set whose words run past u32::MAX yields only reachable ids.
+        let set = BitSet {
+            base: !63,
+            words: Box::new([1 << 63, u64::MAX]),
+        };
+        assert_eq!(set.ids().collect::<Vec<_>>(), [u32::MAX]);
     }
 }

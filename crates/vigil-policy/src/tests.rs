@@ -793,3 +793,313 @@ fn loaded_programs_are_held_to_the_parser_rules() {
     assert!(e.rules[0].matched);
     assert!(e.rules[0].condition.unknown);
 }
+
+/// Policies of a snapshot, each compiled against its own table for the relink tests.
+const RELINK_POLICIES: &[&str] = &[
+    "allow:\n  or:\n    - user: {in: [carol, alice]}\n    - groups: {all_of: [ops, eng]}\ndeny:\n  or:\n    - groups: contractors\n    - user: mallory\n",
+    "allow:\n  and:\n    - domain: {in: [Other.Org, corp.example]}\n    - groups: {any_of: [g-far, admins, eng]}\n",
+    "- deny:\n    and:\n      - user: {not_in: [alice, bob]}\n      - groups: {has: admins}\n- allow:\n    or:\n      - service_account: {in: [svc-b, svc-a]}\n      - groups: {all_of: [admins]}\n",
+    "allow:\n  and:\n    - device/id: {in: [d2, d1]}\n    - device/managed: true\n    - device/os: {in: [linux, macos]}\ndeny:\n  or:\n    - device/disk_encrypted: false\n    - device/id: d3\n",
+    "allow:\n  and:\n    - policy: base\n    - service_account: {not_in: [svc-a]}\n    - domain: {not_in: [evil.example]}\n",
+    "allow:\n  or:\n    - groups: {any_of: [eng, ops, sales]}\n    - device/os_version: {gt: 13}\n    - user: bob\n",
+];
+
+fn relink_library() -> BTreeMap<String, Document> {
+    let mut lib = BTreeMap::new();
+    lib.insert(
+        "base".to_owned(),
+        parse_yaml("allow:\n  or:\n    - groups: sales\n    - device/managed: true\ndeny:\n  or:\n    - groups: contractors\n")
+            .unwrap(),
+    );
+    lib
+}
+
+fn compile_with(
+    yaml: &str,
+    symbols: &mut Symbols,
+    lib: &BTreeMap<String, Document>,
+) -> CompiledPolicy {
+    let doc = parse_yaml(yaml).unwrap_or_else(|e| panic!("{yaml}\n{e}"));
+    compile(
+        &doc,
+        CompileEnv {
+            symbols,
+            directory: None,
+            library: Some(lib),
+            name: None,
+        },
+    )
+    .unwrap_or_else(|e| panic!("{yaml}\n{e}"))
+}
+
+/// A proxy's table: other names first, and the policies' names in another order, so
+/// that no id means the same thing as in a policy's own table (groups pass 64, so the
+/// `any_of` bit sets move to another base).
+fn shared_symbols() -> Symbols {
+    let mut s = Symbols::default();
+    for i in 0..100 {
+        s.groups.intern(&format!("filler-{i}"));
+    }
+    for g in ["sales", "eng", "unused", "admins", "ops"] {
+        s.groups.intern(g);
+    }
+    for u in ["zed", "bob", "carol", "alice"] {
+        s.users.intern(u);
+    }
+    for a in ["serial", "os_version", "os", "managed"] {
+        s.attributes.intern(a);
+    }
+    for d in ["d9", "d2"] {
+        s.devices.intern(d);
+    }
+    for sa in ["svc-z", "svc-b"] {
+        s.service_accounts.intern(sa);
+    }
+    for d in ["elsewhere.net", "other.org"] {
+        s.domains.intern(d);
+    }
+    s
+}
+
+#[test]
+fn relinked_policies_decide_like_policies_compiled_against_the_shared_table() {
+    let lib = relink_library();
+    let mut shared = shared_symbols();
+    let relinked: Vec<CompiledPolicy> = RELINK_POLICIES
+        .iter()
+        .map(|yaml| {
+            let mut own = Symbols::default();
+            let p = compile_with(yaml, &mut own, &lib);
+            p.relink(&own, &mut shared).expect("relinks")
+        })
+        .collect();
+    // Relinking interned every name: compiling directly adds nothing and yields the
+    // very same program.
+    let before = shared.clone();
+    let direct: Vec<CompiledPolicy> = RELINK_POLICIES
+        .iter()
+        .map(|yaml| compile_with(yaml, &mut shared, &lib))
+        .collect();
+    assert_eq!(
+        shared, before,
+        "relink interned every name the policies use"
+    );
+    for ((yaml, r), d) in RELINK_POLICIES.iter().zip(&relinked).zip(&direct) {
+        assert_eq!(r.program, d.program, "{yaml}");
+        // Relinking into the table a policy was compiled against changes nothing.
+        let again = r.relink(&shared, &mut shared.clone()).unwrap();
+        assert_eq!(again.program, r.program, "{yaml}");
+    }
+
+    // Requests with ids from the shared table (names no policy uses stay NONE).
+    let g = |names: &[&str]| -> Vec<Sym> {
+        names
+            .iter()
+            .map(|n| shared.groups.get(n).unwrap_or(Sym::NONE))
+            .collect()
+    };
+    let group_sets = [
+        g(&[]),
+        g(&["eng"]),
+        g(&["ops", "eng"]),
+        g(&["admins"]),
+        g(&["admins", "contractors"]),
+        g(&["g-far"]),
+        g(&["sales", "filler-3"]),
+        g(&["nobody"]),
+    ];
+    let users = ["alice", "bob", "carol", "mallory", "zed", "stranger"];
+    let emails = [
+        None,
+        Some("a@corp.example"),
+        Some("b@OTHER.org"),
+        Some("c@evil.example"),
+    ];
+    let attr = |n: &str| shared.attributes.get(n).unwrap();
+    let postures: Vec<Posture> = vec![
+        Posture::default(),
+        Posture {
+            expires_at: None,
+            attributes: {
+                let mut v = vec![
+                    (attr("managed"), Scalar::Bool(true)),
+                    (attr("os"), Scalar::Str("linux".into())),
+                    (attr("disk_encrypted"), Scalar::Bool(true)),
+                ];
+                v.sort_by_key(|(s, _)| *s);
+                v
+            },
+        },
+        Posture {
+            expires_at: None,
+            attributes: {
+                let mut v = vec![
+                    (attr("managed"), Scalar::Bool(true)),
+                    (attr("os"), Scalar::Str("macos".into())),
+                    (attr("disk_encrypted"), Scalar::Bool(false)),
+                    (attr("os_version"), Scalar::Num(14.0)),
+                ];
+                v.sort_by_key(|(s, _)| *s);
+                v
+            },
+        },
+    ];
+    let id = |table: &Interner, name: &'static str| Id {
+        sym: table.get(name).unwrap_or(Sym::NONE),
+        name,
+    };
+    let mut principals: Vec<Request<'_>> = Vec::new();
+    for u in users {
+        for gs in &group_sets {
+            for e in emails {
+                let mut usr = user(u, e, gs);
+                usr.id = id(&shared.users, u);
+                usr.domain = e.map_or(Sym::NONE, |e| shared.domain_of(e));
+                principals.push(Request {
+                    user: Some(usr),
+                    ..Request::anonymous("GET", "/", T0)
+                });
+            }
+        }
+    }
+    for sa in ["svc-a", "svc-b", "svc-z"] {
+        principals.push(Request {
+            service_account: Some(id(&shared.service_accounts, sa)),
+            ..Request::anonymous("GET", "/", T0)
+        });
+    }
+    let mut requests = Vec::new();
+    for base in &principals {
+        requests.push(*base);
+        for dev in ["d1", "d2", "d3"] {
+            for posture in &postures {
+                requests.push(Request {
+                    device: Some(Device {
+                        id: id(&shared.devices, dev),
+                        approved: true,
+                        posture,
+                    }),
+                    ..*base
+                });
+            }
+        }
+    }
+
+    let docs: Vec<Document> = RELINK_POLICIES
+        .iter()
+        .map(|y| parse_yaml(y).unwrap())
+        .collect();
+    let mut allowed = 0;
+    let mut by_deny = 0;
+    for req in &requests {
+        for ((r, d), doc) in relinked.iter().zip(&direct).zip(&docs) {
+            let decision = r.evaluate(req);
+            assert_eq!(decision, d.evaluate(req));
+            // And both agree with the reference interpreter over the shared table.
+            let (allow, rule) = interp::evaluate(doc, Some(&lib), &shared, req);
+            assert_eq!(decision.allow, allow);
+            assert_eq!(
+                decision
+                    .rule
+                    .and_then(|i| r.rule(i))
+                    .map(|x| x.pointer.to_string()),
+                rule
+            );
+            assert_eq!(r.explain(req).allow, decision.allow);
+            allowed += usize::from(decision.allow);
+            by_deny += usize::from(!decision.allow && decision.rule.is_some());
+        }
+    }
+    // The requests exercise allows, denies by a rule and default denies alike.
+    let total = requests.len() * RELINK_POLICIES.len();
+    assert!(allowed > 0 && by_deny > 0 && allowed + by_deny < total);
+}
+
+#[test]
+fn relink_refuses_ids_missing_from_the_source_table() {
+    let lib = relink_library();
+    for yaml in RELINK_POLICIES {
+        let mut own = Symbols::default();
+        let p = compile_with(yaml, &mut own, &lib);
+        let to = shared_symbols();
+        // An empty source table holds none of the policy's ids.
+        let mut target = to.clone();
+        assert!(matches!(
+            p.relink(&Symbols::default(), &mut target),
+            Err(LoadError::Invalid(_))
+        ));
+        assert_eq!(target, to, "a failed relink interns nothing");
+        // Nor does one that misses only the last name of a namespace.
+        for ns in 0..6 {
+            let mut partial = Symbols::default();
+            let mut dropped = false;
+            for (i, (src, dst)) in [
+                (&own.users, &mut partial.users),
+                (&own.groups, &mut partial.groups),
+                (&own.service_accounts, &mut partial.service_accounts),
+                (&own.devices, &mut partial.devices),
+                (&own.attributes, &mut partial.attributes),
+                (&own.domains, &mut partial.domains),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                let keep = if i == ns && !src.is_empty() {
+                    dropped = true;
+                    src.len() - 1
+                } else {
+                    src.len()
+                };
+                for j in 0..keep {
+                    dst.intern(src.name(Sym(j as u32)).unwrap());
+                }
+            }
+            let mut target = to.clone();
+            let r = p.relink(&partial, &mut target);
+            assert_eq!(
+                r.is_err(),
+                dropped,
+                "{yaml} without the last of namespace {ns}"
+            );
+            if dropped {
+                assert_eq!(target, to);
+            }
+        }
+    }
+
+    // Hand-made programs with ids no table holds are refused, never a panic.
+    use crate::compiled::{BitSet, Check, SymField};
+    let mut own = Symbols::default();
+    let p = compile_with("allow:\n  and:\n    - http_method: GET\n", &mut own, &lib);
+    own.users.intern("u");
+    own.groups.intern("g");
+    own.attributes.intern("a");
+    for check in [
+        Check::Sym {
+            field: SymField::User,
+            set: Box::new([0, 7]),
+            negate: false,
+        },
+        Check::Sym {
+            field: SymField::Domain,
+            set: Box::new([0]),
+            negate: true,
+        },
+        Check::GroupHas(u32::MAX),
+        Check::GroupAny(BitSet::from_ids(&[0, 1000])),
+        Check::GroupAll(Box::new([3, 0])),
+        Check::Posture {
+            attr: 1,
+            test: crate::compiled::ValueTest::Is(Scalar::Bool(true)),
+        },
+    ] {
+        let mut program = p.program.clone();
+        program.checks[0] = check.clone();
+        let bad = CompiledPolicy::from_program(program).expect("a loadable program");
+        let mut to = shared_symbols();
+        let err = bad.relink(&own, &mut to).expect_err("missing id");
+        assert!(matches!(err, LoadError::Invalid(_)), "{check:?}: {err}");
+        assert!(err.to_string().contains("not in the policy's symbol table"));
+        assert_eq!(to, shared_symbols());
+    }
+}

@@ -366,7 +366,34 @@ fn library() -> BTreeMap<String, Document> {
     lib
 }
 
-fn run(doc_value: &Value, spec: &Spec) -> Result<(), TestCaseError> {
+/// A proxy's shared table: other names first, then the generator's names in another
+/// order, so no id means what it means in a policy's own fresh table.
+fn shared_symbols() -> Symbols {
+    let mut s = Symbols::default();
+    for i in 0..70 {
+        s.groups.intern(&format!("filler-{i}"));
+    }
+    for g in GROUPS.iter().rev().step_by(2) {
+        s.groups.intern(g);
+    }
+    for u in USERS.iter().rev() {
+        s.users.intern(u);
+        s.service_accounts.intern(&format!("other-{u}"));
+    }
+    for a in ATTRS.iter().rev() {
+        s.attributes.intern(a);
+    }
+    s.devices.intern("d0");
+    s.devices.intern("d2");
+    s.domains.intern("sub.corp.example");
+    s.domains.intern("nowhere.net");
+    s
+}
+
+/// Checks one generated case. With `relink`, the policy is compiled against its own
+/// table and relinked into [`shared_symbols`]; it must then be the very program that
+/// compiling against the shared table gives, and decide alike.
+fn run(doc_value: &Value, spec: &Spec, relink: bool) -> Result<(), TestCaseError> {
     let Ok(doc) = parse_json(&doc_value.to_string()) else {
         // Generated documents are meant to be valid; any that is not is a generator bug.
         return Err(TestCaseError::fail(format!(
@@ -374,17 +401,34 @@ fn run(doc_value: &Value, spec: &Spec) -> Result<(), TestCaseError> {
         )));
     };
     let lib = library();
+    let compile_into = |symbols: &mut Symbols| {
+        compile(
+            &doc,
+            CompileEnv {
+                symbols,
+                directory: None,
+                library: Some(&lib),
+                name: None,
+            },
+        )
+        .map_err(|e| TestCaseError::fail(format!("compile: {e}\n{doc_value}")))
+    };
     let mut symbols = Symbols::default();
-    let policy = compile(
-        &doc,
-        CompileEnv {
-            symbols: &mut symbols,
-            directory: None,
-            library: Some(&lib),
-            name: None,
-        },
-    )
-    .map_err(|e| TestCaseError::fail(format!("compile: {e}\n{doc_value}")))?;
+    let mut relinked = None;
+    if relink {
+        symbols = shared_symbols();
+        let mut own = Symbols::default();
+        let r = compile_into(&mut own)?
+            .relink(&own, &mut symbols)
+            .map_err(|e| TestCaseError::fail(format!("relink: {e}\n{doc_value}")))?;
+        relinked = Some(r);
+    }
+    let before = symbols.clone();
+    let policy = compile_into(&mut symbols)?;
+    if let Some(r) = &relinked {
+        prop_assert_eq!(&symbols, &before, "relink interned every name");
+        prop_assert_eq!(r.to_bytes(), policy.to_bytes(), "policy {}", doc_value);
+    }
 
     // Build the request after compiling, resolving names through the symbol tables.
     let claim_values: Vec<Value> = (0..3).map(claims).collect();
@@ -480,6 +524,9 @@ fn run(doc_value: &Value, spec: &Spec) -> Result<(), TestCaseError> {
         .map_err(|e| TestCaseError::fail(e.to_string()))?;
     prop_assert_eq!(reloaded.evaluate(&req), decision);
     prop_assert_eq!(policy.explain(&req).allow, decision.allow);
+    if let Some(r) = &relinked {
+        prop_assert_eq!(r.evaluate(&req), decision, "policy {}", doc_value);
+    }
     Ok(())
 }
 
@@ -489,7 +536,18 @@ proptest! {
     #[test]
     fn compiled_evaluator_agrees_with_interpreter(doc in document(), specs in prop::collection::vec(spec(), 8)) {
         for s in &specs {
-            run(&doc, s)?;
+            run(&doc, s, false)?;
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 500, ..ProptestConfig::default() })]
+
+    #[test]
+    fn relinked_policy_decides_like_one_compiled_against_the_shared_table(doc in document(), specs in prop::collection::vec(spec(), 8)) {
+        for s in &specs {
+            run(&doc, s, true)?;
         }
     }
 }

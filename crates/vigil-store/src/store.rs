@@ -506,8 +506,9 @@ impl Store {
     /// Every entity with its secret and its document as stored text, for building a
     /// snapshot: the caller decodes each document once, straight into its own types.
     pub async fn load_all(&self) -> Result<(i64, Vec<RawRecord>), StoreError> {
-        // One transaction so the revision matches the rows read.
+        // One snapshot-isolated transaction so the revision matches the rows read.
         let mut tx = self.pool.begin().await.map_err(classify)?;
+        self.repeatable_read(&mut tx).await?;
         let revision: i64 = sqlx::query_scalar("SELECT value FROM revision WHERE id = 1")
             .fetch_one(&mut *tx)
             .await
@@ -519,18 +520,55 @@ impl Store {
         .await
         .map_err(classify)?;
         tx.commit().await.map_err(classify)?;
-        let mut out = Vec::with_capacity(rows.len());
-        for row in &rows {
-            out.push(RawRecord {
-                kind: row.try_get(0).map_err(classify)?,
-                id: row.try_get(1).map_err(classify)?,
-                key: row.try_get(2).map_err(classify)?,
-                body: row.try_get(3).map_err(classify)?,
-                version: row.try_get(4).map_err(classify)?,
-                secret: row.try_get(5).map_err(classify)?,
-            });
+        Ok((revision, raw_records(&rows)?))
+    }
+
+    /// Makes a read transaction see one snapshot of the database. SQLite's read
+    /// transactions always do; PostgreSQL's default (read committed) does not.
+    async fn repeatable_read(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    ) -> Result<(), StoreError> {
+        if self.dialect == Dialect::Postgres {
+            sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                .execute(&mut **tx)
+                .await
+                .map_err(classify)?;
         }
-        Ok((revision, out))
+        Ok(())
+    }
+
+    /// What changed after `revision`, consistently: the current revision, the change-log
+    /// rows after `revision`, and the current form of every entity they name that still
+    /// exists. An incremental snapshot build reads this instead of everything.
+    pub async fn changed_since(
+        &self,
+        revision: i64,
+    ) -> Result<(i64, Vec<Change>, Vec<RawRecord>), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        self.repeatable_read(&mut tx).await?;
+        let current: i64 = sqlx::query_scalar("SELECT value FROM revision WHERE id = 1")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(classify)?;
+        let rows = sqlx::query("SELECT revision, kind, id, op FROM changes WHERE revision > $1 ORDER BY revision, kind, id")
+            .bind(revision)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(classify)?;
+        let rows = sqlx::query(
+            "SELECT e.kind, e.id, e.natural_key, e.body, e.version, e.secret FROM entities e \
+             WHERE EXISTS (SELECT 1 FROM changes c WHERE c.revision > $1 AND c.kind = e.kind AND c.id = e.id) \
+             ORDER BY e.kind, e.id",
+        )
+        .bind(revision)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(classify)
+        .and_then(|records| Ok((change_rows(&rows)?, raw_records(&records)?)));
+        tx.commit().await.map_err(classify)?;
+        let (changes, records) = rows?;
+        Ok((current, changes, records))
     }
 
     /// Change-log rows after `revision`, in order, with the current revision.
@@ -546,19 +584,7 @@ impl Store {
             .await
             .map_err(classify)?;
         tx.commit().await.map_err(classify)?;
-        let changes = rows
-            .iter()
-            .map(|r| {
-                Ok(Change {
-                    revision: r.try_get(0)?,
-                    kind: r.try_get(1)?,
-                    id: r.try_get(2)?,
-                    op: r.try_get(3)?,
-                })
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(classify)?;
-        Ok((current, changes))
+        Ok((current, change_rows(&rows)?))
     }
 
     /// A page of the audit trail, oldest first.
@@ -1168,4 +1194,34 @@ fn unique_violation(err: sqlx::Error, e: &Entity) -> StoreError {
         }
     }
     classify(err)
+}
+
+fn change_rows(rows: &[AnyRow]) -> Result<Vec<Change>, StoreError> {
+    rows.iter()
+        .map(|r| {
+            Ok(Change {
+                revision: r.try_get(0)?,
+                kind: r.try_get(1)?,
+                id: r.try_get(2)?,
+                op: r.try_get(3)?,
+            })
+        })
+        .collect::<Result<_, sqlx::Error>>()
+        .map_err(classify)
+}
+
+fn raw_records(rows: &[AnyRow]) -> Result<Vec<RawRecord>, StoreError> {
+    rows.iter()
+        .map(|row| {
+            Ok(RawRecord {
+                kind: row.try_get(0)?,
+                id: row.try_get(1)?,
+                key: row.try_get(2)?,
+                body: row.try_get(3)?,
+                version: row.try_get(4)?,
+                secret: row.try_get(5)?,
+            })
+        })
+        .collect::<Result<_, sqlx::Error>>()
+        .map_err(classify)
 }

@@ -57,6 +57,7 @@ conformance!(
     change_log_and_audit,
     migrations_are_reported,
     bulk_writes_log_every_change,
+    changed_since_is_consistent,
 );
 
 fn entity(kind: &str, id: &str, key: Option<&str>, body: serde_json::Value) -> Entity {
@@ -732,4 +733,55 @@ async fn bulk_writes_log_every_change(s: Store) {
         s.get("group", "g599").await.unwrap().unwrap().version,
         c.revision
     );
+}
+
+/// `changed_since` names every change after a revision and returns the current form
+/// of the entities that still exist, all as of one revision.
+async fn changed_since_is_consistent(s: Store) {
+    let w = |ops: Vec<Op>| {
+        let s = s.clone();
+        async move { s.write("t", None, ops).await.unwrap() }
+    };
+    w(vec![
+        Op::Create(entity("group", "a", Some("a"), json!({"n": 1}))),
+        Op::Create(entity("group", "b", Some("b"), json!({"n": 1}))),
+    ])
+    .await;
+    let base = s.revision().await.unwrap();
+    w(vec![Op::Replace {
+        entity: entity("group", "a", Some("a"), json!({"n": 2})),
+        if_version: None,
+        secret: SecretChange::Keep,
+    }])
+    .await;
+    w(vec![Op::Delete {
+        kind: "group".into(),
+        id: "b".into(),
+        if_version: None,
+    }])
+    .await;
+    w(vec![Op::Create(entity(
+        "group",
+        "c",
+        Some("c"),
+        json!({"n": 3}),
+    ))])
+    .await;
+    let (current, changes, records) = s.changed_since(base).await.unwrap();
+    assert_eq!(current, base + 3);
+    assert_eq!(
+        changes
+            .iter()
+            .map(|c| (c.revision - base, c.id.as_str(), c.op.as_str()))
+            .collect::<Vec<_>>(),
+        vec![(1, "a", "upsert"), (2, "b", "delete"), (3, "c", "upsert")]
+    );
+    let got: Vec<(&str, serde_json::Value)> = records
+        .iter()
+        .map(|r| (r.id.as_str(), serde_json::from_str(&r.body).unwrap()))
+        .collect();
+    assert_eq!(got, vec![("a", json!({"n": 2})), ("c", json!({"n": 3}))]);
+    let (again, none, nothing) = s.changed_since(current).await.unwrap();
+    assert_eq!(again, current);
+    assert!(none.is_empty() && nothing.is_empty());
 }

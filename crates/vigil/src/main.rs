@@ -50,6 +50,19 @@ struct ControlArgs {
     /// Base64 32-byte key that encrypts secrets at rest (e.g. IdP client secrets).
     #[arg(long, env = "VIGIL_SECRET_KEY", hide_env_values = true)]
     secret_key: Option<String>,
+    /// Address of the gRPC snapshot stream proxies subscribe to.
+    #[arg(long, env = "VIGIL_GRPC_LISTEN", default_value = "127.0.0.1:8443")]
+    grpc_listen: SocketAddr,
+    /// Certificate chain (PEM) for the gRPC listener; without it the stream is plain HTTP/2.
+    #[arg(long, env = "VIGIL_GRPC_TLS_CERT", requires = "grpc_tls_key")]
+    grpc_tls_cert: Option<std::path::PathBuf>,
+    /// Private key (PEM) for the gRPC listener.
+    #[arg(long, env = "VIGIL_GRPC_TLS_KEY", requires = "grpc_tls_cert")]
+    grpc_tls_key: Option<std::path::PathBuf>,
+    /// Base64 32-byte Ed25519 seed that signs snapshots (the same on every replica).
+    /// Without it a key is generated for this run and its public key logged.
+    #[arg(long, env = "VIGIL_SIGNING_KEY", hide_env_values = true)]
+    signing_key: Option<String>,
     /// Database connections in the pool.
     #[arg(long, env = "VIGIL_DATABASE_MAX_CONNECTIONS", default_value_t = 16)]
     database_max_connections: u32,
@@ -136,6 +149,50 @@ async fn control(args: ControlArgs) -> anyhow::Result<()> {
         secret_key: args.secret_key.map(|k| ("k1".to_owned(), k)),
     };
     let control = Control::new(store.clone(), config).context("VIGIL_SECRET_KEY")?;
+    let signer = match &args.signing_key {
+        Some(seed) => {
+            vigil_snapshot::Signer::from_seed_base64(seed).context("VIGIL_SIGNING_KEY")?
+        }
+        None => {
+            let (signer, _) = vigil_snapshot::Signer::generate()?;
+            tracing::warn!(
+                public_key = %signer.public_key_base64(),
+                "No signing key configured (VIGIL_SIGNING_KEY): snapshots are signed with a key made for this run only"
+            );
+            signer
+        }
+    };
+    tracing::info!(key_id = signer.key_id(), public_key = %signer.public_key_base64(), "Signing snapshots");
+    let hub = control
+        .start_snapshots(signer)
+        .await
+        .context("building the first snapshot")?;
+    let mut grpc = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)));
+    if let (Some(cert), Some(key)) = (&args.grpc_tls_cert, &args.grpc_tls_key) {
+        let cert = std::fs::read(cert).with_context(|| format!("reading {}", cert.display()))?;
+        let key = std::fs::read(key).with_context(|| format!("reading {}", key.display()))?;
+        grpc = grpc
+            .tls_config(
+                tonic::transport::ServerTlsConfig::new()
+                    .identity(tonic::transport::Identity::from_pem(cert, key)),
+            )
+            .context("gRPC TLS")?;
+    } else {
+        tracing::warn!("The gRPC stream is not encrypted: set VIGIL_GRPC_TLS_CERT and VIGIL_GRPC_TLS_KEY outside tests");
+    }
+    let grpc_listener = tokio::net::TcpListener::bind(args.grpc_listen)
+        .await
+        .with_context(|| format!("binding the gRPC stream to {}", args.grpc_listen))?;
+    tracing::info!(addr = %grpc_listener.local_addr()?, "Snapshot stream listening");
+    let grpc_server = grpc
+        .add_service(vigil_control::stream::Service::server(control.clone(), hub))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+            shutdown_signal(),
+        );
+    let grpc_task = tokio::spawn(grpc_server);
     let listener = tokio::net::TcpListener::bind(args.admin_listen)
         .await
         .with_context(|| format!("binding the admin API to {}", args.admin_listen))?;
@@ -144,6 +201,7 @@ async fn control(args: ControlArgs) -> anyhow::Result<()> {
         .with_graceful_shutdown(shutdown_signal())
         .await
         .context("serving the admin API")?;
+    grpc_task.abort();
     store.close().await;
     Ok(())
 }

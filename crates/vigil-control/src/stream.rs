@@ -1,0 +1,387 @@
+//! The snapshot stream: one task keeps the snapshot current from the store; each
+//! subscribed proxy gets a gRPC stream that always jumps to the newest version.
+
+use std::collections::{BTreeMap, HashMap};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::{mpsc, watch, Mutex};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+use vigil_proto::v1::control_plane_server::{ControlPlane, ControlPlaneServer};
+use vigil_proto::v1::{
+    control_message, proxy_message, ControlMessage, Envelope, Heartbeat, ProxyMessage,
+};
+use vigil_snapshot::Signer;
+
+use crate::crypto::token_hash;
+use crate::resources::{JoinToken, Resource as _};
+use crate::snapshot::Builder;
+use crate::Control;
+
+/// How often each side says it is alive.
+pub const HEARTBEAT: Duration = Duration::from_secs(10);
+/// How often the store is polled for writes made elsewhere when nothing announced them.
+const POLL: Duration = Duration::from_secs(1);
+
+/// What the control plane knows of one proxy.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ProxyStatus {
+    /// The proxy's id (from its hello).
+    pub id: String,
+    /// Its labels.
+    pub labels: BTreeMap<String, String>,
+    /// Its software version.
+    pub software_version: String,
+    /// The join token it authenticated with.
+    pub join_token: String,
+    /// The version it last acknowledged.
+    pub version: u64,
+    /// The version it last refused, with why.
+    pub last_nack: Option<Nack>,
+    /// Whether its stream is open now (on this replica).
+    pub connected: bool,
+    /// When the current (or last) stream opened, RFC 3339.
+    pub connected_since: String,
+    /// When it was last heard from, RFC 3339.
+    pub last_seen: String,
+}
+
+/// A refused version.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Nack {
+    /// The version refused.
+    pub version: u64,
+    /// The proxy's error.
+    pub error: String,
+}
+
+/// The shared snapshot state and the fleet.
+pub struct Hub {
+    builder: Mutex<Builder>,
+    version: watch::Sender<u64>,
+    signer: Signer,
+    /// Signed updates for the current version, by base version.
+    cache: Mutex<(u64, HashMap<u64, Envelope>)>,
+    proxies: Mutex<BTreeMap<String, ProxyStatus>>,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub")
+            .field("version", &*self.version.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+impl Hub {
+    /// Builds the first snapshot from the whole store.
+    pub async fn start(
+        control: &Control,
+        signer: Signer,
+    ) -> Result<Arc<Hub>, vigil_store::StoreError> {
+        let (revision, records) = control.store.load_all().await?;
+        let c = control.clone();
+        let builder = Builder::full(revision, records, Box::new(move |s| c.open(s)));
+        let version = builder.history().current().version;
+        tracing::info!(version, "Snapshot built");
+        let (tx, _) = watch::channel(version);
+        Ok(Arc::new(Hub {
+            builder: Mutex::new(builder),
+            version: tx,
+            signer,
+            cache: Mutex::new((version, HashMap::new())),
+            proxies: Mutex::new(BTreeMap::new()),
+        }))
+    }
+
+    /// The version of the current snapshot.
+    pub fn version(&self) -> u64 {
+        *self.version.borrow()
+    }
+
+    /// Every proxy this replica has seen.
+    pub async fn proxies(&self) -> Vec<ProxyStatus> {
+        self.proxies.lock().await.values().cloned().collect()
+    }
+
+    /// Catches up with the store; returns the new version.
+    pub async fn refresh(&self, control: &Control) -> Result<u64, vigil_store::StoreError> {
+        let from = self.version();
+        let (revision, changes, records) = control
+            .store
+            .changed_since(i64::try_from(from).unwrap_or(i64::MAX))
+            .await?;
+        let Ok(target) = u64::try_from(revision) else {
+            return Ok(from);
+        };
+        if target <= from {
+            return Ok(from);
+        }
+        let changed = {
+            let mut b = self.builder.lock().await;
+            // Another refresh may have got there first.
+            if b.history().current().version >= target {
+                return Ok(self.version());
+            }
+            b.advance(revision, &changes, records)
+        };
+        tracing::debug!(
+            version = target,
+            changed = changed.len(),
+            "Snapshot advanced"
+        );
+        self.version.send_replace(target);
+        Ok(target)
+    }
+
+    /// The signed update taking a holder of `from` to the current version.
+    async fn update_from(&self, from: u64) -> Option<(u64, Envelope)> {
+        let current = self.version();
+        {
+            let cache = self.cache.lock().await;
+            if cache.0 == current {
+                if let Some(e) = cache.1.get(&from) {
+                    return Some((current, e.clone()));
+                }
+            }
+        }
+        let (version, update) = {
+            let b = self.builder.lock().await;
+            let h = b.history();
+            (h.current().version, h.update_from(from)?)
+        };
+        let envelope = self.signer.seal(&update);
+        let mut cache = self.cache.lock().await;
+        if cache.0 != version {
+            *cache = (version, HashMap::new());
+        }
+        // Deltas from many bases are small; keep the cache from growing without bound.
+        if cache.1.len() < 64 {
+            cache.1.insert(from, envelope.clone());
+        }
+        Some((version, envelope))
+    }
+
+    async fn seen(&self, id: &str, f: impl FnOnce(&mut ProxyStatus)) {
+        if let Some(s) = self.proxies.lock().await.get_mut(id) {
+            s.last_seen = now();
+            f(s);
+        }
+    }
+}
+
+/// Keeps the hub current: on every local write at once, and by polling for writes
+/// made through other replicas.
+pub async fn run_refresher(control: Control, hub: Arc<Hub>) {
+    let mut local = control.revisions();
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            r = local.changed() => if r.is_err() { return },
+            () = tokio::time::sleep(POLL) => {},
+        }
+        match hub.refresh(&control).await {
+            Ok(_) => {
+                if failing {
+                    tracing::info!("Snapshot refresh recovered");
+                }
+                failing = false;
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(error = %e, "Snapshot refresh failed; proxies keep the last version");
+                }
+                failing = true;
+            }
+        }
+    }
+}
+
+/// The gRPC service.
+#[derive(Clone)]
+pub struct Service {
+    control: Control,
+    hub: Arc<Hub>,
+}
+
+impl Service {
+    /// A tonic server for the service.
+    pub fn server(control: Control, hub: Arc<Hub>) -> ControlPlaneServer<Service> {
+        ControlPlaneServer::new(Service { control, hub })
+            .max_decoding_message_size(4 << 20)
+            .max_encoding_message_size(usize::MAX)
+    }
+
+    /// The join token in the metadata, checked against the store: its name.
+    async fn authenticate(&self, req: &Request<Streaming<ProxyMessage>>) -> Result<String, Status> {
+        let header = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| {
+                Status::unauthenticated("send a join token as `authorization: Bearer <token>`")
+            })?;
+        let token = header.strip_prefix("Bearer ").ok_or_else(|| {
+            Status::unauthenticated("the authorization metadata must be `Bearer <token>`")
+        })?;
+        let rec = self
+            .control
+            .store
+            .find_by_secret(JoinToken::KIND, &token_hash(token.trim()))
+            .await
+            .map_err(|e| {
+                tracing::warn!(error = %e, "Join token lookup failed");
+                Status::unavailable("the control plane cannot check join tokens right now")
+            })?
+            .ok_or_else(|| Status::unauthenticated("unknown join token"))?;
+        let expired = rec
+            .body
+            .get("expires_at")
+            .and_then(|v| v.as_str())
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+            .is_some_and(|t| t <= chrono::Utc::now());
+        if expired {
+            return Err(Status::unauthenticated("the join token has expired"));
+        }
+        Ok(rec.id)
+    }
+}
+
+type Outbound = Pin<Box<dyn Stream<Item = Result<ControlMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ControlPlane for Service {
+    type SubscribeStream = Outbound;
+
+    async fn subscribe(
+        &self,
+        req: Request<Streaming<ProxyMessage>>,
+    ) -> Result<Response<Outbound>, Status> {
+        let join_token = self.authenticate(&req).await?;
+        let mut inbound = req.into_inner();
+        let hello = match tokio::time::timeout(HEARTBEAT, inbound.message()).await {
+            Ok(Ok(Some(ProxyMessage {
+                msg: Some(proxy_message::Msg::Hello(h)),
+            }))) => h,
+            Ok(Err(e)) => return Err(e),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message must be a hello",
+                ))
+            }
+        };
+        if hello.proxy_id.is_empty() || hello.proxy_id.len() > 200 {
+            return Err(Status::invalid_argument(
+                "hello.proxy_id must be 1 to 200 characters",
+            ));
+        }
+        let id = hello.proxy_id.clone();
+        let since = now();
+        {
+            self.hub.proxies.lock().await.insert(
+                id.clone(),
+                ProxyStatus {
+                    id: id.clone(),
+                    labels: hello
+                        .labels
+                        .iter()
+                        .map(|l| (l.name.clone(), l.value.clone()))
+                        .collect(),
+                    software_version: hello.software_version.clone(),
+                    join_token,
+                    version: hello.version,
+                    last_nack: None,
+                    connected: true,
+                    connected_since: since.clone(),
+                    last_seen: since,
+                },
+            );
+        }
+        tracing::info!(proxy = %id, held = hello.version, "Proxy subscribed");
+        // Capacity 1: a proxy that stops reading holds one update here and one in
+        // flight; newer versions replace what it has not taken yet.
+        let (tx, rx) = mpsc::channel::<Result<ControlMessage, Status>>(1);
+        let (held_tx, held_rx) = watch::channel(hello.version);
+        let hub = self.hub.clone();
+        let reader_id = id.clone();
+        // Inbound: acks, nacks, heartbeats, a new hello (asks for a full snapshot).
+        let reader = tokio::spawn({
+            let hub = hub.clone();
+            async move {
+                while let Ok(Some(m)) = inbound.message().await {
+                    match m.msg {
+                        Some(proxy_message::Msg::Ack(a)) => {
+                            hub.seen(&reader_id, |s| s.version = a.version).await
+                        }
+                        Some(proxy_message::Msg::Nack(n)) => {
+                            tracing::warn!(proxy = %reader_id, version = n.version, error = %n.error, "Proxy refused an update");
+                            let nack = Nack {
+                                version: n.version,
+                                error: n.error.chars().take(1000).collect(),
+                            };
+                            hub.seen(&reader_id, |s| s.last_nack = Some(nack)).await;
+                            // It keeps what it had, which we no longer know exactly: resend in full.
+                            held_tx.send_replace(0);
+                        }
+                        Some(proxy_message::Msg::Hello(h)) => {
+                            hub.seen(&reader_id, |_| {}).await;
+                            held_tx.send_replace(h.version);
+                        }
+                        Some(proxy_message::Msg::Heartbeat(_))
+                        | Some(proxy_message::Msg::Session(_))
+                        | None => hub.seen(&reader_id, |_| {}).await,
+                    }
+                }
+            }
+        });
+        let writer_id = id;
+        tokio::spawn(async move {
+            let mut versions = hub.version.subscribe();
+            let mut held = held_rx;
+            let mut sent = *held.borrow_and_update();
+            let mut heartbeat = tokio::time::interval(HEARTBEAT);
+            heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                if held.has_changed().unwrap_or(false) {
+                    sent = *held.borrow_and_update();
+                }
+                // Latest wins: whatever the newest version is when there is room to send.
+                if let Some((version, envelope)) = hub.update_from(sent).await {
+                    let msg = ControlMessage {
+                        msg: Some(control_message::Msg::Update(envelope)),
+                    };
+                    tokio::select! {
+                        r = tx.send(Ok(msg)) => if r.is_err() { break },
+                        r = held.changed() => { if r.is_err() { break } continue },
+                    }
+                    sent = version;
+                    continue;
+                }
+                tokio::select! {
+                    r = versions.changed() => if r.is_err() { break },
+                    r = held.changed() => if r.is_err() { break },
+                    _ = heartbeat.tick() => {
+                        let beat = ControlMessage { msg: Some(control_message::Msg::Heartbeat(Heartbeat { unix_ms: chrono::Utc::now().timestamp_millis() })) };
+                        if tx.send(Ok(beat)).await.is_err() { break }
+                    }
+                    () = tx.closed() => break,
+                }
+            }
+            reader.abort();
+            if let Some(s) = hub.proxies.lock().await.get_mut(&writer_id) {
+                s.connected = false;
+            }
+            tracing::info!(proxy = %writer_id, "Proxy stream closed");
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}

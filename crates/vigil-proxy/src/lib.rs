@@ -1,0 +1,7 @@
+//! Vigil's data plane. This crate holds the proxy's side of the snapshot stream:
+//! it subscribes to the control plane, verifies and applies updates off the request
+//! path, swaps the result in atomically, and persists the last good snapshot.
+
+pub mod index;
+pub mod persist;
+pub mod subscriber;

@@ -1,0 +1,267 @@
+//! The proxy's end of the snapshot stream: connect to one of the configured control
+//! planes (exponential backoff with jitter), say hello with the version held, then
+//! verify, apply and persist each update off the request path, swap it in, and ack.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::sync::{mpsc, watch};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+use vigil_proto::v1::control_plane_client::ControlPlaneClient;
+use vigil_proto::v1::{
+    control_message, proxy_message, Ack, Heartbeat, Hello, Label, Nack, ProxyMessage,
+};
+use vigil_snapshot::Verifier;
+
+use crate::index::Index;
+use crate::persist;
+
+/// How to reach the control plane and whom to trust.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Control-plane gRPC addresses (`https://host:port`, or `http://` for tests), tried in turn.
+    pub addresses: Vec<String>,
+    /// The join token (sent as `authorization: Bearer <token>`).
+    pub join_token: String,
+    /// CA certificate (PEM) that signs the control plane's certificate; system roots when `None`.
+    pub ca_pem: Option<String>,
+    /// Public keys that may sign snapshots.
+    pub verifier: Verifier,
+    /// This proxy's id.
+    pub proxy_id: String,
+    /// Labels reported to the control plane.
+    pub labels: Vec<(String, String)>,
+    /// Where the last good snapshot is kept; `None` to keep nothing.
+    pub snapshot_file: Option<std::path::PathBuf>,
+}
+
+/// Where the subscriber is, for `/readyz` and metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Link {
+    /// Never connected yet.
+    Starting,
+    /// Stream open.
+    Connected {
+        /// Address in use.
+        address: String,
+    },
+    /// Between attempts.
+    Retrying {
+        /// The last error.
+        error: String,
+    },
+}
+
+/// What the request path reads: the current index, swapped whole.
+pub type Shared = Arc<ArcSwap<Index>>;
+
+/// A running subscriber.
+#[derive(Debug, Clone)]
+pub struct Handle {
+    /// The current index (version 0 and empty until a snapshot arrives).
+    pub index: Shared,
+    /// The link's state.
+    pub link: watch::Receiver<Link>,
+}
+
+const HEARTBEAT: Duration = Duration::from_secs(10);
+/// No message (update or heartbeat) for this long means the stream is dead.
+const SILENCE: Duration = Duration::from_secs(35);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(15);
+
+/// Loads the persisted snapshot (if any) and starts the subscriber task.
+pub fn start(config: Config) -> Handle {
+    let store = config.snapshot_file.clone().map(persist::Store::new);
+    let mut initial = Index::default();
+    let mut chain = 0;
+    if let Some(s) = &store {
+        match s.load(&config.verifier) {
+            Ok(Some((index, records))) => {
+                tracing::info!(version = index.version(), path = %s.path().display(), "Loaded the last good snapshot from disk");
+                initial = index;
+                chain = records;
+            }
+            Ok(None) => {
+                tracing::info!("No snapshot on disk; refusing protected requests until one arrives")
+            }
+            Err(e) => tracing::warn!(error = %e, "Cannot read the snapshot file"),
+        }
+    }
+    let index: Shared = Arc::new(ArcSwap::from_pointee(initial));
+    let (link_tx, link) = watch::channel(Link::Starting);
+    tokio::spawn(run(config, store, index.clone(), link_tx, chain));
+    Handle { index, link }
+}
+
+/// A random fraction in [0.5, 1.5) for jitter, without a random-number crate.
+fn jitter() -> f64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    0.5 + f64::from(nanos % 1000) / 1000.0
+}
+
+async fn run(
+    config: Config,
+    store: Option<persist::Store>,
+    index: Shared,
+    link: watch::Sender<Link>,
+    mut chain: usize,
+) {
+    let mut backoff = BACKOFF_MIN;
+    let mut attempt = 0usize;
+    loop {
+        let address = &config.addresses[attempt % config.addresses.len().max(1)];
+        attempt += 1;
+        match session(&config, address, store.as_ref(), &index, &link, &mut chain).await {
+            Ok(()) => backoff = BACKOFF_MIN,
+            Err(e) => {
+                tracing::warn!(address, error = %e, "Control-plane stream ended; retrying");
+                link.send_replace(Link::Retrying { error: e.clone() });
+            }
+        }
+        let wait = backoff.mul_f64(jitter());
+        tokio::time::sleep(wait).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// One connection: returns when the stream ends.
+async fn session(
+    config: &Config,
+    address: &str,
+    store: Option<&persist::Store>,
+    index: &Shared,
+    link: &watch::Sender<Link>,
+    chain: &mut usize,
+) -> Result<(), String> {
+    let mut endpoint = Endpoint::from_shared(address.to_owned())
+        .map_err(|e| format!("bad address {address}: {e}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(HEARTBEAT)
+        .keep_alive_timeout(Duration::from_secs(20));
+    if address.starts_with("https://") {
+        let mut tls = ClientTlsConfig::new().with_enabled_roots();
+        if let Some(ca) = &config.ca_pem {
+            tls = tls.ca_certificate(Certificate::from_pem(ca));
+        }
+        endpoint = endpoint.tls_config(tls).map_err(|e| format!("TLS: {e}"))?;
+    }
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let mut client = ControlPlaneClient::new(channel).max_decoding_message_size(usize::MAX);
+    let (tx, rx) = mpsc::channel::<ProxyMessage>(16);
+    // A long delta chain on disk is compacted by asking for a full snapshot.
+    let held = index.load().version();
+    let ask_from = if *chain > 1000 { 0 } else { held };
+    let hello = ProxyMessage {
+        msg: Some(proxy_message::Msg::Hello(Hello {
+            proxy_id: config.proxy_id.clone(),
+            labels: config
+                .labels
+                .iter()
+                .map(|(n, v)| Label {
+                    name: n.clone(),
+                    value: v.clone(),
+                })
+                .collect(),
+            software_version: env!("CARGO_PKG_VERSION").to_owned(),
+            version: ask_from,
+        })),
+    };
+    tx.send(hello)
+        .await
+        .map_err(|_| "stream closed".to_owned())?;
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let auth = format!("Bearer {}", config.join_token)
+        .parse()
+        .map_err(|_| "the join token is not valid metadata".to_owned())?;
+    request.metadata_mut().insert("authorization", auth);
+    let mut inbound = client
+        .subscribe(request)
+        .await
+        .map_err(|s| format!("subscribe: {}", s.message()))?
+        .into_inner();
+    link.send_replace(Link::Connected {
+        address: address.to_owned(),
+    });
+    tracing::info!(address, held, "Subscribed to the control plane");
+    let beats = {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let mut t = tokio::time::interval(HEARTBEAT);
+            loop {
+                t.tick().await;
+                let unix_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+                    .unwrap_or(0);
+                let beat = ProxyMessage {
+                    msg: Some(proxy_message::Msg::Heartbeat(Heartbeat { unix_ms })),
+                };
+                if tx.send(beat).await.is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    let result = loop {
+        let msg = match tokio::time::timeout(SILENCE, inbound.message()).await {
+            Err(_) => break Err("the control plane went silent".to_owned()),
+            Ok(Err(s)) => break Err(format!("stream: {}", s.message())),
+            Ok(Ok(None)) => break Err("the control plane closed the stream".to_owned()),
+            Ok(Ok(Some(m))) => m,
+        };
+        let Some(control_message::Msg::Update(envelope)) = msg.msg else {
+            continue;
+        };
+        let reply = match apply(config, store, index, envelope, chain) {
+            Ok(version) => proxy_message::Msg::Ack(Ack { version }),
+            Err((version, error)) => {
+                tracing::warn!(version, error = %error, "Refused a snapshot update; keeping the last good one");
+                proxy_message::Msg::Nack(Nack { version, error })
+            }
+        };
+        if tx.send(ProxyMessage { msg: Some(reply) }).await.is_err() {
+            break Err("stream closed".to_owned());
+        }
+    };
+    beats.abort();
+    result
+}
+
+/// Verifies, applies off the request path, persists, swaps. Returns the version
+/// applied, or the version refused with why.
+fn apply(
+    config: &Config,
+    store: Option<&persist::Store>,
+    index: &Shared,
+    envelope: vigil_snapshot::Envelope,
+    chain: &mut usize,
+) -> Result<u64, (u64, String)> {
+    let update = config
+        .verifier
+        .open(&envelope)
+        .map_err(|e| (0, e.to_string()))?;
+    let version = update.version;
+    let full = update.full;
+    let current = index.load_full();
+    let next = current
+        .apply(update)
+        .map_err(|e| (version, e.to_string()))?;
+    if let Some(s) = store {
+        // Keep serving even if the disk fails; the next full snapshot rewrites the file.
+        match s.record(&envelope, full) {
+            Ok(()) => *chain = if full { 1 } else { *chain + 1 },
+            Err(e) => tracing::warn!(error = %e, "Cannot persist the snapshot"),
+        }
+    }
+    index.store(Arc::new(next));
+    tracing::debug!(version, full, "Snapshot applied");
+    Ok(version)
+}

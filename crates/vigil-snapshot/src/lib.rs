@@ -1,0 +1,45 @@
+//! The snapshot model both planes share.
+//!
+//! A snapshot is a set of entries keyed by (kind, id) at one version (the control
+//! plane's database revision). The control plane ships it whole or as a delta,
+//! wrapped in an Ed25519-signed [`Envelope`]; the proxy verifies the envelope before
+//! it decodes a single byte of the payload, then applies the update to what it holds.
+
+mod history;
+mod policy;
+mod sign;
+mod snapshot;
+
+pub use history::History;
+pub use policy::{decode_policy, encode_policy};
+pub use sign::{key_id, Signer, Verifier};
+pub use snapshot::{kind_of, Key, Snapshot};
+pub use vigil_proto::v1::{Entry, EntryKey, Envelope, Kind, Update};
+
+/// Why an update was refused. The holder keeps what it had.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// No trusted key has this id.
+    #[error("unknown signing key `{0}`")]
+    UnknownKey(String),
+    /// The signature does not verify.
+    #[error("bad signature from key `{0}`")]
+    BadSignature(String),
+    /// The payload is not an `Update`.
+    #[error("undecodable update: {0}")]
+    Decode(String),
+    /// The update is a delta from a version other than the one held.
+    #[error("delta from version {base} does not apply to version {held}")]
+    WrongBase {
+        /// The delta's base.
+        base: u64,
+        /// The version held.
+        held: u64,
+    },
+    /// The update breaks a rule of the format (order, duplicates, missing bodies).
+    #[error("invalid update: {0}")]
+    Invalid(String),
+    /// A signing key could not be read.
+    #[error("signing key: {0}")]
+    Key(String),
+}

@@ -1,0 +1,294 @@
+//! A snapshot: entries by (kind, id) at one version, and applying updates to it.
+
+use std::collections::BTreeMap;
+
+use vigil_proto::v1::entry::Body;
+
+use crate::{Entry, EntryKey, Kind, SnapshotError, Update};
+
+/// The kind an entry's body makes it.
+pub fn kind_of(body: &Body) -> Kind {
+    match body {
+        Body::Route(_) => Kind::Route,
+        Body::User(_) => Kind::User,
+        Body::Device(_) => Kind::Device,
+        Body::ServiceAccount(_) => Kind::ServiceAccount,
+        Body::Grant(_) => Kind::Grant,
+        Body::IdentityProvider(_) => Kind::IdentityProvider,
+        Body::RevokedSession(_) => Kind::RevokedSession,
+    }
+}
+
+/// Where an entry lives: ordered by kind, then id, the order updates list them in.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Key {
+    /// The kind.
+    pub kind: Kind,
+    /// The id within the kind.
+    pub id: String,
+}
+
+impl Key {
+    /// The key of an entry; `None` when the entry has no body.
+    pub fn of(entry: &Entry) -> Option<Key> {
+        entry.body.as_ref().map(|b| Key {
+            kind: kind_of(b),
+            id: entry.id.clone(),
+        })
+    }
+
+    fn from_proto(k: &EntryKey) -> Result<Key, SnapshotError> {
+        match Kind::try_from(k.kind) {
+            Ok(Kind::Unspecified) | Err(_) => Err(SnapshotError::Invalid(format!(
+                "removal of `{}` has unknown kind {}",
+                k.id, k.kind
+            ))),
+            Ok(kind) => Ok(Key {
+                kind,
+                id: k.id.clone(),
+            }),
+        }
+    }
+
+    /// The wire form.
+    pub fn to_proto(&self) -> EntryKey {
+        EntryKey {
+            kind: self.kind as i32,
+            id: self.id.clone(),
+        }
+    }
+}
+
+/// Everything a proxy holds at one version.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Snapshot {
+    /// The database revision it was built from; 0 for "nothing yet".
+    pub version: u64,
+    /// The entries.
+    pub entries: BTreeMap<Key, Entry>,
+}
+
+impl Snapshot {
+    /// A snapshot of `entries` at `version` (entries without a body are dropped).
+    pub fn new(version: u64, entries: impl IntoIterator<Item = Entry>) -> Snapshot {
+        let entries = entries
+            .into_iter()
+            .filter_map(|e| Key::of(&e).map(|k| (k, e)))
+            .collect();
+        Snapshot { version, entries }
+    }
+
+    /// The entry at `kind`/`id`.
+    pub fn get(&self, kind: Kind, id: &str) -> Option<&Entry> {
+        self.entries.get(&Key {
+            kind,
+            id: id.to_owned(),
+        })
+    }
+
+    /// All entries of one kind, in id order.
+    pub fn of_kind(&self, kind: Kind) -> impl Iterator<Item = &Entry> + '_ {
+        self.entries
+            .range(
+                Key {
+                    kind,
+                    id: String::new(),
+                }..,
+            )
+            .take_while(move |(k, _)| k.kind == kind)
+            .map(|(_, e)| e)
+    }
+
+    /// The whole snapshot as a full update.
+    pub fn full_update(&self) -> Update {
+        Update {
+            version: self.version,
+            base_version: 0,
+            full: true,
+            upserts: self.entries.values().cloned().collect(),
+            removals: Vec::new(),
+        }
+    }
+
+    /// Applies a full update or a delta. Everything is checked before anything
+    /// changes: on error the snapshot is exactly what it was.
+    pub fn apply(&mut self, update: Update) -> Result<(), SnapshotError> {
+        let removals = validate(&update)?;
+        if update.full {
+            *self = Snapshot::new(update.version, update.upserts);
+            return Ok(());
+        }
+        if update.base_version != self.version {
+            return Err(SnapshotError::WrongBase {
+                base: update.base_version,
+                held: self.version,
+            });
+        }
+        for k in removals {
+            self.entries.remove(&k);
+        }
+        for e in update.upserts {
+            if let Some(k) = Key::of(&e) {
+                self.entries.insert(k, e);
+            }
+        }
+        self.version = update.version;
+        Ok(())
+    }
+}
+
+/// Checks an update's shape; returns its removals as keys.
+fn validate(u: &Update) -> Result<Vec<Key>, SnapshotError> {
+    let bad = |m: String| Err(SnapshotError::Invalid(m));
+    if u.version == 0 {
+        return bad("version 0".into());
+    }
+    if u.full {
+        if u.base_version != 0 || !u.removals.is_empty() {
+            return bad("a full snapshot has no base version and no removals".into());
+        }
+    } else if u.base_version >= u.version {
+        return bad(format!(
+            "delta from {} to {} goes backwards",
+            u.base_version, u.version
+        ));
+    }
+    let mut prev: Option<Key> = None;
+    for e in &u.upserts {
+        let Some(k) = Key::of(e) else {
+            return bad(format!("entry `{}` has no body", e.id));
+        };
+        if prev.as_ref().is_some_and(|p| *p >= k) {
+            return bad(format!("entries out of order or repeated at `{}`", e.id));
+        }
+        prev = Some(k);
+    }
+    let mut removals = Vec::with_capacity(u.removals.len());
+    for r in &u.removals {
+        let k = Key::from_proto(r)?;
+        if removals.last().is_some_and(|p| *p >= k) {
+            return bad(format!("removals out of order or repeated at `{}`", r.id));
+        }
+        removals.push(k);
+    }
+    // A key both removed and upserted is ambiguous.
+    let (mut i, mut j) = (0, 0);
+    let ups: Vec<Key> = u.upserts.iter().filter_map(Key::of).collect();
+    while i < ups.len() && j < removals.len() {
+        match ups[i].cmp(&removals[j]) {
+            std::cmp::Ordering::Less => i += 1,
+            std::cmp::Ordering::Greater => j += 1,
+            std::cmp::Ordering::Equal => {
+                return bad(format!("`{}` is both changed and removed", ups[i].id))
+            }
+        }
+    }
+    Ok(removals)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use vigil_proto::v1::{Grant, User};
+
+    pub(crate) fn user(id: &str, email: &str) -> Entry {
+        Entry {
+            id: id.into(),
+            body: Some(Body::User(User {
+                email: Some(email.into()),
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn grant(id: &str) -> Entry {
+        Entry {
+            id: id.into(),
+            body: Some(Body::Grant(Grant::default())),
+        }
+    }
+
+    #[test]
+    fn full_then_delta() {
+        let mut s = Snapshot::default();
+        s.apply(Snapshot::new(3, [user("a", "a@x"), user("b", "b@x"), grant("g")]).full_update())
+            .unwrap();
+        assert_eq!(s.version, 3);
+        assert_eq!(s.of_kind(Kind::User).count(), 2);
+        let delta = Update {
+            version: 5,
+            base_version: 3,
+            full: false,
+            upserts: vec![user("c", "c@x")],
+            removals: vec![Key {
+                kind: Kind::User,
+                id: "a".into(),
+            }
+            .to_proto()],
+        };
+        s.apply(delta.clone()).unwrap();
+        assert_eq!(s.version, 5);
+        let ids: Vec<_> = s.of_kind(Kind::User).map(|e| e.id.as_str()).collect();
+        assert_eq!(ids, ["b", "c"]);
+        // The same delta again no longer applies: it is from version 3.
+        assert!(matches!(
+            s.apply(delta),
+            Err(SnapshotError::WrongBase { base: 3, held: 5 })
+        ));
+    }
+
+    #[test]
+    fn malformed_updates_change_nothing() {
+        let mut s = Snapshot::new(2, [user("a", "a@x")]);
+        let before = s.clone();
+        let d = |upserts: Vec<Entry>, removals: Vec<EntryKey>| Update {
+            version: 3,
+            base_version: 2,
+            full: false,
+            upserts,
+            removals,
+        };
+        let rm = |id: &str| EntryKey {
+            kind: Kind::User as i32,
+            id: id.into(),
+        };
+        for bad in [
+            d(vec![user("b", ""), user("a", "")], vec![]),
+            d(vec![user("a", ""), user("a", "")], vec![]),
+            d(
+                vec![Entry {
+                    id: "x".into(),
+                    body: None,
+                }],
+                vec![],
+            ),
+            d(vec![], vec![rm("b"), rm("a")]),
+            d(vec![user("a", "")], vec![rm("a")]),
+            d(
+                vec![],
+                vec![EntryKey {
+                    kind: 99,
+                    id: "a".into(),
+                }],
+            ),
+            Update {
+                version: 2,
+                ..d(vec![], vec![])
+            },
+            Update {
+                version: 0,
+                full: true,
+                base_version: 0,
+                ..Default::default()
+            },
+            Update {
+                full: true,
+                ..d(vec![], vec![rm("a")])
+            },
+        ] {
+            assert!(s.apply(bad.clone()).is_err(), "{bad:?}");
+            assert_eq!(s, before);
+        }
+    }
+}
