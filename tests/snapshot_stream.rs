@@ -311,11 +311,15 @@ async fn a_write_through_one_replica_reaches_a_proxy_on_another() {
     )
     .await;
     let uid = user["id"].as_str().unwrap().to_owned();
-    until(
-        "the write on replica A reaching the proxy on replica B",
-        || user_suspended(&on_b, &uid) == Some(false),
-    )
-    .await;
+    // Replica B learns of it through LISTEN/NOTIFY: its safety-net poll is 30 s away.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while user_suspended(&on_b, &uid) != Some(false) {
+        assert!(
+            Instant::now() < deadline,
+            "the write on replica A did not reach the proxy on replica B"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // Both replicas built the same version; their entries are identical.
     until("the same version", || {
         on_a.index.load().version() == on_b.index.load().version()

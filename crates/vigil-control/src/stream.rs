@@ -23,8 +23,10 @@ use crate::Control;
 
 /// How often each side says it is alive.
 pub const HEARTBEAT: Duration = Duration::from_secs(10);
-/// How often the store is polled for writes made elsewhere when nothing announced them.
+/// How often the store is polled for writes made elsewhere: often without
+/// LISTEN/NOTIFY (SQLite, or while the listener reconnects), rarely as a safety net.
 const POLL: Duration = Duration::from_secs(1);
+const POLL_LISTENING: Duration = Duration::from_secs(30);
 
 /// What the control plane knows of one proxy.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -182,10 +184,37 @@ impl Hub {
 pub async fn run_refresher(control: Control, hub: Arc<Hub>) {
     let mut local = control.revisions();
     let mut failing = false;
+    let mut listener: Option<vigil_store::RevisionListener> = None;
+    let mut listening = false;
     loop {
+        if !listening {
+            match control.store.listen_revisions().await {
+                Ok(l) => {
+                    listening = true;
+                    listener = l;
+                }
+                Err(e) => tracing::debug!(error = %e, "Cannot LISTEN for revisions yet; polling"),
+            }
+        }
+        let poll = if listener.is_some() {
+            POLL_LISTENING
+        } else {
+            POLL
+        };
+        let notified = async {
+            match listener.as_mut() {
+                Some(l) => l.next().await.map(|_| ()),
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             r = local.changed() => if r.is_err() { return },
-            () = tokio::time::sleep(POLL) => {},
+            r = notified => if let Err(e) = r {
+                tracing::debug!(error = %e, "Revision listener failed; polling until it is back");
+                listener = None;
+                listening = false;
+            },
+            () = tokio::time::sleep(poll) => {},
         }
         match hub.refresh(&control).await {
             Ok(_) => {

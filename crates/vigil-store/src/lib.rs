@@ -9,5 +9,5 @@ mod store;
 pub use error::StoreError;
 pub use store::{
     AuditEvent, AuditQuery, Change, Committed, Dialect, Entity, ListQuery, Op, Page, RawRecord,
-    Record, Ref, SchemaStatus, SecretChange, Store, StoreOptions,
+    Record, Ref, RevisionListener, SchemaStatus, SecretChange, Store, StoreOptions,
 };

@@ -247,10 +247,11 @@ impl SchemaStatus {
 }
 
 /// The store: a pool and its dialect. Cheap to clone.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Store {
     pool: AnyPool,
     dialect: Dialect,
+    url: String,
 }
 
 const MAX_PAGE: u32 = 1000;
@@ -296,6 +297,27 @@ const RECORD_COLUMNS: &str = "kind, id, natural_key, body, version, created_at, 
 
 type Tx<'a> = sqlx::Transaction<'a, sqlx::Any>;
 
+impl std::fmt::Debug for Store {
+    // Not the URL: it may hold a password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("dialect", &self.dialect)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Revisions committed anywhere, as PostgreSQL announces them.
+#[derive(Debug)]
+pub struct RevisionListener(sqlx::postgres::PgListener);
+
+impl RevisionListener {
+    /// Waits for the next announced revision.
+    pub async fn next(&mut self) -> Result<i64, StoreError> {
+        let n = self.0.recv().await.map_err(classify)?;
+        Ok(n.payload().parse().unwrap_or(0))
+    }
+}
+
 impl Store {
     /// Connects to `postgres://...` or `sqlite://...` (created if missing).
     pub async fn connect(url: &str, opts: StoreOptions) -> Result<Store, StoreError> {
@@ -331,7 +353,25 @@ impl Store {
                 });
         }
         let pool = pool.connect_lazy(url).map_err(classify)?;
-        Ok(Store { pool, dialect })
+        Ok(Store {
+            pool,
+            dialect,
+            url: url.to_owned(),
+        })
+    }
+
+    /// Announcements of revisions committed by any process sharing the database
+    /// (PostgreSQL LISTEN/NOTIFY); `None` on SQLite, which only one process writes.
+    /// Notifications can be lost while the connection is down: poll as well.
+    pub async fn listen_revisions(&self) -> Result<Option<RevisionListener>, StoreError> {
+        if self.dialect != Dialect::Postgres {
+            return Ok(None);
+        }
+        let mut l = sqlx::postgres::PgListener::connect(&self.url)
+            .await
+            .map_err(classify)?;
+        l.listen("vigil_revision").await.map_err(classify)?;
+        Ok(Some(RevisionListener(l)))
     }
 
     /// The database behind the store.
@@ -709,6 +749,14 @@ impl Store {
         let revision = w.finish(&mut tx, self.dialect).await?;
         for r in records.iter_mut().flatten() {
             r.version = revision;
+        }
+        if self.dialect == Dialect::Postgres {
+            // Delivered at commit to every replica listening (see `listen_revisions`).
+            sqlx::query("SELECT pg_notify('vigil_revision', $1)")
+                .bind(revision.to_string())
+                .execute(&mut *tx)
+                .await
+                .map_err(classify)?;
         }
         tx.commit().await.map_err(classify)?;
         Ok(Committed { revision, records })
