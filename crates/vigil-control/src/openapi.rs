@@ -202,6 +202,14 @@ pub fn document() -> Value {
         "responses": { "200": { "description": "OpenAPI 3.1", "content": { "application/json": { "schema": { "type": "object" } } } } } } }),
     );
     merge(
+        "/v1/proxies",
+        json!({ "get": { "tags": ["Fleet"], "operationId": "list_proxies",
+        "summary": "Proxies streaming from this replica: labels, version held (acked), last nack with its error, connected since, last seen",
+        "responses": { "200": { "description": "The snapshot version and the proxies", "content": { "application/json": { "schema": {
+            "type": "object", "properties": { "snapshot_version": { "type": "integer" }, "items": { "type": "array", "items": { "type": "object" } } } } } } },
+                       "401": errs(&["401"])["401"], "403": errs(&["403"])["403"], "503": errs(&["503"])["503"] } } }),
+    );
+    merge(
         "/v1/audit",
         json!({ "get": { "tags": ["Audit"], "operationId": "list_audit", "summary": "The audit trail, oldest first",
         "parameters": [
