@@ -34,35 +34,9 @@ async fn post(c: &reqwest::Client, url: &str, path: &str, body: Value) -> Value 
     serde_json::from_str(&text).unwrap()
 }
 
-async fn revision(c: &reqwest::Client, url: &str) -> u64 {
-    // The newest audit event carries the newest revision.
-    let mut cursor: Option<String> = None;
-    let mut last = 0;
-    loop {
-        let q = cursor
-            .as_ref()
-            .map(|c| format!("&cursor={c}"))
-            .unwrap_or_default();
-        let page: Value = c
-            .get(format!("{url}/v1/audit?limit=1000{q}"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if let Some(r) = page["items"]
-            .as_array()
-            .and_then(|a| a.last())
-            .and_then(|e| e["revision"].as_u64())
-        {
-            last = r;
-        }
-        match page["next_cursor"].as_str() {
-            Some(n) => cursor = Some(n.to_owned()),
-            None => return last,
-        }
-    }
+/// The revision a write committed at: its response's `version`.
+fn revision_of(written: &Value) -> u64 {
+    written["version"].as_u64().unwrap()
 }
 
 fn subscribe(
@@ -134,7 +108,7 @@ async fn snapshots_and_deltas_reach_proxies_and_survive_outages() {
     let file = dir.join("snapshot.bin");
     let _ = std::fs::remove_file(&file);
     let proxy = subscribe(&cp, &token, "proxy-a", trusted(), Some(file.clone()));
-    let rev = revision(&c, &url).await;
+    let rev = revision_of(&user);
     until("the first snapshot", || proxy.index.load().version() == rev).await;
     let index = proxy.index.load_full();
     assert!(
@@ -182,14 +156,14 @@ async fn snapshots_and_deltas_reach_proxies_and_survive_outages() {
     assert_eq!(proxy.index.load().version(), held);
     assert!(proxy.index.load().policy("app").is_some());
     cp.restart();
-    post(
+    let bob = post(
         &c,
         &url,
         "/v1/users",
         json!({"issuer": "https://idp.example", "subject": "bob"}),
     )
     .await;
-    let rev = revision(&c, &url).await;
+    let rev = revision_of(&bob);
     until("catching up after the restart", || {
         proxy.index.load().version() == rev
     })
@@ -212,8 +186,8 @@ async fn snapshots_and_deltas_reach_proxies_and_survive_outages() {
     pg.halt().unwrap();
     pg.resume().unwrap();
     cp.restart();
-    post(&c, &url, "/v1/groups", json!({"name": "ops"})).await;
-    let rev = revision(&c, &url).await;
+    let ops = post(&c, &url, "/v1/groups", json!({"name": "ops"})).await;
+    let rev = revision_of(&ops);
     until("catching up after both restarts", || {
         proxy.index.load().version() == rev
     })
@@ -292,13 +266,11 @@ async fn a_write_through_one_replica_reaches_a_proxy_on_another() {
     let a = ControlProcess::start(&db);
     let b = ControlProcess::start(&db);
     let c = client();
-    let token = post(&c, &a.url, "/v1/join-tokens", json!({"name": "fleet"})).await["token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let joined = post(&c, &a.url, "/v1/join-tokens", json!({"name": "fleet"})).await;
+    let token = joined["token"].as_str().unwrap().to_owned();
     let on_a = subscribe(&a, &token, "on-a", trusted(), None);
     let on_b = subscribe(&b, &token, "on-b", trusted(), None);
-    let rev = revision(&c, &a.url).await;
+    let rev = revision_of(&joined);
     until("both proxies subscribed", || {
         on_a.index.load().version() == rev && on_b.index.load().version() == rev
     })

@@ -57,10 +57,8 @@ impl ControlProcess {
 
     /// Kills the process at once (SIGKILL) and starts it again on the same port and database.
     pub fn crash_and_restart(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        self.child = spawn(&self.db, self.port, self.grpc_port, false, &self.log);
-        self.wait_ready();
+        self.kill();
+        self.restart();
     }
 
     /// Kills the process at once (SIGKILL) and leaves it down.
@@ -129,8 +127,7 @@ fn spawn(db: &str, port: u16, grpc_port: u16, migrate: bool, log: &std::path::Pa
 
 impl Drop for ControlProcess {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
 

@@ -1,16 +1,16 @@
 //! The admin REST API's handlers: one generic set for every resource kind, plus
 //! the few actions that are not plain CRUD.
 
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{Map, Value};
-use vigil_store::{Entity, ListQuery, Op, Record, SecretChange};
+use vigil_store::{Committed, Entity, ListQuery, Op, Record, SecretChange, StoreError};
 
 use crate::auth::Admin;
-use crate::body::{json_value, too_large, typed, MAX_BODY};
+use crate::body::{read_json, typed};
 use crate::crypto::{new_token, token_hash};
 use crate::problem::Problem;
 use crate::resources::*;
@@ -19,24 +19,42 @@ use crate::Control;
 /// Fields the server owns in every resource.
 const META: &[&str] = &["id", "version", "created_at", "updated_at", "token"];
 
-async fn read_body(body: Body) -> Result<Bytes, Problem> {
-    axum::body::to_bytes(body, MAX_BODY).await.map_err(|e| {
-        // to_bytes reports a limit hit through its source chain.
-        let msg = e.to_string();
-        if msg.contains("length limit")
-            || std::error::Error::source(&e).is_some_and(|s| s.to_string().contains("length limit"))
-        {
-            too_large()
-        } else {
-            Problem::bad_request(format!("could not read the body: {msg}"))
-        }
-    })
-}
-
 fn millis_to_rfc3339(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms)
         .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
         .unwrap_or_default()
+}
+
+fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+/// Commits `ops` as one write and announces the revision.
+async fn commit(
+    c: &Control,
+    admin: &Admin,
+    action: Option<&str>,
+    ops: Vec<Op>,
+) -> Result<Committed, Problem> {
+    let done = c.store.write(&admin.actor, action, ops).await?;
+    c.notify(done.revision);
+    Ok(done)
+}
+
+/// [`commit`] for one create or replace; returns the stored record.
+async fn commit_one(
+    c: &Control,
+    admin: &Admin,
+    action: Option<&str>,
+    op: Op,
+) -> Result<Record, Problem> {
+    commit(c, admin, action, vec![op])
+        .await?
+        .records
+        .into_iter()
+        .flatten()
+        .next()
+        .ok_or_else(Problem::internal)
 }
 
 /// The API form of a record: its document plus id, version and timestamps.
@@ -148,33 +166,29 @@ fn strip_meta<R: Resource>(value: &mut Value, id: Option<&str>) -> Result<(), Pr
 }
 
 fn new_id<R: Resource>(spec: &R::Spec) -> Result<String, Problem> {
-    if R::NAMED {
-        let name = R::name(spec).unwrap_or_default();
-        check_name(name)?;
-        Ok(name.to_owned())
-    } else {
-        Ok(format!(
+    match R::name(spec) {
+        Some(name) => {
+            check_name(name)?;
+            Ok(name.to_owned())
+        }
+        None => Ok(format!(
             "{}_{}",
             R::ID_PREFIX,
             uuid::Uuid::now_v7().simple()
-        ))
+        )),
     }
 }
 
-struct Prepared {
-    body: Value,
-    key: Option<String>,
-    refs: Vec<vigil_store::Ref>,
-    secret: Option<String>,
-}
-
+/// Validates `spec` as the document of entity `id` (which `exists` already, or is
+/// being created) and makes the entity to store, with the secret the document
+/// carried, if any, sealed and kept apart.
 async fn prepare<R: Resource>(
     control: &Control,
     mut spec: R::Spec,
     id: &str,
-    had_secret: bool,
-) -> Result<Prepared, Problem> {
-    if R::NAMED && R::name(&spec) != Some(id) {
+    exists: bool,
+) -> Result<(Entity, Option<String>), Problem> {
+    if R::name(&spec).is_some_and(|name| name != id) {
         return Err(Problem::field(
             "/name",
             format!("does not match the id in the URL (`{id}`); names cannot change"),
@@ -182,26 +196,34 @@ async fn prepare<R: Resource>(
     }
     let ctx = R::context(control).await?;
     let checked = R::check(&mut spec, id, &ctx)?;
-    let secret = match R::take_secret(&mut spec) {
-        Some(plain) => Some(control.seal(&plain)?),
-        None => None,
-    };
-    R::mark_secret(&mut spec, secret.is_some() || had_secret);
-    let body = serde_json::to_value(&spec).map_err(|_| Problem::internal())?;
-    Ok(Prepared {
-        body,
+    let mut sealed = None;
+    if let Some(secret) = R::SECRET {
+        if let Some(plain) = (secret.take)(&mut spec) {
+            sealed = Some(control.seal(&plain)?);
+        }
+        // Without a new secret, one stored earlier is kept.
+        let stored =
+            sealed.is_some() || (exists && control.store.secret(R::KIND, id).await?.is_some());
+        (secret.mark)(&mut spec, stored);
+    }
+    let entity = Entity {
+        kind: R::KIND.into(),
+        id: id.into(),
         key: checked.key,
+        body: serde_json::to_value(&spec).map_err(|_| Problem::internal())?,
+        secret: None,
         refs: checked.refs,
-        secret,
-    })
+    };
+    Ok((entity, sealed))
 }
 
-fn parse_spec<R: Resource>(
+/// Reads a resource's document from the body; `id` is the one in the URL, if any.
+async fn read_spec<R: Resource>(
     headers: &HeaderMap,
-    bytes: &Bytes,
+    body: Body,
     id: Option<&str>,
 ) -> Result<R::Spec, Problem> {
-    let mut value = json_value(headers, bytes, false)?;
+    let mut value = read_json(headers, body, false).await?;
     strip_meta::<R>(&mut value, id)?;
     typed(value)
 }
@@ -214,33 +236,12 @@ pub async fn create<R: Resource>(
     body: Body,
 ) -> Result<Response, Problem> {
     admin.require(R::WRITE_ROLE)?;
-    let bytes = read_body(body).await?;
-    let spec: R::Spec = parse_spec::<R>(&headers, &bytes, None)?;
+    let spec = read_spec::<R>(&headers, body, None).await?;
     let id = new_id::<R>(&spec)?;
-    let mut p = prepare::<R>(&c, spec, &id, false).await?;
+    let (mut entity, sealed) = prepare::<R>(&c, spec, &id, false).await?;
     let token = R::TOKEN_PREFIX.map(new_token);
-    if let Some(t) = &token {
-        p.secret = Some(token_hash(t));
-    }
-    let entity = Entity {
-        kind: R::KIND.into(),
-        id: id.clone(),
-        key: p.key,
-        body: p.body,
-        secret: p.secret,
-        refs: p.refs,
-    };
-    let done = c
-        .store
-        .write(&admin.actor, None, vec![Op::Create(entity)])
-        .await?;
-    c.notify(done.revision);
-    let rec = done
-        .records
-        .into_iter()
-        .flatten()
-        .next()
-        .ok_or_else(Problem::internal)?;
+    entity.secret = token.as_deref().map(token_hash).or(sealed);
+    let rec = commit_one(&c, &admin, None, Op::Create(entity)).await?;
     Ok(respond(
         StatusCode::CREATED,
         &rec,
@@ -267,6 +268,21 @@ pub async fn get<R: Resource>(
     Ok(respond(StatusCode::OK, &rec, None, None))
 }
 
+/// The op replacing entity `id`'s document with `spec`.
+async fn replace_op<R: Resource>(
+    c: &Control,
+    id: &str,
+    spec: R::Spec,
+    if_version: Option<i64>,
+) -> Result<Op, Problem> {
+    let (entity, sealed) = prepare::<R>(c, spec, id, true).await?;
+    Ok(Op::Replace {
+        entity,
+        if_version,
+        secret: sealed.map_or(SecretChange::Keep, |s| SecretChange::Set(Some(s))),
+    })
+}
+
 async fn store_replace<R: Resource>(
     c: &Control,
     admin: &Admin,
@@ -275,39 +291,8 @@ async fn store_replace<R: Resource>(
     version: Option<i64>,
     action: Option<&str>,
 ) -> Result<Response, Problem> {
-    let had_secret = R::WRITE_ONLY_SECRET && c.store.secret(R::KIND, id).await?.is_some();
-    let p = prepare::<R>(c, spec, id, had_secret).await?;
-    let secret = match p.secret {
-        Some(s) => SecretChange::Set(Some(s)),
-        None => SecretChange::Keep,
-    };
-    let entity = Entity {
-        kind: R::KIND.into(),
-        id: id.into(),
-        key: p.key,
-        body: p.body,
-        secret: None,
-        refs: p.refs,
-    };
-    let done = c
-        .store
-        .write(
-            &admin.actor,
-            action,
-            vec![Op::Replace {
-                entity,
-                if_version: version,
-                secret,
-            }],
-        )
-        .await?;
-    c.notify(done.revision);
-    let rec = done
-        .records
-        .into_iter()
-        .flatten()
-        .next()
-        .ok_or_else(Problem::internal)?;
+    let op = replace_op::<R>(c, id, spec, version).await?;
+    let rec = commit_one(c, admin, action, op).await?;
     Ok(respond(StatusCode::OK, &rec, None, None))
 }
 
@@ -321,8 +306,7 @@ pub async fn replace<R: Resource>(
 ) -> Result<Response, Problem> {
     admin.require(R::WRITE_ROLE)?;
     let version = require_if_match(&headers)?;
-    let bytes = read_body(body).await?;
-    let spec: R::Spec = parse_spec::<R>(&headers, &bytes, Some(&id))?;
+    let spec = read_spec::<R>(&headers, body, Some(&id)).await?;
     store_replace::<R>(&c, &admin, &id, spec, version, None).await
 }
 
@@ -357,13 +341,12 @@ pub async fn patch<R: Resource>(
 ) -> Result<Response, Problem> {
     admin.require(R::WRITE_ROLE)?;
     let version = require_if_match(&headers)?;
-    let bytes = read_body(body).await?;
-    let mut patch_doc = json_value(&headers, &bytes, true)?;
+    let mut patch_doc = read_json(&headers, body, true).await?;
     strip_meta::<R>(&mut patch_doc, Some(&id))?;
     let cur = current::<R>(&c, &id).await?;
     if let Some(v) = version {
         if v != cur.version {
-            return Err(vigil_store::StoreError::VersionMismatch {
+            return Err(StoreError::VersionMismatch {
                 kind: R::KIND.into(),
                 id,
                 current: cur.version,
@@ -371,12 +354,8 @@ pub async fn patch<R: Resource>(
             .into());
         }
     }
-    let mut doc = cur.body.clone();
-    for k in R::READ_ONLY {
-        if let Value::Object(o) = &mut doc {
-            o.remove(*k);
-        }
-    }
+    let mut doc = cur.body;
+    strip_meta::<R>(&mut doc, None)?;
     merge_patch(&mut doc, &patch_doc);
     let spec: R::Spec = typed(doc)?;
     store_replace::<R>(
@@ -399,24 +378,22 @@ pub async fn delete<R: Resource>(
 ) -> Result<Response, Problem> {
     admin.require(R::WRITE_ROLE)?;
     let version = if_match(&headers)?.flatten();
-    let done = c
-        .store
-        .write(
-            &admin.actor,
-            None,
-            vec![Op::Delete {
-                kind: R::KIND.into(),
-                id,
-                if_version: version,
-            }],
-        )
-        .await?;
-    c.notify(done.revision);
+    let op = Op::Delete {
+        kind: R::KIND.into(),
+        id,
+        if_version: version,
+    };
+    commit(&c, &admin, None, vec![op]).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-/// Parses `?limit=&cursor=&<filter>=` strictly: unknown parameters are errors.
-fn list_query(raw: Option<&str>, filters: &'static [&'static str]) -> Result<ListQuery, Problem> {
+/// Parses `?limit=&cursor=&<filter>=` strictly: unknown parameters are errors that
+/// say what `lister` (`this list`, `audit`) takes.
+fn page_query(
+    raw: Option<&str>,
+    filters: &'static [&'static str],
+    lister: &str,
+) -> Result<ListQuery, Problem> {
     let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw.unwrap_or(""))
         .map_err(|e| Problem::bad_request(format!("malformed query string: {e}")))?;
     let mut q = ListQuery::default();
@@ -440,13 +417,23 @@ fn list_query(raw: Option<&str>, filters: &'static [&'static str]) -> Result<Lis
                         ["limit", "cursor"].iter().chain(filters).copied().collect();
                     return Err(Problem::field(
                         format!("/query/{other}"),
-                        format!("unknown parameter; this list takes {}", allowed.join(", ")),
+                        format!("unknown parameter; {lister} takes {}", allowed.join(", ")),
                     ));
                 }
             },
         }
     }
     Ok(q)
+}
+
+/// The store refuses a cursor it did not issue as a database error.
+fn cursor_problem(e: StoreError) -> Problem {
+    match e {
+        StoreError::Database(m) if m.contains("cursor") => {
+            Problem::field("/query/cursor", "invalid cursor")
+        }
+        other => other.into(),
+    }
 }
 
 /// `GET /v1/{kind}`.
@@ -456,13 +443,8 @@ pub async fn list<R: Resource>(
     RawQuery(raw): RawQuery,
 ) -> Result<Response, Problem> {
     admin.require(R::READ_ROLE)?;
-    let q = list_query(raw.as_deref(), R::FILTERS)?;
-    let page = c.store.list(R::KIND, &q).await.map_err(|e| match e {
-        vigil_store::StoreError::Database(m) if m.contains("cursor") => {
-            Problem::field("/query/cursor", "invalid cursor")
-        }
-        other => other.into(),
-    })?;
+    let q = page_query(raw.as_deref(), R::FILTERS, "this list")?;
+    let page = c.store.list(R::KIND, &q).await.map_err(cursor_problem)?;
     let items: Vec<Value> = page.items.iter().map(render).collect();
     Ok(Json(serde_json::json!({ "items": items, "next_cursor": page.next })).into_response())
 }
@@ -492,43 +474,25 @@ pub async fn audit(
     RawQuery(raw): RawQuery,
 ) -> Result<Response, Problem> {
     admin.require(Role::Viewer)?;
-    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw.as_deref().unwrap_or(""))
-        .map_err(|e| Problem::bad_request(format!("malformed query string: {e}")))?;
-    let mut q = vigil_store::AuditQuery::default();
+    let page = page_query(raw.as_deref(), &["kind", "entity_id", "actor"], "audit")?;
+    let mut q = vigil_store::AuditQuery {
+        cursor: page.cursor,
+        limit: page.limit,
+        ..Default::default()
+    };
+    for (k, v) in page.fields {
+        match k {
+            "kind" => q.kind = Some(v),
+            "entity_id" => q.entity_id = Some(v),
+            "actor" => q.actor = Some(v),
+            _ => {}
+        }
+    }
     // Admin tokens are readable by owners only; their history is too.
     if admin.require(AdminToken::READ_ROLE).is_err() {
         q.hide_kinds.push(AdminToken::KIND.to_owned());
     }
-    for (k, v) in pairs {
-        match k.as_str() {
-            "limit" => {
-                q.limit = Some(
-                    v.parse()
-                        .ok()
-                        .filter(|n| (1..=1000).contains(n))
-                        .ok_or_else(|| {
-                            Problem::field("/query/limit", "must be a whole number from 1 to 1000")
-                        })?,
-                )
-            }
-            "cursor" => q.cursor = Some(v),
-            "kind" => q.kind = Some(v),
-            "entity_id" => q.entity_id = Some(v),
-            "actor" => q.actor = Some(v),
-            other => {
-                return Err(Problem::field(
-                    format!("/query/{other}"),
-                    "unknown parameter; audit takes limit, cursor, kind, entity_id, actor",
-                ))
-            }
-        }
-    }
-    let page = c.store.audit(&q).await.map_err(|e| match e {
-        vigil_store::StoreError::Database(m) if m.contains("cursor") => {
-            Problem::field("/query/cursor", "invalid cursor")
-        }
-        other => other.into(),
-    })?;
+    let page = c.store.audit(&q).await.map_err(cursor_problem)?;
     let items: Vec<Value> = page
         .items
         .iter()
@@ -555,40 +519,15 @@ pub async fn rotate_token<R: Resource>(
     let cur = current::<R>(&c, &id).await?;
     let version = if_match(&headers)?.flatten();
     let token = new_token(prefix);
-    let entity = Entity {
-        kind: R::KIND.into(),
-        id: id.clone(),
-        key: cur.key.clone(),
-        body: cur.body.clone(),
-        secret: None,
-        refs: vec![],
-    };
-    // References are rebuilt from the document.
+    // The document is written again as it is, with only the token changed.
     let spec: R::Spec = serde_json::from_value(cur.body).map_err(|_| Problem::internal())?;
-    let p = prepare::<R>(&c, spec, &id, false).await?;
-    let entity = Entity {
-        refs: p.refs,
-        ..entity
+    let (entity, _) = prepare::<R>(&c, spec, &id, true).await?;
+    let op = Op::Replace {
+        entity,
+        if_version: version,
+        secret: SecretChange::Set(Some(token_hash(&token))),
     };
-    let done = c
-        .store
-        .write(
-            &admin.actor,
-            Some("rotate-token"),
-            vec![Op::Replace {
-                entity,
-                if_version: version,
-                secret: SecretChange::Set(Some(token_hash(&token))),
-            }],
-        )
-        .await?;
-    c.notify(done.revision);
-    let rec = done
-        .records
-        .into_iter()
-        .flatten()
-        .next()
-        .ok_or_else(Problem::internal)?;
+    let rec = commit_one(&c, &admin, Some("rotate-token"), op).await?;
     Ok(respond(StatusCode::OK, &rec, Some(token), None))
 }
 
@@ -603,8 +542,7 @@ pub async fn revoke_session(
     let mut spec: SessionSpec =
         serde_json::from_value(cur.body).map_err(|_| Problem::internal())?;
     if spec.revoked_at.is_none() {
-        spec.revoked_at =
-            Some(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+        spec.revoked_at = Some(now_rfc3339());
     }
     store_replace::<Session>(&c, &admin, &id, spec, Some(cur.version), Some("revoke")).await
 }
@@ -617,61 +555,22 @@ pub async fn revoke_user_sessions(
 ) -> Result<Response, Problem> {
     admin.require(Role::Editor)?;
     current::<User>(&c, &id).await?;
-    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let now = now_rfc3339();
     let mut ops = Vec::new();
-    let mut q = ListQuery {
-        limit: Some(1000),
-        fields: vec![("user_id", id.clone())],
-        ..Default::default()
-    };
-    loop {
-        let page = c.store.list(Session::KIND, &q).await?;
-        for rec in page.items {
-            let mut spec: SessionSpec =
-                serde_json::from_value(rec.body).map_err(|_| Problem::internal())?;
-            if spec.revoked_at.is_some() {
-                continue;
-            }
-            spec.revoked_at = Some(now.clone());
-            let mut refs = vec![vigil_store::Ref {
-                kind: User::KIND.into(),
-                id: spec.user_id.clone(),
-                cascade: true,
-            }];
-            if let Some(d) = &spec.device_id {
-                refs.push(vigil_store::Ref {
-                    kind: Device::KIND.into(),
-                    id: d.clone(),
-                    cascade: true,
-                });
-            }
-            let body = serde_json::to_value(&spec).map_err(|_| Problem::internal())?;
-            let entity = Entity {
-                kind: Session::KIND.into(),
-                id: rec.id,
-                key: None,
-                body,
-                secret: None,
-                refs,
-            };
-            ops.push(Op::Replace {
-                entity,
-                if_version: Some(rec.version),
-                secret: SecretChange::Keep,
-            });
+    for rec in list_all(&c.store, Session::KIND, vec![("user_id", id)]).await? {
+        let mut spec: SessionSpec =
+            serde_json::from_value(rec.body).map_err(|_| Problem::internal())?;
+        if spec.revoked_at.is_some() {
+            continue;
         }
-        match page.next {
-            Some(n) => q.cursor = Some(n),
-            None => break,
-        }
+        spec.revoked_at = Some(now.clone());
+        ops.push(replace_op::<Session>(&c, &rec.id, spec, Some(rec.version)).await?);
     }
     let revoked = ops.len();
     let revision = if ops.is_empty() {
         None
     } else {
-        let done = c.store.write(&admin.actor, Some("revoke"), ops).await?;
-        c.notify(done.revision);
-        Some(done.revision)
+        Some(commit(&c, &admin, Some("revoke"), ops).await?.revision)
     };
     Ok(Json(serde_json::json!({ "revoked": revoked, "revision": revision })).into_response())
 }
@@ -684,8 +583,7 @@ pub async fn validate_policy(
     body: Body,
 ) -> Result<Response, Problem> {
     admin.require(Role::Viewer)?;
-    let bytes = read_body(body).await?;
-    let value = json_value(&headers, &bytes, false)?;
+    let value = read_json(&headers, body, false).await?;
     #[derive(serde::Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Req {

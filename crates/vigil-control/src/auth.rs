@@ -7,7 +7,7 @@ use axum::http::request::Parts;
 
 use crate::crypto::token_hash;
 use crate::problem::Problem;
-use crate::resources::{AdminToken, AdminTokenSpec, Resource, Role};
+use crate::resources::{is_past, AdminToken, AdminTokenSpec, Resource, Role};
 use crate::Control;
 
 /// An authenticated admin.
@@ -27,18 +27,10 @@ impl Admin {
         } else {
             Err(Problem::forbidden(format!(
                 "this needs the {} role; the token has {}",
-                role_name(role),
-                role_name(self.role)
+                role.name(),
+                self.role.name()
             )))
         }
-    }
-}
-
-fn role_name(r: Role) -> &'static str {
-    match r {
-        Role::Viewer => "viewer",
-        Role::Editor => "editor",
-        Role::Owner => "owner",
     }
 }
 
@@ -49,6 +41,16 @@ fn same(a: &str, b: &str) -> bool {
             .zip(b.bytes())
             .fold(0u8, |acc, (x, y)| acc | (x ^ y))
             == 0
+}
+
+/// The token of a `Bearer <token>` credential (scheme case-insensitive).
+pub fn bearer_token(value: &str) -> Option<&str> {
+    match value.split_once(' ') {
+        Some((scheme, t)) if scheme.eq_ignore_ascii_case("bearer") && !t.trim().is_empty() => {
+            Some(t.trim())
+        }
+        _ => None,
+    }
 }
 
 impl FromRequestParts<Control> for Admin {
@@ -64,12 +66,8 @@ impl FromRequestParts<Control> for Admin {
         let value = value
             .to_str()
             .map_err(|_| Problem::unauthorized("malformed Authorization header"))?;
-        let token = match value.split_once(' ') {
-            Some((scheme, t)) if scheme.eq_ignore_ascii_case("bearer") && !t.trim().is_empty() => {
-                t.trim()
-            }
-            _ => return Err(Problem::unauthorized("use `Authorization: Bearer <token>`")),
-        };
+        let token = bearer_token(value)
+            .ok_or_else(|| Problem::unauthorized("use `Authorization: Bearer <token>`"))?;
         let hash = token_hash(token);
         if let Some(boot) = control.bootstrap_hash() {
             if same(&hash, boot) {
@@ -88,13 +86,8 @@ impl FromRequestParts<Control> for Admin {
         };
         let spec: AdminTokenSpec =
             serde_json::from_value(rec.body).map_err(|_| Problem::internal())?;
-        if let Some(exp) = &spec.expires_at {
-            let expired = chrono::DateTime::parse_from_rfc3339(exp)
-                .map(|t| t <= chrono::Utc::now())
-                .unwrap_or(true);
-            if expired {
-                return Err(Problem::unauthorized("the token has expired"));
-            }
+        if spec.expires_at.as_deref().is_some_and(is_past) {
+            return Err(Problem::unauthorized("the token has expired"));
         }
         Ok(Admin {
             actor: format!("admin-token:{}", rec.id),

@@ -1,9 +1,13 @@
 //! Reading request bodies strictly: size, media type, UTF-8, duplicate keys,
 //! unknown fields and wrong types each become a located 4xx problem.
 
-use axum::body::Bytes;
-use axum::http::{header, HeaderMap};
-use serde::de::DeserializeOwned;
+use std::fmt::{self, Write as _};
+
+use axum::body::{Body, Bytes};
+use axum::http::{header, HeaderMap, StatusCode};
+use serde::de::{self, DeserializeOwned, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+use serde_json::{Map, Value};
 
 use crate::problem::Problem;
 
@@ -19,22 +23,35 @@ fn path_to_pointer(path: &serde_path_to_error::Path) -> String {
     use serde_path_to_error::Segment;
     let mut out = String::new();
     for seg in path.iter() {
-        match seg {
-            Segment::Seq { index } => out.push_str(&format!("/{index}")),
-            Segment::Map { key } => out.push_str(&format!("/{}", pointer_token(key))),
-            Segment::Enum { variant } => out.push_str(&format!("/{}", pointer_token(variant))),
-            Segment::Unknown => out.push_str("/?"),
-        }
+        let _ = match seg {
+            Segment::Seq { index } => write!(out, "/{index}"),
+            Segment::Map { key } => write!(out, "/{}", pointer_token(key)),
+            Segment::Enum { variant } => write!(out, "/{}", pointer_token(variant)),
+            Segment::Unknown => write!(out, "/?"),
+        };
     }
     out
 }
 
-/// Checks media type, size and UTF-8, refuses duplicate keys anywhere, and returns the JSON.
-pub fn json_value(
+/// Reads a JSON body of at most [`MAX_BODY`] bytes: checks the media type and
+/// UTF-8, refuses duplicate keys anywhere, and returns the JSON.
+pub async fn read_json(
     headers: &HeaderMap,
-    body: &Bytes,
+    body: Body,
     merge_patch: bool,
-) -> Result<serde_json::Value, Problem> {
+) -> Result<Value, Problem> {
+    let bytes = axum::body::to_bytes(body, MAX_BODY).await.map_err(|e| {
+        let msg = e.to_string();
+        if msg.contains("length limit") {
+            too_large()
+        } else {
+            Problem::bad_request(format!("could not read the body: {msg}"))
+        }
+    })?;
+    json_value(headers, &bytes, merge_patch)
+}
+
+fn json_value(headers: &HeaderMap, body: &Bytes, merge_patch: bool) -> Result<Value, Problem> {
     let ct = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -54,13 +71,10 @@ pub fn json_value(
             "application/json"
         };
         return Err(Problem::new(
-            axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported-media-type",
             format!("Content-Type must be {want}"),
         ));
-    }
-    if body.len() > MAX_BODY {
-        return Err(too_large());
     }
     let text = std::str::from_utf8(body).map_err(|e| {
         Problem::bad_request(format!(
@@ -68,33 +82,80 @@ pub fn json_value(
             e.valid_up_to()
         ))
     })?;
-    // The policy crate's reader refuses duplicate keys, which serde_json would silently merge.
-    vigil_policy::doc::from_json(text).map_err(|e| Problem::bad_request(e.to_string()))?;
-    // Parsed again by serde_json so every number keeps its exact value (the policy
-    // reader folds integers beyond i64 into floats).
-    serde_json::from_str(text).map_err(|e| Problem::bad_request(format!("malformed JSON: {e}")))
+    serde_json::from_str(text)
+        .map(|Strict(v)| v)
+        .map_err(|e| Problem::bad_request(format!("not a valid JSON document: {e}")))
+}
+
+/// A `serde_json::Value` read in one pass that refuses duplicate keys at any depth
+/// (serde_json's own `Value` keeps the last); numbers are kept exactly as there.
+struct Strict(Value);
+
+impl<'de> Deserialize<'de> for Strict {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Strict, D::Error> {
+        d.deserialize_any(StrictVisitor).map(Strict)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> Visitor<'de> for StrictVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(v.into())
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(v.into())
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(v.into())
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(Strict(v)) = seq.next_element()? {
+            out.push(v);
+        }
+        Ok(Value::Array(out))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut out = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if out.contains_key(&key) {
+                return Err(de::Error::custom(format_args!("duplicate key `{key}`")));
+            }
+            let Strict(v) = map.next_value()?;
+            out.insert(key, v);
+        }
+        Ok(Value::Object(out))
+    }
 }
 
 /// Deserialises a typed body from JSON, naming the offending field on error.
-pub fn typed<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, Problem> {
-    serde_path_to_error::deserialize(value).map_err(|e| {
-        let pointer = path_to_pointer(e.path());
-        let detail = e.inner().to_string();
-        Problem::field(
-            if pointer.is_empty() {
-                String::new()
-            } else {
-                pointer
-            },
-            detail,
-        )
-    })
+pub fn typed<T: DeserializeOwned>(value: Value) -> Result<T, Problem> {
+    serde_path_to_error::deserialize(value)
+        .map_err(|e| Problem::field(path_to_pointer(e.path()), e.inner().to_string()))
 }
 
 /// 413.
 pub fn too_large() -> Problem {
     Problem::new(
-        axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+        StatusCode::PAYLOAD_TOO_LARGE,
         "payload-too-large",
         format!("the body is larger than {MAX_BODY} bytes"),
     )

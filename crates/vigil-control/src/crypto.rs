@@ -6,21 +6,30 @@ use base64::Engine as _;
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use ring::rand::{SecureRandom, SystemRandom};
 
-/// A new random token with a readable prefix, e.g. `vgl_admin_...`.
-pub fn new_token(prefix: &str) -> String {
-    let mut bytes = [0u8; 32];
+/// `N` random bytes from the operating system.
+fn random<const N: usize>() -> [u8; N] {
+    let mut bytes = [0u8; N];
     // SystemRandom only fails if the OS has no randomness at all.
     if SystemRandom::new().fill(&mut bytes).is_err() {
         panic!("the operating system's random number generator failed");
     }
-    format!("vgl_{prefix}_{}", B64.encode(bytes))
+    bytes
+}
+
+/// Lowercase hex.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A new random token with a readable prefix, e.g. `vgl_admin_...`.
+pub fn new_token(prefix: &str) -> String {
+    format!("vgl_{prefix}_{}", B64.encode(random::<32>()))
 }
 
 /// How a token is stored: SHA-256, hex. Tokens carry 256 random bits, so a fast
 /// hash is enough; no password hashing needed.
 pub fn token_hash(token: &str) -> String {
-    let d = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
-    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+    hex(ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref())
 }
 
 /// Encrypts and decrypts secrets stored in the database.
@@ -64,10 +73,7 @@ impl SecretBox {
 
     /// Encrypts: `v1.<key id>.<nonce>.<ciphertext>`.
     pub fn seal(&self, plaintext: &str) -> String {
-        let mut nonce = [0u8; 12];
-        if SystemRandom::new().fill(&mut nonce).is_err() {
-            panic!("the operating system's random number generator failed");
-        }
+        let nonce = random::<12>();
         let mut buf = plaintext.as_bytes().to_vec();
         // Sealing with a valid key and a fresh nonce cannot fail for inputs this small.
         if self

@@ -116,9 +116,12 @@ impl Control {
         if let Some(h) = self.inner.hub.get() {
             return Ok(h.clone());
         }
-        let hub = stream::Hub::start(self, signer).await?;
-        let hub = self.inner.hub.get_or_init(|| hub).clone();
-        tokio::spawn(stream::run_refresher(self.clone(), hub.clone()));
+        let built = stream::Hub::start(self, signer).await?;
+        let hub = self.inner.hub.get_or_init(|| built.clone()).clone();
+        // Only the call whose hub was kept starts its refresher.
+        if Arc::ptr_eq(&hub, &built) {
+            tokio::spawn(stream::run_refresher(self.clone(), hub.clone()));
+        }
         Ok(hub)
     }
 

@@ -18,29 +18,30 @@ fn schema_ref(name: &str) -> Value {
     json!({ "$ref": format!("#/components/schemas/{name}") })
 }
 
+/// The response for an error status.
+fn problem_response(code: &str) -> Value {
+    let desc = match code {
+        "400" => "Malformed request: the problem names the field",
+        "401" => "Missing or invalid bearer token",
+        "403" => "The token's role is not enough",
+        "404" => "No such resource",
+        "409" => "Conflicts with existing state (name taken, still referenced)",
+        "412" => "If-Match does not match the current ETag",
+        "413" => "Body larger than 1 MiB",
+        "415" => "Body is not JSON",
+        "422" => "Well-formed but invalid: every error with its JSON Pointer",
+        "428" => "If-Match is required",
+        "503" => "The database is unavailable; retry after Retry-After seconds",
+        _ => "Error",
+    };
+    json!({ "description": desc, "content": { "application/problem+json": { "schema": schema_ref("Problem") } } })
+}
+
 fn problem_responses(codes: &[&str]) -> Map<String, Value> {
-    let mut m = Map::new();
-    for code in codes {
-        let desc = match *code {
-            "400" => "Malformed request: the problem names the field",
-            "401" => "Missing or invalid bearer token",
-            "403" => "The token's role is not enough",
-            "404" => "No such resource",
-            "409" => "Conflicts with existing state (name taken, still referenced)",
-            "412" => "If-Match does not match the current ETag",
-            "413" => "Body larger than 1 MiB",
-            "415" => "Body is not JSON",
-            "422" => "Well-formed but invalid: every error with its JSON Pointer",
-            "428" => "If-Match is required",
-            "503" => "The database is unavailable; retry after Retry-After seconds",
-            _ => "Error",
-        };
-        m.insert(
-            (*code).into(),
-            json!({ "description": desc, "content": { "application/problem+json": { "schema": schema_ref("Problem") } } }),
-        );
-    }
-    m
+    codes
+        .iter()
+        .map(|code| ((*code).to_owned(), problem_response(code)))
+        .collect()
 }
 
 fn add_schemas<T: ToSchema>(doc: &mut Doc) {
@@ -69,10 +70,11 @@ fn resource<R: Resource>(doc: &mut Doc) {
     add_schemas::<R::Spec>(doc);
     let spec = R::Spec::name().into_owned();
     let res = format!("{spec}Resource");
-    let mut extra = json!({});
-    if R::TOKEN_PREFIX.is_some() {
-        extra = json!({ "token": { "type": "string", "description": "The bearer token; returned once, on create and rotate-token" } });
-    }
+    let extra = if R::TOKEN_PREFIX.is_some() {
+        json!({ "token": { "type": "string", "description": "The bearer token; returned once, on create and rotate-token" } })
+    } else {
+        json!({})
+    };
     doc.schemas.insert(
         res.clone(),
         json!({ "allOf": [ schema_ref(&spec), schema_ref("Meta"), { "type": "object", "properties": extra } ] }),
@@ -112,11 +114,10 @@ fn resource<R: Resource>(doc: &mut Doc) {
         Value::Object(m)
     };
     let role_note = format!(
-        "Needs the `{:?}` role to read and `{:?}` to write.",
-        R::READ_ROLE,
-        R::WRITE_ROLE
-    )
-    .to_lowercase();
+        "needs the `{}` role to read and `{}` to write.",
+        R::READ_ROLE.name(),
+        R::WRITE_ROLE.name()
+    );
     doc.paths.insert(
         base.clone(),
         json!({
@@ -181,69 +182,69 @@ pub fn document() -> Value {
     resource::<Session>(&mut doc);
     resource::<JoinToken>(&mut doc);
     resource::<AdminToken>(&mut doc);
-    let errs = |codes: &[&str]| Value::Object(problem_responses(codes));
-    let mut merge = |path: &str, item: Value| {
+    for (path, item) in [
+        (
+            "/healthz",
+            json!({ "get": { "tags": ["Health"], "operationId": "healthz", "summary": "The process is alive", "security": [],
+            "responses": { "200": { "description": "Alive", "content": { "text/plain": { "schema": { "type": "string" } } } } } } }),
+        ),
+        (
+            "/readyz",
+            json!({ "get": { "tags": ["Health"], "operationId": "readyz", "summary": "The store answers", "security": [],
+            "responses": { "200": { "description": "Ready", "content": { "text/plain": { "schema": { "type": "string" } } } },
+                           "503": problem_response("503") } } }),
+        ),
+        (
+            "/v1/openapi.json",
+            json!({ "get": { "tags": ["Meta"], "operationId": "openapi", "summary": "This document", "security": [],
+            "responses": { "200": { "description": "OpenAPI 3.1", "content": { "application/json": { "schema": { "type": "object" } } } } } } }),
+        ),
+        (
+            "/v1/proxies",
+            json!({ "get": { "tags": ["Fleet"], "operationId": "list_proxies",
+            "summary": "Proxies streaming from this replica: labels, version held (acked), last nack with its error, connected since, last seen",
+            "responses": { "200": { "description": "The snapshot version and the proxies", "content": { "application/json": { "schema": {
+                "type": "object", "properties": { "snapshot_version": { "type": "integer" }, "items": { "type": "array", "items": { "type": "object" } } } } } } },
+                           "401": problem_response("401"), "403": problem_response("403"), "503": problem_response("503") } } }),
+        ),
+        (
+            "/v1/audit",
+            json!({ "get": { "tags": ["Audit"], "operationId": "list_audit", "summary": "The audit trail, oldest first",
+            "parameters": [
+                { "name": "limit", "in": "query", "schema": { "type": "integer", "minimum": 1, "maximum": 1000 } },
+                { "name": "cursor", "in": "query", "schema": { "type": "string" } },
+                { "name": "kind", "in": "query", "schema": { "type": "string" } },
+                { "name": "entity_id", "in": "query", "schema": { "type": "string" } },
+                { "name": "actor", "in": "query", "schema": { "type": "string" } } ],
+            "responses": { "200": { "description": "A page of events", "content": { "application/json": { "schema": { "type": "object" } } } },
+                           "400": problem_response("400"), "401": problem_response("401"), "503": problem_response("503") } } }),
+        ),
+        (
+            "/v1/policies/validate",
+            json!({ "post": { "tags": ["Policies"], "operationId": "validate_policy", "summary": "Check a policy document without storing it",
+            "requestBody": { "required": true, "content": { "application/json": { "schema": { "type": "object", "required": ["document"],
+                "properties": { "document": { "type": "object" } }, "additionalProperties": false } } } },
+            "responses": { "200": { "description": "Valid", "content": { "application/json": { "schema": { "type": "object" } } } },
+                           "400": problem_response("400"), "401": problem_response("401"), "422": problem_response("422") } } }),
+        ),
+        (
+            "/v1/sessions/{id}/revoke",
+            json!({ "post": { "tags": ["Sessions"], "operationId": "revoke_session", "summary": "Revoke one session everywhere",
+            "parameters": [id_param()],
+            "responses": { "200": { "description": "The revoked session", "content": { "application/json": { "schema": schema_ref("SessionSpecResource") } } },
+                           "401": problem_response("401"), "403": problem_response("403"), "404": problem_response("404") } } }),
+        ),
+        (
+            "/v1/users/{id}/revoke-sessions",
+            json!({ "post": { "tags": ["Users"], "operationId": "revoke_user_sessions", "summary": "Revoke every session of a user",
+            "parameters": [id_param()],
+            "responses": { "200": { "description": "How many were revoked", "content": { "application/json": { "schema": { "type": "object",
+                "properties": { "revoked": { "type": "integer" }, "revision": { "type": ["integer", "null"] } } } } } },
+                           "401": problem_response("401"), "403": problem_response("403"), "404": problem_response("404") } } }),
+        ),
+    ] {
         doc.paths.insert(path.into(), item);
-    };
-    merge(
-        "/healthz",
-        json!({ "get": { "tags": ["Health"], "operationId": "healthz", "summary": "The process is alive", "security": [],
-        "responses": { "200": { "description": "Alive", "content": { "text/plain": { "schema": { "type": "string" } } } } } } }),
-    );
-    merge(
-        "/readyz",
-        json!({ "get": { "tags": ["Health"], "operationId": "readyz", "summary": "The store answers", "security": [],
-        "responses": { "200": { "description": "Ready", "content": { "text/plain": { "schema": { "type": "string" } } } },
-                       "503": errs(&["503"])["503"] } } }),
-    );
-    merge(
-        "/v1/openapi.json",
-        json!({ "get": { "tags": ["Meta"], "operationId": "openapi", "summary": "This document", "security": [],
-        "responses": { "200": { "description": "OpenAPI 3.1", "content": { "application/json": { "schema": { "type": "object" } } } } } } }),
-    );
-    merge(
-        "/v1/proxies",
-        json!({ "get": { "tags": ["Fleet"], "operationId": "list_proxies",
-        "summary": "Proxies streaming from this replica: labels, version held (acked), last nack with its error, connected since, last seen",
-        "responses": { "200": { "description": "The snapshot version and the proxies", "content": { "application/json": { "schema": {
-            "type": "object", "properties": { "snapshot_version": { "type": "integer" }, "items": { "type": "array", "items": { "type": "object" } } } } } } },
-                       "401": errs(&["401"])["401"], "403": errs(&["403"])["403"], "503": errs(&["503"])["503"] } } }),
-    );
-    merge(
-        "/v1/audit",
-        json!({ "get": { "tags": ["Audit"], "operationId": "list_audit", "summary": "The audit trail, oldest first",
-        "parameters": [
-            { "name": "limit", "in": "query", "schema": { "type": "integer", "minimum": 1, "maximum": 1000 } },
-            { "name": "cursor", "in": "query", "schema": { "type": "string" } },
-            { "name": "kind", "in": "query", "schema": { "type": "string" } },
-            { "name": "entity_id", "in": "query", "schema": { "type": "string" } },
-            { "name": "actor", "in": "query", "schema": { "type": "string" } } ],
-        "responses": { "200": { "description": "A page of events", "content": { "application/json": { "schema": { "type": "object" } } } },
-                       "400": errs(&["400"])["400"], "401": errs(&["401"])["401"], "503": errs(&["503"])["503"] } } }),
-    );
-    merge(
-        "/v1/policies/validate",
-        json!({ "post": { "tags": ["Policies"], "operationId": "validate_policy", "summary": "Check a policy document without storing it",
-        "requestBody": { "required": true, "content": { "application/json": { "schema": { "type": "object", "required": ["document"],
-            "properties": { "document": { "type": "object" } }, "additionalProperties": false } } } },
-        "responses": { "200": { "description": "Valid", "content": { "application/json": { "schema": { "type": "object" } } } },
-                       "400": errs(&["400"])["400"], "401": errs(&["401"])["401"], "422": errs(&["422"])["422"] } } }),
-    );
-    merge(
-        "/v1/sessions/{id}/revoke",
-        json!({ "post": { "tags": ["Sessions"], "operationId": "revoke_session", "summary": "Revoke one session everywhere",
-        "parameters": [id_param()],
-        "responses": { "200": { "description": "The revoked session", "content": { "application/json": { "schema": schema_ref("SessionSpecResource") } } },
-                       "401": errs(&["401"])["401"], "403": errs(&["403"])["403"], "404": errs(&["404"])["404"] } } }),
-    );
-    merge(
-        "/v1/users/{id}/revoke-sessions",
-        json!({ "post": { "tags": ["Users"], "operationId": "revoke_user_sessions", "summary": "Revoke every session of a user",
-        "parameters": [id_param()],
-        "responses": { "200": { "description": "How many were revoked", "content": { "application/json": { "schema": { "type": "object",
-            "properties": { "revoked": { "type": "integer" }, "revision": { "type": ["integer", "null"] } } } } } },
-                       "401": errs(&["401"])["401"], "403": errs(&["403"])["403"], "404": errs(&["404"])["404"] } } }),
-    );
+    }
     json!({
         "openapi": "3.1.0",
         "info": {

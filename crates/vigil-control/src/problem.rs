@@ -14,6 +14,16 @@ pub struct FieldError {
     pub detail: String,
 }
 
+impl FieldError {
+    /// An error at `pointer`.
+    pub fn new(pointer: impl Into<String>, detail: impl Into<String>) -> FieldError {
+        FieldError {
+            pointer: pointer.into(),
+            detail: detail.into(),
+        }
+    }
+}
+
 /// An `application/problem+json` response.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Problem {
@@ -32,7 +42,7 @@ pub struct Problem {
     /// Seconds after which a retry may succeed (also sent as `Retry-After`).
     #[serde(skip)]
     pub retry_after: Option<u32>,
-    /// Extra headers (e.g. `WWW-Authenticate`).
+    /// Whether to send a `WWW-Authenticate: Bearer` challenge.
     #[serde(skip)]
     pub www_authenticate: bool,
 }
@@ -58,14 +68,13 @@ impl Problem {
 
     /// 400 with one located error.
     pub fn field(pointer: impl Into<String>, detail: impl Into<String>) -> Problem {
-        let detail = detail.into();
-        let pointer = pointer.into();
+        let error = FieldError::new(pointer, detail);
         let mut p = Problem::new(
             StatusCode::BAD_REQUEST,
             "invalid-field",
-            format!("{pointer}: {detail}"),
+            format!("{}: {}", error.pointer, error.detail),
         );
-        p.errors.push(FieldError { pointer, detail });
+        p.errors.push(error);
         p
     }
 
@@ -88,10 +97,7 @@ impl Problem {
 
     /// 422 for one field.
     pub fn invalid_field(pointer: impl Into<String>, detail: impl Into<String>) -> Problem {
-        Problem::invalid(vec![FieldError {
-            pointer: pointer.into(),
-            detail: detail.into(),
-        }])
+        Problem::invalid(vec![FieldError::new(pointer, detail)])
     }
 
     /// 404.

@@ -8,6 +8,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use utoipa::ToSchema;
 use vigil_store::Ref;
 
+use crate::body::pointer_token;
 use crate::problem::{FieldError, Problem};
 use crate::Control;
 
@@ -21,6 +22,17 @@ pub enum Role {
     Editor,
     /// Everything, including admin tokens.
     Owner,
+}
+
+impl Role {
+    /// The role as written in documents (`viewer`, `editor`, `owner`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Editor => "editor",
+            Role::Owner => "owner",
+        }
+    }
 }
 
 /// What validation found besides errors: the natural key and the references.
@@ -42,9 +54,7 @@ pub trait Resource: Send + Sync + 'static {
     const TITLE: &'static str;
     /// One of these in words, for messages (`policy`, `service account`).
     const SINGULAR: &'static str;
-    /// Whether the id is the document's `name` (else generated with [`Self::ID_PREFIX`]).
-    const NAMED: bool;
-    /// Prefix of generated ids.
+    /// Prefix of generated ids (kinds without a [`Self::name`]).
     const ID_PREFIX: &'static str = "";
     /// Role needed to read.
     const READ_ROLE: Role = Role::Viewer;
@@ -54,29 +64,34 @@ pub trait Resource: Send + Sync + 'static {
     const FILTERS: &'static [&'static str] = &[];
     /// When set, creating issues a bearer token with this prefix, shown once and stored hashed.
     const TOKEN_PREFIX: Option<&'static str> = None;
-    /// Whether the document carries a write-only secret (see [`Self::take_secret`]).
-    const WRITE_ONLY_SECRET: bool = false;
+    /// When set, the document carries a write-only secret, stored encrypted.
+    const SECRET: Option<WriteOnlySecret<Self::Spec>> = None;
     /// Fields the server owns that clients may echo back but never set.
     const READ_ONLY: &'static [&'static str] = &[];
     /// The document.
     type Spec: Serialize + DeserializeOwned + ToSchema + Send + Sync + 'static;
     /// What validation needs from the store (e.g. the named policies).
-    type Context: Send + Sync;
+    type Context: Default + Send + Sync;
 
-    /// Loads the validation context.
-    fn context(control: &Control) -> impl Future<Output = Result<Self::Context, Problem>> + Send;
-    /// The name of a named resource.
+    /// Loads the validation context (by default, nothing is loaded).
+    fn context(_control: &Control) -> impl Future<Output = Result<Self::Context, Problem>> + Send {
+        std::future::ready(Ok(Self::Context::default()))
+    }
+    /// The name of a named resource, which is also its id (others get generated ids).
     fn name(_spec: &Self::Spec) -> Option<&str> {
         None
     }
     /// Validates and normalises the document for entity `id`.
     fn check(spec: &mut Self::Spec, id: &str, ctx: &Self::Context) -> Result<Checked, Problem>;
-    /// Removes a write-only secret from the document, to be stored encrypted.
-    fn take_secret(_spec: &mut Self::Spec) -> Option<String> {
-        None
-    }
-    /// Records in the document whether a secret is stored (e.g. `client_secret_set`).
-    fn mark_secret(_spec: &mut Self::Spec, _present: bool) {}
+}
+
+/// A write-only secret in a kind's document (e.g. an OAuth client secret): taken out
+/// to be stored encrypted, with a read-only flag in the document saying whether one is stored.
+pub struct WriteOnlySecret<S> {
+    /// Removes the secret from the document.
+    pub take: fn(&mut S) -> Option<String>,
+    /// Records whether a secret is stored (e.g. `client_secret_set`).
+    pub mark: fn(&mut S, bool),
 }
 
 // ---------- shared validation helpers ----------
@@ -109,21 +124,36 @@ pub fn check_name(name: &str) -> Result<(), Problem> {
     }
 }
 
-/// Normalises an RFC 3339 instant to UTC (`...Z`).
-pub fn check_time(pointer: &str, value: &str, errors: &mut Vec<FieldError>) -> Option<String> {
+/// Normalises an RFC 3339 instant to UTC (`...Z`) in place; false (with an error) if it is not one.
+pub fn check_time(pointer: &str, value: &mut String, errors: &mut Vec<FieldError>) -> bool {
     match chrono::DateTime::parse_from_rfc3339(value) {
-        Ok(t) => Some(
-            t.with_timezone(&chrono::Utc)
-                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-        ),
+        Ok(t) => {
+            *value = t
+                .with_timezone(&chrono::Utc)
+                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+            true
+        }
         Err(e) => {
-            errors.push(FieldError {
-                pointer: pointer.into(),
-                detail: format!("`{value}` is not an RFC 3339 time: {e}"),
-            });
-            None
+            errors.push(FieldError::new(
+                pointer,
+                format!("`{value}` is not an RFC 3339 time: {e}"),
+            ));
+            false
         }
     }
+}
+
+/// [`check_time`] for an optional time.
+fn check_optional_time(pointer: &str, value: &mut Option<String>, errors: &mut Vec<FieldError>) {
+    if let Some(v) = value {
+        check_time(pointer, v, errors);
+    }
+}
+
+/// Whether an RFC 3339 instant (such as an `expires_at`) is now or past; one that
+/// does not parse counts as past.
+pub fn is_past(time: &str) -> bool {
+    chrono::DateTime::parse_from_rfc3339(time).map_or(true, |t| t <= chrono::Utc::now())
 }
 
 fn done(errors: Vec<FieldError>, checked: Checked) -> Result<Checked, Problem> {
@@ -153,26 +183,37 @@ fn cascade(kind: &str, id: &str) -> Ref {
 /// Parsed named policies, for references and cycle checks.
 pub type PolicyLibrary = BTreeMap<String, vigil_policy::Document>;
 
-async fn policy_library(control: &Control) -> Result<PolicyLibrary, Problem> {
-    let mut lib = BTreeMap::new();
+/// Every entity of `kind` whose top-level `fields` have the given values, page by page.
+pub(crate) async fn list_all(
+    store: &vigil_store::Store,
+    kind: &str,
+    fields: Vec<(&'static str, String)>,
+) -> Result<Vec<vigil_store::Record>, vigil_store::StoreError> {
     let mut q = vigil_store::ListQuery {
         limit: Some(1000),
+        fields,
         ..Default::default()
     };
+    let mut all = Vec::new();
     loop {
-        let page = control.store.list(Policy::KIND, &q).await?;
-        for r in &page.items {
-            if let Some(doc) = r.body.get("document") {
-                if let Ok(d) = vigil_policy::parse_json_value(doc) {
-                    lib.insert(r.id.clone(), d);
-                }
-            }
-        }
+        let page = store.list(kind, &q).await?;
+        all.extend(page.items);
         match page.next {
             Some(n) => q.cursor = Some(n),
-            None => return Ok(lib),
+            None => return Ok(all),
         }
     }
+}
+
+async fn policy_library(control: &Control) -> Result<PolicyLibrary, Problem> {
+    let policies = list_all(&control.store, Policy::KIND, Vec::new()).await?;
+    Ok(policies
+        .into_iter()
+        .filter_map(|r| {
+            let doc = vigil_policy::parse_json_value(r.body.get("document")?).ok()?;
+            Some((r.id, doc))
+        })
+        .collect())
 }
 
 /// Validates a policy document at `pointer`, compiling it against the library with
@@ -184,18 +225,13 @@ fn check_document(
     lib: &PolicyLibrary,
     errors: &mut Vec<FieldError>,
 ) -> Vec<String> {
-    let relocate = |p: vigil_policy::Problem| FieldError {
-        pointer: format!("{pointer}{}", p.pointer),
-        detail: p.message,
-    };
+    let relocate =
+        |p: vigil_policy::Problem| FieldError::new(format!("{pointer}{}", p.pointer), p.message);
     let parsed = match vigil_policy::parse_json_value(doc) {
         Ok(d) => d,
         Err(e) => {
             match e.problems() {
-                [] => errors.push(FieldError {
-                    pointer: pointer.into(),
-                    detail: e.to_string(),
-                }),
+                [] => errors.push(FieldError::new(pointer, e.to_string())),
                 ps => errors.extend(ps.iter().cloned().map(relocate)),
             }
             return Vec::new();
@@ -243,7 +279,6 @@ impl Resource for Policy {
     const PATH: &'static str = "policies";
     const TITLE: &'static str = "Policies";
     const SINGULAR: &'static str = "policy";
-    const NAMED: bool = true;
     type Spec = PolicySpec;
     type Context = PolicyLibrary;
 
@@ -411,7 +446,6 @@ impl Resource for Route {
     const PATH: &'static str = "routes";
     const TITLE: &'static str = "Routes";
     const SINGULAR: &'static str = "route";
-    const NAMED: bool = true;
     const FILTERS: &'static [&'static str] = &["host"];
     type Spec = RouteSpec;
     type Context = PolicyLibrary;
@@ -424,19 +458,16 @@ impl Resource for Route {
     }
     fn check(spec: &mut RouteSpec, _id: &str, lib: &PolicyLibrary) -> Result<Checked, Problem> {
         let mut errors = Vec::new();
-        let mut err = |p: &str, d: String| {
-            errors.push(FieldError {
-                pointer: p.into(),
-                detail: d,
-            })
-        };
         match check_host(&spec.host) {
             Ok(h) => spec.host = h,
-            Err(e) => err("/host", e),
+            Err(e) => errors.push(FieldError::new("/host", e)),
         }
         let path_key = match &spec.path {
             PathMatch::Prefix(p) | PathMatch::Exact(p) if !p.starts_with('/') => {
-                err("/path", format!("`{p}` must begin with `/`"));
+                errors.push(FieldError::new(
+                    "/path",
+                    format!("`{p}` must begin with `/`"),
+                ));
                 String::new()
             }
             PathMatch::Prefix(p) => format!(
@@ -449,32 +480,39 @@ impl Resource for Route {
             ),
             PathMatch::Exact(p) => format!("exact {p}"),
             PathMatch::Regex(r) => {
+                // Also compiled alone, so a pattern cannot break out of the group (`a)|(b`).
                 if let Err(e) =
                     regex::Regex::new(&format!("^(?:{r})$")).and_then(|_| regex::Regex::new(r))
                 {
-                    err(
+                    errors.push(FieldError::new(
                         "/path/regex",
                         format!(
                             "invalid regular expression: {}",
                             e.to_string().replace('\n', " ")
                         ),
-                    );
+                    ));
                 }
                 format!("regex {r}")
             }
         };
         if spec.upstreams.is_empty() {
-            err("/upstreams", "at least one upstream is needed".into());
+            errors.push(FieldError::new(
+                "/upstreams",
+                "at least one upstream is needed",
+            ));
         }
         for (i, u) in spec.upstreams.iter().enumerate() {
             if let Err(e) = check_upstream(u) {
-                err(&format!("/upstreams/{i}"), e);
+                errors.push(FieldError::new(format!("/upstreams/{i}"), e));
             }
         }
         let mut refs = Vec::new();
         for (i, p) in spec.policies.iter().enumerate() {
             if !lib.contains_key(p) {
-                err(&format!("/policies/{i}"), format!("unknown policy `{p}`"));
+                errors.push(FieldError::new(
+                    format!("/policies/{i}"),
+                    format!("unknown policy `{p}`"),
+                ));
             }
             refs.push(restrict(Policy::KIND, p));
         }
@@ -484,57 +522,40 @@ impl Resource for Route {
             }
         }
         let s = &spec.settings;
-        let mut err = |p: &str, d: String| {
-            errors.push(FieldError {
-                pointer: p.into(),
-                detail: d,
-            })
-        };
         if s.timeout_ms == 0 || s.timeout_ms > 3_600_000 {
-            err(
+            errors.push(FieldError::new(
                 "/settings/timeout_ms",
-                "must be between 1 and 3600000".into(),
-            );
+                "must be between 1 and 3600000",
+            ));
         }
         if let Some(p) = &s.prefix_rewrite {
             if !p.starts_with('/') {
-                err("/settings/prefix_rewrite", "must begin with `/`".into());
+                errors.push(FieldError::new(
+                    "/settings/prefix_rewrite",
+                    "must begin with `/`",
+                ));
             }
         }
         for (name, value) in &s.set_request_headers {
+            let at = format!("/settings/set_request_headers/{}", pointer_token(name));
             if !check_header_name(name) {
-                err(
-                    &format!(
-                        "/settings/set_request_headers/{}",
-                        crate::body::pointer_token(name)
-                    ),
-                    "not a valid header name".into(),
-                );
+                errors.push(FieldError::new(&at, "not a valid header name"));
             } else if name.to_ascii_lowercase().starts_with("x-vigil-") {
-                err(
-                    &format!(
-                        "/settings/set_request_headers/{}",
-                        crate::body::pointer_token(name)
-                    ),
-                    "`X-Vigil-*` headers are set by the proxy only".into(),
-                );
+                errors.push(FieldError::new(
+                    &at,
+                    "`X-Vigil-*` headers are set by the proxy only",
+                ));
             }
             if http::HeaderValue::from_str(value).is_err() {
-                err(
-                    &format!(
-                        "/settings/set_request_headers/{}",
-                        crate::body::pointer_token(name)
-                    ),
-                    "not a valid header value".into(),
-                );
+                errors.push(FieldError::new(at, "not a valid header value"));
             }
         }
         for (i, name) in s.remove_request_headers.iter().enumerate() {
             if !check_header_name(name) {
-                err(
-                    &format!("/settings/remove_request_headers/{i}"),
-                    "not a valid header name".into(),
-                );
+                errors.push(FieldError::new(
+                    format!("/settings/remove_request_headers/{i}"),
+                    "not a valid header name",
+                ));
             }
         }
         if let Some(idp) = &s.identity_provider {
@@ -602,35 +623,25 @@ impl Resource for User {
     const PATH: &'static str = "users";
     const TITLE: &'static str = "Users";
     const SINGULAR: &'static str = "user";
-    const NAMED: bool = false;
     const ID_PREFIX: &'static str = "usr";
     const FILTERS: &'static [&'static str] = &["email", "issuer", "subject", "status"];
     type Spec = UserSpec;
     type Context = ();
 
-    async fn context(_: &Control) -> Result<(), Problem> {
-        Ok(())
-    }
     fn check(spec: &mut UserSpec, _id: &str, _: &()) -> Result<Checked, Problem> {
         let mut errors = Vec::new();
         if spec.issuer.trim().is_empty() {
-            errors.push(FieldError {
-                pointer: "/issuer".into(),
-                detail: "must not be empty".into(),
-            });
+            errors.push(FieldError::new("/issuer", "must not be empty"));
         }
         if spec.subject.is_empty() {
-            errors.push(FieldError {
-                pointer: "/subject".into(),
-                detail: "must not be empty".into(),
-            });
+            errors.push(FieldError::new("/subject", "must not be empty"));
         }
         if let Some(e) = &spec.email {
             if e.matches('@').count() != 1 || e.starts_with('@') || e.ends_with('@') {
-                errors.push(FieldError {
-                    pointer: "/email".into(),
-                    detail: format!("`{e}` is not an email address"),
-                });
+                errors.push(FieldError::new(
+                    "/email",
+                    format!("`{e}` is not an email address"),
+                ));
             }
         }
         spec.groups.sort();
@@ -669,13 +680,9 @@ impl Resource for Group {
     const PATH: &'static str = "groups";
     const TITLE: &'static str = "Groups";
     const SINGULAR: &'static str = "group";
-    const NAMED: bool = true;
     type Spec = GroupSpec;
     type Context = ();
 
-    async fn context(_: &Control) -> Result<(), Problem> {
-        Ok(())
-    }
     fn name(spec: &GroupSpec) -> Option<&str> {
         Some(&spec.name)
     }
@@ -730,22 +737,15 @@ impl Resource for Device {
     const PATH: &'static str = "devices";
     const TITLE: &'static str = "Devices";
     const SINGULAR: &'static str = "device";
-    const NAMED: bool = false;
     const ID_PREFIX: &'static str = "dev";
     const FILTERS: &'static [&'static str] = &["owner", "name"];
     type Spec = DeviceSpec;
     type Context = ();
 
-    async fn context(_: &Control) -> Result<(), Problem> {
-        Ok(())
-    }
     fn check(spec: &mut DeviceSpec, _: &str, _: &()) -> Result<Checked, Problem> {
         let mut errors = Vec::new();
         if spec.name.trim().is_empty() {
-            errors.push(FieldError {
-                pointer: "/name".into(),
-                detail: "must not be empty".into(),
-            });
+            errors.push(FieldError::new("/name", "must not be empty"));
         }
         for (k, v) in &spec.posture.attributes {
             let scalar = v.is_boolean() || v.is_number() || v.is_string();
@@ -753,27 +753,28 @@ impl Resource for Device {
                 && k.bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
             if !scalar || !name_ok {
-                errors.push(FieldError {
-                    pointer: format!("/posture/attributes/{}", crate::body::pointer_token(k)),
-                    detail: "attributes are named with letters, digits, `_`, `-`, `.` and hold a boolean, number or string".into(),
-                });
+                errors.push(FieldError::new(
+                    format!("/posture/attributes/{}", pointer_token(k)),
+                    "attributes are named with letters, digits, `_`, `-`, `.` and hold a boolean, number or string",
+                ));
             }
         }
-        if let Some(t) = spec.posture.expires_at.take() {
-            spec.posture.expires_at = check_time("/posture/expires_at", &t, &mut errors);
-        }
+        check_optional_time(
+            "/posture/expires_at",
+            &mut spec.posture.expires_at,
+            &mut errors,
+        );
         let mut key = None;
-        if let Some(fp) = &spec.client_certificate_sha256 {
+        if let Some(fp) = &mut spec.client_certificate_sha256 {
             match vigil_policy::parse_fingerprint(fp) {
                 Some(bytes) => {
-                    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-                    key = Some(hex.clone());
-                    spec.client_certificate_sha256 = Some(hex);
+                    *fp = crate::crypto::hex(&bytes);
+                    key = Some(fp.clone());
                 }
-                None => errors.push(FieldError {
-                    pointer: "/client_certificate_sha256".into(),
-                    detail: "expected a SHA-256 fingerprint: 64 hex digits, colons allowed".into(),
-                }),
+                None => errors.push(FieldError::new(
+                    "/client_certificate_sha256",
+                    "expected a SHA-256 fingerprint: 64 hex digits, colons allowed",
+                )),
             }
         }
         let refs = spec.owner.iter().map(|o| restrict(User::KIND, o)).collect();
@@ -803,12 +804,6 @@ pub struct ServiceAccountSpec {
     pub disabled: bool,
 }
 
-fn check_expiry(expires_at: &mut Option<String>, errors: &mut Vec<FieldError>) {
-    if let Some(t) = expires_at.take() {
-        *expires_at = check_time("/expires_at", &t, errors);
-    }
-}
-
 /// `/v1/service-accounts`.
 pub struct ServiceAccount;
 
@@ -817,20 +812,16 @@ impl Resource for ServiceAccount {
     const PATH: &'static str = "service-accounts";
     const TITLE: &'static str = "Service accounts";
     const SINGULAR: &'static str = "service account";
-    const NAMED: bool = true;
     const TOKEN_PREFIX: Option<&'static str> = Some("sa");
     type Spec = ServiceAccountSpec;
     type Context = ();
 
-    async fn context(_: &Control) -> Result<(), Problem> {
-        Ok(())
-    }
     fn name(spec: &ServiceAccountSpec) -> Option<&str> {
         Some(&spec.name)
     }
     fn check(spec: &mut ServiceAccountSpec, _: &str, _: &()) -> Result<Checked, Problem> {
         let mut errors = Vec::new();
-        check_expiry(&mut spec.expires_at, &mut errors);
+        check_optional_time("/expires_at", &mut spec.expires_at, &mut errors);
         spec.groups.sort();
         spec.groups.dedup();
         let refs = spec
@@ -880,42 +871,24 @@ impl Resource for Grant {
     const PATH: &'static str = "grants";
     const TITLE: &'static str = "Access grants";
     const SINGULAR: &'static str = "access grant";
-    const NAMED: bool = false;
     const ID_PREFIX: &'static str = "grt";
     const FILTERS: &'static [&'static str] = &["route", "approver"];
     type Spec = GrantSpec;
     type Context = ();
 
-    async fn context(_: &Control) -> Result<(), Problem> {
-        Ok(())
-    }
     fn check(spec: &mut GrantSpec, _: &str, _: &()) -> Result<Checked, Problem> {
         let mut errors = Vec::new();
-        let start = check_time("/start", &spec.start, &mut errors);
-        let end = check_time("/end", &spec.end, &mut errors);
-        if let (Some(s), Some(e)) = (&start, &end) {
-            if s >= e {
-                errors.push(FieldError {
-                    pointer: "/end".into(),
-                    detail: "must be after `start`".into(),
-                });
-            }
+        let start = check_time("/start", &mut spec.start, &mut errors);
+        let end = check_time("/end", &mut spec.end, &mut errors);
+        // Both normalised to UTC, so they compare as text.
+        if start && end && spec.start >= spec.end {
+            errors.push(FieldError::new("/end", "must be after `start`"));
         }
         if spec.reason.trim().is_empty() {
-            errors.push(FieldError {
-                pointer: "/reason".into(),
-                detail: "a grant needs a reason".into(),
-            });
+            errors.push(FieldError::new("/reason", "a grant needs a reason"));
         }
         if spec.approver.trim().is_empty() {
-            errors.push(FieldError {
-                pointer: "/approver".into(),
-                detail: "a grant needs an approver".into(),
-            });
-        }
-        if let (Some(s), Some(e)) = (start, end) {
-            spec.start = s;
-            spec.end = e;
+            errors.push(FieldError::new("/approver", "a grant needs an approver"));
         }
         let subject = match &spec.subject {
             Subject::User(u) => cascade(User::KIND, u),
@@ -994,15 +967,14 @@ impl Resource for IdentityProvider {
     const PATH: &'static str = "identity-providers";
     const TITLE: &'static str = "Identity providers";
     const SINGULAR: &'static str = "identity provider";
-    const NAMED: bool = true;
     const READ_ONLY: &'static [&'static str] = &["client_secret_set"];
-    const WRITE_ONLY_SECRET: bool = true;
+    const SECRET: Option<WriteOnlySecret<IdentityProviderSpec>> = Some(WriteOnlySecret {
+        take: |spec| spec.client_secret.take(),
+        mark: |spec, stored| spec.client_secret_set = stored,
+    });
     type Spec = IdentityProviderSpec;
     type Context = ();
 
-    async fn context(_: &Control) -> Result<(), Problem> {
-        Ok(())
-    }
     fn name(spec: &IdentityProviderSpec) -> Option<&str> {
         Some(&spec.name)
     }
@@ -1017,39 +989,24 @@ impl Resource for IdentityProvider {
                 let ok =
                     u.scheme_str() == Some("https") || (u.scheme_str() == Some("http") && loopback);
                 if !ok || u.host().is_none() {
-                    errors.push(FieldError {
-                        pointer: "/issuer_url".into(),
-                        detail: "must be an https:// URL (http:// only on loopback)".into(),
-                    });
+                    errors.push(FieldError::new(
+                        "/issuer_url",
+                        "must be an https:// URL (http:// only on loopback)",
+                    ));
                 }
             }
-            Err(e) => errors.push(FieldError {
-                pointer: "/issuer_url".into(),
-                detail: format!("not a URL: {e}"),
-            }),
+            Err(e) => errors.push(FieldError::new("/issuer_url", format!("not a URL: {e}"))),
         }
         if spec.client_id.is_empty() {
-            errors.push(FieldError {
-                pointer: "/client_id".into(),
-                detail: "must not be empty".into(),
-            });
+            errors.push(FieldError::new("/client_id", "must not be empty"));
         }
         if !spec.scopes.iter().any(|s| s == "openid") {
-            errors.push(FieldError {
-                pointer: "/scopes".into(),
-                detail: "must include `openid`".into(),
-            });
+            errors.push(FieldError::new("/scopes", "must include `openid`"));
         }
         for d in &mut spec.allowed_domains {
             *d = d.trim().to_lowercase();
         }
         done(errors, Checked::default())
-    }
-    fn take_secret(spec: &mut IdentityProviderSpec) -> Option<String> {
-        spec.client_secret.take()
-    }
-    fn mark_secret(spec: &mut IdentityProviderSpec, present: bool) {
-        spec.client_secret_set = present;
     }
 }
 
@@ -1090,33 +1047,17 @@ impl Resource for Session {
     const PATH: &'static str = "sessions";
     const TITLE: &'static str = "Sessions";
     const SINGULAR: &'static str = "session";
-    const NAMED: bool = false;
     const ID_PREFIX: &'static str = "ses";
     const FILTERS: &'static [&'static str] = &["user_id", "device_id"];
     type Spec = SessionSpec;
     type Context = ();
 
-    async fn context(_: &Control) -> Result<(), Problem> {
-        Ok(())
-    }
     fn check(spec: &mut SessionSpec, _: &str, _: &()) -> Result<Checked, Problem> {
         let mut errors = Vec::new();
-        for (p, t) in [
-            ("/auth_time", &mut spec.auth_time),
-            ("/expires_at", &mut spec.expires_at),
-        ] {
-            if let Some(n) = check_time(p, t, &mut errors) {
-                *t = n;
-            }
-        }
-        for (p, t) in [
-            ("/revoked_at", &mut spec.revoked_at),
-            ("/last_seen_at", &mut spec.last_seen_at),
-        ] {
-            if let Some(v) = t.take() {
-                *t = check_time(p, &v, &mut errors);
-            }
-        }
+        check_time("/auth_time", &mut spec.auth_time, &mut errors);
+        check_time("/expires_at", &mut spec.expires_at, &mut errors);
+        check_optional_time("/revoked_at", &mut spec.revoked_at, &mut errors);
+        check_optional_time("/last_seen_at", &mut spec.last_seen_at, &mut errors);
         let mut refs = vec![cascade(User::KIND, &spec.user_id)];
         if let Some(d) = &spec.device_id {
             refs.push(cascade(Device::KIND, d));
@@ -1149,20 +1090,16 @@ impl Resource for JoinToken {
     const PATH: &'static str = "join-tokens";
     const TITLE: &'static str = "Proxy join tokens";
     const SINGULAR: &'static str = "proxy join token";
-    const NAMED: bool = true;
     const TOKEN_PREFIX: Option<&'static str> = Some("join");
     type Spec = JoinTokenSpec;
     type Context = ();
 
-    async fn context(_: &Control) -> Result<(), Problem> {
-        Ok(())
-    }
     fn name(spec: &JoinTokenSpec) -> Option<&str> {
         Some(&spec.name)
     }
     fn check(spec: &mut JoinTokenSpec, _: &str, _: &()) -> Result<Checked, Problem> {
         let mut errors = Vec::new();
-        check_expiry(&mut spec.expires_at, &mut errors);
+        check_optional_time("/expires_at", &mut spec.expires_at, &mut errors);
         done(errors, Checked::default())
     }
 }
@@ -1188,22 +1125,18 @@ impl Resource for AdminToken {
     const PATH: &'static str = "admin-tokens";
     const TITLE: &'static str = "Admin tokens";
     const SINGULAR: &'static str = "admin token";
-    const NAMED: bool = true;
     const READ_ROLE: Role = Role::Owner;
     const WRITE_ROLE: Role = Role::Owner;
     const TOKEN_PREFIX: Option<&'static str> = Some("admin");
     type Spec = AdminTokenSpec;
     type Context = ();
 
-    async fn context(_: &Control) -> Result<(), Problem> {
-        Ok(())
-    }
     fn name(spec: &AdminTokenSpec) -> Option<&str> {
         Some(&spec.name)
     }
     fn check(spec: &mut AdminTokenSpec, _: &str, _: &()) -> Result<Checked, Problem> {
         let mut errors = Vec::new();
-        check_expiry(&mut spec.expires_at, &mut errors);
+        check_optional_time("/expires_at", &mut spec.expires_at, &mut errors);
         done(errors, Checked::default())
     }
 }

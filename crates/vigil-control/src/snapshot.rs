@@ -17,9 +17,29 @@ const HISTORY_KEYS: usize = 100_000;
 /// Decrypts a stored secret.
 pub type OpenSecret = Box<dyn Fn(&str) -> Option<String> + Send + Sync>;
 
-/// The stored documents a snapshot derives from, and the snapshot itself.
+/// A route as stored, decoded once: routes are re-derived whenever a policy they
+/// reach changes, so their documents are kept (nothing else is).
+struct StoredRoute {
+    spec: RouteSpec,
+    /// The inline policy: `Err` when it no longer parses (the route then denies).
+    inline: Result<Option<vigil_policy::Document>, ()>,
+}
+
+impl StoredRoute {
+    /// Named policies it refers to directly: its list and its inline policy's references.
+    fn references(&self) -> impl Iterator<Item = String> + '_ {
+        let inline = match &self.inline {
+            Ok(Some(doc)) => doc.references(),
+            _ => Vec::new(),
+        };
+        self.spec.policies.iter().cloned().chain(inline)
+    }
+}
+
+/// What a snapshot derives from besides the entity being derived (routes and named
+/// policies, which other entries depend on), and the snapshot itself.
 pub struct Builder {
-    records: BTreeMap<(String, String), RawRecord>,
+    routes: BTreeMap<String, StoredRoute>,
     policies: BTreeMap<String, vigil_policy::Document>,
     history: History,
     open_secret: OpenSecret,
@@ -29,7 +49,8 @@ impl std::fmt::Debug for Builder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Builder")
             .field("version", &self.history.current().version)
-            .field("records", &self.records.len())
+            .field("routes", &self.routes.len())
+            .field("policies", &self.policies.len())
             .finish_non_exhaustive()
     }
 }
@@ -39,22 +60,15 @@ impl Builder {
     /// secrets (identity providers' client secrets).
     pub fn full(revision: i64, records: Vec<RawRecord>, open_secret: OpenSecret) -> Builder {
         let mut b = Builder {
-            records: BTreeMap::new(),
+            routes: BTreeMap::new(),
             policies: BTreeMap::new(),
             history: History::new(Snapshot::default(), HISTORY_KEYS),
             open_secret,
         };
-        for r in records {
-            if r.kind == Policy::KIND {
-                b.parse_policy(&r);
-            }
-            b.records.insert((r.kind.clone(), r.id.clone()), r);
+        for r in &records {
+            b.absorb(r);
         }
-        let entries: Vec<Entry> = b
-            .records
-            .keys()
-            .filter_map(|(kind, id)| b.derive(kind, id))
-            .collect();
+        let entries: Vec<Entry> = records.iter().filter_map(|r| b.derive(r)).collect();
         b.history = History::new(Snapshot::new(version(revision), entries), HISTORY_KEYS);
         b
     }
@@ -72,92 +86,79 @@ impl Builder {
         changes: &[Change],
         records: Vec<RawRecord>,
     ) -> Vec<Key> {
-        let mut touched: BTreeSet<(String, String)> = BTreeSet::new();
-        for c in changes {
-            touched.insert((c.kind.clone(), c.id.clone()));
-        }
-        let mut fresh: BTreeMap<(String, String), RawRecord> = records
-            .into_iter()
-            .map(|r| ((r.kind.clone(), r.id.clone()), r))
+        let touched: BTreeSet<(&str, &str)> = changes
+            .iter()
+            .map(|c| (c.kind.as_str(), c.id.as_str()))
+            .collect();
+        let fresh: BTreeMap<(&str, &str), &RawRecord> = records
+            .iter()
+            .map(|r| ((r.kind.as_str(), r.id.as_str()), r))
             .collect();
         let mut changed_policies = BTreeSet::new();
-        for key in &touched {
-            match fresh.remove(key) {
-                Some(r) => {
-                    self.records.insert(key.clone(), r);
-                }
-                None => {
-                    self.records.remove(key);
-                }
+        for &(kind, id) in &touched {
+            if kind == Route::KIND {
+                self.routes.remove(id);
+            } else if kind == Policy::KIND {
+                self.policies.remove(id);
+                changed_policies.insert(id.to_owned());
             }
-            if key.0 == Policy::KIND {
-                changed_policies.insert(key.1.clone());
-                self.policies.remove(&key.1);
-                if let Some(r) = self.records.get(key).cloned() {
-                    self.parse_policy(&r);
-                }
-            }
-        }
-        // Routes to recompile: those changed, and those reaching a changed policy.
-        let mut affected: BTreeSet<(String, String)> = touched
-            .into_iter()
-            .filter(|(k, _)| k != Policy::KIND)
-            .collect();
-        if !changed_policies.is_empty() {
-            for ((kind, id), r) in self
-                .records
-                .range((Route::KIND.to_owned(), String::new())..)
-            {
-                if kind != Route::KIND {
-                    break;
-                }
-                if self.reaches(r, &changed_policies) {
-                    affected.insert((kind.clone(), id.clone()));
-                }
+            if let Some(r) = fresh.get(&(kind, id)) {
+                self.absorb(r);
             }
         }
         let mut upserts = Vec::new();
         let mut removals = Vec::new();
-        for (kind, id) in &affected {
+        for &(kind, id) in &touched {
             let Some(k) = entry_kind(kind) else { continue };
-            match self.derive(kind, id) {
+            match fresh.get(&(kind, id)).and_then(|r| self.derive(r)) {
                 Some(e) => upserts.push(e),
                 None => removals.push(Key {
                     kind: k,
-                    id: id.clone(),
+                    id: id.to_owned(),
                 }),
+            }
+        }
+        // Routes that reach a changed policy are recompiled too.
+        if !changed_policies.is_empty() {
+            for (name, route) in &self.routes {
+                if !touched.contains(&(Route::KIND, name.as_str()))
+                    && self.reaches(route, &changed_policies)
+                {
+                    upserts.extend(self.route_entry(name, route));
+                }
             }
         }
         self.history.advance(version(revision), upserts, removals)
     }
 
-    fn parse_policy(&mut self, r: &RawRecord) {
-        let doc = serde_json::from_str::<PolicySpec>(&r.body)
-            .ok()
-            .and_then(|s| vigil_policy::parse_json_value(&s.document).ok());
-        match doc {
-            Some(d) => {
-                self.policies.insert(r.id.clone(), d);
+    /// Keeps what later derivations depend on: routes and named policies.
+    fn absorb(&mut self, r: &RawRecord) {
+        if r.kind == Policy::KIND {
+            let doc = decode::<PolicySpec>(r)
+                .and_then(|s| vigil_policy::parse_json_value(&s.document).ok());
+            match doc {
+                Some(d) => {
+                    self.policies.insert(r.id.clone(), d);
+                }
+                None => {
+                    tracing::error!(policy = %r.id, "Stored policy does not parse; routes using it deny everything")
+                }
             }
-            None => {
-                tracing::error!(policy = %r.id, "Stored policy does not parse; routes using it deny everything")
+        } else if r.kind == Route::KIND {
+            if let Some(spec) = decode::<RouteSpec>(r) {
+                let inline = match &spec.policy {
+                    None => Ok(None),
+                    Some(p) => vigil_policy::parse_json_value(p).map(Some).map_err(|_| ()),
+                };
+                self.routes
+                    .insert(r.id.clone(), StoredRoute { spec, inline });
             }
         }
     }
 
-    /// Whether a route's policies reach any of `names`, directly or through references.
-    fn reaches(&self, route: &RawRecord, names: &BTreeSet<String>) -> bool {
-        let Ok(spec) = serde_json::from_str::<RouteSpec>(&route.body) else {
-            return true;
-        };
-        let mut stack: Vec<String> = spec.policies.clone();
-        if let Some(inline) = spec
-            .policy
-            .as_ref()
-            .and_then(|p| vigil_policy::parse_json_value(p).ok())
-        {
-            stack.extend(inline.references());
-        }
+    /// Whether a route reaches any of `names`, directly or through references.
+    fn reaches(&self, route: &StoredRoute, names: &BTreeSet<String>) -> bool {
+        let mut stack: Vec<String> = route.references().collect();
         let mut seen = BTreeSet::new();
         while let Some(p) = stack.pop() {
             if names.contains(&p) {
@@ -174,29 +175,27 @@ impl Builder {
 
     /// The entry for one stored entity, or `None` when it has no entry (kinds a
     /// proxy does not need, sessions not revoked, documents that do not decode).
-    fn derive(&self, kind: &str, id: &str) -> Option<Entry> {
-        let r = self.records.get(&(kind.to_owned(), id.to_owned()))?;
-        let body = match kind {
-            Route::KIND => Body::Route(self.route(r)?),
-            User::KIND => Body::User(user(r)?),
-            Device::KIND => Body::Device(device(r)?),
-            ServiceAccount::KIND => Body::ServiceAccount(service_account(r)?),
-            Grant::KIND => Body::Grant(grant(r)?),
-            IdentityProvider::KIND => Body::IdentityProvider(self.identity_provider(r)?),
-            Session::KIND => Body::RevokedSession(revoked_session(r)?),
-            _ => return None,
+    fn derive(&self, r: &RawRecord) -> Option<Entry> {
+        let body = match entry_kind(&r.kind)? {
+            Kind::Route => return self.route_entry(&r.id, self.routes.get(&r.id)?),
+            Kind::User => Body::User(user(r)?),
+            Kind::Device => Body::Device(device(r)?),
+            Kind::ServiceAccount => Body::ServiceAccount(service_account(r)?),
+            Kind::Grant => Body::Grant(grant(r)?),
+            Kind::IdentityProvider => Body::IdentityProvider(self.identity_provider(r)?),
+            Kind::RevokedSession => Body::RevokedSession(revoked_session(r)?),
+            Kind::Unspecified => return None,
         };
         Some(Entry {
-            id: id.to_owned(),
+            id: r.id.clone(),
             body: Some(body),
         })
     }
 
-    fn route(&self, r: &RawRecord) -> Option<pb::Route> {
-        let spec: RouteSpec = decode(r)?;
-        let policy = self.compile_route(&r.id, &spec);
+    fn route_entry(&self, name: &str, route: &StoredRoute) -> Option<Entry> {
+        let spec = &route.spec;
         let s = &spec.settings;
-        Some(pb::Route {
+        let body = pb::Route {
             host: spec.host.clone(),
             path: Some(match &spec.path {
                 PathMatch::Prefix(p) => pb::route::Path::Prefix(p.clone()),
@@ -204,7 +203,7 @@ impl Builder {
                 PathMatch::Regex(p) => pb::route::Path::Regex(p.clone()),
             }),
             upstreams: spec.upstreams.clone(),
-            policy,
+            policy: self.compile_route(name, route),
             settings: Some(pb::RouteSettings {
                 timeout_ms: s.timeout_ms,
                 preserve_host: s.preserve_host,
@@ -224,61 +223,63 @@ impl Builder {
                 identity_provider: s.identity_provider.clone(),
                 upstream_ca_pem: s.upstream_ca_pem.clone(),
             }),
+        };
+        Some(Entry {
+            id: name.to_owned(),
+            body: Some(Body::Route(body)),
         })
     }
 
-    /// The route's effective policy: every rule of its named policies and of its inline
-    /// policy (any allow rule allows, any deny rule denies), compiled with a symbol
-    /// table of its own. A policy that fails to compile becomes deny-all: fail closed.
-    fn compile_route(&self, route: &str, spec: &RouteSpec) -> Vec<u8> {
+    /// One document with every rule of the route's named policies and of its inline
+    /// policy; `None` when one of them is missing or does not parse.
+    fn route_document(&self, route: &StoredRoute) -> Option<vigil_policy::Document> {
         let mut rules = Vec::new();
-        let mut broken = false;
-        for name in &spec.policies {
-            match self.policies.get(name) {
-                Some(doc) => rules.extend(doc.rules.iter().cloned().map(|mut r| {
-                    r.pointer = format!("{name}#{}", r.pointer);
-                    r
-                })),
-                None => broken = true,
-            }
+        for name in &route.spec.policies {
+            let doc = self.policies.get(name)?;
+            rules.extend(doc.rules.iter().cloned().map(|mut r| {
+                r.pointer = format!("{name}#{}", r.pointer);
+                r
+            }));
         }
-        if let Some(inline) = &spec.policy {
-            match vigil_policy::parse_json_value(inline) {
-                Ok(doc) => rules.extend(doc.rules),
-                Err(_) => broken = true,
-            }
+        if let Some(doc) = route.inline.as_ref().ok()? {
+            rules.extend(doc.rules.iter().cloned());
         }
+        Some(vigil_policy::Document { rules })
+    }
+
+    /// The route's effective policy (any allow rule allows, any deny rule denies),
+    /// compiled with a symbol table of its own. A policy that cannot be built or
+    /// compiled becomes the empty policy, which denies everything: fail closed.
+    fn compile_route(&self, name: &str, route: &StoredRoute) -> Vec<u8> {
         let mut symbols = vigil_policy::Symbols::default();
-        let doc = vigil_policy::Document { rules };
-        let compiled = if broken {
-            None
-        } else {
-            vigil_policy::compile(
-                &doc,
-                vigil_policy::CompileEnv {
+        let compiled = self
+            .route_document(route)
+            .ok_or_else(|| "a policy it uses is missing or does not parse".to_owned())
+            .and_then(|doc| {
+                let env = vigil_policy::CompileEnv {
                     symbols: &mut symbols,
                     directory: None,
                     library: Some(&self.policies),
                     name: None,
-                },
-            )
-            .map_err(|e| tracing::error!(route, error = %e, "Route policy does not compile; the route denies everything"))
-            .ok()
-        };
-        let compiled = match compiled {
-            Some(c) => c,
-            None => {
+                };
+                vigil_policy::compile(&doc, env)
+                    .map_err(|e| e.to_string())
+            })
+            .or_else(|e| {
+                tracing::error!(route = name, error = %e, "Route policy does not compile; the route denies everything");
                 symbols = vigil_policy::Symbols::default();
-                match vigil_policy::compile_standalone(
+                vigil_policy::compile_standalone(
                     &vigil_policy::Document { rules: Vec::new() },
                     &mut symbols,
-                ) {
-                    Ok(c) => c,
-                    Err(_) => return Vec::new(),
-                }
-            }
-        };
-        vigil_snapshot::encode_policy(&compiled, &symbols)
+                )
+                    .map_err(|e| e.to_string())
+            });
+        match compiled {
+            Ok(c) => vigil_snapshot::encode_policy(&c, &symbols),
+            // The empty policy always compiles; should it not, ship nothing and let the
+            // proxy refuse the update rather than ship something that allows.
+            Err(_) => Vec::new(),
+        }
     }
 
     fn identity_provider(&self, r: &RawRecord) -> Option<pb::IdentityProvider> {
@@ -362,14 +363,11 @@ fn scalar(v: &serde_json::Value) -> Option<pb::Scalar> {
     Some(pb::Scalar { value: Some(value) })
 }
 
-fn hex(s: &str) -> Vec<u8> {
-    let s: String = s.chars().filter(|c| *c != ':').collect();
-    (0..s.len() / 2)
-        .map_while(|i| {
-            s.get(2 * i..2 * i + 2)
-                .and_then(|b| u8::from_str_radix(b, 16).ok())
-        })
-        .collect()
+/// A stored SHA-256 (hex: certificate fingerprints, token hashes) as bytes.
+fn sha256(hex: Option<&str>) -> Vec<u8> {
+    hex.and_then(vigil_policy::parse_fingerprint)
+        .map(|b| b.to_vec())
+        .unwrap_or_default()
 }
 
 fn device(r: &RawRecord) -> Option<pb::Device> {
@@ -392,11 +390,7 @@ fn device(r: &RawRecord) -> Option<pb::Device> {
             })
             .collect(),
         posture_expires_at: spec.posture.expires_at.as_deref().and_then(unix),
-        client_certificate_sha256: spec
-            .client_certificate_sha256
-            .as_deref()
-            .map(hex)
-            .unwrap_or_default(),
+        client_certificate_sha256: sha256(spec.client_certificate_sha256.as_deref()),
     })
 }
 
@@ -406,7 +400,7 @@ fn service_account(r: &RawRecord) -> Option<pb::ServiceAccount> {
         groups: sorted(spec.groups),
         expires_at: spec.expires_at.as_deref().and_then(unix),
         disabled: spec.disabled,
-        token_sha256: r.secret.as_deref().map(hex).unwrap_or_default(),
+        token_sha256: sha256(r.secret.as_deref()),
     })
 }
 

@@ -17,7 +17,7 @@ use vigil_proto::v1::{
 use vigil_snapshot::Signer;
 
 use crate::crypto::token_hash;
-use crate::resources::{JoinToken, Resource as _};
+use crate::resources::{is_past, JoinToken, JoinTokenSpec, Resource as _};
 use crate::snapshot::Builder;
 use crate::Control;
 
@@ -185,16 +185,19 @@ pub async fn run_refresher(control: Control, hub: Arc<Hub>) {
     let mut local = control.revisions();
     let mut failing = false;
     let mut listener: Option<vigil_store::RevisionListener> = None;
-    let mut listening = false;
     loop {
-        if !listening {
-            match control.store.listen_revisions().await {
-                Ok(l) => {
-                    listening = true;
-                    listener = l;
-                }
-                Err(e) => tracing::debug!(error = %e, "Cannot LISTEN for revisions yet; polling"),
-            }
+        if listener.is_none() {
+            // Cheap on SQLite (there is nothing to listen to); on PostgreSQL retried
+            // at each poll until it connects.
+            listener = control
+                .store
+                .listen_revisions()
+                .await
+                .map_err(
+                    |e| tracing::debug!(error = %e, "Cannot LISTEN for revisions yet; polling"),
+                )
+                .ok()
+                .flatten();
         }
         let poll = if listener.is_some() {
             POLL_LISTENING
@@ -212,7 +215,6 @@ pub async fn run_refresher(control: Control, hub: Arc<Hub>) {
             r = notified => if let Err(e) = r {
                 tracing::debug!(error = %e, "Revision listener failed; polling until it is back");
                 listener = None;
-                listening = false;
             },
             () = tokio::time::sleep(poll) => {},
         }
@@ -250,33 +252,32 @@ impl Service {
 
     /// The join token in the metadata, checked against the store: its name.
     async fn authenticate(&self, req: &Request<Streaming<ProxyMessage>>) -> Result<String, Status> {
-        let header = req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
+        let mut values = req.metadata().get_all("authorization").iter();
+        let (Some(value), None) = (values.next(), values.next()) else {
+            return Err(Status::unauthenticated(
+                "send one join token as `authorization: Bearer <token>`",
+            ));
+        };
+        let token = value
+            .to_str()
+            .ok()
+            .and_then(crate::auth::bearer_token)
             .ok_or_else(|| {
-                Status::unauthenticated("send a join token as `authorization: Bearer <token>`")
+                Status::unauthenticated("the authorization metadata must be `Bearer <token>`")
             })?;
-        let token = header.strip_prefix("Bearer ").ok_or_else(|| {
-            Status::unauthenticated("the authorization metadata must be `Bearer <token>`")
-        })?;
         let rec = self
             .control
             .store
-            .find_by_secret(JoinToken::KIND, &token_hash(token.trim()))
+            .find_by_secret(JoinToken::KIND, &token_hash(token))
             .await
             .map_err(|e| {
                 tracing::warn!(error = %e, "Join token lookup failed");
                 Status::unavailable("the control plane cannot check join tokens right now")
             })?
             .ok_or_else(|| Status::unauthenticated("unknown join token"))?;
-        let expired = rec
-            .body
-            .get("expires_at")
-            .and_then(|v| v.as_str())
-            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
-            .is_some_and(|t| t <= chrono::Utc::now());
-        if expired {
+        let spec: JoinTokenSpec = serde_json::from_value(rec.body)
+            .map_err(|_| Status::internal("a stored join token does not decode"))?;
+        if spec.expires_at.as_deref().is_some_and(is_past) {
             return Err(Status::unauthenticated("the join token has expired"));
         }
         Ok(rec.id)

@@ -107,11 +107,16 @@ struct Res {
 
 impl Api {
     fn new(store: Store) -> Api {
+        Api::with_secret_key(store, Some(SECRET_KEY))
+    }
+
+    /// An API over `store` whose secret key (id `k1`) is `key`.
+    fn with_secret_key(store: Store, key: Option<&str>) -> Api {
         let control = Control::new(
             store,
             ControlConfig {
                 bootstrap_token: Some(BOOTSTRAP.into()),
-                secret_key: Some(("k1".into(), SECRET_KEY.into())),
+                secret_key: key.map(|k| ("k1".into(), k.into())),
             },
         )
         .unwrap();
@@ -179,13 +184,13 @@ impl Api {
     }
 
     async fn post(&self, uri: &str, body: &Value) -> Res {
-        self.send(
-            Method::POST,
-            uri,
-            &[("content-type", JSON)],
-            body.to_string().into_bytes(),
-        )
-        .await
+        self.post_raw(uri, body.to_string().into_bytes()).await
+    }
+
+    /// A POST of these bytes as `application/json`.
+    async fn post_raw(&self, uri: &str, body: Vec<u8>) -> Res {
+        self.send(Method::POST, uri, &[("content-type", JSON)], body)
+            .await
     }
 
     async fn post_empty(&self, uri: &str) -> Res {
@@ -221,6 +226,19 @@ impl Api {
             .await
             .status(201)
             .json
+    }
+
+    /// Creates a resource, expecting 201; returns its id.
+    async fn create_id(&self, path: &str, body: Value) -> String {
+        self.create(path, body).await["id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    /// The secret stored for an entity (token hash or sealed secret).
+    async fn secret(&self, kind: &str, id: &str) -> Option<String> {
+        self.store().secret(kind, id).await.unwrap()
     }
 
     /// Every audit event matching `query`, following cursors.
@@ -373,23 +391,19 @@ fn accept_all() -> Value {
 }
 
 async fn new_user(api: &Api, subject: &str) -> String {
-    let u = api
-        .create(
-            "users",
-            json!({"issuer": "https://idp.example.com", "subject": subject}),
-        )
-        .await;
-    u["id"].as_str().unwrap().to_owned()
+    api.create_id(
+        "users",
+        json!({"issuer": "https://idp.example.com", "subject": subject}),
+    )
+    .await
 }
 
 async fn new_session(api: &Api, user: &str) -> String {
-    let s = api
-        .create(
-            "sessions",
-            json!({"user_id": user, "auth_time": "2030-01-01T00:00:00Z", "expires_at": "2030-01-01T08:00:00Z"}),
-        )
-        .await;
-    s["id"].as_str().unwrap().to_owned()
+    api.create_id(
+        "sessions",
+        json!({"user_id": user, "auth_time": "2030-01-01T00:00:00Z", "expires_at": "2030-01-01T08:00:00Z"}),
+    )
+    .await
 }
 
 /// Creates an admin token with a role; returns the bearer token.
@@ -434,11 +448,8 @@ async fn crud_every_kind(api: Api) {
         .await;
     let user = new_user(&api, "owner").await;
     let device = api
-        .create("devices", json!({"name": "base-device", "owner": user}))
-        .await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+        .create_id("devices", json!({"name": "base-device", "owner": user}))
+        .await;
     let fingerprint: Vec<String> = (0..32u32).map(|i| format!("{:02X}", i * 7)).collect();
     let fingerprint_hex = fingerprint.concat().to_lowercase();
     let fingerprint = fingerprint.join(":");
@@ -1014,23 +1025,16 @@ async fn list_pagination_and_filters(api: Api) {
 
     // Filters.
     let alice = api
-        .create(
+        .create_id(
             "users",
             json!({"issuer": "https://a.example", "subject": "1", "email": "alice@example.com"}),
         )
-        .await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+        .await;
     let bob = api
-        .create(
+        .create_id(
             "users",
             json!({"issuer": "https://b.example", "subject": "1", "email": "bob@example.com", "status": "suspended"}),
-        )
-        .await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+        ).await;
     assert_eq!(
         ids(&api
             .get("/v1/users?email=alice%40example.com")
@@ -1107,11 +1111,8 @@ async fn list_pagination_and_filters(api: Api) {
         [s1]
     );
     let d = api
-        .create("devices", json!({"name": "mac", "owner": bob}))
-        .await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+        .create_id("devices", json!({"name": "mac", "owner": bob}))
+        .await;
     api.create("devices", json!({"name": "pc"})).await;
     assert_eq!(
         ids(&api
@@ -1132,18 +1133,9 @@ async fn list_pagination_and_filters(api: Api) {
         json!({"subject": {"user": alice}, "route": route, "start": "2030-01-01T00:00:00Z",
                "end": "2030-01-02T00:00:00Z", "reason": "r", "approver": approver})
     };
-    let ga = api.create("grants", grant("a", "carol")).await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let gb = api.create("grants", grant("b", "carol")).await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let gc = api.create("grants", grant("b", "dave")).await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let ga = api.create_id("grants", grant("a", "carol")).await;
+    let gb = api.create_id("grants", grant("b", "carol")).await;
+    let gc = api.create_id("grants", grant("b", "dave")).await;
     assert_eq!(
         ids(&api.get("/v1/grants?route=a").await.status(200).json),
         [ga.as_str()]
@@ -1271,44 +1263,22 @@ async fn strict_input(api: Api) {
         .await
         .bad_field("");
     api.post("/v1/policies", &json!("p")).await.bad_field("");
-    let res = api
-        .send(
-            Method::POST,
-            "/v1/policies",
-            &[("content-type", JSON)],
-            b"{\"name\": ".to_vec(),
-        )
-        .await;
+    let res = api.post_raw("/v1/policies", b"{\"name\": ".to_vec()).await;
     res.problem(400, "bad-request");
-    api.send(
-        Method::POST,
-        "/v1/policies",
-        &[("content-type", JSON)],
-        vec![],
-    )
-    .await
-    .problem(400, "bad-request");
+    api.post_raw("/v1/policies", vec![])
+        .await
+        .problem(400, "bad-request");
 
     // Invalid UTF-8.
     let res = api
-        .send(
-            Method::POST,
-            "/v1/groups",
-            &[("content-type", JSON)],
-            b"{\"name\": \"g\xff\"}".to_vec(),
-        )
+        .post_raw("/v1/groups", b"{\"name\": \"g\xff\"}".to_vec())
         .await
         .problem(400, "bad-request");
     assert!(res.detail().contains("UTF-8"), "{}", res.text);
 
     // Duplicate keys, at the top and deep inside.
     let res = api
-        .send(
-            Method::POST,
-            "/v1/groups",
-            &[("content-type", JSON)],
-            br#"{"name": "a", "name": "b"}"#.to_vec(),
-        )
+        .post_raw("/v1/groups", br#"{"name": "a", "name": "b"}"#.to_vec())
         .await
         .problem(400, "bad-request");
     assert!(
@@ -1317,12 +1287,7 @@ async fn strict_input(api: Api) {
         res.text
     );
     let res = api
-        .send(
-            Method::POST,
-            "/v1/policies",
-            &[("content-type", JSON)],
-            br#"{"name": "p", "document": {"allow": {"and": [{"accept": true}]}, "allow": {"and": [{"accept": false}]}}}"#.to_vec(),
-        )
+        .post_raw("/v1/policies", br#"{"name": "p", "document": {"allow": {"and": [{"accept": true}]}, "allow": {"and": [{"accept": false}]}}}"#.to_vec())
         .await
         .problem(400, "bad-request");
     assert!(
@@ -1412,23 +1377,13 @@ async fn strict_input(api: Api) {
         s.into_bytes()
     };
     let res = api
-        .send(
-            Method::POST,
-            "/v1/policies",
-            &[("content-type", JSON)],
-            sized("big", MAX_BODY + 1),
-        )
+        .post_raw("/v1/policies", sized("big", MAX_BODY + 1))
         .await
         .problem(413, "payload-too-large");
     assert_eq!(res.detail(), "the body is larger than 1048576 bytes");
-    api.send(
-        Method::POST,
-        "/v1/policies",
-        &[("content-type", JSON)],
-        sized("big", 4 * MAX_BODY),
-    )
-    .await
-    .problem(413, "payload-too-large");
+    api.post_raw("/v1/policies", sized("big", 4 * MAX_BODY))
+        .await
+        .problem(413, "payload-too-large");
     api.send(
         Method::PUT,
         "/v1/groups/dup",
@@ -1438,12 +1393,7 @@ async fn strict_input(api: Api) {
     .await
     .problem(413, "payload-too-large");
     let fits = api
-        .send(
-            Method::POST,
-            "/v1/policies",
-            &[("content-type", JSON)],
-            sized("big", MAX_BODY),
-        )
+        .post_raw("/v1/policies", sized("big", MAX_BODY))
         .await
         .status(201);
     assert!(fits.json["description"].as_str().unwrap().len() > MAX_BODY - 100);
@@ -1575,42 +1525,35 @@ async fn validation_errors(api: Api) {
         .await
         .invalid(&["/upstreams/1"]);
     }
-    api.post("/v1/routes", &route(json!({"upstreams": []})))
-        .await
-        .invalid(&["/upstreams"]);
-    api.post("/v1/routes", &route(json!({"path": {"prefix": "api"}})))
-        .await
-        .invalid(&["/path"]);
-    api.post("/v1/routes", &route(json!({"path": {"regex": "(["}})))
-        .await
-        .invalid(&["/path/regex"]);
-    api.post("/v1/routes", &route(json!({"settings": {"timeout_ms": 0}})))
-        .await
-        .invalid(&["/settings/timeout_ms"]);
-    api.post(
-        "/v1/routes",
-        &route(json!({"settings": {"prefix_rewrite": "x"}})),
-    )
-    .await
-    .invalid(&["/settings/prefix_rewrite"]);
-    api.post(
-        "/v1/routes",
-        &route(json!({"settings": {"set_request_headers": {"X-Vigil-User": "me"}}})),
-    )
-    .await
-    .invalid(&["/settings/set_request_headers/X-Vigil-User"]);
-    api.post(
-        "/v1/routes",
-        &route(json!({"settings": {"remove_request_headers": ["ok", "bad header"]}})),
-    )
-    .await
-    .invalid(&["/settings/remove_request_headers/1"]);
-    api.post(
-        "/v1/routes",
-        &route(json!({"policy": {"allow": {"and": [{"emial": "x"}]}}})),
-    )
-    .await
-    .invalid(&["/policy/allow/and/0/emial"]);
+    for (extra, pointer) in [
+        (json!({"upstreams": []}), "/upstreams"),
+        (json!({"path": {"prefix": "api"}}), "/path"),
+        (json!({"path": {"regex": "(["}}), "/path/regex"),
+        (
+            json!({"settings": {"timeout_ms": 0}}),
+            "/settings/timeout_ms",
+        ),
+        (
+            json!({"settings": {"prefix_rewrite": "x"}}),
+            "/settings/prefix_rewrite",
+        ),
+        (
+            json!({"settings": {"set_request_headers": {"X-Vigil-User": "me"}}}),
+            "/settings/set_request_headers/X-Vigil-User",
+        ),
+        (
+            json!({"settings": {"remove_request_headers": ["ok", "bad header"]}}),
+            "/settings/remove_request_headers/1",
+        ),
+        (
+            json!({"policy": {"allow": {"and": [{"emial": "x"}]}}}),
+            "/policy/allow/and/0/emial",
+        ),
+    ] {
+        api.post("/v1/routes", &route(extra))
+            .await
+            .invalid(&[pointer]);
+    }
     // Every error at once, in document order.
     let res = api
         .post("/v1/routes", &json!({"name": "r", "host": "bad host", "upstreams": ["ftp://x"], "policies": ["nope"]}))
@@ -1632,68 +1575,66 @@ async fn validation_errors(api: Api) {
         "{}",
         res.text
     );
-    api.post(
-        "/v1/grants",
-        &with(&grant, json!({"start": "2030-01-02T00:00:00Z", "end": "2030-01-01T00:00:00Z", "reason": "r", "approver": "a"})),
-    )
-    .await
-    .invalid(&["/end"]);
-    api.post(
-        "/v1/join-tokens",
-        &json!({"name": "j", "expires_at": "2030-13-01T00:00:00Z"}),
-    )
-    .await
-    .invalid(&["/expires_at"]);
-    api.post(
-        "/v1/admin-tokens",
-        &json!({"name": "t", "role": "viewer", "expires_at": "2030-01-01"}),
-    )
-    .await
-    .invalid(&["/expires_at"]);
-    api.post(
-        "/v1/service-accounts",
-        &json!({"name": "s", "expires_at": "soon"}),
-    )
-    .await
-    .invalid(&["/expires_at"]);
-    api.post(
-        "/v1/devices",
-        &json!({"name": "d", "posture": {"expires_at": "1/1/2030"}}),
-    )
-    .await
-    .invalid(&["/posture/expires_at"]);
-    api.post(
-        "/v1/sessions",
-        &json!({"user_id": "u", "auth_time": "x", "expires_at": "2030-01-01T00:00:00Z", "revoked_at": "y"}),
-    )
-    .await
-    .invalid(&["/auth_time", "/revoked_at"]);
-
-    // Other kinds.
-    api.post(
-        "/v1/users",
-        &json!({"issuer": " ", "subject": "", "email": "nope"}),
-    )
-    .await
-    .invalid(&["/issuer", "/subject", "/email"]);
-    api.post(
-        "/v1/devices",
-        &json!({"name": " ", "client_certificate_sha256": "abc"}),
-    )
-    .await
-    .invalid(&["/name", "/client_certificate_sha256"]);
-    api.post(
-        "/v1/devices",
-        &json!({"name": "d", "posture": {"attributes": {"ok": true, "bad": [1], "b d": 1}}}),
-    )
-    .await
-    .invalid(&["/posture/attributes/b d", "/posture/attributes/bad"]);
-    api.post(
-        "/v1/identity-providers",
-        &json!({"name": "i", "issuer_url": "http://idp.example.com", "client_id": "", "scopes": ["email"]}),
-    )
-    .await
-    .invalid(&["/issuer_url", "/client_id", "/scopes"]);
+    // More times, then other kinds: each body and exactly its errors.
+    for (path, body, pointers) in [
+        (
+            "grants",
+            with(
+                &grant,
+                json!({"start": "2030-01-02T00:00:00Z", "end": "2030-01-01T00:00:00Z", "reason": "r", "approver": "a"}),
+            ),
+            &["/end"][..],
+        ),
+        (
+            "join-tokens",
+            json!({"name": "j", "expires_at": "2030-13-01T00:00:00Z"}),
+            &["/expires_at"],
+        ),
+        (
+            "admin-tokens",
+            json!({"name": "t", "role": "viewer", "expires_at": "2030-01-01"}),
+            &["/expires_at"],
+        ),
+        (
+            "service-accounts",
+            json!({"name": "s", "expires_at": "soon"}),
+            &["/expires_at"],
+        ),
+        (
+            "devices",
+            json!({"name": "d", "posture": {"expires_at": "1/1/2030"}}),
+            &["/posture/expires_at"],
+        ),
+        (
+            "sessions",
+            json!({"user_id": "u", "auth_time": "x", "expires_at": "2030-01-01T00:00:00Z", "revoked_at": "y"}),
+            &["/auth_time", "/revoked_at"],
+        ),
+        (
+            "users",
+            json!({"issuer": " ", "subject": "", "email": "nope"}),
+            &["/issuer", "/subject", "/email"],
+        ),
+        (
+            "devices",
+            json!({"name": " ", "client_certificate_sha256": "abc"}),
+            &["/name", "/client_certificate_sha256"],
+        ),
+        (
+            "devices",
+            json!({"name": "d", "posture": {"attributes": {"ok": true, "bad": [1], "b d": 1}}}),
+            &["/posture/attributes/b d", "/posture/attributes/bad"],
+        ),
+        (
+            "identity-providers",
+            json!({"name": "i", "issuer_url": "http://idp.example.com", "client_id": "", "scopes": ["email"]}),
+            &["/issuer_url", "/client_id", "/scopes"],
+        ),
+    ] {
+        api.post(&format!("/v1/{path}"), &body)
+            .await
+            .invalid(pointers);
+    }
 
     // Nothing was stored but what was meant to be.
     assert_eq!(
@@ -1810,14 +1751,11 @@ async fn uniqueness_and_references(api: Api) {
     // Users: (issuer, subject) is unique.
     api.create("groups", json!({"name": "staff"})).await;
     let alice = api
-        .create(
+        .create_id(
             "users",
             json!({"issuer": "https://idp.example.com", "subject": "alice", "groups": ["staff"]}),
         )
-        .await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+        .await;
     api.post(
         "/v1/users",
         &json!({"issuer": "https://idp.example.com", "subject": "alice", "email": "x@y.z"}),
@@ -2011,15 +1949,11 @@ async fn uniqueness_and_references(api: Api) {
     .status(204);
     let session = new_session(&api, &alice).await;
     let grant = api
-        .create(
+        .create_id(
             "grants",
             json!({"subject": {"user": alice}, "route": "r3", "start": "2030-01-01T00:00:00Z", "end": "2030-01-02T00:00:00Z",
                    "reason": "r", "approver": "a"}),
-        )
-        .await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+        ).await;
     api.delete(&format!("/v1/users/{alice}"), None)
         .await
         .status(204);
@@ -2033,15 +1967,11 @@ async fn uniqueness_and_references(api: Api) {
     assert_eq!(cascaded.last().unwrap()["action"], json!("cascade-delete"));
     let bob = new_user(&api, "bob").await;
     let grant = api
-        .create(
+        .create_id(
             "grants",
             json!({"subject": {"user": bob}, "route": "r3", "start": "2030-01-01T00:00:00Z", "end": "2030-01-02T00:00:00Z",
                    "reason": "r", "approver": "a"}),
-        )
-        .await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+        ).await;
     api.delete("/v1/routes/r3", None).await.status(204);
     api.get(&format!("/v1/grants/{grant}"))
         .await
@@ -2153,12 +2083,7 @@ async fn identity_provider_secret_is_write_only(api: Api) {
     assert_eq!(created.json["client_secret_set"], json!(true));
     assert!(!created.text.contains(SECRET));
     // Stored sealed, and opens to the secret.
-    let sealed = api
-        .store()
-        .secret("identity_provider", "corp")
-        .await
-        .unwrap()
-        .unwrap();
+    let sealed = api.secret("identity_provider", "corp").await.unwrap();
     assert!(
         sealed.starts_with("v1.k1.") && !sealed.contains(SECRET),
         "{sealed}"
@@ -2188,11 +2113,7 @@ async fn identity_provider_secret_is_write_only(api: Api) {
     assert_eq!(put.json["client_secret_set"], json!(true));
     assert_eq!(put.json["client_id"], json!("vigil2"));
     assert_eq!(
-        api.store()
-            .secret("identity_provider", "corp")
-            .await
-            .unwrap()
-            .as_deref(),
+        api.secret("identity_provider", "corp").await.as_deref(),
         Some(sealed.as_str())
     );
     // So does a PATCH; a PATCH (or PUT) with a secret replaces it.
@@ -2215,12 +2136,7 @@ async fn identity_provider_secret_is_write_only(api: Api) {
         .status(200);
     assert!(patched.json.get("client_secret").is_none() && !patched.text.contains(SECRET2));
     assert_eq!(patched.json["client_secret_set"], json!(true));
-    let resealed = api
-        .store()
-        .secret("identity_provider", "corp")
-        .await
-        .unwrap()
-        .unwrap();
+    let resealed = api.secret("identity_provider", "corp").await.unwrap();
     assert_eq!(api.control.open(&resealed).as_deref(), Some(SECRET2));
     let put = api
         .put(
@@ -2231,12 +2147,7 @@ async fn identity_provider_secret_is_write_only(api: Api) {
         .await
         .status(200);
     assert!(!put.text.contains(SECRET));
-    let resealed = api
-        .store()
-        .secret("identity_provider", "corp")
-        .await
-        .unwrap()
-        .unwrap();
+    let resealed = api.secret("identity_provider", "corp").await.unwrap();
     assert_eq!(api.control.open(&resealed).as_deref(), Some(SECRET));
 
     // Without a secret, `client_secret_set` is false whatever the client says.
@@ -2248,13 +2159,7 @@ async fn identity_provider_secret_is_write_only(api: Api) {
         .await
         .status(201);
     assert_eq!(bare.json["client_secret_set"], json!(false));
-    assert_eq!(
-        api.store()
-            .secret("identity_provider", "bare")
-            .await
-            .unwrap(),
-        None
-    );
+    assert_eq!(api.secret("identity_provider", "bare").await, None);
 
     // The audit trail never holds it either.
     let audit = api
@@ -2272,20 +2177,7 @@ async fn identity_provider_secret_is_write_only(api: Api) {
     assert!(!audit.text.contains(SECRET) && !audit.text.contains("\"client_secret\""));
 
     // Without a secret key the control plane refuses to take secrets.
-    let keyless = Control::new(
-        api.store().clone(),
-        ControlConfig {
-            bootstrap_token: Some(BOOTSTRAP.into()),
-            secret_key: None,
-        },
-    )
-    .unwrap();
-    let keyless = Api {
-        app: router(keyless.clone()),
-        control: keyless,
-        token: Some(BOOTSTRAP.into()),
-    };
-    keyless
+    Api::with_secret_key(api.store().clone(), None)
         .post(
             "/v1/identity-providers",
             &json!({"name": "k", "issuer_url": "https://idp.example.com", "client_id": "c", "client_secret": SECRET}),
@@ -2336,7 +2228,7 @@ async fn tokens_are_shown_once(api: Api) {
             "{token}"
         );
         assert_eq!(
-            api.store().secret(kind, "bot").await.unwrap(),
+            api.secret(kind, "bot").await,
             Some(token_hash(&token)),
             "{path}: stored hashed"
         );
@@ -2358,7 +2250,7 @@ async fn tokens_are_shown_once(api: Api) {
         }
         // Replacing the document keeps the token.
         assert_eq!(
-            api.store().secret(kind, "bot").await.unwrap(),
+            api.secret(kind, "bot").await,
             Some(token_hash(&token)),
             "{path}"
         );
@@ -2392,7 +2284,7 @@ async fn tokens_are_shown_once(api: Api) {
             "{path}: rotation keeps the document"
         );
         assert_eq!(
-            api.store().secret(kind, "bot").await.unwrap(),
+            api.secret(kind, "bot").await,
             Some(token_hash(&new)),
             "{path}"
         );
@@ -3064,21 +2956,14 @@ async fn session_revocation(api: Api) {
     let alice = new_user(&api, "alice").await;
     let bob = new_user(&api, "bob").await;
     let device = api
-        .create("devices", json!({"name": "d", "owner": alice}))
-        .await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+        .create_id("devices", json!({"name": "d", "owner": alice}))
+        .await;
     let a1 = new_session(&api, &alice).await;
     let a2 = api
-        .create(
+        .create_id(
             "sessions",
             json!({"user_id": alice, "device_id": device, "auth_time": "2030-01-01T00:00:00Z", "expires_at": "2030-01-01T08:00:00Z"}),
-        )
-        .await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+        ).await;
     let a3 = new_session(&api, &alice).await;
     let b1 = new_session(&api, &bob).await;
 

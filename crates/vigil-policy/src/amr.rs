@@ -42,19 +42,48 @@ impl Amr {
     /// Multi-factor: the IdP said `mfa`, or the methods span at least two factor
     /// categories (knowledge, possession, inherence). Two passwords are one factor.
     pub fn is_multi_factor(self) -> bool {
-        const KNOWLEDGE: &[&str] = &["pwd", "pin", "kba"];
-        const POSSESSION: &[&str] = &["hwk", "swk", "otp", "sms", "tel", "sc", "pop"];
-        const INHERENCE: &[&str] = &["face", "fpt", "iris", "retina", "vbm"];
-        let has = |set: &[&str]| {
-            set.iter()
-                .any(|v| Amr::bit(v).is_some_and(|b| self.contains_any(b)))
-        };
         let categories = [KNOWLEDGE, POSSESSION, INHERENCE]
-            .iter()
-            .filter(|c| has(c))
+            .into_iter()
+            .filter(|&c| self.contains_any(c))
             .count();
-        Amr::bit("mfa").is_some_and(|b| self.contains_any(b)) || categories >= 2
+        self.contains_any(MFA) || categories >= 2
     }
+}
+
+const MFA: Amr = set_of(&["mfa"]);
+const KNOWLEDGE: Amr = set_of(&["pwd", "pin", "kba"]);
+const POSSESSION: Amr = set_of(&["hwk", "swk", "otp", "sms", "tel", "sc", "pop"]);
+const INHERENCE: Amr = set_of(&["face", "fpt", "iris", "retina", "vbm"]);
+
+/// [`Amr::from_values`] at compile time, so no request looks names up.
+const fn set_of(names: &[&str]) -> Amr {
+    const fn same(a: &str, b: &str) -> bool {
+        let (a, b) = (a.as_bytes(), b.as_bytes());
+        if a.len() != b.len() {
+            return false;
+        }
+        let mut i = 0;
+        while i < a.len() {
+            if a[i] != b[i] {
+                return false;
+            }
+            i += 1;
+        }
+        true
+    }
+    let mut bits = 0;
+    let mut i = 0;
+    while i < names.len() {
+        let mut j = 0;
+        while j < AMR_VALUES.len() {
+            if same(names[i], AMR_VALUES[j]) {
+                bits |= 1 << j;
+            }
+            j += 1;
+        }
+        i += 1;
+    }
+    Amr(bits)
 }
 
 #[cfg(test)]
@@ -82,5 +111,10 @@ mod tests {
         );
         assert!(!Amr::from_values(["pwd", "pwd", "nope"]).is_multi_factor());
         assert!(Amr::bit("PWD").is_none());
+        assert_eq!(KNOWLEDGE, Amr::from_values(["pwd", "pin", "kba"]));
+        assert_eq!(MFA, Amr::bit("mfa").unwrap());
+        assert_eq!(KNOWLEDGE.0.count_ones(), 3);
+        assert_eq!(POSSESSION.0.count_ones(), 7);
+        assert_eq!(INHERENCE.0.count_ones(), 5);
     }
 }

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use crate::ast::*;
 use crate::compiled::*;
 use crate::error::{PolicyError, Problems};
-use crate::symbols::Symbols;
+use crate::symbols::{Interner, Symbols};
 
 /// Entities the compiler can check names against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,6 +77,7 @@ pub fn compile(doc: &Document, env: CompileEnv<'_>) -> Result<CompiledPolicy, Po
         problems: Problems::default(),
         refs: HashMap::new(),
         stack: Vec::new(),
+        site: None,
         costs: Vec::new(),
     };
     if let Some(name) = c.env.name {
@@ -113,6 +114,9 @@ struct Compiler<'a> {
     refs: HashMap<String, u32>,
     /// References being compiled, to report cycles.
     stack: Vec<String>,
+    /// While a referenced policy is compiled: the pointer of the reference in the
+    /// document being compiled, where problems found inside are reported.
+    site: Option<String>,
     /// Estimated evaluation cost of each node, for ordering siblings.
     costs: Vec<u32>,
 }
@@ -149,6 +153,14 @@ fn check_cost(c: &Check) -> u32 {
         } => 25,
         Check::Claim { .. } => 10,
     }
+}
+
+/// Interns `names`; their ids sorted and deduplicated.
+fn intern_set(table: &mut Interner, names: &[String]) -> Vec<u32> {
+    let mut ids: Vec<u32> = names.iter().map(|n| table.intern(n).0).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
 }
 
 enum Combine {
@@ -230,6 +242,17 @@ impl Compiler<'_> {
         self.combine(how, ids, pointer)
     }
 
+    /// Records a problem. One found inside a referenced policy is reported at the
+    /// reference in the document being compiled, so every pointer points into it.
+    fn problem(&mut self, pointer: &str, message: String) {
+        match &self.site {
+            Some(site) => self
+                .problems
+                .add(site, format!("in `{pointer}`: {message}")),
+            None => self.problems.add(pointer, message),
+        }
+    }
+
     fn known(&mut self, kind: EntityKind, id: &str, pointer: &str) {
         if let Some(dir) = self.env.directory {
             if !dir.contains(kind, id) {
@@ -239,7 +262,7 @@ impl Compiler<'_> {
                     EntityKind::ServiceAccount => "service account",
                     EntityKind::Device => "device",
                 };
-                self.problems.add(pointer, format!("unknown {what} `{id}`"));
+                self.problem(pointer, format!("unknown {what} `{id}`"));
             }
         }
     }
@@ -362,25 +385,14 @@ impl Compiler<'_> {
     }
 
     fn sym_set(&mut self, field: SymField, names: &[String], ptr: &str) -> Box<[u32]> {
-        let (kind, table) = match field {
-            SymField::User => (EntityKind::User, &mut self.env.symbols.users),
-            SymField::ServiceAccount => (
-                EntityKind::ServiceAccount,
-                &mut self.env.symbols.service_accounts,
-            ),
-            SymField::Device => (EntityKind::Device, &mut self.env.symbols.devices),
-            SymField::Domain => {
-                // Domains are not directory entities; operands are already folded.
-                let table = &mut self.env.symbols.domains;
-                let mut ids: Vec<u32> = names.iter().map(|n| table.intern(n).0).collect();
-                ids.sort_unstable();
-                ids.dedup();
-                return ids.into();
-            }
+        let ids = intern_set(Namespace::of(field).table_mut(self.env.symbols), names);
+        let kind = match field {
+            SymField::User => EntityKind::User,
+            SymField::ServiceAccount => EntityKind::ServiceAccount,
+            SymField::Device => EntityKind::Device,
+            // Domains are not directory entities; operands are already folded.
+            SymField::Domain => return ids.into(),
         };
-        let mut ids: Vec<u32> = names.iter().map(|n| table.intern(n).0).collect();
-        ids.sort_unstable();
-        ids.dedup();
         for n in names {
             self.known(kind, n, ptr);
         }
@@ -440,12 +452,7 @@ impl Compiler<'_> {
         for n in names {
             self.known(EntityKind::Group, n, ptr);
         }
-        let mut ids: Vec<u32> = names
-            .iter()
-            .map(|n| self.env.symbols.groups.intern(n).0)
-            .collect();
-        ids.sort_unstable();
-        ids.dedup();
+        let ids = intern_set(&mut self.env.symbols.groups, names);
         match op {
             SetOp::Has(_) => Check::GroupHas(ids[0]),
             SetOp::AnyOf(_) => Check::GroupAny(BitSet::from_ids(&ids)),
@@ -477,7 +484,7 @@ impl Compiler<'_> {
         }
         if let Some(start) = self.stack.iter().position(|n| n == name) {
             let chain = self.stack[start..].join(" → ");
-            self.problems.add(
+            self.problem(
                 ptr,
                 format!("policy `{name}` refers to itself ({chain} → {name})"),
             );
@@ -485,18 +492,18 @@ impl Compiler<'_> {
         }
         if self.stack.len() > MAX_REFERENCE_DEPTH {
             let msg = format!("policy references nest more than {MAX_REFERENCE_DEPTH} deep");
-            self.problems.add(ptr, msg);
+            self.problem(ptr, msg);
             return self.leaf(Check::Const(false), ptr);
         }
         let Some(doc) = self.env.library.and_then(|l| l.get(name)) else {
-            self.problems.add(ptr, format!("unknown policy `{name}`"));
+            self.problem(ptr, format!("unknown policy `{name}`"));
             return self.leaf(Check::Const(false), ptr);
         };
         self.stack.push(name.to_owned());
-        // Problems found inside a referenced policy are reported at the reference in the
-        // document being compiled, so every pointer points into that document.
-        let from_root = !ptr.contains('#');
-        let reported = self.problems.0.len();
+        let entered = self.site.is_none();
+        if entered {
+            self.site = Some(ptr.to_owned());
+        }
         let prefix = format!("{name}#");
         let mut denies = Vec::new();
         let mut allows = Vec::new();
@@ -508,13 +515,8 @@ impl Compiler<'_> {
             }
         }
         self.stack.pop();
-        if from_root {
-            for p in &mut self.problems.0[reported..] {
-                if p.pointer.contains('#') {
-                    p.message = format!("in `{}`: {}", p.pointer, p.message);
-                    p.pointer = ptr.to_owned();
-                }
-            }
+        if entered {
+            self.site = None;
         }
         let allowed = if allows.is_empty() {
             self.leaf(Check::Const(false), ptr)

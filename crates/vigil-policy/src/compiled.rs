@@ -334,6 +334,22 @@ impl Decision {
 /// Most nodes deep a loaded program may be (the compiler stays far below).
 const MAX_LOADED_DEPTH: usize = 1024;
 
+/// Builds `source` matched against the whole value. The source must stand alone as
+/// an expression first: `a)|(?:b` would otherwise escape the anchors.
+pub(crate) fn anchored_regex(
+    source: &str,
+    ignore_case: bool,
+    size_limit: usize,
+) -> Result<Regex, regex::Error> {
+    let build = |re: &str| {
+        RegexBuilder::new(re)
+            .case_insensitive(ignore_case)
+            .size_limit(size_limit)
+            .build()
+    };
+    build(source).and_then(|_| build(&format!("^(?:{source})$")))
+}
+
 impl CompiledPolicy {
     pub(crate) fn from_program(program: Program) -> Result<CompiledPolicy, LoadError> {
         validate(&program)?;
@@ -341,15 +357,7 @@ impl CompiledPolicy {
             .patterns
             .iter()
             .map(|(p, ci)| {
-                // The source must stand alone before it is anchored, exactly as at parse time.
-                let build = |re: &str| {
-                    RegexBuilder::new(re)
-                        .case_insensitive(*ci)
-                        .size_limit(1 << 20)
-                        .build()
-                };
-                build(p)
-                    .and_then(|_| build(&format!("^(?:{p})$")))
+                anchored_regex(p, *ci, 1 << 20)
                     .map_err(|e| LoadError::Invalid(format!("pattern {p:?}: {e}")))
             })
             .collect::<Result<_, _>>()?;
@@ -395,7 +403,8 @@ impl CompiledPolicy {
     /// tree, its evaluation order and every other operand stay as they are, so the result
     /// decides every request exactly as the policy compiled directly against `to` would.
     /// An id that `from` does not hold is [`LoadError::Invalid`], reported before anything
-    /// is interned into `to`. The result passes the same checks as a loaded policy.
+    /// is interned into `to`. Since only ids change, the result keeps every property
+    /// `self` was validated for.
     pub fn relink(&self, from: &Symbols, to: &mut Symbols) -> Result<CompiledPolicy, LoadError> {
         let mut program = self.program.clone();
         // A first pass only resolves (keeping every id), so a bad id leaves `to` untouched.
@@ -410,7 +419,10 @@ impl CompiledPolicy {
         for check in &mut program.checks {
             relink_check(check, &mut relink)?;
         }
-        validate(&program)?;
+        debug_assert!(
+            validate(&program).is_ok(),
+            "relinking keeps a program valid"
+        );
         // Patterns and zones are unchanged: reuse what `self` already built from them.
         Ok(CompiledPolicy {
             program,
@@ -445,7 +457,7 @@ impl CompiledPolicy {
         Decision::DEFAULT_DENY
     }
 
-    fn children(&self, first: u32, len: u32) -> &[u32] {
+    pub(crate) fn children(&self, first: u32, len: u32) -> &[u32] {
         let start = first as usize;
         self.program
             .edges
@@ -531,18 +543,11 @@ impl CompiledPolicy {
             Check::GroupAll(all) => req
                 .user
                 .is_some_and(|u| all.iter().all(|g| u.groups.iter().any(|s| s.0 == *g))),
-            Check::Claim { path, test } => {
-                let Some(mut v) = req.user.and_then(|u| u.claims) else {
-                    return false;
-                };
-                for seg in path.iter() {
-                    match v.get(&**seg) {
-                        Some(next) => v = next,
-                        None => return false,
-                    }
-                }
-                self.value_test(test, ValRef::from_json(v))
-            }
+            Check::Claim { path, test } => req
+                .user
+                .and_then(|u| u.claims)
+                .and_then(|claims| claim_at(path, claims))
+                .is_some_and(|v| self.value_test(test, ValRef::from_json(v))),
             Check::Posture { attr, test } => {
                 let Some(d) = req.device else { return false };
                 if !d.posture.is_fresh(req.now) {
@@ -669,6 +674,14 @@ pub(crate) fn flag_value(flag: Flag, req: &Request<'_>) -> Option<bool> {
     })
 }
 
+/// The claim at `path` inside the claims object, if there is one.
+pub(crate) fn claim_at<'a>(
+    path: &[Box<str>],
+    claims: &'a serde_json::Value,
+) -> Option<&'a serde_json::Value> {
+    path.iter().try_fold(claims, |v, seg| v.get(&**seg))
+}
+
 /// The value of a string field; `None` when absent (then only `Present(false)` holds).
 pub(crate) fn str_field<'a>(field: &StrField, req: &Request<'a>) -> Option<&'a str> {
     match field {
@@ -757,7 +770,7 @@ impl<'a> ValRef<'a> {
 
 /// A symbol namespace a check refers to.
 #[derive(Debug, Clone, Copy)]
-enum Namespace {
+pub(crate) enum Namespace {
     Users,
     Groups,
     ServiceAccounts,
@@ -767,7 +780,7 @@ enum Namespace {
 }
 
 impl Namespace {
-    fn of(field: SymField) -> Namespace {
+    pub(crate) fn of(field: SymField) -> Namespace {
         match field {
             SymField::User => Namespace::Users,
             SymField::Domain => Namespace::Domains,
@@ -787,7 +800,7 @@ impl Namespace {
         }
     }
 
-    fn table_mut(self, s: &mut Symbols) -> &mut Interner {
+    pub(crate) fn table_mut(self, s: &mut Symbols) -> &mut Interner {
         match self {
             Namespace::Users => &mut s.users,
             Namespace::Groups => &mut s.groups,

@@ -4,7 +4,7 @@
 use serde::Serialize;
 
 use crate::ast::Effect;
-use crate::compiled::{str_field, Check, CompiledPolicy, Node, Truth};
+use crate::compiled::{claim_at, str_field, Check, CompiledPolicy, Node, Truth};
 use crate::request::Request;
 
 /// Why a request would be allowed or denied.
@@ -64,7 +64,7 @@ impl CompiledPolicy {
                 RuleTrace {
                     effect: r.effect,
                     pointer: r.pointer.to_string(),
-                    matched: r.fires(self.node(r.root, req)),
+                    matched: r.fires(condition.outcome()),
                     condition,
                 }
             })
@@ -114,16 +114,23 @@ impl CompiledPolicy {
     }
 
     fn traces(&self, first: u32, len: u32, req: &Request<'_>) -> Vec<Trace> {
-        let start = first as usize;
-        let ids = self
-            .program
-            .edges
-            .get(start..start + len as usize)
-            .unwrap_or(&[]);
         // Node ids follow document order; evaluation order may differ (cheapest first).
-        let mut ids = ids.to_vec();
+        let mut ids = self.children(first, len).to_vec();
         ids.sort_unstable();
         ids.iter().map(|&c| self.trace(c, req)).collect()
+    }
+}
+
+impl Trace {
+    /// The node's three-valued outcome, as the evaluator saw it.
+    fn outcome(&self) -> Truth {
+        if self.matched {
+            Truth::True
+        } else if self.unknown {
+            Truth::Unknown
+        } else {
+            Truth::False
+        }
     }
 }
 
@@ -187,19 +194,10 @@ fn missing(check: &Check, req: &Request<'_>) -> Option<&'static str> {
             field: SymField::Device,
             ..
         } => req.device.is_none().then_some("no device"),
-        Check::Claim { path, .. } => {
-            let mut v = match req.user.and_then(|u| u.claims) {
-                Some(v) => v,
-                None => return Some("no claims"),
-            };
-            for seg in path.iter() {
-                match v.get(&**seg) {
-                    Some(next) => v = next,
-                    None => return Some("claim absent"),
-                }
-            }
-            None
-        }
+        Check::Claim { path, .. } => match req.user.and_then(|u| u.claims) {
+            None => Some("no claims"),
+            Some(claims) => claim_at(path, claims).is_none().then_some("claim absent"),
+        },
         Check::Posture { .. } => match req.device {
             None => Some("no device"),
             Some(d) if !d.posture.is_fresh(req.now) => Some("device posture is stale"),

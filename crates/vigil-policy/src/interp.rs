@@ -38,32 +38,37 @@ struct Interp<'a, 'r> {
     req: &'a Request<'r>,
 }
 
+/// `and` of three-valued outcomes: false wins, then unknown.
+fn kleene_and(v: &[Truth]) -> Truth {
+    if v.contains(&Truth::False) {
+        Truth::False
+    } else if v.contains(&Truth::Unknown) {
+        Truth::Unknown
+    } else {
+        Truth::True
+    }
+}
+
+/// `or` of three-valued outcomes: true wins, then unknown.
+fn kleene_or(v: &[Truth]) -> Truth {
+    if v.contains(&Truth::True) {
+        Truth::True
+    } else if v.contains(&Truth::Unknown) {
+        Truth::Unknown
+    } else {
+        Truth::False
+    }
+}
+
 fn lower(s: &str) -> String {
     s.chars().flat_map(char::to_lowercase).collect()
 }
 
 impl Interp<'_, '_> {
     fn expr(&self, e: &Expr, depth: usize) -> Truth {
-        let and = |c: &[Expr]| {
-            let v: Vec<Truth> = c.iter().map(|x| self.expr(x, depth)).collect();
-            if v.contains(&Truth::False) {
-                Truth::False
-            } else if v.contains(&Truth::Unknown) {
-                Truth::Unknown
-            } else {
-                Truth::True
-            }
-        };
-        let or = |c: &[Expr]| {
-            let v: Vec<Truth> = c.iter().map(|x| self.expr(x, depth)).collect();
-            if v.contains(&Truth::True) {
-                Truth::True
-            } else if v.contains(&Truth::Unknown) {
-                Truth::Unknown
-            } else {
-                Truth::False
-            }
-        };
+        let each = |c: &[Expr]| -> Vec<Truth> { c.iter().map(|x| self.expr(x, depth)).collect() };
+        let and = |c: &[Expr]| kleene_and(&each(c));
+        let or = |c: &[Expr]| kleene_or(&each(c));
         match &e.kind {
             ExprKind::And(c) => and(c),
             ExprKind::Or(c) => or(c),
@@ -84,15 +89,9 @@ impl Interp<'_, '_> {
                             _ => Truth::Unknown,
                         })
                         .collect();
-                    if v.contains(&Truth::False) {
-                        Truth::False
-                    } else if v.contains(&Truth::Unknown) {
-                        Truth::Unknown
-                    } else {
-                        Truth::True
-                    }
+                    kleene_and(&v)
                 } else {
-                    Truth::from(self.criterion(c, depth))
+                    Truth::from(self.criterion(c))
                 }
             }
             ExprKind::Criterion(Criterion::Policy(name)) => {
@@ -118,11 +117,11 @@ impl Interp<'_, '_> {
                     .unwrap_or(Truth::False);
                 (!deny).min(allow)
             }
-            ExprKind::Criterion(c) => Truth::from(self.criterion(c, depth)),
+            ExprKind::Criterion(c) => Truth::from(self.criterion(c)),
         }
     }
 
-    fn criterion(&self, c: &Criterion, _depth: usize) -> bool {
+    fn criterion(&self, c: &Criterion) -> bool {
         let req = self.req;
         match c {
             Criterion::Const(b) => *b,

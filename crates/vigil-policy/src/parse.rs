@@ -6,7 +6,6 @@ use std::str::FromStr;
 use chrono::{NaiveDate, NaiveTime, TimeZone as _};
 use chrono_tz::Tz;
 use ipnet::IpNet;
-use regex::RegexBuilder;
 
 use crate::amr::{Amr, AMR_VALUES};
 use crate::ast::*;
@@ -523,17 +522,10 @@ impl Parser {
         Some(out)
     }
 
-    /// A regular expression matched against the whole value. The source must stand
-    /// alone as an expression: `a)|(?:b` would otherwise escape the anchors.
+    /// A regular expression matched against the whole value (see `anchored_regex`).
     fn pattern(&mut self, v: &Value, ptr: &str, ignore_case: bool) -> Option<Pattern> {
         let source = self.string(v, ptr)?;
-        let build = |re: &str| {
-            RegexBuilder::new(re)
-                .case_insensitive(ignore_case)
-                .size_limit(REGEX_SIZE_LIMIT)
-                .build()
-        };
-        match build(&source).and_then(|_| build(&format!("^(?:{source})$"))) {
+        match crate::compiled::anchored_regex(&source, ignore_case, REGEX_SIZE_LIMIT) {
             Ok(regex) => Some(Pattern { source, regex }),
             Err(e) => {
                 let msg = e.to_string().replace('\n', " ");

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use vigil_policy::{CompiledPolicy, Symbols};
 use vigil_proto::v1::entry::Body;
-use vigil_snapshot::{Key, Kind, Snapshot, SnapshotError, Update};
+use vigil_snapshot::{Kind, Snapshot, SnapshotError, Update};
 
 /// One version of everything the proxy enforces.
 #[derive(Debug, Clone, Default)]
@@ -30,40 +30,30 @@ impl Index {
         self.policies.get(route).map(|p| &**p)
     }
 
-    /// The index after `update`, leaving `self` untouched. Every check (shape, base
-    /// version, every changed route's policy) passes before anything is built, so a
-    /// bad update changes nothing. Unchanged routes keep their loaded policies.
+    /// The index after `update`, leaving `self` untouched: the snapshot is a persistent
+    /// map, so only what the update touches is copied. Every check (each changed
+    /// route's policy, the update's shape and base version) passes before the result
+    /// exists, so a bad update changes nothing. Unchanged routes keep their policies.
     pub fn apply(&self, update: Update) -> Result<Index, SnapshotError> {
-        let full = update.full;
-        let changed_routes: Vec<Key> = update
-            .upserts
-            .iter()
-            .filter_map(Key::of)
-            .filter(|k| k.kind == Kind::Route)
-            .collect();
-        let mut snapshot = if full {
-            Snapshot::default()
-        } else {
-            (*self.snapshot).clone()
-        };
-        snapshot.apply(update)?;
-        let (mut symbols, mut policies) = if full {
+        let (mut symbols, mut policies) = if update.full {
             (Symbols::default(), HashMap::new())
         } else {
             ((*self.symbols).clone(), self.policies.clone())
         };
-        policies.retain(|name, _| snapshot.get(Kind::Route, name).is_some());
-        for key in changed_routes {
-            let Some(Body::Route(route)) = snapshot
-                .get(Kind::Route, &key.id)
-                .and_then(|e| e.body.as_ref())
-            else {
-                continue;
-            };
-            let policy = vigil_snapshot::decode_policy(&route.policy, &mut symbols)
-                .map_err(|e| SnapshotError::Invalid(format!("route `{}`: {e}", key.id)))?;
-            policies.insert(key.id.clone(), Arc::new(policy));
+        for removed in &update.removals {
+            if removed.kind == Kind::Route as i32 {
+                policies.remove(&removed.id);
+            }
         }
+        for entry in &update.upserts {
+            if let Some(Body::Route(route)) = &entry.body {
+                let policy = vigil_snapshot::decode_policy(&route.policy, &mut symbols)
+                    .map_err(|e| SnapshotError::Invalid(format!("route `{}`: {e}", entry.id)))?;
+                policies.insert(entry.id.clone(), Arc::new(policy));
+            }
+        }
+        let mut snapshot = (*self.snapshot).clone();
+        snapshot.apply(update)?;
         Ok(Index {
             snapshot: Arc::new(snapshot),
             symbols: Arc::new(symbols),

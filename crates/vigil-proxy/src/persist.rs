@@ -39,7 +39,7 @@ impl Store {
         if full {
             let tmp = self.path.with_extension("tmp");
             {
-                let mut f = private(&tmp, true)?;
+                let mut f = private(&tmp)?;
                 f.write_all(&bytes)?;
                 f.sync_all()?;
             }
@@ -118,10 +118,10 @@ fn frame(envelope: &Envelope) -> Vec<u8> {
     out
 }
 
-/// Opens a file only the proxy's user can read: it holds client secrets.
-fn private(path: &Path, truncate: bool) -> io::Result<File> {
+/// Creates (or empties) a file only the proxy's user can read: it holds client secrets.
+fn private(path: &Path) -> io::Result<File> {
     let mut o = OpenOptions::new();
-    o.write(true).create(true).truncate(truncate);
+    o.write(true).create(true).truncate(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt as _;

@@ -111,10 +111,16 @@ async fn run(
     link: watch::Sender<Link>,
     mut chain: usize,
 ) {
+    if config.addresses.is_empty() {
+        let error = "no control-plane address configured".to_owned();
+        tracing::error!("{error}; refusing protected requests");
+        link.send_replace(Link::Retrying { error });
+        return;
+    }
     let mut backoff = BACKOFF_MIN;
     let mut attempt = 0usize;
     loop {
-        let address = &config.addresses[attempt % config.addresses.len().max(1)];
+        let address = &config.addresses[attempt % config.addresses.len()];
         attempt += 1;
         match session(&config, address, store.as_ref(), &index, &link, &mut chain).await {
             Ok(()) => backoff = BACKOFF_MIN,

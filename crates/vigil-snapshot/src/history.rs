@@ -108,19 +108,8 @@ impl History {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::snapshot::tests::user;
     use crate::Kind;
-    use vigil_proto::v1::entry::Body;
-    use vigil_proto::v1::User;
-
-    fn user(id: &str, email: &str) -> Entry {
-        Entry {
-            id: id.into(),
-            body: Some(Body::User(User {
-                email: Some(email.into()),
-                ..Default::default()
-            })),
-        }
-    }
 
     fn key(id: &str) -> Key {
         Key {

@@ -1,7 +1,5 @@
 //! A snapshot: entries by (kind, id) at one version, and applying updates to it.
 
-use std::collections::BTreeMap;
-
 use vigil_proto::v1::entry::Body;
 
 use crate::{Entry, EntryKey, Kind, SnapshotError, Update};
@@ -59,13 +57,15 @@ impl Key {
     }
 }
 
-/// Everything a proxy holds at one version.
+/// Everything a proxy holds at one version. The entries are a persistent map, so a
+/// copy costs nothing and applying a delta to it costs only the entries it touches:
+/// the next version is built beside the one requests still read.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Snapshot {
     /// The database revision it was built from; 0 for "nothing yet".
     pub version: u64,
     /// The entries.
-    pub entries: BTreeMap<Key, Entry>,
+    pub entries: imbl::OrdMap<Key, Entry>,
 }
 
 impl Snapshot {
@@ -153,41 +153,33 @@ fn validate(u: &Update) -> Result<Vec<Key>, SnapshotError> {
             u.base_version, u.version
         ));
     }
-    let mut prev: Option<Key> = None;
+    let mut ups: Vec<Key> = Vec::with_capacity(u.upserts.len());
     for e in &u.upserts {
         let Some(k) = Key::of(e) else {
             return bad(format!("entry `{}` has no body", e.id));
         };
-        if prev.as_ref().is_some_and(|p| *p >= k) {
+        if ups.last().is_some_and(|p| *p >= k) {
             return bad(format!("entries out of order or repeated at `{}`", e.id));
         }
-        prev = Some(k);
+        ups.push(k);
     }
-    let mut removals = Vec::with_capacity(u.removals.len());
+    let mut removals: Vec<Key> = Vec::with_capacity(u.removals.len());
     for r in &u.removals {
         let k = Key::from_proto(r)?;
         if removals.last().is_some_and(|p| *p >= k) {
             return bad(format!("removals out of order or repeated at `{}`", r.id));
         }
-        removals.push(k);
-    }
-    // A key both removed and upserted is ambiguous.
-    let (mut i, mut j) = (0, 0);
-    let ups: Vec<Key> = u.upserts.iter().filter_map(Key::of).collect();
-    while i < ups.len() && j < removals.len() {
-        match ups[i].cmp(&removals[j]) {
-            std::cmp::Ordering::Less => i += 1,
-            std::cmp::Ordering::Greater => j += 1,
-            std::cmp::Ordering::Equal => {
-                return bad(format!("`{}` is both changed and removed", ups[i].id))
-            }
+        // A key both removed and upserted is ambiguous.
+        if ups.binary_search(&k).is_ok() {
+            return bad(format!("`{}` is both changed and removed", k.id));
         }
+        removals.push(k);
     }
     Ok(removals)
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use vigil_proto::v1::{Grant, User};

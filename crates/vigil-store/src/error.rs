@@ -85,21 +85,16 @@ pub(crate) fn classify(e: sqlx::Error) -> StoreError {
         | E::Tls(_)
         | E::WorkerCrashed
         | E::Protocol(_) => StoreError::Unavailable(e.to_string()),
-        E::Database(db) => {
-            // PostgreSQL: admin shutdown, crash shutdown, cannot connect now, too many connections.
-            let code = db.code().unwrap_or_default();
-            if matches!(&*code, "40P01" | "40001") {
-                return StoreError::Retry(e.to_string());
-            }
-            if matches!(
-                &*code,
-                "57P01" | "57P02" | "57P03" | "53300" | "08006" | "08001" | "08003" | "08004"
-            ) {
+        E::Database(db) => match db.code().as_deref() {
+            // PostgreSQL: deadlock detected, serialisation failure.
+            Some("40P01" | "40001") => StoreError::Retry(e.to_string()),
+            // PostgreSQL: admin shutdown, crash shutdown, cannot connect now, too many
+            // connections, and the connection exceptions.
+            Some("57P01" | "57P02" | "57P03" | "53300" | "08006" | "08001" | "08003" | "08004") => {
                 StoreError::Unavailable(e.to_string())
-            } else {
-                StoreError::Database(e.to_string())
             }
-        }
+            _ => StoreError::Database(e.to_string()),
+        },
         _ => StoreError::Database(e.to_string()),
     }
 }

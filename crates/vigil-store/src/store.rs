@@ -267,18 +267,39 @@ fn encode_cursor(s: &str) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s)
 }
 
-fn decode_cursor(s: &str) -> Result<String, StoreError> {
+fn decode_cursor<T: std::str::FromStr>(s: &str) -> Result<T, StoreError> {
     base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(s)
         .ok()
         .and_then(|b| String::from_utf8(b).ok())
+        .and_then(|s| s.parse().ok())
         .ok_or_else(|| StoreError::Database("invalid cursor".into()))
+}
+
+/// The page size asked for, within bounds.
+fn page_size(limit: Option<u32>) -> u32 {
+    limit.unwrap_or(100).clamp(1, MAX_PAGE)
+}
+
+/// Cuts a fetch of `limit + 1` items to a page, with a cursor after its last item
+/// when the extra one shows there is more.
+fn page<T>(mut items: Vec<T>, limit: u32, cursor: impl Fn(&T) -> String) -> Page<T> {
+    let limit = limit as usize;
+    let next = if items.len() > limit {
+        items.truncate(limit);
+        items.last().map(cursor)
+    } else {
+        None
+    };
+    Page { items, next }
 }
 
 fn parse_json(text: &str) -> Result<Value, StoreError> {
     serde_json::from_str(text)
         .map_err(|e| StoreError::Database(format!("stored document is not JSON: {e}")))
 }
+
+const RECORD_COLUMNS: &str = "kind, id, natural_key, body, version, created_at, updated_at";
 
 fn record(row: &AnyRow) -> Result<Record, StoreError> {
     let body: String = row.try_get("body").map_err(classify)?;
@@ -293,7 +314,74 @@ fn record(row: &AnyRow) -> Result<Record, StoreError> {
     })
 }
 
-const RECORD_COLUMNS: &str = "kind, id, natural_key, body, version, created_at, updated_at";
+/// The columns `raw_records` decodes, in its order.
+const RAW_COLUMNS: &str = "kind, id, natural_key, body, version, secret";
+
+fn raw_records(rows: &[AnyRow]) -> Result<Vec<RawRecord>, StoreError> {
+    rows.iter()
+        .map(|row| {
+            Ok(RawRecord {
+                kind: row.try_get(0)?,
+                id: row.try_get(1)?,
+                key: row.try_get(2)?,
+                body: row.try_get(3)?,
+                version: row.try_get(4)?,
+                secret: row.try_get(5)?,
+            })
+        })
+        .collect::<Result<_, sqlx::Error>>()
+        .map_err(classify)
+}
+
+fn audit_event(row: &AnyRow) -> Result<AuditEvent, StoreError> {
+    let doc = |col: &str| -> Result<Option<Value>, StoreError> {
+        let text: Option<String> = row.try_get(col).map_err(classify)?;
+        text.as_deref().map(parse_json).transpose()
+    };
+    Ok(AuditEvent {
+        seq: row.try_get("seq").map_err(classify)?,
+        revision: row.try_get("revision").map_err(classify)?,
+        at: row.try_get("at").map_err(classify)?,
+        actor: row.try_get("actor").map_err(classify)?,
+        action: row.try_get("action").map_err(classify)?,
+        kind: row.try_get("kind").map_err(classify)?,
+        entity_id: row.try_get("entity_id").map_err(classify)?,
+        before: doc("before")?,
+        after: doc("after")?,
+    })
+}
+
+/// The current revision, read through `e` (the pool or a transaction).
+async fn read_revision<'e>(
+    e: impl sqlx::Executor<'e, Database = sqlx::Any>,
+) -> Result<i64, StoreError> {
+    sqlx::query_scalar("SELECT value FROM revision WHERE id = 1")
+        .fetch_one(e)
+        .await
+        .map_err(classify)
+}
+
+/// Change-log rows after `revision`, in order.
+async fn changes_after(tx: &mut Tx<'_>, revision: i64) -> Result<Vec<Change>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT revision, kind, id, op FROM changes WHERE revision > $1 ORDER BY revision, kind, id",
+    )
+    .bind(revision)
+    .fetch_all(&mut **tx)
+    .await
+    .map_err(classify)?;
+    rows.iter()
+        .map(|r| {
+            Ok(Change {
+                revision: r.try_get(0)?,
+                kind: r.try_get(1)?,
+                id: r.try_get(2)?,
+                op: r.try_get(3)?,
+            })
+        })
+        .collect::<Result<_, sqlx::Error>>()
+        .map_err(classify)
+}
 
 type Tx<'a> = sqlx::Transaction<'a, sqlx::Any>;
 
@@ -331,11 +419,10 @@ impl Store {
                 "database URL must start with postgres:// or sqlite://".into(),
             ));
         };
-        let mut pool = AnyPoolOptions::new()
-            .max_connections(opts.max_connections)
-            .acquire_timeout(opts.acquire_timeout);
-        if dialect == Dialect::Sqlite {
-            pool = pool
+        let mut pool = AnyPoolOptions::new().acquire_timeout(opts.acquire_timeout);
+        pool = match dialect {
+            Dialect::Postgres => pool.max_connections(opts.max_connections),
+            Dialect::Sqlite => pool
                 .max_connections(opts.max_connections.min(8))
                 .after_connect(|conn, _| {
                     Box::pin(async move {
@@ -350,8 +437,8 @@ impl Store {
                         }
                         Ok(())
                     })
-                });
-        }
+                }),
+        };
         let pool = pool.connect_lazy(url).map_err(classify)?;
         Ok(Store {
             pool,
@@ -430,35 +517,35 @@ impl Store {
 
     /// The current revision.
     pub async fn revision(&self) -> Result<i64, StoreError> {
-        sqlx::query_scalar("SELECT value FROM revision WHERE id = 1")
-            .fetch_one(&self.pool)
+        read_revision(&self.pool).await
+    }
+
+    /// The entity of `kind` whose `column` (one of ours, never the caller's) equals `value`.
+    async fn get_where(
+        &self,
+        kind: &str,
+        column: &str,
+        value: &str,
+    ) -> Result<Option<Record>, StoreError> {
+        let sql =
+            format!("SELECT {RECORD_COLUMNS} FROM entities WHERE kind = $1 AND {column} = $2");
+        let row = sqlx::query(&sql)
+            .bind(kind)
+            .bind(value)
+            .fetch_optional(&self.pool)
             .await
-            .map_err(classify)
+            .map_err(classify)?;
+        row.as_ref().map(record).transpose()
     }
 
     /// One entity.
     pub async fn get(&self, kind: &str, id: &str) -> Result<Option<Record>, StoreError> {
-        let sql = format!("SELECT {RECORD_COLUMNS} FROM entities WHERE kind = $1 AND id = $2");
-        let row = sqlx::query(&sql)
-            .bind(kind)
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(classify)?;
-        row.as_ref().map(record).transpose()
+        self.get_where(kind, "id", id).await
     }
 
     /// One entity by natural key.
     pub async fn get_by_key(&self, kind: &str, key: &str) -> Result<Option<Record>, StoreError> {
-        let sql =
-            format!("SELECT {RECORD_COLUMNS} FROM entities WHERE kind = $1 AND natural_key = $2");
-        let row = sqlx::query(&sql)
-            .bind(kind)
-            .bind(key)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(classify)?;
-        row.as_ref().map(record).transpose()
+        self.get_where(kind, "natural_key", key).await
     }
 
     /// The entity of a kind whose stored secret equals `secret` (a token hash).
@@ -467,28 +554,19 @@ impl Store {
         kind: &str,
         secret: &str,
     ) -> Result<Option<Record>, StoreError> {
-        let sql = format!("SELECT {RECORD_COLUMNS} FROM entities WHERE kind = $1 AND secret = $2");
-        let row = sqlx::query(&sql)
-            .bind(kind)
-            .bind(secret)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(classify)?;
-        row.as_ref().map(record).transpose()
+        self.get_where(kind, "secret", secret).await
     }
 
     /// The stored secret of one entity (for decryption by its owner, never for the API).
     pub async fn secret(&self, kind: &str, id: &str) -> Result<Option<String>, StoreError> {
-        let row = sqlx::query("SELECT secret FROM entities WHERE kind = $1 AND id = $2")
-            .bind(kind)
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(classify)?;
-        match row {
-            Some(r) => r.try_get::<Option<String>, _>(0).map_err(classify),
-            None => Ok(None),
-        }
+        let secret: Option<Option<String>> =
+            sqlx::query_scalar("SELECT secret FROM entities WHERE kind = $1 AND id = $2")
+                .bind(kind)
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(classify)?;
+        Ok(secret.flatten())
     }
 
     fn json_field(&self, field: &str) -> String {
@@ -500,7 +578,7 @@ impl Store {
 
     /// A page of one kind's entities, in id order.
     pub async fn list(&self, kind: &str, q: &ListQuery) -> Result<Page<Record>, StoreError> {
-        let limit = q.limit.unwrap_or(100).clamp(1, MAX_PAGE);
+        let limit = page_size(q.limit);
         let mut sql = format!("SELECT {RECORD_COLUMNS} FROM entities WHERE kind = $1 AND id > $2");
         let mut n = 3;
         if q.key.is_some() {
@@ -517,65 +595,56 @@ impl Store {
             n += 1;
         }
         sql.push_str(&format!(" ORDER BY id LIMIT ${n}"));
-        let after = match &q.cursor {
+        let after: String = match &q.cursor {
             Some(c) => decode_cursor(c)?,
             None => String::new(),
         };
         let mut query = sqlx::query(&sql).bind(kind).bind(after);
         if let Some(k) = &q.key {
-            query = query.bind(k.clone());
+            query = query.bind(k.as_str());
         }
         for (_, v) in &q.fields {
-            query = query.bind(v.clone());
+            query = query.bind(v.as_str());
         }
         let rows = query
             .bind(i64::from(limit) + 1)
             .fetch_all(&self.pool)
             .await
             .map_err(classify)?;
-        let mut items = rows.iter().map(record).collect::<Result<Vec<_>, _>>()?;
-        let next = if items.len() > limit as usize {
-            items.truncate(limit as usize);
-            items.last().map(|r| encode_cursor(&r.id))
-        } else {
-            None
+        let items = rows.iter().map(record).collect::<Result<Vec<_>, _>>()?;
+        Ok(page(items, limit, |r| encode_cursor(&r.id)))
+    }
+
+    /// Begins a read-only transaction that sees one snapshot of the database, and
+    /// reads the revision that snapshot is at. SQLite's read transactions always see
+    /// one snapshot; PostgreSQL's default (read committed) does not, so there the
+    /// `BEGIN` itself asks for repeatable read.
+    async fn snapshot(&self) -> Result<(Tx<'static>, i64), StoreError> {
+        let tx = match self.dialect {
+            Dialect::Postgres => {
+                self.pool
+                    .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                    .await
+            }
+            Dialect::Sqlite => self.pool.begin().await,
         };
-        Ok(Page { items, next })
+        let mut tx = tx.map_err(classify)?;
+        let revision = read_revision(&mut *tx).await?;
+        Ok((tx, revision))
     }
 
     /// Every entity with its secret and its document as stored text, for building a
     /// snapshot: the caller decodes each document once, straight into its own types.
     pub async fn load_all(&self) -> Result<(i64, Vec<RawRecord>), StoreError> {
-        // One snapshot-isolated transaction so the revision matches the rows read.
-        let mut tx = self.pool.begin().await.map_err(classify)?;
-        self.repeatable_read(&mut tx).await?;
-        let revision: i64 = sqlx::query_scalar("SELECT value FROM revision WHERE id = 1")
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(classify)?;
-        let rows = sqlx::query(
-            "SELECT kind, id, natural_key, body, version, secret FROM entities ORDER BY kind, id",
-        )
+        let (mut tx, revision) = self.snapshot().await?;
+        let rows = sqlx::query(&format!(
+            "SELECT {RAW_COLUMNS} FROM entities ORDER BY kind, id"
+        ))
         .fetch_all(&mut *tx)
         .await
         .map_err(classify)?;
         tx.commit().await.map_err(classify)?;
         Ok((revision, raw_records(&rows)?))
-    }
-
-    /// Makes a read transaction see one snapshot of the database. SQLite's read
-    /// transactions always do; PostgreSQL's default (read committed) does not.
-    async fn repeatable_read(
-        &self,
-        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
-    ) -> Result<(), StoreError> {
-        if self.dialect == Dialect::Postgres {
-            sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-                .execute(&mut **tx)
-                .await
-                .map_err(classify)?;
-        }
-        Ok(())
     }
 
     /// What changed after `revision`, consistently: the current revision, the change-log
@@ -585,73 +654,52 @@ impl Store {
         &self,
         revision: i64,
     ) -> Result<(i64, Vec<Change>, Vec<RawRecord>), StoreError> {
-        let mut tx = self.pool.begin().await.map_err(classify)?;
-        self.repeatable_read(&mut tx).await?;
-        let current: i64 = sqlx::query_scalar("SELECT value FROM revision WHERE id = 1")
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(classify)?;
-        let rows = sqlx::query("SELECT revision, kind, id, op FROM changes WHERE revision > $1 ORDER BY revision, kind, id")
-            .bind(revision)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(classify)?;
-        let rows = sqlx::query(
-            "SELECT e.kind, e.id, e.natural_key, e.body, e.version, e.secret FROM entities e \
-             WHERE EXISTS (SELECT 1 FROM changes c WHERE c.revision > $1 AND c.kind = e.kind AND c.id = e.id) \
-             ORDER BY e.kind, e.id",
-        )
+        let (mut tx, current) = self.snapshot().await?;
+        let changes = changes_after(&mut tx, revision).await?;
+        let rows = sqlx::query(&format!(
+            "SELECT {RAW_COLUMNS} FROM entities e WHERE EXISTS \
+             (SELECT 1 FROM changes c WHERE c.revision > $1 AND c.kind = e.kind AND c.id = e.id) \
+             ORDER BY kind, id"
+        ))
         .bind(revision)
         .fetch_all(&mut *tx)
         .await
-        .map_err(classify)
-        .and_then(|records| Ok((change_rows(&rows)?, raw_records(&records)?)));
+        .map_err(classify)?;
         tx.commit().await.map_err(classify)?;
-        let (changes, records) = rows?;
-        Ok((current, changes, records))
+        Ok((current, changes, raw_records(&rows)?))
     }
 
     /// Change-log rows after `revision`, in order, with the current revision.
     pub async fn changes_since(&self, revision: i64) -> Result<(i64, Vec<Change>), StoreError> {
-        let mut tx = self.pool.begin().await.map_err(classify)?;
-        let current: i64 = sqlx::query_scalar("SELECT value FROM revision WHERE id = 1")
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(classify)?;
-        let rows = sqlx::query("SELECT revision, kind, id, op FROM changes WHERE revision > $1 ORDER BY revision, kind, id")
-            .bind(revision)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(classify)?;
+        let (mut tx, current) = self.snapshot().await?;
+        let changes = changes_after(&mut tx, revision).await?;
         tx.commit().await.map_err(classify)?;
-        Ok((current, change_rows(&rows)?))
+        Ok((current, changes))
     }
 
     /// A page of the audit trail, oldest first.
     pub async fn audit(&self, q: &AuditQuery) -> Result<Page<AuditEvent>, StoreError> {
-        let limit = q.limit.unwrap_or(100).clamp(1, MAX_PAGE);
+        let limit = page_size(q.limit);
         let after: i64 = match &q.cursor {
-            Some(c) => decode_cursor(c)?
-                .parse()
-                .map_err(|_| StoreError::Database("invalid cursor".into()))?,
+            Some(c) => decode_cursor(c)?,
             None => 0,
         };
         let mut sql = String::from(
             "SELECT seq, revision, at, actor, action, kind, entity_id, before, after FROM audit WHERE seq > $1",
         );
-        let mut binds: Vec<String> = Vec::new();
+        let mut binds: Vec<&str> = Vec::new();
         for (col, v) in [
             ("kind", &q.kind),
             ("entity_id", &q.entity_id),
             ("actor", &q.actor),
         ] {
             if let Some(v) = v {
-                binds.push(v.clone());
+                binds.push(v);
                 sql.push_str(&format!(" AND {col} = ${}", binds.len() + 1));
             }
         }
         for hidden in &q.hide_kinds {
-            binds.push(hidden.clone());
+            binds.push(hidden);
             sql.push_str(&format!(" AND kind <> ${}", binds.len() + 1));
         }
         sql.push_str(&format!(" ORDER BY seq LIMIT ${}", binds.len() + 2));
@@ -664,31 +712,11 @@ impl Store {
             .fetch_all(&self.pool)
             .await
             .map_err(classify)?;
-        let mut items = Vec::with_capacity(rows.len());
-        for r in &rows {
-            let doc = |col: &str| -> Result<Option<Value>, StoreError> {
-                let text: Option<String> = r.try_get(col).map_err(classify)?;
-                text.as_deref().map(parse_json).transpose()
-            };
-            items.push(AuditEvent {
-                seq: r.try_get("seq").map_err(classify)?,
-                revision: r.try_get("revision").map_err(classify)?,
-                at: r.try_get("at").map_err(classify)?,
-                actor: r.try_get("actor").map_err(classify)?,
-                action: r.try_get("action").map_err(classify)?,
-                kind: r.try_get("kind").map_err(classify)?,
-                entity_id: r.try_get("entity_id").map_err(classify)?,
-                before: doc("before")?,
-                after: doc("after")?,
-            });
-        }
-        let next = if items.len() > limit as usize {
-            items.truncate(limit as usize);
-            items.last().map(|e| encode_cursor(&e.seq.to_string()))
-        } else {
-            None
-        };
-        Ok(Page { items, next })
+        let items = rows
+            .iter()
+            .map(audit_event)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(page(items, limit, |e| encode_cursor(&e.seq.to_string())))
     }
 
     /// Applies `ops` in one transaction under a new revision, recording each change
@@ -697,8 +725,9 @@ impl Store {
     ///
     /// The revision row is the one lock every writer takes, so it is taken as late
     /// as possible: on PostgreSQL the work runs under row locks (`FOR UPDATE`) and a
-    /// single final statement bumps the revision, stamps the written rows and logs
-    /// the changes and audit events; SQLite serialises writers anyway and takes it first.
+    /// single final statement bumps the revision, stamps the written rows, announces
+    /// the revision and logs the changes and audit events; SQLite serialises writers
+    /// anyway and takes it first.
     pub async fn write(
         &self,
         actor: &str,
@@ -708,7 +737,7 @@ impl Store {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match self.write_once(actor, action, ops.clone()).await {
+            match self.write_once(actor, action, &ops).await {
                 Err(StoreError::Retry(e)) if attempt < 4 => {
                     tracing::debug!(error = %e, attempt, "Write conflicted; retrying");
                 }
@@ -722,41 +751,34 @@ impl Store {
         &self,
         actor: &str,
         action: Option<&str>,
-        ops: Vec<Op>,
+        ops: &[Op],
     ) -> Result<Committed, StoreError> {
         let mut tx = self.pool.begin().await.map_err(classify)?;
-        let early = self.dialect == Dialect::Sqlite;
-        let revision = if early {
-            sqlx::query_scalar("UPDATE revision SET value = value + 1 WHERE id = 1 RETURNING value")
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(classify)?
-        } else {
-            0
-        };
         let mut w = Writer {
-            revision,
+            dialect: self.dialect,
+            revision: 0,
             now: now_millis(),
             actor,
             action,
-            lock: !early,
             pending: Vec::new(),
         };
+        if self.dialect == Dialect::Sqlite {
+            // SQLite serialises writers anyway: take the revision first (PostgreSQL's
+            // `finish` takes it last).
+            w.revision = sqlx::query_scalar(
+                "UPDATE revision SET value = value + 1 WHERE id = 1 RETURNING value",
+            )
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(classify)?;
+        }
         let mut records = Vec::with_capacity(ops.len());
         for op in ops {
             records.push(w.apply(&mut tx, op).await?);
         }
-        let revision = w.finish(&mut tx, self.dialect).await?;
+        let revision = w.finish(&mut tx).await?;
         for r in records.iter_mut().flatten() {
             r.version = revision;
-        }
-        if self.dialect == Dialect::Postgres {
-            // Delivered at commit to every replica listening (see `listen_revisions`).
-            sqlx::query("SELECT pg_notify('vigil_revision', $1)")
-                .bind(revision.to_string())
-                .execute(&mut *tx)
-                .await
-                .map_err(classify)?;
         }
         tx.commit().await.map_err(classify)?;
         Ok(Committed { revision, records })
@@ -764,26 +786,35 @@ impl Store {
 }
 
 struct Writer<'a> {
-    /// Known up front on SQLite; assigned by `finish` on PostgreSQL.
+    dialect: Dialect,
+    /// Taken first on SQLite; 0 on PostgreSQL until `finish` takes it and stamps
+    /// the rows written with it.
     revision: i64,
     now: i64,
     actor: &'a str,
     action: Option<&'a str>,
-    /// Lock rows read for update (PostgreSQL).
-    lock: bool,
     /// Changes and audit events, written by `finish` once the revision is known.
-    pending: Vec<Pending>,
+    pending: Vec<Pending<'a>>,
 }
 
-struct Pending {
+struct Pending<'a> {
     kind: String,
     id: String,
     change: &'static str,
-    action: String,
+    action: &'a str,
     before: Option<String>,
     after: Option<String>,
 }
 
+/// An entity as it stands, before a replace or delete.
+struct Current {
+    version: i64,
+    created_at: i64,
+    /// The document as stored, for the audit trail.
+    body: String,
+}
+
+/// `($first, ...), (...)`: placeholders for `rows` rows of `cols` values each.
 fn values(rows: usize, cols: usize, first: usize) -> String {
     (0..rows)
         .map(|r| {
@@ -796,265 +827,244 @@ fn values(rows: usize, cols: usize, first: usize) -> String {
         .join(", ")
 }
 
-async fn current(tx: &mut Tx<'_>, kind: &str, id: &str, lock: bool) -> Result<Record, StoreError> {
-    let sql = format!(
-        "SELECT {RECORD_COLUMNS} FROM entities WHERE kind = $1 AND id = $2{}",
-        if lock { " FOR UPDATE" } else { "" }
-    );
-    let row = sqlx::query(&sql)
-        .bind(kind)
-        .bind(id)
-        .fetch_optional(&mut **tx)
-        .await
-        .map_err(classify)?;
-    match row {
-        Some(r) => record(&r),
-        None => Err(StoreError::NotFound {
-            kind: kind.into(),
-            id: id.into(),
-        }),
-    }
-}
-
-impl Writer<'_> {
-    async fn apply(&mut self, tx: &mut Tx<'_>, op: Op) -> Result<Option<Record>, StoreError> {
+impl<'a> Writer<'a> {
+    async fn apply(&mut self, tx: &mut Tx<'_>, op: &Op) -> Result<Option<Record>, StoreError> {
         match op {
             Op::Create(e) => self.create(tx, e).await.map(Some),
             Op::Replace {
                 entity,
                 if_version,
                 secret,
-            } => self.replace(tx, entity, if_version, secret).await.map(Some),
+            } => self
+                .replace(tx, entity, *if_version, secret)
+                .await
+                .map(Some),
             Op::Delete {
                 kind,
                 id,
                 if_version,
             } => {
-                let cur = current(tx, &kind, &id, self.lock).await?;
-                if if_version.is_some_and(|v| v != cur.version) {
-                    return Err(StoreError::VersionMismatch {
-                        kind,
-                        id,
-                        current: cur.version,
-                    });
-                }
-                self.delete(tx, cur, 0).await.map(|()| None)
+                let cur = self.current(tx, kind, id, *if_version).await?;
+                let action = self.action.unwrap_or("delete");
+                self.delete(tx, kind, id, cur, action, 0).await?;
+                Ok(None)
             }
         }
     }
 
-    async fn create(&mut self, tx: &mut Tx<'_>, e: Entity) -> Result<Record, StoreError> {
+    /// The entity as it stands, locked on PostgreSQL (whose revision row is not locked
+    /// yet); refused unless at `if_version` when one is given.
+    async fn current(
+        &self,
+        tx: &mut Tx<'_>,
+        kind: &str,
+        id: &str,
+        if_version: Option<i64>,
+    ) -> Result<Current, StoreError> {
+        let sql = format!(
+            "SELECT version, created_at, body FROM entities WHERE kind = $1 AND id = $2{}",
+            if self.dialect == Dialect::Postgres {
+                " FOR UPDATE"
+            } else {
+                ""
+            }
+        );
+        let Some(row) = sqlx::query(&sql)
+            .bind(kind)
+            .bind(id)
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(classify)?
+        else {
+            return Err(StoreError::NotFound {
+                kind: kind.into(),
+                id: id.into(),
+            });
+        };
+        let cur = Current {
+            version: row.try_get(0).map_err(classify)?,
+            created_at: row.try_get(1).map_err(classify)?,
+            body: row.try_get(2).map_err(classify)?,
+        };
+        if if_version.is_some_and(|v| v != cur.version) {
+            return Err(StoreError::VersionMismatch {
+                kind: kind.into(),
+                id: id.into(),
+                current: cur.version,
+            });
+        }
+        Ok(cur)
+    }
+
+    /// The record `e` becomes by this write.
+    fn written(&self, e: &Entity, created_at: i64) -> Record {
+        Record {
+            kind: e.kind.clone(),
+            id: e.id.clone(),
+            key: e.key.clone(),
+            body: e.body.clone(),
+            version: self.revision,
+            created_at,
+            updated_at: self.now,
+        }
+    }
+
+    async fn create(&mut self, tx: &mut Tx<'_>, e: &Entity) -> Result<Record, StoreError> {
         let body = e.body.to_string();
-        let inserted = sqlx::query(
+        sqlx::query(
             "INSERT INTO entities (kind, id, natural_key, body, secret, version, created_at, updated_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $7)",
         )
         .bind(&e.kind)
         .bind(&e.id)
-        .bind(e.key.clone())
+        .bind(e.key.as_deref())
         .bind(&body)
-        .bind(e.secret.clone())
+        .bind(e.secret.as_deref())
         .bind(self.revision)
         .bind(self.now)
         .execute(&mut **tx)
-        .await;
-        if let Err(err) = inserted {
-            return Err(unique_violation(err, &e));
-        }
-        self.write_refs(tx, &e).await?;
-        self.log(&e.kind, &e.id, "upsert", "create", None, Some(&body));
-        Ok(Record {
-            kind: e.kind,
-            id: e.id,
-            key: e.key,
-            body: e.body,
-            version: self.revision,
-            created_at: self.now,
-            updated_at: self.now,
-        })
+        .await
+        .map_err(|err| unique_violation(err, e))?;
+        self.write_refs(tx, e).await?;
+        let action = self.action.unwrap_or("create");
+        self.log(&e.kind, &e.id, "upsert", action, None, Some(body));
+        Ok(self.written(e, self.now))
     }
 
     async fn replace(
         &mut self,
         tx: &mut Tx<'_>,
-        e: Entity,
+        e: &Entity,
         if_version: Option<i64>,
-        secret: SecretChange,
+        secret: &SecretChange,
     ) -> Result<Record, StoreError> {
-        let cur = current(tx, &e.kind, &e.id, self.lock).await?;
-        if if_version.is_some_and(|v| v != cur.version) {
-            return Err(StoreError::VersionMismatch {
-                kind: e.kind,
-                id: e.id,
-                current: cur.version,
-            });
-        }
+        let cur = self.current(tx, &e.kind, &e.id, if_version).await?;
         let body = e.body.to_string();
-        let result = match &secret {
-            SecretChange::Keep => sqlx::query(
-                "UPDATE entities SET natural_key = $3, body = $4, version = $5, updated_at = $6 WHERE kind = $1 AND id = $2",
-            )
+        let sql = format!(
+            "UPDATE entities SET natural_key = $3, body = $4, version = $5, updated_at = $6{} \
+             WHERE kind = $1 AND id = $2",
+            match secret {
+                SecretChange::Keep => "",
+                SecretChange::Set(_) => ", secret = $7",
+            }
+        );
+        let mut q = sqlx::query(&sql)
             .bind(&e.kind)
             .bind(&e.id)
-            .bind(e.key.clone())
+            .bind(e.key.as_deref())
             .bind(&body)
             .bind(self.revision)
-            .bind(self.now)
-            .execute(&mut **tx)
-            .await,
-            SecretChange::Set(s) => sqlx::query(
-                "UPDATE entities SET natural_key = $3, body = $4, version = $5, updated_at = $6, secret = $7 WHERE kind = $1 AND id = $2",
-            )
-            .bind(&e.kind)
-            .bind(&e.id)
-            .bind(e.key.clone())
-            .bind(&body)
-            .bind(self.revision)
-            .bind(self.now)
-            .bind(s.clone())
-            .execute(&mut **tx)
-            .await,
-        };
-        if let Err(err) = result {
-            return Err(unique_violation(err, &e));
+            .bind(self.now);
+        if let SecretChange::Set(s) = secret {
+            q = q.bind(s.as_deref());
         }
+        q.execute(&mut **tx)
+            .await
+            .map_err(|err| unique_violation(err, e))?;
         sqlx::query("DELETE FROM refs WHERE kind = $1 AND id = $2")
             .bind(&e.kind)
             .bind(&e.id)
             .execute(&mut **tx)
             .await
             .map_err(classify)?;
-        self.write_refs(tx, &e).await?;
-        let before = cur.body.to_string();
-        self.log(
-            &e.kind,
-            &e.id,
-            "upsert",
-            "replace",
-            Some(&before),
-            Some(&body),
-        );
-        Ok(Record {
-            kind: e.kind,
-            id: e.id,
-            key: e.key,
-            body: e.body,
-            version: self.revision,
-            created_at: cur.created_at,
-            updated_at: self.now,
-        })
+        self.write_refs(tx, e).await?;
+        let action = self.action.unwrap_or("replace");
+        self.log(&e.kind, &e.id, "upsert", action, Some(cur.body), Some(body));
+        Ok(self.written(e, cur.created_at))
     }
 
-    /// Deletes `cur`, first deleting what refers to it with `cascade`; refuses when
-    /// anything refers to it without.
-    fn delete<'s>(
-        &'s mut self,
-        tx: &'s mut Tx<'_>,
-        cur: Record,
+    /// Deletes the entity (as it stands: `cur`), first deleting what refers to it
+    /// with `cascade` (audited as `cascade-delete`); refuses when anything refers to
+    /// it without.
+    async fn delete(
+        &mut self,
+        tx: &mut Tx<'_>,
+        kind: &str,
+        id: &str,
+        cur: Current,
+        action: &'a str,
         depth: u32,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StoreError>> + Send + 's>>
-    {
-        Box::pin(async move {
-            if depth > 8 {
-                return Err(StoreError::Database("delete cascades too deep".into()));
+    ) -> Result<(), StoreError> {
+        if depth > 8 {
+            return Err(StoreError::Database("delete cascades too deep".into()));
+        }
+        let rows = sqlx::query(
+            "SELECT kind, id, cascade FROM refs WHERE ref_kind = $1 AND ref_id = $2 ORDER BY kind, id",
+        )
+        .bind(kind)
+        .bind(id)
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(classify)?;
+        let mut blocking = Vec::new();
+        let mut cascading = Vec::new();
+        for r in &rows {
+            let kind: String = r.try_get(0).map_err(classify)?;
+            let id: String = r.try_get(1).map_err(classify)?;
+            let cascade: i64 = r.try_get(2).map_err(classify)?;
+            if cascade != 0 {
+                cascading.push((kind, id));
+            } else if blocking.len() < 20 {
+                blocking.push((kind, id));
             }
-            let rows = sqlx::query("SELECT kind, id, cascade FROM refs WHERE ref_kind = $1 AND ref_id = $2 ORDER BY kind, id")
-                .bind(&cur.kind)
-                .bind(&cur.id)
-                .fetch_all(&mut **tx)
-                .await
-                .map_err(classify)?;
-            let mut blocking = Vec::new();
-            let mut cascading = Vec::new();
-            for r in &rows {
-                let kind: String = r.try_get(0).map_err(classify)?;
-                let id: String = r.try_get(1).map_err(classify)?;
-                let cascade: i64 = r.try_get(2).map_err(classify)?;
-                if cascade != 0 {
-                    cascading.push((kind, id));
-                } else if blocking.len() < 20 {
-                    blocking.push((kind, id));
+        }
+        if !blocking.is_empty() {
+            return Err(StoreError::Referenced {
+                kind: kind.into(),
+                id: id.into(),
+                by: blocking,
+            });
+        }
+        for (dep_kind, dep_id) in cascading {
+            match self.current(tx, &dep_kind, &dep_id, None).await {
+                Ok(dep) => {
+                    Box::pin(self.delete(tx, &dep_kind, &dep_id, dep, "cascade-delete", depth + 1))
+                        .await?;
                 }
+                // Already gone: two cascades reached it.
+                Err(StoreError::NotFound { .. }) => {}
+                Err(e) => return Err(e),
             }
-            if !blocking.is_empty() {
-                return Err(StoreError::Referenced {
-                    kind: cur.kind,
-                    id: cur.id,
-                    by: blocking,
-                });
-            }
-            for (kind, id) in cascading {
-                // A row may already be gone if two cascades reached it.
-                if let Ok(dependent) = current(tx, &kind, &id, self.lock).await {
-                    self.delete(tx, dependent, depth + 1).await?;
-                }
-            }
-            sqlx::query("DELETE FROM entities WHERE kind = $1 AND id = $2")
-                .bind(&cur.kind)
-                .bind(&cur.id)
-                .execute(&mut **tx)
-                .await
-                .map_err(classify)?;
-            let before = cur.body.to_string();
-            let action = if depth == 0 {
-                "delete"
-            } else {
-                "cascade-delete"
-            };
-            self.log(&cur.kind, &cur.id, "delete", action, Some(&before), None);
-            Ok(())
-        })
+        }
+        sqlx::query("DELETE FROM entities WHERE kind = $1 AND id = $2")
+            .bind(kind)
+            .bind(id)
+            .execute(&mut **tx)
+            .await
+            .map_err(classify)?;
+        self.log(kind, id, "delete", action, Some(cur.body), None);
+        Ok(())
     }
 
-    /// Checks the references' targets exist with one query, then inserts them with
-    /// one statement (per 200); the foreign keys stay as the last line of defence.
+    /// Inserts the references, per 200 with one statement that takes only those whose
+    /// target exists; if one was left out, reports the first missing. The foreign
+    /// keys stay as the last line of defence.
     async fn write_refs(&self, tx: &mut Tx<'_>, e: &Entity) -> Result<(), StoreError> {
-        if e.refs.is_empty() {
-            return Ok(());
-        }
         let mut refs: Vec<&Ref> = e.refs.iter().collect();
         refs.sort_by(|a, b| (&a.kind, &a.id).cmp(&(&b.kind, &b.id)));
         refs.dedup_by(|a, b| a.kind == b.kind && a.id == b.id);
         for chunk in refs.chunks(200) {
-            if let Some(missing) = self.missing_ref(tx, chunk).await? {
-                return Err(missing);
-            }
-            let mut sql =
-                String::from("INSERT INTO refs (kind, id, ref_kind, ref_id, cascade) VALUES ");
-            for i in 0..chunk.len() {
-                let b = i * 5;
-                if i > 0 {
-                    sql.push_str(", ");
-                }
-                sql.push_str(&format!(
-                    "(${}, ${}, ${}, ${}, ${})",
-                    b + 1,
-                    b + 2,
-                    b + 3,
-                    b + 4,
-                    b + 5
-                ));
-            }
-            let mut q = sqlx::query(&sql);
+            // VALUES columns are `column1`, ... in both dialects.
+            let sql = format!(
+                "INSERT INTO refs (kind, id, ref_kind, ref_id, cascade) \
+                 SELECT $1, $2, t.kind, t.id, v.column3 FROM (VALUES {}) AS v \
+                 JOIN entities t ON t.kind = v.column1 AND t.id = v.column2",
+                values(chunk.len(), 3, 3)
+            );
+            let mut q = sqlx::query(&sql).bind(&e.kind).bind(&e.id);
             for r in chunk {
-                q = q
-                    .bind(&e.kind)
-                    .bind(&e.id)
-                    .bind(&r.kind)
-                    .bind(&r.id)
-                    .bind(i64::from(r.cascade));
+                q = q.bind(&r.kind).bind(&r.id).bind(i64::from(r.cascade));
             }
-            q.execute(&mut **tx).await.map_err(classify)?;
+            let inserted = q.execute(&mut **tx).await.map_err(classify)?;
+            if inserted.rows_affected() < chunk.len() as u64 {
+                return Err(self.missing_ref(tx, chunk).await?);
+            }
         }
         Ok(())
     }
 
-    /// The first of `refs` (in sorted order) whose target does not exist, if any.
-    async fn missing_ref(
-        &self,
-        tx: &mut Tx<'_>,
-        refs: &[&Ref],
-    ) -> Result<Option<StoreError>, StoreError> {
+    /// The first of `refs` (in sorted order) whose target does not exist.
+    async fn missing_ref(&self, tx: &mut Tx<'_>, refs: &[&Ref]) -> Result<StoreError, StoreError> {
         let mut sql = String::from("SELECT kind, id FROM entities WHERE ");
         for i in 0..refs.len() {
             if i > 0 {
@@ -1079,146 +1089,175 @@ impl Writer<'_> {
             .map(|r| StoreError::MissingReference {
                 kind: r.kind.clone(),
                 id: r.id.clone(),
-            }))
+            })
+            // Committed by another writer since the insert looked: try again.
+            .unwrap_or_else(|| StoreError::Retry("a reference target appeared".into())))
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn log(
         &mut self,
         kind: &str,
         id: &str,
         change: &'static str,
-        default_action: &str,
-        before: Option<&str>,
-        after: Option<&str>,
+        action: &'a str,
+        before: Option<String>,
+        after: Option<String>,
     ) {
-        let action = if default_action == "cascade-delete" {
-            default_action
-        } else {
-            self.action.unwrap_or(default_action)
-        };
         self.pending.push(Pending {
             kind: kind.into(),
             id: id.into(),
             change,
-            action: action.into(),
-            before: before.map(str::to_owned),
-            after: after.map(str::to_owned),
+            action,
+            before,
+            after,
         });
     }
 
-    /// Writes the change log and audit rows and, on PostgreSQL, takes the revision.
-    async fn finish(&mut self, tx: &mut Tx<'_>, dialect: Dialect) -> Result<i64, StoreError> {
-        let mut changes: Vec<(&str, &str, &str)> = Vec::new();
+    /// One change-log entry per entity written: its last change, in order of first write.
+    fn changes(&self) -> Vec<(&str, &str, &'static str)> {
+        let mut index: std::collections::HashMap<(&str, &str), usize> =
+            std::collections::HashMap::with_capacity(self.pending.len());
+        let mut changes: Vec<(&str, &str, &'static str)> = Vec::with_capacity(self.pending.len());
         for p in &self.pending {
-            match changes.iter_mut().find(|c| c.0 == p.kind && c.1 == p.id) {
-                Some(c) => c.2 = p.change,
-                None => changes.push((&p.kind, &p.id, p.change)),
+            match index.entry((p.kind.as_str(), p.id.as_str())) {
+                std::collections::hash_map::Entry::Occupied(i) => changes[*i.get()].2 = p.change,
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(changes.len());
+                    changes.push((&p.kind, &p.id, p.change));
+                }
             }
         }
-        let small = changes.len() <= 100 && self.pending.len() <= 100;
-        let mut revision = self.revision;
-        let mut logged = false;
-        if dialect == Dialect::Postgres {
-            let upserts: Vec<&(&str, &str, &str)> =
-                changes.iter().filter(|c| c.2 == "upsert").collect();
-            let mut sql = String::from(
-                "WITH r AS (UPDATE revision SET value = value + 1 WHERE id = 1 RETURNING value)",
+        changes
+    }
+
+    /// Writes the change log and audit rows and, on PostgreSQL, takes the revision.
+    async fn finish(&self, tx: &mut Tx<'_>) -> Result<i64, StoreError> {
+        let changes = self.changes();
+        match self.dialect {
+            Dialect::Sqlite => {
+                self.insert_log(tx, self.revision, &changes).await?;
+                Ok(self.revision)
+            }
+            Dialect::Postgres => self.take_revision(tx, &changes).await,
+        }
+    }
+
+    /// PostgreSQL: one statement bumps the revision, stamps the rows written (the
+    /// first 1000) with it, announces it (delivered at commit; see `listen_revisions`)
+    /// and, for writes of up to 100 events, logs them; larger writes finish after it.
+    async fn take_revision(
+        &self,
+        tx: &mut Tx<'_>,
+        changes: &[(&str, &str, &'static str)],
+    ) -> Result<i64, StoreError> {
+        let upserts: Vec<(&str, &str)> = changes
+            .iter()
+            .filter(|c| c.2 == "upsert")
+            .map(|c| (c.0, c.1))
+            .collect();
+        let (stamp_now, stamp_later) = upserts.split_at(upserts.len().min(1000));
+        // Every change comes from an event, so this bounds both.
+        let log_now = self.pending.len() <= 100;
+        let mut sql = String::from(
+            "WITH r AS (UPDATE revision SET value = value + 1 WHERE id = 1 RETURNING value), \
+             n AS (SELECT pg_notify('vigil_revision', CAST(value AS TEXT)) FROM r)",
+        );
+        let mut n = 1;
+        if !stamp_now.is_empty() {
+            sql.push_str(&format!(
+                ", e AS (UPDATE entities SET version = (SELECT value FROM r) WHERE (kind, id) IN ({}) RETURNING 1)",
+                values(stamp_now.len(), 2, n)
+            ));
+            n += stamp_now.len() * 2;
+        }
+        if log_now && !changes.is_empty() {
+            sql.push_str(&format!(
+                ", c AS (INSERT INTO changes (revision, kind, id, op) SELECT r.value, v.k, v.i, v.o FROM r, (VALUES {}) AS v(k, i, o) RETURNING 1)",
+                values(changes.len(), 3, n)
+            ));
+            n += changes.len() * 3;
+            sql.push_str(&format!(
+                ", a AS (INSERT INTO audit (revision, at, actor, action, kind, entity_id, before, after) \
+                 SELECT r.value, CAST(${n} AS BIGINT), v.ac, v.an, v.k, v.i, v.b, v.af FROM r, (VALUES {}) AS v(ac, an, k, i, b, af) RETURNING 1)",
+                values(self.pending.len(), 6, n + 1)
+            ));
+        }
+        sql.push_str(" SELECT r.value FROM r, n");
+        let mut q = sqlx::query_scalar::<_, i64>(&sql);
+        for (kind, id) in stamp_now {
+            q = q.bind(*kind).bind(*id);
+        }
+        if log_now && !changes.is_empty() {
+            for (kind, id, op) in changes {
+                q = q.bind(*kind).bind(*id).bind(*op);
+            }
+            q = q.bind(self.now);
+            for p in &self.pending {
+                q = q
+                    .bind(self.actor)
+                    .bind(p.action)
+                    .bind(p.kind.as_str())
+                    .bind(p.id.as_str())
+                    .bind(p.before.as_deref())
+                    .bind(p.after.as_deref());
+            }
+        }
+        let revision = q.fetch_one(&mut **tx).await.map_err(classify)?;
+        for chunk in stamp_later.chunks(1000) {
+            let sql = format!(
+                "UPDATE entities SET version = $1 WHERE (kind, id) IN ({})",
+                values(chunk.len(), 2, 2)
             );
-            let mut n = 1;
-            for chunk in upserts.chunks(1000).take(1) {
-                sql.push_str(&format!(
-                    ", e AS (UPDATE entities SET version = (SELECT value FROM r) WHERE (kind, id) IN ({}) RETURNING 1)",
-                    values(chunk.len(), 2, n)
-                ));
-                n += chunk.len() * 2;
+            let mut q = sqlx::query(&sql).bind(revision);
+            for (kind, id) in chunk {
+                q = q.bind(*kind).bind(*id);
             }
-            if small {
-                sql.push_str(&format!(
-                    ", c AS (INSERT INTO changes (revision, kind, id, op) SELECT r.value, v.k, v.i, v.o FROM r, (VALUES {}) AS v(k, i, o) RETURNING 1)",
-                    values(changes.len(), 3, n)
-                ));
-                n += changes.len() * 3;
-                sql.push_str(&format!(
-                    ", a AS (INSERT INTO audit (revision, at, actor, action, kind, entity_id, before, after) \
-                     SELECT r.value, CAST(${n} AS BIGINT), v.ac, v.an, v.k, v.i, v.b, v.af FROM r, (VALUES {}) AS v(ac, an, k, i, b, af) RETURNING 1)",
-                    values(self.pending.len(), 6, n + 1)
-                ));
-            }
-            sql.push_str(" SELECT value FROM r");
-            let mut q = sqlx::query_scalar::<_, i64>(&sql);
-            for c in upserts.iter().take(1000) {
-                q = q.bind(c.0.to_owned()).bind(c.1.to_owned());
-            }
-            if small {
-                for c in &changes {
-                    q = q
-                        .bind(c.0.to_owned())
-                        .bind(c.1.to_owned())
-                        .bind(c.2.to_owned());
-                }
-                q = q.bind(self.now);
-                for p in &self.pending {
-                    q = q
-                        .bind(self.actor.to_owned())
-                        .bind(p.action.clone())
-                        .bind(p.kind.clone())
-                        .bind(p.id.clone())
-                        .bind(p.before.clone())
-                        .bind(p.after.clone());
-                }
-            }
-            revision = q.fetch_one(&mut **tx).await.map_err(classify)?;
-            for chunk in upserts.chunks(1000).skip(1) {
-                let sql = format!(
-                    "UPDATE entities SET version = $1 WHERE (kind, id) IN ({})",
-                    values(chunk.len(), 2, 2)
-                );
-                let mut q = sqlx::query(&sql).bind(revision);
-                for c in chunk {
-                    q = q.bind(c.0.to_owned()).bind(c.1.to_owned());
-                }
-                q.execute(&mut **tx).await.map_err(classify)?;
-            }
-            logged = small;
+            q.execute(&mut **tx).await.map_err(classify)?;
         }
-        if !logged {
-            for chunk in changes.chunks(500) {
-                let sql = format!(
-                    "INSERT INTO changes (revision, kind, id, op) VALUES {}",
-                    values(chunk.len(), 4, 1)
-                );
-                let mut q = sqlx::query(&sql);
-                for c in chunk {
-                    q = q
-                        .bind(revision)
-                        .bind(c.0.to_owned())
-                        .bind(c.1.to_owned())
-                        .bind(c.2.to_owned());
-                }
-                q.execute(&mut **tx).await.map_err(classify)?;
-            }
-            for chunk in self.pending.chunks(500) {
-                let sql = format!(
-                    "INSERT INTO audit (revision, at, actor, action, kind, entity_id, before, after) VALUES {}",
-                    values(chunk.len(), 8, 1)
-                );
-                let mut q = sqlx::query(&sql);
-                for p in chunk {
-                    q = q
-                        .bind(revision)
-                        .bind(self.now)
-                        .bind(self.actor.to_owned())
-                        .bind(p.action.clone())
-                        .bind(p.kind.clone())
-                        .bind(p.id.clone())
-                        .bind(p.before.clone())
-                        .bind(p.after.clone());
-                }
-                q.execute(&mut **tx).await.map_err(classify)?;
-            }
+        if !log_now {
+            self.insert_log(tx, revision, changes).await?;
         }
         Ok(revision)
+    }
+
+    /// Writes the change log and audit rows under `revision`, 500 rows a statement.
+    async fn insert_log(
+        &self,
+        tx: &mut Tx<'_>,
+        revision: i64,
+        changes: &[(&str, &str, &'static str)],
+    ) -> Result<(), StoreError> {
+        for chunk in changes.chunks(500) {
+            let sql = format!(
+                "INSERT INTO changes (revision, kind, id, op) VALUES {}",
+                values(chunk.len(), 4, 1)
+            );
+            let mut q = sqlx::query(&sql);
+            for (kind, id, op) in chunk {
+                q = q.bind(revision).bind(*kind).bind(*id).bind(*op);
+            }
+            q.execute(&mut **tx).await.map_err(classify)?;
+        }
+        for chunk in self.pending.chunks(500) {
+            let sql = format!(
+                "INSERT INTO audit (revision, at, actor, action, kind, entity_id, before, after) VALUES {}",
+                values(chunk.len(), 8, 1)
+            );
+            let mut q = sqlx::query(&sql);
+            for p in chunk {
+                q = q
+                    .bind(revision)
+                    .bind(self.now)
+                    .bind(self.actor)
+                    .bind(p.action)
+                    .bind(p.kind.as_str())
+                    .bind(p.id.as_str())
+                    .bind(p.before.as_deref())
+                    .bind(p.after.as_deref());
+            }
+            q.execute(&mut **tx).await.map_err(classify)?;
+        }
+        Ok(())
     }
 }
 
@@ -1242,34 +1281,4 @@ fn unique_violation(err: sqlx::Error, e: &Entity) -> StoreError {
         }
     }
     classify(err)
-}
-
-fn change_rows(rows: &[AnyRow]) -> Result<Vec<Change>, StoreError> {
-    rows.iter()
-        .map(|r| {
-            Ok(Change {
-                revision: r.try_get(0)?,
-                kind: r.try_get(1)?,
-                id: r.try_get(2)?,
-                op: r.try_get(3)?,
-            })
-        })
-        .collect::<Result<_, sqlx::Error>>()
-        .map_err(classify)
-}
-
-fn raw_records(rows: &[AnyRow]) -> Result<Vec<RawRecord>, StoreError> {
-    rows.iter()
-        .map(|row| {
-            Ok(RawRecord {
-                kind: row.try_get(0)?,
-                id: row.try_get(1)?,
-                key: row.try_get(2)?,
-                body: row.try_get(3)?,
-                version: row.try_get(4)?,
-                secret: row.try_get(5)?,
-            })
-        })
-        .collect::<Result<_, sqlx::Error>>()
-        .map_err(classify)
 }

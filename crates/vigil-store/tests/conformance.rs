@@ -7,18 +7,24 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use serde_json::json;
 use vigil_store::*;
 
-async fn sqlite() -> Store {
-    static N: AtomicU32 = AtomicU32::new(0);
-    let dir = std::env::temp_dir().join(format!("vigil-store-test-{}", std::process::id()));
+/// A store on a new, empty (unmigrated) SQLite file `name` in directory `dir`.
+async fn fresh_sqlite(dir: &str, name: &str) -> Store {
+    let dir = std::env::temp_dir().join(format!("{dir}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(format!("db{}.sqlite", N.fetch_add(1, Ordering::Relaxed)));
+    let path = dir.join(name);
     let _ = std::fs::remove_file(&path);
-    let store = Store::connect(
+    Store::connect(
         &format!("sqlite://{}?mode=rwc", path.display()),
         StoreOptions::default(),
     )
     .await
-    .unwrap();
+    .unwrap()
+}
+
+async fn sqlite() -> Store {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let name = format!("db{}.sqlite", N.fetch_add(1, Ordering::Relaxed));
+    let store = fresh_sqlite("vigil-store-test", &name).await;
     store.migrate().await.unwrap();
     store
 }
@@ -58,6 +64,11 @@ conformance!(
     migrations_are_reported,
     bulk_writes_log_every_change,
     changed_since_is_consistent,
+    revisions_are_announced,
+    cascade_deletes_are_audited,
+    the_first_missing_reference_is_named,
+    empty_writes_still_take_a_revision,
+    very_large_writes_stamp_every_row,
 );
 
 fn entity(kind: &str, id: &str, key: Option<&str>, body: serde_json::Value) -> Entity {
@@ -68,6 +79,27 @@ fn entity(kind: &str, id: &str, key: Option<&str>, body: serde_json::Value) -> E
         body,
         secret: None,
         refs: vec![],
+    }
+}
+
+fn create(kind: &str, id: &str, key: Option<&str>, body: serde_json::Value) -> Op {
+    Op::Create(entity(kind, id, key, body))
+}
+
+/// A replace that keeps the secret.
+fn replace(entity: Entity, if_version: Option<i64>) -> Op {
+    Op::Replace {
+        entity,
+        if_version,
+        secret: SecretChange::Keep,
+    }
+}
+
+fn delete(kind: &str, id: &str, if_version: Option<i64>) -> Op {
+    Op::Delete {
+        kind: kind.into(),
+        id: id.into(),
+        if_version,
     }
 }
 
@@ -85,12 +117,7 @@ async fn crud_and_revisions(s: Store) {
         .write(
             "alice",
             None,
-            vec![Op::Create(entity(
-                "policy",
-                "p1",
-                Some("staff"),
-                json!({"a": 1}),
-            ))],
+            vec![create("policy", "p1", Some("staff"), json!({"a": 1}))],
         )
         .await
         .unwrap();
@@ -113,11 +140,10 @@ async fn crud_and_revisions(s: Store) {
         .write(
             "bob",
             None,
-            vec![Op::Replace {
-                entity: entity("policy", "p1", Some("staff2"), json!({"a": 2})),
-                if_version: Some(1),
-                secret: SecretChange::Keep,
-            }],
+            vec![replace(
+                entity("policy", "p1", Some("staff2"), json!({"a": 2})),
+                Some(1),
+            )],
         )
         .await
         .unwrap();
@@ -133,30 +159,14 @@ async fn crud_and_revisions(s: Store) {
     );
 
     let d = s
-        .write(
-            "bob",
-            None,
-            vec![Op::Delete {
-                kind: "policy".into(),
-                id: "p1".into(),
-                if_version: None,
-            }],
-        )
+        .write("bob", None, vec![delete("policy", "p1", None)])
         .await
         .unwrap();
     assert_eq!(d.revision, 3);
     assert_eq!(d.records, vec![None]);
     assert_eq!(s.get("policy", "p1").await.unwrap(), None);
     let e = s
-        .write(
-            "bob",
-            None,
-            vec![Op::Delete {
-                kind: "policy".into(),
-                id: "p1".into(),
-                if_version: None,
-            }],
-        )
+        .write("bob", None, vec![delete("policy", "p1", None)])
         .await
         .unwrap_err();
     assert!(matches!(e, StoreError::NotFound { .. }), "{e}");
@@ -171,7 +181,7 @@ async fn natural_keys_are_unique(s: Store) {
     s.write(
         "a",
         None,
-        vec![Op::Create(entity("group", "g1", Some("eng"), json!({})))],
+        vec![create("group", "g1", Some("eng"), json!({}))],
     )
     .await
     .unwrap();
@@ -179,7 +189,7 @@ async fn natural_keys_are_unique(s: Store) {
         .write(
             "a",
             None,
-            vec![Op::Create(entity("group", "g2", Some("eng"), json!({})))],
+            vec![create("group", "g2", Some("eng"), json!({}))],
         )
         .await
         .unwrap_err();
@@ -191,7 +201,7 @@ async fn natural_keys_are_unique(s: Store) {
         .write(
             "a",
             None,
-            vec![Op::Create(entity("group", "g1", Some("other"), json!({})))],
+            vec![create("group", "g1", Some("other"), json!({}))],
         )
         .await
         .unwrap_err();
@@ -200,7 +210,7 @@ async fn natural_keys_are_unique(s: Store) {
     s.write(
         "a",
         None,
-        vec![Op::Create(entity("policy", "p", Some("eng"), json!({})))],
+        vec![create("policy", "p", Some("eng"), json!({}))],
     )
     .await
     .unwrap();
@@ -208,8 +218,8 @@ async fn natural_keys_are_unique(s: Store) {
         "a",
         None,
         vec![
-            Op::Create(entity("device", "d1", None, json!({}))),
-            Op::Create(entity("device", "d2", None, json!({}))),
+            create("device", "d1", None, json!({})),
+            create("device", "d2", None, json!({})),
         ],
     )
     .await
@@ -218,7 +228,7 @@ async fn natural_keys_are_unique(s: Store) {
     s.write(
         "a",
         None,
-        vec![Op::Create(entity("group", "g3", Some("ops"), json!({})))],
+        vec![create("group", "g3", Some("ops"), json!({}))],
     )
     .await
     .unwrap();
@@ -226,11 +236,7 @@ async fn natural_keys_are_unique(s: Store) {
         .write(
             "a",
             None,
-            vec![Op::Replace {
-                entity: entity("group", "g3", Some("eng"), json!({})),
-                if_version: None,
-                secret: SecretChange::Keep,
-            }],
+            vec![replace(entity("group", "g3", Some("eng"), json!({})), None)],
         )
         .await
         .unwrap_err();
@@ -242,7 +248,7 @@ async fn versions_guard_against_lost_updates(s: Store) {
         .write(
             "a",
             None,
-            vec![Op::Create(entity("route", "r", Some("r"), json!({"n": 0})))],
+            vec![create("route", "r", Some("r"), json!({"n": 0}))],
         )
         .await
         .unwrap()
@@ -255,11 +261,10 @@ async fn versions_guard_against_lost_updates(s: Store) {
             s.write(
                 &format!("w{i}"),
                 None,
-                vec![Op::Replace {
-                    entity: entity("route", "r", Some("r"), json!({"n": i})),
-                    if_version: Some(v),
-                    secret: SecretChange::Keep,
-                }],
+                vec![replace(
+                    entity("route", "r", Some("r"), json!({"n": i})),
+                    Some(v),
+                )],
             )
             .await
         }));
@@ -279,41 +284,21 @@ async fn versions_guard_against_lost_updates(s: Store) {
         "losers roll back their revision bump"
     );
     let e = s
-        .write(
-            "a",
-            None,
-            vec![Op::Delete {
-                kind: "route".into(),
-                id: "r".into(),
-                if_version: Some(v),
-            }],
-        )
+        .write("a", None, vec![delete("route", "r", Some(v))])
         .await
         .unwrap_err();
     assert!(matches!(e, StoreError::VersionMismatch { .. }), "{e}");
 }
 
 async fn references_restrict_and_cascade(s: Store) {
-    s.write(
-        "a",
-        None,
-        vec![Op::Create(entity("policy", "p", Some("p"), json!({})))],
-    )
-    .await
-    .unwrap();
+    s.write("a", None, vec![create("policy", "p", Some("p"), json!({}))])
+        .await
+        .unwrap();
     let mut route = entity("route", "r", Some("r"), json!({}));
     route.refs = vec![reference("policy", "p", false)];
     s.write("a", None, vec![Op::Create(route)]).await.unwrap();
     let e = s
-        .write(
-            "a",
-            None,
-            vec![Op::Delete {
-                kind: "policy".into(),
-                id: "p".into(),
-                if_version: None,
-            }],
-        )
+        .write("a", None, vec![delete("policy", "p", None)])
         .await
         .unwrap_err();
     match e {
@@ -323,13 +308,9 @@ async fn references_restrict_and_cascade(s: Store) {
         other => panic!("{other}"),
     }
     // Sessions cascade from their user, and grants from both user and route.
-    s.write(
-        "a",
-        None,
-        vec![Op::Create(entity("user", "u", None, json!({})))],
-    )
-    .await
-    .unwrap();
+    s.write("a", None, vec![create("user", "u", None, json!({}))])
+        .await
+        .unwrap();
     let mut sess = entity("session", "s1", None, json!({}));
     sess.refs = vec![reference("user", "u", true)];
     let mut grant = entity("grant", "g1", None, json!({}));
@@ -338,17 +319,9 @@ async fn references_restrict_and_cascade(s: Store) {
         .await
         .unwrap();
     let before = s.revision().await.unwrap();
-    s.write(
-        "a",
-        None,
-        vec![Op::Delete {
-            kind: "user".into(),
-            id: "u".into(),
-            if_version: None,
-        }],
-    )
-    .await
-    .unwrap();
+    s.write("a", None, vec![delete("user", "u", None)])
+        .await
+        .unwrap();
     assert_eq!(s.get("session", "s1").await.unwrap(), None);
     assert_eq!(s.get("grant", "g1").await.unwrap(), None);
     let (_, changes) = s.changes_since(before).await.unwrap();
@@ -367,25 +340,13 @@ async fn references_restrict_and_cascade(s: Store) {
     s.write(
         "a",
         None,
-        vec![Op::Replace {
-            entity: entity("route", "r", Some("r"), json!({})),
-            if_version: None,
-            secret: SecretChange::Keep,
-        }],
+        vec![replace(entity("route", "r", Some("r"), json!({})), None)],
     )
     .await
     .unwrap();
-    s.write(
-        "a",
-        None,
-        vec![Op::Delete {
-            kind: "policy".into(),
-            id: "p".into(),
-            if_version: None,
-        }],
-    )
-    .await
-    .unwrap();
+    s.write("a", None, vec![delete("policy", "p", None)])
+        .await
+        .unwrap();
 }
 
 async fn failed_writes_leave_nothing(s: Store) {
@@ -398,7 +359,7 @@ async fn failed_writes_leave_nothing(s: Store) {
             "a",
             None,
             vec![
-                Op::Create(entity("policy", "ok", Some("ok"), json!({}))),
+                create("policy", "ok", Some("ok"), json!({})),
                 Op::Create(bad),
             ],
         )
@@ -422,24 +383,19 @@ async fn failed_writes_leave_nothing(s: Store) {
 async fn listing_pages_and_filters(s: Store) {
     let ops = (0..25)
         .map(|i| {
-            Op::Create(entity(
+            create(
                 "user",
                 &format!("u{i:02}"),
                 Some(&format!("k{i}")),
                 json!({"status": if i % 5 == 0 { "suspended" } else { "active" }, "n": i}),
-            ))
+            )
         })
         .collect();
     s.write("a", None, ops).await.unwrap();
     s.write(
         "a",
         None,
-        vec![Op::Create(entity(
-            "group",
-            "g",
-            None,
-            json!({"status": "suspended"}),
-        ))],
+        vec![create("group", "g", None, json!({"status": "suspended"}))],
     )
     .await
     .unwrap();
@@ -539,11 +495,10 @@ async fn secrets_stay_apart(s: Store) {
     s.write(
         "a",
         None,
-        vec![Op::Replace {
-            entity: entity("admin_token", "t1", Some("ci"), json!({"role": "viewer"})),
-            if_version: None,
-            secret: SecretChange::Keep,
-        }],
+        vec![replace(
+            entity("admin_token", "t1", Some("ci"), json!({"role": "viewer"})),
+            None,
+        )],
     )
     .await
     .unwrap();
@@ -586,37 +541,23 @@ async fn change_log_and_audit(s: Store) {
     s.write(
         "alice",
         None,
-        vec![Op::Create(entity(
-            "policy",
-            "p",
-            Some("p"),
-            json!({"v": 1}),
-        ))],
+        vec![create("policy", "p", Some("p"), json!({"v": 1}))],
     )
     .await
     .unwrap();
     s.write(
         "bob",
         Some("rename"),
-        vec![Op::Replace {
-            entity: entity("policy", "p", Some("q"), json!({"v": 2})),
-            if_version: None,
-            secret: SecretChange::Keep,
-        }],
+        vec![replace(
+            entity("policy", "p", Some("q"), json!({"v": 2})),
+            None,
+        )],
     )
     .await
     .unwrap();
-    s.write(
-        "carol",
-        None,
-        vec![Op::Delete {
-            kind: "policy".into(),
-            id: "p".into(),
-            if_version: None,
-        }],
-    )
-    .await
-    .unwrap();
+    s.write("carol", None, vec![delete("policy", "p", None)])
+        .await
+        .unwrap();
     let (current, changes) = s.changes_since(1).await.unwrap();
     assert_eq!(current, 3);
     assert_eq!(
@@ -682,16 +623,7 @@ async fn migrations_are_reported(s: Store) {
 
 #[tokio::test]
 async fn a_fresh_database_reports_pending_migrations() {
-    let dir = std::env::temp_dir().join(format!("vigil-store-fresh-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("fresh.sqlite");
-    let _ = std::fs::remove_file(&path);
-    let s = Store::connect(
-        &format!("sqlite://{}?mode=rwc", path.display()),
-        StoreOptions::default(),
-    )
-    .await
-    .unwrap();
+    let s = fresh_sqlite("vigil-store-fresh", "fresh.sqlite").await;
     let status = s.schema_status().await.unwrap();
     assert!(status.applied.is_empty());
     assert_eq!(status.pending(), status.known);
@@ -702,7 +634,7 @@ async fn a_fresh_database_reports_pending_migrations() {
 
 async fn bulk_writes_log_every_change(s: Store) {
     let ops = (0..600)
-        .map(|i| Op::Create(entity("group", &format!("g{i:03}"), None, json!({"n": i}))))
+        .map(|i| create("group", &format!("g{i:03}"), None, json!({"n": i})))
         .collect();
     let c = s.write("bulk", None, ops).await.unwrap();
     assert!(c.records.iter().flatten().all(|r| r.version == c.revision));
@@ -743,30 +675,18 @@ async fn changed_since_is_consistent(s: Store) {
         async move { s.write("t", None, ops).await.unwrap() }
     };
     w(vec![
-        Op::Create(entity("group", "a", Some("a"), json!({"n": 1}))),
-        Op::Create(entity("group", "b", Some("b"), json!({"n": 1}))),
+        create("group", "a", Some("a"), json!({"n": 1})),
+        create("group", "b", Some("b"), json!({"n": 1})),
     ])
     .await;
     let base = s.revision().await.unwrap();
-    w(vec![Op::Replace {
-        entity: entity("group", "a", Some("a"), json!({"n": 2})),
-        if_version: None,
-        secret: SecretChange::Keep,
-    }])
+    w(vec![replace(
+        entity("group", "a", Some("a"), json!({"n": 2})),
+        None,
+    )])
     .await;
-    w(vec![Op::Delete {
-        kind: "group".into(),
-        id: "b".into(),
-        if_version: None,
-    }])
-    .await;
-    w(vec![Op::Create(entity(
-        "group",
-        "c",
-        Some("c"),
-        json!({"n": 3}),
-    ))])
-    .await;
+    w(vec![delete("group", "b", None)]).await;
+    w(vec![create("group", "c", Some("c"), json!({"n": 3}))]).await;
     let (current, changes, records) = s.changed_since(base).await.unwrap();
     assert_eq!(current, base + 3);
     assert_eq!(
@@ -784,4 +704,121 @@ async fn changed_since_is_consistent(s: Store) {
     let (again, none, nothing) = s.changed_since(current).await.unwrap();
     assert_eq!(again, current);
     assert!(none.is_empty() && nothing.is_empty());
+}
+
+/// On PostgreSQL every committed write is announced to listeners; SQLite has none.
+async fn revisions_are_announced(s: Store) {
+    let Some(mut listener) = s.listen_revisions().await.unwrap() else {
+        assert_eq!(s.dialect(), Dialect::Sqlite);
+        return;
+    };
+    let c = s
+        .write("a", None, vec![create("group", "g", None, json!({}))])
+        .await
+        .unwrap();
+    let announced = tokio::time::timeout(std::time::Duration::from_secs(10), listener.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(announced, c.revision);
+}
+
+async fn cascade_deletes_are_audited(s: Store) {
+    s.write("a", None, vec![create("user", "u", None, json!({"u": 1}))])
+        .await
+        .unwrap();
+    let mut sess = entity("session", "s", None, json!({"s": 1}));
+    sess.refs = vec![reference("user", "u", true)];
+    s.write("a", None, vec![Op::Create(sess)]).await.unwrap();
+    let c = s
+        .write("b", Some("purge"), vec![delete("user", "u", None)])
+        .await
+        .unwrap();
+    let audit = s
+        .audit(&AuditQuery {
+            actor: Some("b".into()),
+            ..AuditQuery::default()
+        })
+        .await
+        .unwrap()
+        .items;
+    assert_eq!(
+        audit
+            .iter()
+            .map(|e| (
+                e.action.as_str(),
+                e.entity_id.as_str(),
+                e.revision,
+                e.before.clone(),
+                e.after.clone()
+            ))
+            .collect::<Vec<_>>(),
+        vec![
+            (
+                "cascade-delete",
+                "s",
+                c.revision,
+                Some(json!({"s": 1})),
+                None
+            ),
+            ("purge", "u", c.revision, Some(json!({"u": 1})), None),
+        ]
+    );
+}
+
+async fn the_first_missing_reference_is_named(s: Store) {
+    s.write("a", None, vec![create("policy", "b", None, json!({}))])
+        .await
+        .unwrap();
+    let rev = s.revision().await.unwrap();
+    let mut route = entity("route", "r", None, json!({}));
+    route.refs = vec![
+        reference("policy", "d", false),
+        reference("policy", "b", false),
+        reference("policy", "c", false),
+        reference("policy", "b", true),
+    ];
+    let e = s
+        .write("a", None, vec![Op::Create(route)])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, StoreError::MissingReference { kind, id } if kind == "policy" && id == "c"),
+        "{e}"
+    );
+    assert_eq!(s.revision().await.unwrap(), rev);
+    // With every target there, duplicates collapse into one reference.
+    let mut route = entity("route", "r", None, json!({}));
+    route.refs = vec![
+        reference("policy", "b", false),
+        reference("policy", "b", false),
+    ];
+    s.write("a", None, vec![Op::Create(route)]).await.unwrap();
+    let e = s
+        .write("a", None, vec![delete("policy", "b", None)])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, StoreError::Referenced { by, .. } if by.len() == 1),
+        "{e}"
+    );
+}
+
+async fn empty_writes_still_take_a_revision(s: Store) {
+    let rev = s.revision().await.unwrap();
+    let c = s.write("a", None, vec![]).await.unwrap();
+    assert_eq!((c.revision, c.records.len()), (rev + 1, 0));
+    assert!(s.changes_since(rev).await.unwrap().1.is_empty());
+}
+
+/// More rows than one statement stamps or logs.
+async fn very_large_writes_stamp_every_row(s: Store) {
+    let ops = (0..1100)
+        .map(|i| create("device", &format!("d{i:04}"), None, json!({})))
+        .collect();
+    let c = s.write("bulk", None, ops).await.unwrap();
+    let (rev, rows) = s.load_all().await.unwrap();
+    assert_eq!((rev, rows.len()), (c.revision, 1100));
+    assert!(rows.iter().all(|r| r.version == c.revision));
+    assert_eq!(s.changes_since(0).await.unwrap().1.len(), 1100);
 }

@@ -46,6 +46,9 @@ pub fn server_bin_dir() -> io::Result<PathBuf> {
     })
 }
 
+/// Runs the rest of a command line as `postgres` (when we are root: the server refuses to).
+const AS_POSTGRES: [&str; 4] = ["runuser", "-u", "postgres", "--"];
+
 fn free_port() -> io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
@@ -85,19 +88,19 @@ impl TestPostgres {
 
     fn start_with(durable: bool) -> io::Result<TestPostgres> {
         let bin = server_bin_dir()?;
-        let dir = unique_dir()?;
-        let as_root = is_root();
-        if as_root {
-            // initdb refuses to run as root: hand the directory to `postgres`.
-            run(Command::new("chown").arg("postgres:").arg(&dir))?;
-        }
+        let port = free_port()?;
+        // From here on, dropping `pg` removes the directory.
         let pg = TestPostgres {
-            dir,
+            dir: unique_dir()?,
             bin,
-            port: free_port()?,
-            as_root,
+            port,
+            as_root: is_root(),
             durable,
         };
+        if pg.as_root {
+            // initdb refuses to run as root: hand the directory to `postgres`.
+            run(Command::new("chown").arg("postgres:").arg(&pg.dir))?;
+        }
         let data = pg.data_dir();
         pg.run_pg(
             "initdb",
@@ -126,8 +129,8 @@ impl TestPostgres {
     fn run_pg(&self, tool: &str, args: &[&str]) -> io::Result<()> {
         let exe = self.bin.join(tool);
         let mut cmd = if self.as_root {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(exe);
+            let mut c = Command::new(AS_POSTGRES[0]);
+            c.args(&AS_POSTGRES[1..]).arg(exe);
             c
         } else {
             Command::new(exe)
@@ -141,9 +144,9 @@ impl TestPostgres {
         let stop = format!(
             "{} {}/pg_ctl -D {} -m immediate stop >/dev/null 2>&1",
             if self.as_root {
-                "runuser -u postgres --"
+                AS_POSTGRES.join(" ")
             } else {
-                ""
+                String::new()
             },
             path_str(&self.bin)?,
             path_str(&self.data_dir())?
