@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 FUZZ_SECONDS ?= 20
 
-.PHONY: test deps lint fmt bench bench-policy bench-control openapi fuzz-smoke clean
+.PHONY: test deps lint fmt bench bench-policy bench-control bench-stream openapi fuzz-smoke clean
 
 ## deps: installs what the tests need (PostgreSQL server binaries) when missing.
 deps:
@@ -22,11 +22,15 @@ fmt:
 	$(CARGO) fmt --all
 
 ## bench: every benchmark; figures go to docs/benchmarks.md by hand.
-bench: deps bench-policy bench-control
+bench: deps bench-policy bench-control bench-stream
 
 ## bench-control: the store and REST API at 100,000 users and 10,000 routes on PostgreSQL.
 bench-control:
 	$(CARGO) bench -p vigil-control --bench control
+
+## bench-stream: snapshot build, delta size, propagation to 1/100/1,000 subscribers, memory per stream.
+bench-stream:
+	$(CARGO) bench -p vigil --bench stream
 
 ## openapi: regenerates docs/api/openapi.json from the code.
 openapi:

@@ -143,15 +143,15 @@ impl Hub {
         Ok(target)
     }
 
-    /// The signed update taking a holder of `from` to the current version.
+    /// The signed update taking a holder of `from` to the current version. One
+    /// caller computes and signs it while the others wait for the cached result:
+    /// a thousand streams woken by one write sign it once.
     async fn update_from(&self, from: u64) -> Option<(u64, Envelope)> {
+        let mut cache = self.cache.lock().await;
         let current = self.version();
-        {
-            let cache = self.cache.lock().await;
-            if cache.0 == current {
-                if let Some(e) = cache.1.get(&from) {
-                    return Some((current, e.clone()));
-                }
+        if cache.0 == current {
+            if let Some(e) = cache.1.get(&from) {
+                return Some((current, e.clone()));
             }
         }
         let (version, update) = {
@@ -160,7 +160,6 @@ impl Hub {
             (h.current().version, h.update_from(from)?)
         };
         let envelope = self.signer.seal(&update);
-        let mut cache = self.cache.lock().await;
         if cache.0 != version {
             *cache = (version, HashMap::new());
         }

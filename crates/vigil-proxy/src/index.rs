@@ -1,7 +1,6 @@
 //! What the request path reads: the snapshot with every route's policy loaded and
 //! linked into one symbol table. Built off the request path, swapped in whole.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use vigil_policy::{CompiledPolicy, Symbols};
@@ -15,8 +14,9 @@ pub struct Index {
     pub snapshot: Arc<Snapshot>,
     /// Names the policies mention, shared by every route's policy.
     pub symbols: Arc<Symbols>,
-    /// Each route's loaded policy, by route name.
-    pub policies: HashMap<String, Arc<CompiledPolicy>>,
+    /// Each route's loaded policy, by route name (a persistent map: an update copies
+    /// only the paths it touches).
+    pub policies: imbl::OrdMap<String, Arc<CompiledPolicy>>,
 }
 
 impl Index {
@@ -36,9 +36,9 @@ impl Index {
     /// exists, so a bad update changes nothing. Unchanged routes keep their policies.
     pub fn apply(&self, update: Update) -> Result<Index, SnapshotError> {
         let (mut symbols, mut policies) = if update.full {
-            (Symbols::default(), HashMap::new())
+            (Arc::new(Symbols::default()), imbl::OrdMap::new())
         } else {
-            ((*self.symbols).clone(), self.policies.clone())
+            (self.symbols.clone(), self.policies.clone())
         };
         for removed in &update.removals {
             if removed.kind == Kind::Route as i32 {
@@ -47,8 +47,12 @@ impl Index {
         }
         for entry in &update.upserts {
             if let Some(Body::Route(route)) = &entry.body {
-                let policy = vigil_snapshot::decode_policy(&route.policy, &mut symbols)
-                    .map_err(|e| SnapshotError::Invalid(format!("route `{}`: {e}", entry.id)))?;
+                // Copies the symbol table only when a route changes (and then once).
+                let policy =
+                    vigil_snapshot::decode_policy(&route.policy, Arc::make_mut(&mut symbols))
+                        .map_err(|e| {
+                            SnapshotError::Invalid(format!("route `{}`: {e}", entry.id))
+                        })?;
                 policies.insert(entry.id.clone(), Arc::new(policy));
             }
         }
@@ -56,7 +60,7 @@ impl Index {
         snapshot.apply(update)?;
         Ok(Index {
             snapshot: Arc::new(snapshot),
-            symbols: Arc::new(symbols),
+            symbols,
             policies,
         })
     }

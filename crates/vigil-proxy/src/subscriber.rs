@@ -63,6 +63,8 @@ pub struct Handle {
     pub index: Shared,
     /// The link's state.
     pub link: watch::Receiver<Link>,
+    /// The version in `index`, announced after each swap (to wait on rather than poll).
+    pub version: watch::Receiver<u64>,
 }
 
 const HEARTBEAT: Duration = Duration::from_secs(10);
@@ -89,10 +91,44 @@ pub fn start(config: Config) -> Handle {
             Err(e) => tracing::warn!(error = %e, "Cannot read the snapshot file"),
         }
     }
+    spawn(config, store, initial, chain)
+}
+
+/// Starts the subscriber holding `initial` already (say, an index shared by several
+/// subscribers in one process); it asks for what changed since. Nothing is read from
+/// disk, though updates are still persisted when `config.snapshot_file` is set.
+pub fn start_with(config: Config, initial: Index) -> Handle {
+    let store = config.snapshot_file.clone().map(persist::Store::new);
+    spawn(config, store, initial, 0)
+}
+
+fn spawn(config: Config, store: Option<persist::Store>, initial: Index, chain: usize) -> Handle {
+    let (version_tx, version) = watch::channel(initial.version());
     let index: Shared = Arc::new(ArcSwap::from_pointee(initial));
     let (link_tx, link) = watch::channel(Link::Starting);
-    tokio::spawn(run(config, store, index.clone(), link_tx, chain));
-    Handle { index, link }
+    let state = State {
+        store,
+        index: index.clone(),
+        link: link_tx,
+        version: version_tx,
+        chain,
+    };
+    tokio::spawn(run(config, state));
+    Handle {
+        index,
+        link,
+        version,
+    }
+}
+
+/// What the subscriber task owns.
+struct State {
+    store: Option<persist::Store>,
+    index: Shared,
+    link: watch::Sender<Link>,
+    version: watch::Sender<u64>,
+    /// Records in the snapshot file (one full snapshot and the deltas after it).
+    chain: usize,
 }
 
 /// A random fraction in [0.5, 1.5) for jitter, without a random-number crate.
@@ -104,17 +140,11 @@ fn jitter() -> f64 {
     0.5 + f64::from(nanos % 1000) / 1000.0
 }
 
-async fn run(
-    config: Config,
-    store: Option<persist::Store>,
-    index: Shared,
-    link: watch::Sender<Link>,
-    mut chain: usize,
-) {
+async fn run(config: Config, mut state: State) {
     if config.addresses.is_empty() {
         let error = "no control-plane address configured".to_owned();
         tracing::error!("{error}; refusing protected requests");
-        link.send_replace(Link::Retrying { error });
+        state.link.send_replace(Link::Retrying { error });
         return;
     }
     let mut backoff = BACKOFF_MIN;
@@ -122,11 +152,11 @@ async fn run(
     loop {
         let address = &config.addresses[attempt % config.addresses.len()];
         attempt += 1;
-        match session(&config, address, store.as_ref(), &index, &link, &mut chain).await {
+        match session(&config, address, &mut state).await {
             Ok(()) => backoff = BACKOFF_MIN,
             Err(e) => {
                 tracing::warn!(address, error = %e, "Control-plane stream ended; retrying");
-                link.send_replace(Link::Retrying { error: e.clone() });
+                state.link.send_replace(Link::Retrying { error: e.clone() });
             }
         }
         let wait = backoff.mul_f64(jitter());
@@ -136,14 +166,7 @@ async fn run(
 }
 
 /// One connection: returns when the stream ends.
-async fn session(
-    config: &Config,
-    address: &str,
-    store: Option<&persist::Store>,
-    index: &Shared,
-    link: &watch::Sender<Link>,
-    chain: &mut usize,
-) -> Result<(), String> {
+async fn session(config: &Config, address: &str, state: &mut State) -> Result<(), String> {
     let mut endpoint = Endpoint::from_shared(address.to_owned())
         .map_err(|e| format!("bad address {address}: {e}"))?
         .connect_timeout(Duration::from_secs(5))
@@ -163,8 +186,8 @@ async fn session(
     let mut client = ControlPlaneClient::new(channel).max_decoding_message_size(usize::MAX);
     let (tx, rx) = mpsc::channel::<ProxyMessage>(16);
     // A long delta chain on disk is compacted by asking for a full snapshot.
-    let held = index.load().version();
-    let ask_from = if *chain > 1000 { 0 } else { held };
+    let held = state.index.load().version();
+    let ask_from = if state.chain > 1000 { 0 } else { held };
     let hello = ProxyMessage {
         msg: Some(proxy_message::Msg::Hello(Hello {
             proxy_id: config.proxy_id.clone(),
@@ -193,7 +216,7 @@ async fn session(
         .await
         .map_err(|s| format!("subscribe: {}", s.message()))?
         .into_inner();
-    link.send_replace(Link::Connected {
+    state.link.send_replace(Link::Connected {
         address: address.to_owned(),
     });
     tracing::info!(address, held, "Subscribed to the control plane");
@@ -226,7 +249,7 @@ async fn session(
         let Some(control_message::Msg::Update(envelope)) = msg.msg else {
             continue;
         };
-        let reply = match apply(config, store, index, envelope, chain) {
+        let reply = match apply(config, state, envelope).await {
             Ok(version) => proxy_message::Msg::Ack(Ack { version }),
             Err((version, error)) => {
                 tracing::warn!(version, error = %error, "Refused a snapshot update; keeping the last good one");
@@ -241,33 +264,47 @@ async fn session(
     result
 }
 
-/// Verifies, applies off the request path, persists, swaps. Returns the version
-/// applied, or the version refused with why.
-fn apply(
+/// Updates larger than this are decoded on a blocking thread.
+const INLINE_BYTES: usize = 64 * 1024;
+
+/// Verifies, applies, persists, then swaps. A large update (a full snapshot takes a
+/// while to decode) or one that must reach the disk is worked on a blocking thread;
+/// a small delta in place, so a thousand deltas do not start a thousand threads.
+/// Returns the version applied, or the version refused with why.
+async fn apply(
     config: &Config,
-    store: Option<&persist::Store>,
-    index: &Shared,
+    state: &mut State,
     envelope: vigil_snapshot::Envelope,
-    chain: &mut usize,
 ) -> Result<u64, (u64, String)> {
-    let update = config
-        .verifier
-        .open(&envelope)
-        .map_err(|e| (0, e.to_string()))?;
-    let version = update.version;
-    let full = update.full;
-    let current = index.load_full();
-    let next = current
-        .apply(update)
-        .map_err(|e| (version, e.to_string()))?;
-    if let Some(s) = store {
+    let verifier = config.verifier.clone();
+    let current = state.index.load_full();
+    let store = state.store.clone();
+    let blocking = store.is_some() || envelope.payload.len() > INLINE_BYTES;
+    let work = move || {
+        let update = verifier.open(&envelope).map_err(|e| (0, e.to_string()))?;
+        let (version, full) = (update.version, update.full);
+        let next = current
+            .apply(update)
+            .map_err(|e| (version, e.to_string()))?;
         // Keep serving even if the disk fails; the next full snapshot rewrites the file.
-        match s.record(&envelope, full) {
-            Ok(()) => *chain = if full { 1 } else { *chain + 1 },
-            Err(e) => tracing::warn!(error = %e, "Cannot persist the snapshot"),
-        }
+        let persisted = store.map(|s| s.record(&envelope, full));
+        Ok((next, full, persisted))
+    };
+    let (next, full, persisted) = if blocking {
+        tokio::task::spawn_blocking(work)
+            .await
+            .map_err(|e| (0, format!("applying the update failed: {e}")))??
+    } else {
+        work()?
+    };
+    match persisted {
+        Some(Ok(())) => state.chain = if full { 1 } else { state.chain + 1 },
+        Some(Err(e)) => tracing::warn!(error = %e, "Cannot persist the snapshot"),
+        None => {}
     }
-    index.store(Arc::new(next));
+    let version = next.version();
+    state.index.store(Arc::new(next));
+    state.version.send_replace(version);
     tracing::debug!(version, full, "Snapshot applied");
     Ok(version)
 }

@@ -50,8 +50,8 @@ impl History {
         }
         for e in upserts {
             let Some(k) = Key::of(&e) else { continue };
-            if snap.entries.get(&k) != Some(&e) {
-                snap.entries.insert(k.clone(), e);
+            if snap.entries.get(&k).map(|e| &**e) != Some(&e) {
+                snap.entries.insert(k.clone(), std::sync::Arc::new(e));
                 changed.insert(k);
             }
         }
@@ -90,7 +90,7 @@ impl History {
         let mut removals = Vec::new();
         for k in keys {
             match cur.entries.get(k) {
-                Some(e) => upserts.push(e.clone()),
+                Some(e) => upserts.push((**e).clone()),
                 None => removals.push(k.to_proto()),
             }
         }

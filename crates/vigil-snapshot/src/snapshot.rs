@@ -1,5 +1,7 @@
 //! A snapshot: entries by (kind, id) at one version, and applying updates to it.
 
+use std::sync::Arc;
+
 use vigil_proto::v1::entry::Body;
 
 use crate::{Entry, EntryKey, Kind, SnapshotError, Update};
@@ -64,8 +66,9 @@ impl Key {
 pub struct Snapshot {
     /// The database revision it was built from; 0 for "nothing yet".
     pub version: u64,
-    /// The entries.
-    pub entries: imbl::OrdMap<Key, Entry>,
+    /// The entries, each shared between the versions that hold it unchanged (a
+    /// delta copies a few map nodes of pointers, not the entries beside it).
+    pub entries: imbl::OrdMap<Key, Arc<Entry>>,
 }
 
 impl Snapshot {
@@ -73,17 +76,19 @@ impl Snapshot {
     pub fn new(version: u64, entries: impl IntoIterator<Item = Entry>) -> Snapshot {
         let entries = entries
             .into_iter()
-            .filter_map(|e| Key::of(&e).map(|k| (k, e)))
+            .filter_map(|e| Key::of(&e).map(|k| (k, Arc::new(e))))
             .collect();
         Snapshot { version, entries }
     }
 
     /// The entry at `kind`/`id`.
     pub fn get(&self, kind: Kind, id: &str) -> Option<&Entry> {
-        self.entries.get(&Key {
-            kind,
-            id: id.to_owned(),
-        })
+        self.entries
+            .get(&Key {
+                kind,
+                id: id.to_owned(),
+            })
+            .map(|e| &**e)
     }
 
     /// All entries of one kind, in id order.
@@ -96,7 +101,7 @@ impl Snapshot {
                 }..,
             )
             .take_while(move |(k, _)| k.kind == kind)
-            .map(|(_, e)| e)
+            .map(|(_, e)| &**e)
     }
 
     /// The whole snapshot as a full update.
@@ -105,7 +110,7 @@ impl Snapshot {
             version: self.version,
             base_version: 0,
             full: true,
-            upserts: self.entries.values().cloned().collect(),
+            upserts: self.entries.values().map(|e| (**e).clone()).collect(),
             removals: Vec::new(),
         }
     }
@@ -129,7 +134,7 @@ impl Snapshot {
         }
         for e in update.upserts {
             if let Some(k) = Key::of(&e) {
-                self.entries.insert(k, e);
+                self.entries.insert(k, Arc::new(e));
             }
         }
         self.version = update.version;
