@@ -299,3 +299,249 @@ async fn a_write_through_one_replica_reaches_a_proxy_on_another() {
     .await;
     assert_eq!(on_a.index.load().snapshot, on_b.index.load().snapshot);
 }
+
+async fn get(c: &reqwest::Client, url: &str, path: &str) -> Value {
+    c.get(format!("{url}{path}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sessions_reported_by_a_proxy_are_listed_and_revocable() {
+    let pg = TestPostgres::start().unwrap();
+    let db = pg.create_database("sessions").unwrap();
+    let cp = ControlProcess::start(&db);
+    let c = client();
+    let url = cp.url.clone();
+    let token = post(&c, &url, "/v1/join-tokens", json!({"name": "fleet"})).await["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let user = post(
+        &c,
+        &url,
+        "/v1/users",
+        json!({"issuer": "https://idp.example", "subject": "bob", "email": "bob@example.com"}),
+    )
+    .await;
+    let uid = user["id"].as_str().unwrap().to_owned();
+    let proxy = subscribe(&cp, &token, "edge-1", trusted(), None);
+    let rev = revision_of(&user);
+    until("the first snapshot", || proxy.index.load().version() >= rev).await;
+
+    let now = 1_900_000_000;
+    let report = |id: &str, user: &str, last_seen_at: i64| vigil_proto::v1::SessionReport {
+        session_id: id.into(),
+        user_id: user.into(),
+        device_id: None,
+        identity_provider: Some("corp".into()),
+        auth_time: now,
+        expires_at: now + 3600,
+        amr: vec!["pwd".into(), "otp".into()],
+        last_seen_at,
+    };
+    // Malformed or pointing at nobody: not recorded, and the stream carries on.
+    proxy
+        .reports
+        .send(report("not a session id", &uid, now))
+        .await
+        .unwrap();
+    proxy
+        .reports
+        .send(report("ses_ghost", "usr_nobody", now))
+        .await
+        .unwrap();
+    proxy
+        .reports
+        .send(report("ses_e2e1", &uid, now))
+        .await
+        .unwrap();
+    let path = format!("/v1/sessions?user_id={uid}");
+    let mut listed = Value::Null;
+    for _ in 0..500 {
+        listed = get(&c, &url, &path).await;
+        if listed["items"].as_array().is_some_and(|a| !a.is_empty()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let items = listed["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{listed}");
+    let s = &items[0];
+    assert_eq!(s["id"], "ses_e2e1");
+    assert_eq!(s["amr"], json!(["pwd", "otp"]));
+    assert_eq!(s["identity_provider"], "corp");
+    assert_eq!(s["auth_time"], "2030-03-17T17:46:40Z");
+    assert_eq!(s["last_seen_at"], "2030-03-17T17:46:40Z");
+    let all = get(&c, &url, "/v1/sessions").await;
+    assert_eq!(all["items"].as_array().unwrap().len(), 1, "{all}");
+
+    // Activity a few seconds later is coalesced; a minute later it is recorded.
+    proxy
+        .reports
+        .send(report("ses_e2e1", &uid, now + 5))
+        .await
+        .unwrap();
+    proxy
+        .reports
+        .send(report("ses_e2e1", &uid, now + 90))
+        .await
+        .unwrap();
+    // Another user cannot take the session over.
+    let other = post(
+        &c,
+        &url,
+        "/v1/users",
+        json!({"issuer": "https://idp.example", "subject": "eve"}),
+    )
+    .await;
+    let other = other["id"].as_str().unwrap();
+    proxy
+        .reports
+        .send(report("ses_e2e1", other, now + 200))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let seen = loop {
+        let s = get(&c, &url, "/v1/sessions/ses_e2e1").await;
+        if s["last_seen_at"] != "2030-03-17T17:46:40Z" {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "activity never recorded");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(seen["last_seen_at"], "2030-03-17T17:48:10Z");
+    assert_eq!(seen["user_id"], uid.as_str());
+
+    // Revoked by an admin: every proxy learns of it through the snapshot.
+    post(&c, &url, "/v1/sessions/ses_e2e1/revoke", json!({})).await;
+    until("the revocation in the snapshot", || {
+        proxy
+            .index
+            .load()
+            .snapshot
+            .get(Kind::RevokedSession, "ses_e2e1")
+            .is_some()
+    })
+    .await;
+    // Activity after revocation never un-revokes it.
+    proxy
+        .reports
+        .send(report("ses_e2e1", &uid, now + 500))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = get(&c, &url, "/v1/sessions/ses_e2e1").await;
+    assert!(after["revoked_at"].is_string(), "{after}");
+    assert_eq!(after["last_seen_at"], "2030-03-17T17:48:10Z");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stalled_proxy_does_not_grow_the_control_planes_memory() {
+    use vigil_proto::v1::control_plane_client::ControlPlaneClient;
+    use vigil_proto::v1::{proxy_message, Hello, ProxyMessage};
+
+    let pg = TestPostgres::start().unwrap();
+    let db = pg.create_database("stall").unwrap();
+    let cp = ControlProcess::start(&db);
+    let c = client();
+    let url = cp.url.clone();
+    let token = post(&c, &url, "/v1/join-tokens", json!({"name": "fleet"})).await["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let user = post(
+        &c,
+        &url,
+        "/v1/users",
+        json!({"issuer": "https://idp.example", "subject": "big"}),
+    )
+    .await;
+    let uid = user["id"].as_str().unwrap().to_owned();
+    let healthy = subscribe(&cp, &token, "healthy", trusted(), None);
+
+    // A proxy that says hello and then never reads what it is sent.
+    let channel = tonic::transport::Endpoint::from_shared(cp.grpc_url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(ProxyMessage {
+        msg: Some(proxy_message::Msg::Hello(Hello {
+            proxy_id: "stalled".into(),
+            version: 0,
+            ..Hello::default()
+        })),
+    })
+    .await
+    .unwrap();
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let stalled = ControlPlaneClient::new(channel)
+        .subscribe(request)
+        .await
+        .unwrap();
+
+    // Each write changes a 200 KB user: a stream that queued every update would hold
+    // 200 KB more per write.
+    let blob = "x".repeat(200_000);
+    let mut last = 0;
+    let mut write = |n: usize| {
+        let c = c.clone();
+        let url = url.clone();
+        let uid = uid.clone();
+        let body = json!({"attributes": {"blob": format!("{n}{blob}")}}).to_string();
+        async move {
+            let res = c
+                .patch(format!("{url}/v1/users/{uid}"))
+                .header("if-match", "*")
+                .header("content-type", "application/merge-patch+json")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            assert!(res.status().is_success(), "{}", res.status());
+            revision_of(&res.json::<Value>().await.unwrap())
+        }
+    };
+    for n in 0..20 {
+        last = write(n).await;
+    }
+    until("the healthy proxy", || {
+        healthy.index.load().version() >= last
+    })
+    .await;
+    let before = cp.rss_kib();
+    for n in 20..220 {
+        last = write(n).await;
+    }
+    until("the healthy proxy", || {
+        healthy.index.load().version() >= last
+    })
+    .await;
+    let after = cp.rss_kib();
+    let grown = after.saturating_sub(before);
+    // 200 queued updates would be 40,000 KiB; latest-wins holds a couple.
+    assert!(
+        grown < 16_000,
+        "resident memory grew by {grown} KiB over 200 writes with a stalled stream ({before} -> {after})"
+    );
+    let fleet = proxies(&c, &url).await;
+    let stalled_status = fleet["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["id"] == "stalled")
+        .cloned()
+        .unwrap();
+    assert_eq!(stalled_status["connected"], true);
+    assert_eq!(stalled_status["version"], 0, "it never acked anything");
+    drop(stalled);
+}

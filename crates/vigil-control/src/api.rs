@@ -182,7 +182,7 @@ fn new_id<R: Resource>(spec: &R::Spec) -> Result<String, Problem> {
 /// Validates `spec` as the document of entity `id` (which `exists` already, or is
 /// being created) and makes the entity to store, with the secret the document
 /// carried, if any, sealed and kept apart.
-async fn prepare<R: Resource>(
+pub(crate) async fn prepare<R: Resource>(
     control: &Control,
     mut spec: R::Spec,
     id: &str,

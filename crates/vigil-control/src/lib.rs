@@ -8,6 +8,7 @@ pub mod crypto;
 pub mod openapi;
 pub mod problem;
 pub mod resources;
+mod sessions;
 pub mod snapshot;
 pub mod stream;
 

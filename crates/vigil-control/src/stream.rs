@@ -68,6 +68,8 @@ pub struct Hub {
     /// Signed updates for the current version, by base version.
     cache: Mutex<(u64, HashMap<u64, Envelope>)>,
     proxies: Mutex<BTreeMap<String, ProxyStatus>>,
+    /// Session reports on their way to the store.
+    reports: mpsc::Sender<crate::sessions::Report>,
 }
 
 impl std::fmt::Debug for Hub {
@@ -94,12 +96,15 @@ impl Hub {
         let version = builder.history().current().version;
         tracing::info!(version, "Snapshot built");
         let (tx, _) = watch::channel(version);
+        let (reports, queued) = crate::sessions::queue();
+        tokio::spawn(crate::sessions::run(control.clone(), queued));
         Ok(Arc::new(Hub {
             builder: Mutex::new(builder),
             version: tx,
             signer,
             cache: Mutex::new((version, HashMap::new())),
             proxies: Mutex::new(BTreeMap::new()),
+            reports,
         }))
     }
 
@@ -363,9 +368,15 @@ impl ControlPlane for Service {
                             hub.seen(&reader_id, |_| {}).await;
                             held_tx.send_replace(h.version);
                         }
-                        Some(proxy_message::Msg::Heartbeat(_))
-                        | Some(proxy_message::Msg::Session(_))
-                        | None => hub.seen(&reader_id, |_| {}).await,
+                        Some(proxy_message::Msg::Session(report)) => {
+                            hub.seen(&reader_id, |_| {}).await;
+                            if hub.reports.try_send((reader_id.clone(), report)).is_err() {
+                                tracing::warn!(proxy = %reader_id, "Session reports are arriving faster than they can be recorded; dropped one");
+                            }
+                        }
+                        Some(proxy_message::Msg::Heartbeat(_)) | None => {
+                            hub.seen(&reader_id, |_| {}).await
+                        }
                     }
                 }
             }

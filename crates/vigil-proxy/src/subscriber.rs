@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, watch};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 use vigil_proto::v1::control_plane_client::ControlPlaneClient;
 use vigil_proto::v1::{
-    control_message, proxy_message, Ack, Heartbeat, Hello, Label, Nack, ProxyMessage,
+    control_message, proxy_message, Ack, Heartbeat, Hello, Label, Nack, ProxyMessage, SessionReport,
 };
 use vigil_snapshot::Verifier;
 
@@ -65,7 +65,15 @@ pub struct Handle {
     pub link: watch::Receiver<Link>,
     /// The version in `index`, announced after each swap (to wait on rather than poll).
     pub version: watch::Receiver<u64>,
+    /// Where the request path reports sessions (new ones, and activity at most once a
+    /// minute each) for the control plane to list and revoke. Sent while the stream
+    /// is up; while it is down up to [`REPORT_QUEUE`] wait, and `try_send` fails
+    /// beyond that (activity is reported again later).
+    pub reports: mpsc::Sender<SessionReport>,
 }
+
+/// Session reports held while the control plane is away.
+pub const REPORT_QUEUE: usize = 1024;
 
 const HEARTBEAT: Duration = Duration::from_secs(10);
 /// No message (update or heartbeat) for this long means the stream is dead.
@@ -106,7 +114,9 @@ fn spawn(config: Config, store: Option<persist::Store>, initial: Index, chain: u
     let (version_tx, version) = watch::channel(initial.version());
     let index: Shared = Arc::new(ArcSwap::from_pointee(initial));
     let (link_tx, link) = watch::channel(Link::Starting);
+    let (reports, queued) = mpsc::channel(REPORT_QUEUE);
     let state = State {
+        reports: queued,
         store,
         index: index.clone(),
         link: link_tx,
@@ -118,6 +128,7 @@ fn spawn(config: Config, store: Option<persist::Store>, initial: Index, chain: u
         index,
         link,
         version,
+        reports,
     }
 }
 
@@ -129,6 +140,8 @@ struct State {
     version: watch::Sender<u64>,
     /// Records in the snapshot file (one full snapshot and the deltas after it).
     chain: usize,
+    /// Session reports from the request path.
+    reports: mpsc::Receiver<SessionReport>,
 }
 
 /// A random fraction in [0.5, 1.5) for jitter, without a random-number crate.
@@ -239,13 +252,25 @@ async fn session(config: &Config, address: &str, state: &mut State) -> Result<()
             }
         })
     };
+    let mut silent_at = tokio::time::Instant::now() + SILENCE;
     let result = loop {
-        let msg = match tokio::time::timeout(SILENCE, inbound.message()).await {
+        let received = tokio::select! {
+            m = tokio::time::timeout_at(silent_at, inbound.message()) => m,
+            Some(report) = state.reports.recv() => {
+                let msg = ProxyMessage { msg: Some(proxy_message::Msg::Session(report)) };
+                if tx.send(msg).await.is_err() {
+                    break Err("stream closed".to_owned());
+                }
+                continue;
+            }
+        };
+        let msg = match received {
             Err(_) => break Err("the control plane went silent".to_owned()),
             Ok(Err(s)) => break Err(format!("stream: {}", s.message())),
             Ok(Ok(None)) => break Err("the control plane closed the stream".to_owned()),
             Ok(Ok(Some(m))) => m,
         };
+        silent_at = tokio::time::Instant::now() + SILENCE;
         let Some(control_message::Msg::Update(envelope)) = msg.msg else {
             continue;
         };

@@ -54,16 +54,6 @@ fn wire_bytes(envelope: vigil_snapshot::Envelope) -> usize {
     .encoded_len()
 }
 
-/// Resident memory of a process, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 fn signer() -> Signer {
     Signer::from_seed_base64(SIGNING_SEED).unwrap()
 }
@@ -245,7 +235,7 @@ async fn fleet(store: &Store, pg_url: &str) {
         ms(t.elapsed())
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let mut prev_rss = (rss_kib(cp.pid()), 1);
+    let mut prev_rss = (cp.rss_kib(), 1);
     let mut pool = vec![first];
     let mut writes = 0;
     for (size, rounds) in STEPS {
@@ -286,7 +276,7 @@ async fn fleet(store: &Store, pg_url: &str) {
         if size > 1 {
             // Growth since the previous step, over the streams added: the process's
             // one-time garbage (the first full snapshot's encoding) stays out of it.
-            let rss = rss_kib(cp.pid());
+            let rss = cp.rss_kib();
             let (before, streams) = prev_rss;
             let per = rss.saturating_sub(before) as f64 / (size - streams) as f64;
             let verdict = if size == 1000 {

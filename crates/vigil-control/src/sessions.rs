@@ -1,0 +1,186 @@
+//! Sessions the proxies report over the stream, recorded in the store so admins can
+//! list and revoke them. A report is queued and written by one task, off the
+//! stream; activity on a known session is written at most once a minute, so a busy
+//! session costs one write a minute however many requests it makes.
+
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use vigil_proto::v1::SessionReport;
+use vigil_store::{Op, SecretChange};
+
+use crate::resources::{Resource as _, Session, SessionSpec};
+use crate::Control;
+
+/// Reports waiting to be written; beyond this, new ones are dropped (and counted in
+/// the log): the proxies report activity again later.
+const QUEUE: usize = 10_000;
+/// Activity closer than this to the last recorded is not written.
+const ACTIVITY_EVERY: Duration = Duration::from_secs(60);
+
+/// One report and the proxy it came from.
+pub(crate) type Report = (String, SessionReport);
+
+/// The queue the stream hands reports to.
+pub(crate) fn queue() -> (mpsc::Sender<Report>, mpsc::Receiver<Report>) {
+    mpsc::channel(QUEUE)
+}
+
+fn rfc3339(unix: i64) -> Option<String> {
+    chrono::DateTime::from_timestamp(unix, 0)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+}
+
+fn unix(rfc3339: &str) -> Option<i64> {
+    chrono::DateTime::parse_from_rfc3339(rfc3339)
+        .ok()
+        .map(|t| t.timestamp())
+}
+
+/// Whether `id` can be a session id: what a proxy mints (`ses_` and letters, digits).
+fn valid_id(id: &str) -> bool {
+    id.len() <= 100
+        && id
+            .strip_prefix("ses_")
+            .is_some_and(|rest| !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_alphanumeric()))
+}
+
+/// Checks a report's shape; the reason when it cannot be recorded.
+fn check(r: &SessionReport) -> Result<(), &'static str> {
+    if !valid_id(&r.session_id) {
+        return Err("session_id must be `ses_` followed by 1 to 96 letters or digits");
+    }
+    if r.user_id.is_empty() || r.user_id.len() > 200 {
+        return Err("user_id must be 1 to 200 characters");
+    }
+    if r.expires_at <= r.auth_time
+        || rfc3339(r.auth_time).is_none()
+        || rfc3339(r.expires_at).is_none()
+    {
+        return Err("auth_time and expires_at must be Unix times, auth_time first");
+    }
+    Ok(())
+}
+
+/// Writes queued reports until the queue closes.
+pub(crate) async fn run(control: Control, mut rx: mpsc::Receiver<Report>) {
+    while let Some((proxy, report)) = rx.recv().await {
+        if let Err(why) = check(&report) {
+            tracing::warn!(proxy = %proxy, session = %report.session_id, why, "Ignored a session report");
+            continue;
+        }
+        if let Err(e) = record(&control, &proxy, &report).await {
+            tracing::warn!(proxy = %proxy, session = %report.session_id, error = %e, "Cannot record a session report");
+        }
+    }
+}
+
+/// Creates the session, or records its activity; never undoes a revocation.
+async fn record(control: &Control, proxy: &str, r: &SessionReport) -> Result<(), String> {
+    let actor = format!("proxy:{proxy}");
+    let last_seen = rfc3339(r.last_seen_at.max(r.auth_time));
+    let existing = control
+        .store
+        .get(Session::KIND, &r.session_id)
+        .await
+        .map_err(|e| e.to_string())?;
+    let op = match existing {
+        None => {
+            let spec = SessionSpec {
+                user_id: r.user_id.clone(),
+                device_id: r.device_id.clone(),
+                identity_provider: r.identity_provider.clone(),
+                auth_time: rfc3339(r.auth_time).unwrap_or_default(),
+                expires_at: rfc3339(r.expires_at).unwrap_or_default(),
+                amr: r.amr.clone(),
+                revoked_at: None,
+                last_seen_at: last_seen,
+            };
+            let (entity, _) = crate::api::prepare::<Session>(control, spec, &r.session_id, false)
+                .await
+                .map_err(|p| p.detail)?;
+            Op::Create(entity)
+        }
+        Some(rec) => {
+            let mut spec: SessionSpec =
+                serde_json::from_value(rec.body).map_err(|e| e.to_string())?;
+            if spec.user_id != r.user_id {
+                return Err(format!(
+                    "the session belongs to `{}`, not `{}`",
+                    spec.user_id, r.user_id
+                ));
+            }
+            let recorded = spec.last_seen_at.as_deref().and_then(unix).unwrap_or(0);
+            let due = r.last_seen_at - recorded >= ACTIVITY_EVERY.as_secs() as i64;
+            if spec.revoked_at.is_some() || !due {
+                return Ok(());
+            }
+            spec.last_seen_at = last_seen;
+            let (entity, _) = crate::api::prepare::<Session>(control, spec, &r.session_id, true)
+                .await
+                .map_err(|p| p.detail)?;
+            Op::Replace {
+                entity,
+                if_version: Some(rec.version),
+                secret: SecretChange::Keep,
+            }
+        }
+    };
+    let done = control
+        .store
+        .write(&actor, Some("report"), vec![op])
+        .await
+        .map_err(|e| e.to_string())?;
+    control.notify(done.revision);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report() -> SessionReport {
+        SessionReport {
+            session_id: "ses_0123abc".into(),
+            user_id: "usr_1".into(),
+            auth_time: 1_700_000_000,
+            expires_at: 1_700_003_600,
+            last_seen_at: 1_700_000_010,
+            ..SessionReport::default()
+        }
+    }
+
+    #[test]
+    fn reports_are_checked() {
+        assert!(check(&report()).is_ok());
+        for id in [
+            "",
+            "ses_",
+            "abc",
+            "ses_a/b",
+            "ses_ä",
+            &format!("ses_{}", "a".repeat(97)),
+        ] {
+            let r = SessionReport {
+                session_id: id.into(),
+                ..report()
+            };
+            assert!(check(&r).is_err(), "{id}");
+        }
+        let r = SessionReport {
+            user_id: String::new(),
+            ..report()
+        };
+        assert!(check(&r).is_err());
+        let r = SessionReport {
+            expires_at: 1_600_000_000,
+            ..report()
+        };
+        assert!(check(&r).is_err());
+        let r = SessionReport {
+            auth_time: i64::MIN,
+            ..report()
+        };
+        assert!(check(&r).is_err());
+    }
+}
