@@ -545,3 +545,75 @@ async fn a_stalled_proxy_does_not_grow_the_control_planes_memory() {
     assert_eq!(stalled_status["version"], 0, "it never acked anything");
     drop(stalled);
 }
+
+/// A CA, and a certificate it signs for `localhost`: (CA PEM, certificate PEM, key PEM).
+fn tls_material() -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    (ca_cert.pem(), cert.pem(), key.serialize_pem())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_stream_runs_over_tls_and_refuses_an_untrusted_server() {
+    let pg = TestPostgres::start().unwrap();
+    let db = pg.create_database("tls").unwrap();
+    let dir = std::env::temp_dir().join(format!("vigil-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (ca, cert, key) = tls_material();
+    std::fs::write(dir.join("cert.pem"), cert).unwrap();
+    std::fs::write(dir.join("key.pem"), key).unwrap();
+    let cp = ControlProcess::start_tls(&db, &dir.join("cert.pem"), &dir.join("key.pem"));
+    let c = client();
+    let token = post(&c, &cp.url, "/v1/join-tokens", json!({"name": "fleet"})).await["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let user = post(&c, &cp.url, "/v1/users", json!({"issuer": "https://idp.example", "subject": "tls"})).await;
+    let rev = revision_of(&user);
+
+    let config = |id: &str, ca_pem: Option<String>| subscriber::Config {
+        addresses: vec![cp.grpc_url.clone()],
+        join_token: token.clone(),
+        ca_pem,
+        verifier: trusted(),
+        proxy_id: id.to_owned(),
+        labels: vec![],
+        snapshot_file: None,
+    };
+    let proxy = subscriber::start(config("tls-proxy", Some(ca.clone())));
+    until("the snapshot over TLS", || proxy.index.load().version() >= rev).await;
+    assert!(matches!(&*proxy.link.borrow(), Link::Connected { address } if address.starts_with("https://")));
+
+    // A proxy that trusts another CA never gets a stream.
+    let (other_ca, _, _) = tls_material();
+    let wary = subscriber::start(config("wary", Some(other_ca)));
+    let mut link = wary.link.clone();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Link::Retrying { error } = &*link.borrow_and_update() {
+            assert!(error.contains("connect"), "{error}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no refusal seen");
+        let _ = tokio::time::timeout(Duration::from_secs(1), link.changed()).await;
+    }
+    assert_eq!(wary.index.load().version(), 0);
+
+    // Plain text to a TLS port fails too.
+    let plain = subscriber::start(subscriber::Config {
+        addresses: vec![cp.grpc_url.replace("https://", "http://")],
+        ..config("plain", None)
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(plain.index.load().version(), 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}

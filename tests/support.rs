@@ -25,6 +25,7 @@ pub struct ControlProcess {
     port: u16,
     grpc_port: u16,
     log: std::path::PathBuf,
+    extra: Vec<String>,
 }
 
 /// The Ed25519 seed every test control plane signs snapshots with (bytes 1..=32).
@@ -35,13 +36,32 @@ pub const TOKEN: &str = "e2e-bootstrap-token";
 impl ControlProcess {
     /// Starts the control plane on `db` (with --migrate) and waits until it answers.
     pub fn start(db: &str) -> ControlProcess {
+        ControlProcess::start_with(db, &[])
+    }
+
+    /// Starts the control plane with its gRPC stream over TLS (certificate and key
+    /// PEM files); `grpc_url` is then `https://localhost:port`.
+    pub fn start_tls(db: &str, cert: &std::path::Path, key: &std::path::Path) -> ControlProcess {
+        let args = [
+            "--grpc-tls-cert".to_owned(),
+            cert.display().to_string(),
+            "--grpc-tls-key".to_owned(),
+            key.display().to_string(),
+        ];
+        let mut p = ControlProcess::start_with(db, &args);
+        p.grpc_url = format!("https://localhost:{}", p.grpc_port);
+        p
+    }
+
+    /// Starts the control plane with extra arguments.
+    pub fn start_with(db: &str, extra: &[String]) -> ControlProcess {
         let port = free_port();
         let log = std::env::temp_dir().join(format!(
             "vigil-e2e-control-{}-{port}.log",
             std::process::id()
         ));
         let grpc_port = free_port();
-        let child = spawn(db, port, grpc_port, true, &log);
+        let child = spawn(db, port, grpc_port, true, &log, extra);
         let p = ControlProcess {
             child,
             url: format!("http://127.0.0.1:{port}"),
@@ -50,6 +70,7 @@ impl ControlProcess {
             port,
             grpc_port,
             log,
+            extra: extra.to_vec(),
         };
         p.wait_ready();
         p
@@ -69,7 +90,14 @@ impl ControlProcess {
 
     /// Starts a killed process again on the same ports and database.
     pub fn restart(&mut self) {
-        self.child = spawn(&self.db, self.port, self.grpc_port, false, &self.log);
+        self.child = spawn(
+            &self.db,
+            self.port,
+            self.grpc_port,
+            false,
+            &self.log,
+            &self.extra,
+        );
         self.wait_ready();
     }
 
@@ -111,7 +139,14 @@ impl ControlProcess {
     }
 }
 
-fn spawn(db: &str, port: u16, grpc_port: u16, migrate: bool, log: &std::path::Path) -> Child {
+fn spawn(
+    db: &str,
+    port: u16,
+    grpc_port: u16,
+    migrate: bool,
+    log: &std::path::Path,
+    extra: &[String],
+) -> Child {
     let out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -137,6 +172,7 @@ fn spawn(db: &str, port: u16, grpc_port: u16, migrate: bool, log: &std::path::Pa
     if migrate {
         cmd.arg("--migrate");
     }
+    cmd.args(extra);
     cmd.spawn().unwrap()
 }
 
