@@ -298,6 +298,30 @@ async fn a_write_through_one_replica_reaches_a_proxy_on_another() {
     })
     .await;
     assert_eq!(on_a.index.load().snapshot, on_b.index.load().snapshot);
+
+    // Either replica lists the whole fleet, whichever replica each proxy streams from.
+    for replica in [&a, &b] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let fleet = proxies(&c, &replica.url).await;
+            let connected: Vec<&str> = fleet["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|p| p["connected"] == true)
+                .filter_map(|p| p["id"].as_str())
+                .collect();
+            if connected == ["on-a", "on-b"] {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "fleet on {}: {fleet}",
+                replica.url
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 }
 
 async fn get(c: &reqwest::Client, url: &str, path: &str) -> Value {
@@ -493,7 +517,7 @@ async fn a_stalled_proxy_does_not_grow_the_control_planes_memory() {
     // 200 KB more per write.
     let blob = "x".repeat(200_000);
     let mut last = 0;
-    let mut write = |n: usize| {
+    let write = |n: usize| {
         let c = c.clone();
         let url = url.clone();
         let uid = uid.clone();
@@ -577,7 +601,13 @@ async fn the_stream_runs_over_tls_and_refuses_an_untrusted_server() {
         .as_str()
         .unwrap()
         .to_owned();
-    let user = post(&c, &cp.url, "/v1/users", json!({"issuer": "https://idp.example", "subject": "tls"})).await;
+    let user = post(
+        &c,
+        &cp.url,
+        "/v1/users",
+        json!({"issuer": "https://idp.example", "subject": "tls"}),
+    )
+    .await;
     let rev = revision_of(&user);
 
     let config = |id: &str, ca_pem: Option<String>| subscriber::Config {
@@ -590,8 +620,13 @@ async fn the_stream_runs_over_tls_and_refuses_an_untrusted_server() {
         snapshot_file: None,
     };
     let proxy = subscriber::start(config("tls-proxy", Some(ca.clone())));
-    until("the snapshot over TLS", || proxy.index.load().version() >= rev).await;
-    assert!(matches!(&*proxy.link.borrow(), Link::Connected { address } if address.starts_with("https://")));
+    until("the snapshot over TLS", || {
+        proxy.index.load().version() >= rev
+    })
+    .await;
+    assert!(
+        matches!(&*proxy.link.borrow(), Link::Connected { address } if address.starts_with("https://"))
+    );
 
     // A proxy that trusts another CA never gets a stream.
     let (other_ca, _, _) = tls_material();

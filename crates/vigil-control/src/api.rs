@@ -462,7 +462,7 @@ pub async fn proxies(State(c): State<Control>, admin: Admin) -> Result<Response,
     })?;
     Ok(Json(serde_json::json!({
         "snapshot_version": hub.version(),
-        "items": hub.proxies().await,
+        "items": hub.fleet(&c).await?,
     }))
     .into_response())
 }

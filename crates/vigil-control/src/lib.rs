@@ -122,6 +122,7 @@ impl Control {
         // Only the call whose hub was kept starts its refresher.
         if Arc::ptr_eq(&hub, &built) {
             tokio::spawn(stream::run_refresher(self.clone(), hub.clone()));
+            tokio::spawn(stream::run_fleet_recorder(self.clone(), hub.clone()));
         }
         Ok(hub)
     }

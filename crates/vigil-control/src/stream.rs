@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch, Mutex};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
@@ -28,8 +28,16 @@ pub const HEARTBEAT: Duration = Duration::from_secs(10);
 const POLL: Duration = Duration::from_secs(1);
 const POLL_LISTENING: Duration = Duration::from_secs(30);
 
+/// How often each replica records the fleet it serves in the store.
+const RECORD_FLEET: Duration = Duration::from_secs(2);
+/// A proxy recorded as connected but not heard of for this long streamed from a
+/// replica that is gone.
+const STALE: Duration = Duration::from_secs(35);
+/// Proxies not seen for this long are forgotten.
+const FORGET: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// What the control plane knows of one proxy.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ProxyStatus {
     /// The proxy's id (from its hello).
     pub id: String,
@@ -43,16 +51,19 @@ pub struct ProxyStatus {
     pub version: u64,
     /// The version it last refused, with why.
     pub last_nack: Option<Nack>,
-    /// Whether its stream is open now (on this replica).
+    /// Whether its stream is open now (on any replica).
     pub connected: bool,
     /// When the current (or last) stream opened, RFC 3339.
     pub connected_since: String,
     /// When it was last heard from, RFC 3339.
     pub last_seen: String,
+    /// Changed since this replica last recorded the fleet.
+    #[serde(skip)]
+    dirty: bool,
 }
 
 /// A refused version.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Nack {
     /// The version refused.
     pub version: u64,
@@ -118,6 +129,40 @@ impl Hub {
         self.proxies.lock().await.values().cloned().collect()
     }
 
+    /// The whole fleet: what every replica recorded, with this replica's own
+    /// (fresher) knowledge laid over it, each proxy as last heard of.
+    pub async fn fleet(
+        &self,
+        control: &Control,
+    ) -> Result<Vec<ProxyStatus>, vigil_store::StoreError> {
+        let stale =
+            (chrono::Utc::now() - STALE).to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let mut fleet: BTreeMap<String, ProxyStatus> = BTreeMap::new();
+        for (id, doc) in control.store.proxies().await? {
+            match serde_json::from_str::<ProxyStatus>(&doc) {
+                Ok(mut s) => {
+                    // Timestamps share one format, so they compare as strings.
+                    if s.connected && s.last_seen < stale {
+                        s.connected = false;
+                    }
+                    fleet.insert(id, s);
+                }
+                Err(e) => {
+                    tracing::warn!(proxy = %id, error = %e, "A recorded proxy status does not decode")
+                }
+            }
+        }
+        for s in self.proxies().await {
+            match fleet.get(&s.id) {
+                Some(recorded) if recorded.last_seen > s.last_seen => {}
+                _ => {
+                    fleet.insert(s.id.clone(), s);
+                }
+            }
+        }
+        Ok(fleet.into_values().collect())
+    }
+
     /// Catches up with the store; returns the new version.
     pub async fn refresh(&self, control: &Control) -> Result<u64, vigil_store::StoreError> {
         let from = self.version();
@@ -178,7 +223,47 @@ impl Hub {
     async fn seen(&self, id: &str, f: impl FnOnce(&mut ProxyStatus)) {
         if let Some(s) = self.proxies.lock().await.get_mut(id) {
             s.last_seen = now();
+            s.dirty = true;
             f(s);
+        }
+    }
+}
+
+/// Records the proxies this replica serves in the store, every couple of seconds,
+/// so that every replica can list the whole fleet.
+pub async fn run_fleet_recorder(control: Control, hub: Arc<Hub>) {
+    let mut tick = tokio::time::interval(RECORD_FLEET);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let rows: Vec<(String, String, i64)> = {
+            let mut proxies = hub.proxies.lock().await;
+            proxies
+                .values_mut()
+                .filter(|s| s.dirty)
+                .filter_map(|s| {
+                    s.dirty = false;
+                    let seen = chrono::DateTime::parse_from_rfc3339(&s.last_seen).ok()?;
+                    Some((
+                        s.id.clone(),
+                        serde_json::to_string(s).ok()?,
+                        seen.timestamp_millis(),
+                    ))
+                })
+                .collect()
+        };
+        if rows.is_empty() {
+            continue;
+        }
+        let forget = (chrono::Utc::now() - FORGET).timestamp_millis();
+        if let Err(e) = control.store.put_proxies(&rows, forget).await {
+            tracing::debug!(error = %e, "Cannot record the fleet now; will retry");
+            let mut proxies = hub.proxies.lock().await;
+            for (id, _, _) in &rows {
+                if let Some(s) = proxies.get_mut(id) {
+                    s.dirty = true;
+                }
+            }
         }
     }
 }
@@ -335,6 +420,7 @@ impl ControlPlane for Service {
                     connected: true,
                     connected_since: since.clone(),
                     last_seen: since,
+                    dirty: true,
                 },
             );
         }
@@ -417,6 +503,8 @@ impl ControlPlane for Service {
             reader.abort();
             if let Some(s) = hub.proxies.lock().await.get_mut(&writer_id) {
                 s.connected = false;
+                s.last_seen = now();
+                s.dirty = true;
             }
             tracing::info!(proxy = %writer_id, "Proxy stream closed");
         });

@@ -520,6 +520,52 @@ impl Store {
         read_revision(&self.pool).await
     }
 
+    /// Records what this replica knows of some proxies: `(id, status document, seen
+    /// at in Unix milliseconds)`, newest wins; rows not seen since `forget_before`
+    /// are dropped. Not a revision: the fleet is observed, not configured.
+    pub async fn put_proxies(
+        &self,
+        rows: &[(String, String, i64)],
+        forget_before: i64,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        for (id, status, seen_at) in rows {
+            sqlx::query(
+                "INSERT INTO proxies (id, status, seen_at) VALUES ($1, $2, $3) \
+                 ON CONFLICT (id) DO UPDATE SET status = excluded.status, seen_at = excluded.seen_at \
+                 WHERE proxies.seen_at <= excluded.seen_at",
+            )
+            .bind(id)
+            .bind(status)
+            .bind(seen_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+        }
+        sqlx::query("DELETE FROM proxies WHERE seen_at < $1")
+            .bind(forget_before)
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+        tx.commit().await.map_err(classify)
+    }
+
+    /// Every recorded proxy's status document, by id.
+    pub async fn proxies(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let rows = sqlx::query("SELECT id, status FROM proxies ORDER BY id")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(classify)?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get(0).map_err(classify)?,
+                    r.try_get(1).map_err(classify)?,
+                ))
+            })
+            .collect()
+    }
+
     /// The entity of `kind` whose `column` (one of ours, never the caller's) equals `value`.
     async fn get_where(
         &self,

@@ -69,6 +69,7 @@ conformance!(
     the_first_missing_reference_is_named,
     empty_writes_still_take_a_revision,
     very_large_writes_stamp_every_row,
+    the_fleet_is_recorded_newest_first,
 );
 
 fn entity(kind: &str, id: &str, key: Option<&str>, body: serde_json::Value) -> Entity {
@@ -821,4 +822,28 @@ async fn very_large_writes_stamp_every_row(s: Store) {
     assert_eq!((rev, rows.len()), (c.revision, 1100));
     assert!(rows.iter().all(|r| r.version == c.revision));
     assert_eq!(s.changes_since(0).await.unwrap().1.len(), 1100);
+}
+
+async fn the_fleet_is_recorded_newest_first(s: Store) {
+    let revision = s.revision().await.unwrap();
+    let row = |id: &str, status: &str, at: i64| (id.to_owned(), status.to_owned(), at);
+    s.put_proxies(&[row("b", "{\"v\":1}", 100), row("a", "{\"v\":1}", 100)], 0)
+        .await
+        .unwrap();
+    // An older observation (from a replica that lost the proxy) does not win.
+    s.put_proxies(&[row("a", "{\"v\":0}", 50), row("b", "{\"v\":2}", 200)], 0)
+        .await
+        .unwrap();
+    assert_eq!(
+        s.proxies().await.unwrap(),
+        vec![
+            ("a".to_owned(), "{\"v\":1}".to_owned()),
+            ("b".to_owned(), "{\"v\":2}".to_owned())
+        ]
+    );
+    // Proxies not seen for long are forgotten.
+    s.put_proxies(&[], 150).await.unwrap();
+    assert_eq!(s.proxies().await.unwrap().len(), 1);
+    // Observations are not configuration: no revision is taken.
+    assert_eq!(s.revision().await.unwrap(), revision);
 }
