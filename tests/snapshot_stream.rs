@@ -179,6 +179,16 @@ async fn snapshots_and_deltas_reach_proxies_and_survive_outages() {
     );
     assert!(restarted.index.load().policy("app").is_some());
     assert_eq!(user_suspended(&restarted, &uid), Some(true));
+    until("the restarted proxy to find the control plane away", || {
+        matches!(&*restarted.link.borrow(), Link::Retrying { .. })
+    })
+    .await;
+    let ready = restarted.readiness().unwrap();
+    assert!(
+        ready.contains(&format!("enforcing snapshot version {rev}"))
+            && ready.contains("unreachable"),
+        "{ready}"
+    );
     cp.restart();
 
     // PostgreSQL restarted too: same.

@@ -72,6 +72,27 @@ pub struct Handle {
     pub reports: mpsc::Sender<SessionReport>,
 }
 
+impl Handle {
+    /// What `/readyz` says: ready once a snapshot is held, whether or not the control
+    /// plane is reachable now (the last good snapshot keeps being enforced); not ready
+    /// without one, when every protected request is refused.
+    pub fn readiness(&self) -> Result<String, String> {
+        let version = self.version.borrow().to_owned();
+        let link = match &*self.link.borrow() {
+            Link::Starting => "connecting to the control plane".to_owned(),
+            Link::Connected { address } => format!("streaming from {address}"),
+            Link::Retrying { error } => format!("control plane unreachable ({error})"),
+        };
+        if version == 0 {
+            Err(format!(
+                "no policy snapshot yet, refusing every protected request; {link}"
+            ))
+        } else {
+            Ok(format!("enforcing snapshot version {version}; {link}"))
+        }
+    }
+}
+
 /// Session reports held while the control plane is away.
 pub const REPORT_QUEUE: usize = 1024;
 
@@ -332,4 +353,33 @@ async fn apply(
     state.version.send_replace(version);
     tracing::debug!(version, full, "Snapshot applied");
     Ok(version)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn without_a_snapshot_the_proxy_is_not_ready() {
+        let handle = start(Config {
+            addresses: vec![],
+            join_token: String::new(),
+            ca_pem: None,
+            verifier: Verifier::default(),
+            proxy_id: "p".into(),
+            labels: vec![],
+            snapshot_file: None,
+        });
+        tokio::task::yield_now().await;
+        let not_ready = handle.readiness().unwrap_err();
+        assert!(
+            not_ready.contains("refusing every protected request"),
+            "{not_ready}"
+        );
+        assert!(
+            not_ready.contains("no control-plane address"),
+            "{not_ready}"
+        );
+        assert_eq!(handle.index.load().version(), 0);
+    }
 }

@@ -528,19 +528,33 @@ impl Store {
         rows: &[(String, String, i64)],
         forget_before: i64,
     ) -> Result<(), StoreError> {
+        // One row an id (a statement may not touch a row twice), the newest.
+        let mut newest: std::collections::BTreeMap<&str, &(String, String, i64)> =
+            std::collections::BTreeMap::new();
+        for row in rows {
+            let kept = newest.entry(&row.0).or_insert(row);
+            if kept.2 < row.2 {
+                *kept = row;
+            }
+        }
+        let rows: Vec<&(String, String, i64)> = newest.into_values().collect();
         let mut tx = self.pool.begin().await.map_err(classify)?;
-        for (id, status, seen_at) in rows {
-            sqlx::query(
-                "INSERT INTO proxies (id, status, seen_at) VALUES ($1, $2, $3) \
+        // One statement per thousand rows, not a round trip each.
+        for chunk in rows.chunks(1000) {
+            let values: Vec<String> = (0..chunk.len())
+                .map(|i| format!("(${}, ${}, ${})", 3 * i + 1, 3 * i + 2, 3 * i + 3))
+                .collect();
+            let sql = format!(
+                "INSERT INTO proxies (id, status, seen_at) VALUES {} \
                  ON CONFLICT (id) DO UPDATE SET status = excluded.status, seen_at = excluded.seen_at \
                  WHERE proxies.seen_at <= excluded.seen_at",
-            )
-            .bind(id)
-            .bind(status)
-            .bind(seen_at)
-            .execute(&mut *tx)
-            .await
-            .map_err(classify)?;
+                values.join(", ")
+            );
+            let mut q = sqlx::query(&sql);
+            for (id, status, seen_at) in chunk.iter().copied() {
+                q = q.bind(id).bind(status).bind(*seen_at);
+            }
+            q.execute(&mut *tx).await.map_err(classify)?;
         }
         sqlx::query("DELETE FROM proxies WHERE seen_at < $1")
             .bind(forget_before)

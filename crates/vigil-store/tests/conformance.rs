@@ -830,10 +830,18 @@ async fn the_fleet_is_recorded_newest_first(s: Store) {
     s.put_proxies(&[row("b", "{\"v\":1}", 100), row("a", "{\"v\":1}", 100)], 0)
         .await
         .unwrap();
-    // An older observation (from a replica that lost the proxy) does not win.
-    s.put_proxies(&[row("a", "{\"v\":0}", 50), row("b", "{\"v\":2}", 200)], 0)
-        .await
-        .unwrap();
+    // An older observation (from a replica that lost the proxy) does not win; nor
+    // does an older one in the same batch.
+    s.put_proxies(
+        &[
+            row("a", "{\"v\":0}", 50),
+            row("b", "{\"v\":2}", 200),
+            row("b", "{\"v\":9}", 90),
+        ],
+        0,
+    )
+    .await
+    .unwrap();
     assert_eq!(
         s.proxies().await.unwrap(),
         vec![
