@@ -135,15 +135,7 @@ async fn run(durable: bool) {
     }
     .unwrap();
     let url = pg.create_database("bench").unwrap();
-    let store = Store::connect(
-        &url,
-        StoreOptions {
-            max_connections: 32,
-            ..StoreOptions::default()
-        },
-    )
-    .await
-    .unwrap();
+    let store = Store::connect(&url, StoreOptions::default()).await.unwrap();
     store.migrate().await.unwrap();
     let seeded = seed(&store).await;
     println!("\n## PostgreSQL {label}");

@@ -29,7 +29,10 @@ pub enum Dialect {
 /// Connection settings.
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
-    /// Most connections in the pool.
+    /// Most connections in the pool. The default is four per core, between 4 and 32:
+    /// every write ends on the one revision row, so connections beyond what
+    /// PostgreSQL can run at once only queue on that lock inside the database. On
+    /// 2 cores with 16 writers, 32 connections gave a p99 of 44 ms, 8 gave 17 ms.
     pub max_connections: u32,
     /// How long a request waits for a connection before the database counts as unavailable.
     pub acquire_timeout: Duration,
@@ -37,8 +40,9 @@ pub struct StoreOptions {
 
 impl Default for StoreOptions {
     fn default() -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         StoreOptions {
-            max_connections: 16,
+            max_connections: u32::try_from(cores * 4).unwrap_or(32).clamp(4, 32),
             acquire_timeout: Duration::from_secs(3),
         }
     }

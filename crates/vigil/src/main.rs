@@ -63,9 +63,9 @@ struct ControlArgs {
     /// Without it a key is generated for this run and its public key logged.
     #[arg(long, env = "VIGIL_SIGNING_KEY", hide_env_values = true)]
     signing_key: Option<String>,
-    /// Database connections in the pool.
-    #[arg(long, env = "VIGIL_DATABASE_MAX_CONNECTIONS", default_value_t = 16)]
-    database_max_connections: u32,
+    /// Database connections in the pool (default: four per core, 4 to 32).
+    #[arg(long, env = "VIGIL_DATABASE_MAX_CONNECTIONS")]
+    database_max_connections: Option<u32>,
 }
 
 fn init_tracing() {
@@ -97,10 +97,11 @@ async fn shutdown_signal() {
     tracing::info!("Shutting down");
 }
 
-async fn open_store(url: &str, max_connections: u32) -> anyhow::Result<Store> {
+async fn open_store(url: &str, max_connections: Option<u32>) -> anyhow::Result<Store> {
+    let defaults = StoreOptions::default();
     let opts = StoreOptions {
-        max_connections,
-        ..StoreOptions::default()
+        max_connections: max_connections.unwrap_or(defaults.max_connections),
+        ..defaults
     };
     Store::connect(url, opts)
         .await
@@ -108,7 +109,7 @@ async fn open_store(url: &str, max_connections: u32) -> anyhow::Result<Store> {
 }
 
 async fn migrate(args: DatabaseArgs) -> anyhow::Result<()> {
-    let store = open_store(&args.database_url, 2).await?;
+    let store = open_store(&args.database_url, Some(2)).await?;
     store.migrate().await.context("applying migrations")?;
     let status = store.schema_status().await?;
     println!("schema at version {:?}", status.applied.last());
