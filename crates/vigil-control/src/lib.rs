@@ -17,7 +17,7 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, MethodRouter};
 use axum::{Json, Router};
 use tokio::sync::watch;
 use vigil_store::Store;
@@ -138,24 +138,99 @@ impl Control {
     }
 }
 
-fn resource<R: Resource>(router: Router<Control>) -> Router<Control> {
-    let base = format!("/v1/{}", R::PATH);
-    router
-        .route(&base, get(api::list::<R>).post(api::create::<R>))
-        .route(
-            &format!("{base}/{{id}}"),
+/// The admin API's routes, built once for the router and once to list what it
+/// serves: the OpenAPI test compares that list with the document both ways.
+struct Routes {
+    router: Router<Control>,
+    served: Vec<(&'static str, String)>,
+}
+
+impl Routes {
+    /// Serves `handler` at `path`, which answers `methods` (the test checks that
+    /// the handler answers exactly these).
+    fn at(
+        mut self,
+        path: String,
+        methods: &[&'static str],
+        handler: MethodRouter<Control>,
+    ) -> Routes {
+        self.served
+            .extend(methods.iter().map(|m| (*m, path.clone())));
+        self.router = self.router.route(&path, handler);
+        self
+    }
+
+    fn resource<R: Resource>(self) -> Routes {
+        let base = format!("/v1/{}", R::PATH);
+        self.at(
+            base.clone(),
+            &["GET", "POST"],
+            get(api::list::<R>).post(api::create::<R>),
+        )
+        .at(
+            format!("{base}/{{id}}"),
+            &["GET", "PUT", "PATCH", "DELETE"],
             get(api::get::<R>)
                 .put(api::replace::<R>)
                 .patch(api::patch::<R>)
                 .delete(api::delete::<R>),
         )
+    }
+
+    fn token_rotation<R: Resource>(self) -> Routes {
+        self.at(
+            format!("/v1/{}/{{id}}/rotate-token", R::PATH),
+            &["POST"],
+            post(api::rotate_token::<R>),
+        )
+    }
 }
 
-fn token_rotation<R: Resource>(router: Router<Control>) -> Router<Control> {
-    router.route(
-        &format!("/v1/{}/{{id}}/rotate-token", R::PATH),
-        post(api::rotate_token::<R>),
-    )
+fn routes() -> Routes {
+    let r = Routes {
+        router: Router::new(),
+        served: Vec::new(),
+    };
+    r.at("/healthz".into(), &["GET"], get(healthz))
+        .at("/readyz".into(), &["GET"], get(readyz))
+        .at("/v1/openapi.json".into(), &["GET"], get(openapi_json))
+        .at("/v1/audit".into(), &["GET"], get(api::audit))
+        .at("/v1/proxies".into(), &["GET"], get(api::proxies))
+        .at(
+            "/v1/policies/validate".into(),
+            &["POST"],
+            post(api::validate_policy),
+        )
+        .at(
+            "/v1/sessions/{id}/revoke".into(),
+            &["POST"],
+            post(api::revoke_session),
+        )
+        .at(
+            "/v1/users/{id}/revoke-sessions".into(),
+            &["POST"],
+            post(api::revoke_user_sessions),
+        )
+        .resource::<Policy>()
+        .resource::<Route>()
+        .resource::<User>()
+        .resource::<Group>()
+        .resource::<Device>()
+        .resource::<ServiceAccount>()
+        .resource::<Grant>()
+        .resource::<IdentityProvider>()
+        .resource::<Session>()
+        .resource::<JoinToken>()
+        .resource::<AdminToken>()
+        .token_rotation::<ServiceAccount>()
+        .token_rotation::<JoinToken>()
+        .token_rotation::<AdminToken>()
+}
+
+/// Every (method, path template) the admin API serves, in the OpenAPI document's
+/// path syntax.
+pub fn served() -> Vec<(&'static str, String)> {
+    routes().served
 }
 
 async fn healthz() -> &'static str {
@@ -191,33 +266,9 @@ async fn openapi_json() -> Json<serde_json::Value> {
 
 /// The admin API's router.
 pub fn router(control: Control) -> Router {
-    let mut r: Router<Control> = Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/v1/openapi.json", get(openapi_json))
-        .route("/v1/audit", get(api::audit))
-        .route("/v1/proxies", get(api::proxies))
-        .route("/v1/policies/validate", post(api::validate_policy))
-        .route("/v1/sessions/{id}/revoke", post(api::revoke_session))
-        .route(
-            "/v1/users/{id}/revoke-sessions",
-            post(api::revoke_user_sessions),
-        );
-    r = resource::<Policy>(r);
-    r = resource::<Route>(r);
-    r = resource::<User>(r);
-    r = resource::<Group>(r);
-    r = resource::<Device>(r);
-    r = resource::<ServiceAccount>(r);
-    r = resource::<Grant>(r);
-    r = resource::<IdentityProvider>(r);
-    r = resource::<Session>(r);
-    r = resource::<JoinToken>(r);
-    r = resource::<AdminToken>(r);
-    r = token_rotation::<ServiceAccount>(r);
-    r = token_rotation::<JoinToken>(r);
-    r = token_rotation::<AdminToken>(r);
-    r.fallback(not_found)
+    routes()
+        .router
+        .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(control)
 }

@@ -92,6 +92,54 @@ async fn every_documented_operation_is_served() {
         .ends_with("/no-such-endpoint"));
 }
 
+const METHODS: [&str; 5] = ["GET", "POST", "PUT", "PATCH", "DELETE"];
+
+#[tokio::test]
+async fn what_is_served_is_exactly_what_is_documented() {
+    use std::collections::BTreeSet;
+    let doc = vigil_control::openapi::document();
+    let documented: BTreeSet<(String, String)> = doc["paths"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .flat_map(|(path, item)| {
+            item.as_object()
+                .unwrap()
+                .keys()
+                .map(|m| m.to_uppercase())
+                .filter(|m| METHODS.contains(&m.as_str()))
+                .map(move |m| (m, path.clone()))
+        })
+        .collect();
+    let served: BTreeSet<(String, String)> = vigil_control::served()
+        .into_iter()
+        .map(|(m, p)| (m.to_owned(), p))
+        .collect();
+    let undocumented: Vec<_> = served.difference(&documented).collect();
+    let unserved: Vec<_> = documented.difference(&served).collect();
+    assert!(
+        undocumented.is_empty() && unserved.is_empty(),
+        "served but not documented: {undocumented:?}; documented but not served: {unserved:?}"
+    );
+    // The route table says what each path answers; the router must agree, method by
+    // method, so the table cannot drift from the handlers.
+    let app = app().await;
+    let paths: BTreeSet<&String> = served.iter().map(|(_, p)| p).collect();
+    for path in paths {
+        let concrete = path.replace("{id}", "does-not-exist");
+        for m in METHODS {
+            let (status, _) = call(&app, m.parse().unwrap(), &concrete).await;
+            let listed = served.contains(&(m.to_owned(), path.clone()));
+            assert_eq!(
+                status == StatusCode::METHOD_NOT_ALLOWED,
+                !listed,
+                "{m} {path}: {status}, but the route table says {}",
+                if listed { "it is served" } else { "it is not" }
+            );
+        }
+    }
+}
+
 #[tokio::test]
 async fn the_served_document_is_the_committed_one() {
     let app = app().await;
