@@ -117,6 +117,12 @@ async fn snapshots_and_deltas_reach_proxies_and_survive_outages() {
     );
     assert_eq!(user_suspended(&proxy, &uid), Some(false));
     assert!(index.snapshot.get(Kind::Route, "app").is_some());
+    assert_eq!(
+        index.route("app.example.com", "/anything").map(|r| r.0),
+        Some("app"),
+        "the route table is built from the snapshot"
+    );
+    assert!(index.route("other.example.com", "/").is_none());
 
     // A write reaches the proxy as a delta; the fleet API shows the ack.
     let res = c
@@ -178,6 +184,11 @@ async fn snapshots_and_deltas_reach_proxies_and_survive_outages() {
         "loaded from disk at once"
     );
     assert!(restarted.index.load().policy("app").is_some());
+    assert!(restarted
+        .index
+        .load()
+        .route("app.example.com", "/")
+        .is_some());
     assert_eq!(user_suspended(&restarted, &uid), Some(true));
     until("the restarted proxy to find the control plane away", || {
         matches!(&*restarted.link.borrow(), Link::Retrying { .. })

@@ -7,6 +7,8 @@ use vigil_policy::{CompiledPolicy, Symbols};
 use vigil_proto::v1::entry::Body;
 use vigil_snapshot::{Kind, Snapshot, SnapshotError, Update};
 
+use crate::routes::RouteTable;
+
 /// One version of everything the proxy enforces.
 #[derive(Debug, Clone, Default)]
 pub struct Index {
@@ -17,12 +19,21 @@ pub struct Index {
     /// Each route's loaded policy, by route name (a persistent map: an update copies
     /// only the paths it touches).
     pub policies: imbl::OrdMap<String, Arc<CompiledPolicy>>,
+    /// Which route serves a (host, path); rebuilt only when routes change.
+    pub routes: Arc<RouteTable>,
 }
 
 impl Index {
     /// The version held (0: none).
     pub fn version(&self) -> u64 {
         self.snapshot.version
+    }
+
+    /// The route serving a request: its id and policy. `host` and `path` are
+    /// canonical ([`crate::routes::canonical_host`], [`crate::normalize::normalize_path`]).
+    pub fn route(&self, host: &str, path: &str) -> Option<(&str, &CompiledPolicy)> {
+        let id = self.routes.find(host, path)?;
+        Some((id, self.policy(id)?))
     }
 
     /// The policy of a route.
@@ -40,9 +51,11 @@ impl Index {
         } else {
             (self.symbols.clone(), self.policies.clone())
         };
+        let mut routes_changed = update.full;
         for removed in &update.removals {
             if removed.kind == Kind::Route as i32 {
                 policies.remove(&removed.id);
+                routes_changed = true;
             }
         }
         for entry in &update.upserts {
@@ -54,14 +67,21 @@ impl Index {
                             SnapshotError::Invalid(format!("route `{}`: {e}", entry.id))
                         })?;
                 policies.insert(entry.id.clone(), Arc::new(policy));
+                routes_changed = true;
             }
         }
         let mut snapshot = (*self.snapshot).clone();
         snapshot.apply(update)?;
+        let routes = if routes_changed {
+            Arc::new(RouteTable::build(&snapshot))
+        } else {
+            self.routes.clone()
+        };
         Ok(Index {
             snapshot: Arc::new(snapshot),
             symbols,
             policies,
+            routes,
         })
     }
 }

@@ -1,7 +1,11 @@
 //! Vigil's data plane. This crate holds the proxy's side of the snapshot stream:
 //! it subscribes to the control plane, verifies and applies updates off the request
-//! path, swaps the result in atomically, and persists the last good snapshot.
+//! path, swaps the result in atomically, and persists the last good snapshot. It
+//! also holds what the request path is built from: canonical paths and the route
+//! table.
 
 pub mod index;
+pub mod normalize;
 pub mod persist;
+pub mod routes;
 pub mod subscriber;
