@@ -150,7 +150,9 @@ impl RouteTable {
         }
         for routes in table.exact.values_mut().chain(table.wildcard.values_mut()) {
             // Stable: equal lengths keep id order.
-            routes.prefixes.sort_by_key(|p| std::cmp::Reverse(p.0.len()));
+            routes
+                .prefixes
+                .sort_by_key(|p| std::cmp::Reverse(p.0.len()));
         }
         table
     }

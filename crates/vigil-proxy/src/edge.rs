@@ -1,0 +1,407 @@
+//! Edge hardening: what a request must look like before it is authenticated, and
+//! what is stripped from it before anything trusts its headers.
+//!
+//! Refused with 400:
+//! - a header name with `_` (it may become a `-` behind the proxy and slip past
+//!   a check made on the other spelling);
+//! - more than one `Host` or `Authorization`;
+//! - a `Host` that disagrees with the request target's authority (absolute-form on
+//!   HTTP/1.1, `:authority` on HTTP/2), or a request with neither;
+//! - `Content-Length` together with `Transfer-Encoding`, several `Content-Length`
+//!   values that differ, or a `Transfer-Encoding` other than a final `chunked`
+//!   (the connection is closed after these: request smuggling).
+//!
+//! Stripped from every request: hop-by-hop headers (`Connection` and the headers
+//! it names, `Keep-Alive`, `Proxy-Connection`, `TE`, `Trailer`,
+//! `Transfer-Encoding`, `Upgrade` unless the request is a WebSocket upgrade),
+//! every `X-Vigil-*` header, and `X-Forwarded-*` and `Forwarded` unless the peer is
+//! a trusted proxy (none by default).
+
+use std::fmt;
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName};
+use http::request::Parts;
+use ipnet::IpNet;
+
+use crate::routes::canonical_host;
+
+/// Why a request was refused at the edge (400).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EdgeError {
+    /// A header name with `_`.
+    Underscore(String),
+    /// `Host` or `Authorization` sent more than once.
+    Duplicate(&'static str),
+    /// No host at all, or one that is not a host name.
+    BadHost,
+    /// `Host` and the request target's authority disagree.
+    HostMismatch,
+    /// Conflicting or unsupported framing; the connection must be closed.
+    Framing(&'static str),
+}
+
+impl EdgeError {
+    /// Whether the connection must be closed after the response.
+    pub fn closes_connection(&self) -> bool {
+        matches!(self, EdgeError::Framing(_))
+    }
+}
+
+impl fmt::Display for EdgeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EdgeError::Underscore(h) => write!(f, "header `{h}` has an underscore in its name"),
+            EdgeError::Duplicate(h) => write!(f, "header `{h}` was sent more than once"),
+            EdgeError::BadHost => f.write_str("the request has no valid host"),
+            EdgeError::HostMismatch => {
+                f.write_str("the Host header disagrees with the request target")
+            }
+            EdgeError::Framing(why) => f.write_str(why),
+        }
+    }
+}
+
+impl std::error::Error for EdgeError {}
+
+/// Checks a request's head; returns its canonical host.
+pub fn check(parts: &Parts) -> Result<String, EdgeError> {
+    let headers = &parts.headers;
+    if let Some(name) = headers.keys().find(|n| n.as_str().contains('_')) {
+        return Err(EdgeError::Underscore(name.as_str().to_owned()));
+    }
+    for (name, label) in [
+        (header::HOST, "Host"),
+        (header::AUTHORIZATION, "Authorization"),
+    ] {
+        if headers.get_all(&name).iter().nth(1).is_some() {
+            return Err(EdgeError::Duplicate(label));
+        }
+    }
+    framing(headers)?;
+    let from_header = headers
+        .get(header::HOST)
+        .map(|h| {
+            h.to_str()
+                .ok()
+                .and_then(canonical_host)
+                .ok_or(EdgeError::BadHost)
+        })
+        .transpose()?;
+    let from_target = parts
+        .uri
+        .authority()
+        .map(|a| canonical_host(a.as_str()).ok_or(EdgeError::BadHost))
+        .transpose()?;
+    match (from_header, from_target) {
+        (Some(h), Some(t)) if h != t => Err(EdgeError::HostMismatch),
+        (Some(h), _) | (None, Some(h)) => Ok(h),
+        (None, None) => Err(EdgeError::BadHost),
+    }
+}
+
+fn framing(headers: &HeaderMap) -> Result<(), EdgeError> {
+    let te: Vec<_> = headers.get_all(header::TRANSFER_ENCODING).iter().collect();
+    let cl: Vec<_> = headers.get_all(header::CONTENT_LENGTH).iter().collect();
+    if !te.is_empty() && !cl.is_empty() {
+        return Err(EdgeError::Framing(
+            "Content-Length and Transfer-Encoding were both sent",
+        ));
+    }
+    if cl.windows(2).any(|w| w[0] != w[1]) {
+        return Err(EdgeError::Framing("Content-Length values disagree"));
+    }
+    if !te.is_empty() {
+        let codings: Vec<String> = te
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|c| c.trim().to_ascii_lowercase())
+            .collect();
+        if codings.len() != 1 || codings[0] != "chunked" {
+            return Err(EdgeError::Framing(
+                "Transfer-Encoding must be exactly `chunked`",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Whether the request asks to become a WebSocket.
+pub fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
+    let connection_upgrade = headers.get_all(header::CONNECTION).iter().any(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+        })
+    });
+    let websocket = headers
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("websocket"));
+    connection_upgrade && websocket
+}
+
+/// Peers whose `X-Forwarded-*` and `Forwarded` headers are believed.
+#[derive(Debug, Clone, Default)]
+pub struct TrustedProxies(pub Vec<IpNet>);
+
+impl TrustedProxies {
+    /// Whether `peer` is one of them.
+    pub fn trusts(&self, peer: IpAddr) -> bool {
+        self.0.iter().any(|n| n.contains(&peer))
+    }
+}
+
+/// Removes what no upstream or check may believe (see the module's doc). A
+/// WebSocket upgrade keeps `Connection: upgrade` and `Upgrade`.
+pub fn strip_inbound(headers: &mut HeaderMap, peer_trusted: bool) {
+    let websocket = is_websocket_upgrade(headers);
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .filter(|n| !(websocket && n == header::UPGRADE))
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for n in [
+        header::CONNECTION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::PROXY_AUTHORIZATION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+    ] {
+        headers.remove(n);
+    }
+    if websocket {
+        headers.insert(
+            header::CONNECTION,
+            http::HeaderValue::from_static("upgrade"),
+        );
+    } else {
+        // h2c and any other protocol switch never pass.
+        headers.remove(header::UPGRADE);
+    }
+    let untrusted: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| {
+            let s = n.as_str();
+            s.starts_with("x-vigil-")
+                || (!peer_trusted && (s.starts_with("x-forwarded-") || s == "forwarded"))
+        })
+        .cloned()
+        .collect();
+    for n in untrusted {
+        headers.remove(n);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(target: &str, headers: &[(&str, &str)]) -> Parts {
+        let mut b = http::Request::builder().uri(target);
+        for (n, v) in headers {
+            b = b.header(*n, *v);
+        }
+        b.body(())
+            .map(|r| r.into_parts().0)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn good_requests_pass_with_a_canonical_host() {
+        assert_eq!(
+            check(&parts("/x", &[("host", "App.Example.com:443")])),
+            Ok("app.example.com".into())
+        );
+        assert_eq!(
+            check(&parts("https://app.example.com/x", &[])),
+            Ok("app.example.com".into())
+        );
+        assert_eq!(
+            check(&parts(
+                "https://app.example.com./x",
+                &[("host", "APP.example.com")]
+            )),
+            Ok("app.example.com".into())
+        );
+        assert_eq!(
+            check(&parts(
+                "/x",
+                &[("host", "a.example"), ("transfer-encoding", "chunked")]
+            )),
+            Ok("a.example".into())
+        );
+        assert_eq!(
+            check(&parts(
+                "/x",
+                &[
+                    ("host", "a.example"),
+                    ("content-length", "3"),
+                    ("content-length", "3")
+                ]
+            )),
+            Ok("a.example".into())
+        );
+    }
+
+    #[test]
+    fn ambiguous_requests_are_refused() {
+        let cases: Vec<(Parts, EdgeError)> = vec![
+            (
+                parts("/x", &[("host", "a.example"), ("x_user", "admin")]),
+                EdgeError::Underscore("x_user".into()),
+            ),
+            (
+                parts("/x", &[("host", "a.example"), ("host", "b.example")]),
+                EdgeError::Duplicate("Host"),
+            ),
+            (
+                parts(
+                    "/x",
+                    &[
+                        ("host", "a.example"),
+                        ("authorization", "Bearer a"),
+                        ("authorization", "Bearer b"),
+                    ],
+                ),
+                EdgeError::Duplicate("Authorization"),
+            ),
+            (parts("/x", &[]), EdgeError::BadHost),
+            (parts("/x", &[("host", "a..example")]), EdgeError::BadHost),
+            (
+                parts("/x", &[("host", "a.example/evil")]),
+                EdgeError::BadHost,
+            ),
+            (
+                parts("https://admin.example/x", &[("host", "public.example")]),
+                EdgeError::HostMismatch,
+            ),
+            (
+                parts(
+                    "/x",
+                    &[
+                        ("host", "a.example"),
+                        ("content-length", "3"),
+                        ("transfer-encoding", "chunked"),
+                    ],
+                ),
+                EdgeError::Framing("Content-Length and Transfer-Encoding were both sent"),
+            ),
+            (
+                parts(
+                    "/x",
+                    &[
+                        ("host", "a.example"),
+                        ("content-length", "3"),
+                        ("content-length", "4"),
+                    ],
+                ),
+                EdgeError::Framing("Content-Length values disagree"),
+            ),
+            (
+                parts(
+                    "/x",
+                    &[
+                        ("host", "a.example"),
+                        ("transfer-encoding", "gzip, chunked"),
+                    ],
+                ),
+                EdgeError::Framing("Transfer-Encoding must be exactly `chunked`"),
+            ),
+            (
+                parts(
+                    "/x",
+                    &[
+                        ("host", "a.example"),
+                        ("transfer-encoding", "chunked"),
+                        ("transfer-encoding", "chunked"),
+                    ],
+                ),
+                EdgeError::Framing("Transfer-Encoding must be exactly `chunked`"),
+            ),
+        ];
+        for (p, want) in cases {
+            let got = check(&p);
+            assert_eq!(got, Err(want.clone()), "{:?}", p.headers);
+            assert_eq!(
+                want.closes_connection(),
+                matches!(want, EdgeError::Framing(_))
+            );
+        }
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        parts("/", pairs).headers
+    }
+
+    fn names(h: &HeaderMap) -> Vec<&str> {
+        let mut v: Vec<&str> = h.keys().map(|n| n.as_str()).collect();
+        v.sort_unstable();
+        v
+    }
+
+    #[test]
+    fn spoofable_and_hop_by_hop_headers_are_stripped() {
+        let mut h = headers(&[
+            ("host", "a.example"),
+            ("x-vigil-user", "admin"),
+            ("X-Vigil-Jwt-Assertion", "forged"),
+            ("x-forwarded-for", "10.0.0.1"),
+            ("x-forwarded-host", "admin.example"),
+            ("forwarded", "for=10.0.0.1"),
+            ("connection", "keep-alive, x-secret"),
+            ("x-secret", "s"),
+            ("keep-alive", "timeout=5"),
+            ("upgrade", "h2c"),
+            ("te", "trailers"),
+            ("proxy-authorization", "Basic x"),
+            ("accept", "*/*"),
+        ]);
+        strip_inbound(&mut h, false);
+        assert_eq!(names(&h), ["accept", "host"]);
+
+        let mut h = headers(&[
+            ("host", "a.example"),
+            ("x-forwarded-for", "10.0.0.1"),
+            ("x-vigil-user", "admin"),
+        ]);
+        strip_inbound(&mut h, true);
+        assert_eq!(
+            names(&h),
+            ["host", "x-forwarded-for"],
+            "a trusted peer's forwarding headers stay; X-Vigil-* never"
+        );
+    }
+
+    #[test]
+    fn websocket_upgrades_keep_their_upgrade() {
+        let mut h = headers(&[
+            ("host", "a.example"),
+            ("connection", "Upgrade, x-secret"),
+            ("upgrade", "websocket"),
+            ("x-secret", "s"),
+        ]);
+        assert!(is_websocket_upgrade(&h));
+        strip_inbound(&mut h, false);
+        assert_eq!(names(&h), ["connection", "host", "upgrade"]);
+        assert_eq!(h[header::CONNECTION], "upgrade");
+    }
+
+    #[test]
+    fn trusted_proxies_are_by_network() {
+        let t = TrustedProxies(vec!["10.0.0.0/8".parse().unwrap_or_else(|e| panic!("{e}"))]);
+        assert!(t.trusts("10.1.2.3".parse().unwrap_or_else(|e| panic!("{e}"))));
+        assert!(!t.trusts("192.168.1.1".parse().unwrap_or_else(|e| panic!("{e}"))));
+        assert!(!TrustedProxies::default()
+            .trusts("127.0.0.1".parse().unwrap_or_else(|e| panic!("{e}"))));
+    }
+}
