@@ -4,6 +4,7 @@
 //! also holds what the request path is built from: canonical paths and the route
 //! table.
 
+pub mod cookie;
 pub mod edge;
 pub mod index;
 pub mod normalize;

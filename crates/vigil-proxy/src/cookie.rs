@@ -1,0 +1,314 @@
+//! The session cookie: the session's facts, encrypted and authenticated with the
+//! fleet's cookie key (AES-256-GCM), bound to the host it was issued for.
+//!
+//! The value is `base64url(key id ‖ nonce ‖ ciphertext ‖ tag)`. The additional
+//! authenticated data is a fixed context and the host, so a cookie lifted from one
+//! route host is refused on every other. Keys rotate: the first key seals, every
+//! key opens. The cookie is named `__Host-vigil_session` and always set with
+//! `Secure; HttpOnly; SameSite=Lax; Path=/` and no `Domain`, which browsers enforce
+//! for the `__Host-` prefix.
+
+use std::fmt;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
+use ring::rand::{SecureRandom, SystemRandom};
+use serde::{Deserialize, Serialize};
+
+/// The cookie's name.
+pub const NAME: &str = "__Host-vigil_session";
+const CONTEXT: &[u8] = b"vigil.session.v1\0";
+/// Cookies longer than this are refused unopened (browsers keep 4096 bytes).
+const MAX_LEN: usize = 4096;
+
+/// What a session cookie carries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionCookie {
+    /// Session id (`ses_…`), checked against the snapshot's revocations.
+    pub sid: String,
+    /// User id.
+    pub uid: String,
+    /// Device id, when one was identified at sign-in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub did: Option<String>,
+    /// When the user authenticated (Unix seconds).
+    pub auth_time: i64,
+    /// When the session ends (Unix seconds).
+    pub exp: i64,
+    /// Authentication methods (RFC 8176).
+    #[serde(default)]
+    pub amr: Vec<String>,
+}
+
+/// Why a cookie was refused: the request is then unauthenticated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CookieError {
+    /// Not base64url, too short or too long.
+    Malformed,
+    /// Sealed with a key this proxy does not hold.
+    UnknownKey,
+    /// Tampered with, or issued for another host.
+    Forged,
+    /// Past its `exp`.
+    Expired,
+    /// Sealing failed (the system's random source or the cipher).
+    Crypto,
+}
+
+impl fmt::Display for CookieError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CookieError::Malformed => "the session cookie is malformed",
+            CookieError::UnknownKey => "the session cookie was sealed with an unknown key",
+            CookieError::Forged => "the session cookie does not authenticate for this host",
+            CookieError::Expired => "the session has expired",
+            CookieError::Crypto => "the session cookie could not be sealed",
+        })
+    }
+}
+
+impl std::error::Error for CookieError {}
+
+/// A cookie key could not be made.
+#[derive(Debug, thiserror::Error)]
+#[error("a cookie key must be 32 bytes, base64-encoded")]
+pub struct BadKey;
+
+/// The fleet's cookie keys.
+pub struct CookieKeys {
+    /// (id, key); the first seals.
+    keys: Vec<(u8, LessSafeKey)>,
+    rng: SystemRandom,
+}
+
+impl fmt::Debug for CookieKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ids: Vec<u8> = self.keys.iter().map(|k| k.0).collect();
+        f.debug_struct("CookieKeys").field("ids", &ids).finish()
+    }
+}
+
+impl CookieKeys {
+    /// Keys from `(id, base64 32-byte key)`, the sealing key first.
+    pub fn new<'a>(keys: impl IntoIterator<Item = (u8, &'a str)>) -> Result<CookieKeys, BadKey> {
+        let keys = keys
+            .into_iter()
+            .map(|(id, b64)| {
+                let raw = base64::engine::general_purpose::STANDARD
+                    .decode(b64.trim())
+                    .map_err(|_| BadKey)?;
+                let key = UnboundKey::new(&AES_256_GCM, &raw).map_err(|_| BadKey)?;
+                Ok((id, LessSafeKey::new(key)))
+            })
+            .collect::<Result<Vec<_>, BadKey>>()?;
+        if keys.is_empty() {
+            return Err(BadKey);
+        }
+        Ok(CookieKeys {
+            keys,
+            rng: SystemRandom::new(),
+        })
+    }
+
+    fn aad(host: &str) -> Vec<u8> {
+        [CONTEXT, host.as_bytes()].concat()
+    }
+
+    /// The cookie value for `session` on `host` (canonical).
+    pub fn seal(&self, session: &SessionCookie, host: &str) -> Result<String, CookieError> {
+        let (id, key) = &self.keys[0];
+        let mut nonce = [0u8; NONCE_LEN];
+        self.rng
+            .fill(&mut nonce)
+            .map_err(|_| CookieError::Malformed)?;
+        let mut data = serde_json::to_vec(session).map_err(|_| CookieError::Malformed)?;
+        key.seal_in_place_append_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(Self::aad(host)),
+            &mut data,
+        )
+        .map_err(|_| CookieError::Crypto)?;
+        let mut out = Vec::with_capacity(1 + NONCE_LEN + data.len());
+        out.push(*id);
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&data);
+        Ok(URL_SAFE_NO_PAD.encode(out))
+    }
+
+    /// The session in `value`, if it was sealed by one of our keys for `host` and
+    /// has not expired at `now` (Unix seconds).
+    pub fn open(&self, value: &str, host: &str, now: i64) -> Result<SessionCookie, CookieError> {
+        if value.len() > MAX_LEN {
+            return Err(CookieError::Malformed);
+        }
+        let raw = URL_SAFE_NO_PAD
+            .decode(value)
+            .map_err(|_| CookieError::Malformed)?;
+        if raw.len() < 1 + NONCE_LEN + AES_256_GCM.tag_len() {
+            return Err(CookieError::Malformed);
+        }
+        let (id, rest) = raw.split_at(1);
+        let (nonce, sealed) = rest.split_at(NONCE_LEN);
+        let key = self
+            .keys
+            .iter()
+            .find(|(k, _)| *k == id[0])
+            .map(|(_, k)| k)
+            .ok_or(CookieError::UnknownKey)?;
+        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| CookieError::Malformed)?;
+        let mut sealed = sealed.to_vec();
+        let plain = key
+            .open_in_place(nonce, Aad::from(Self::aad(host)), &mut sealed)
+            .map_err(|_| CookieError::Forged)?;
+        let session: SessionCookie =
+            serde_json::from_slice(plain).map_err(|_| CookieError::Forged)?;
+        if session.exp <= now {
+            return Err(CookieError::Expired);
+        }
+        Ok(session)
+    }
+}
+
+/// The `Set-Cookie` value that stores `value` until `max_age_s` from now.
+pub fn set_cookie(value: &str, max_age_s: i64) -> String {
+    format!(
+        "{NAME}={value}; Path=/; Secure; HttpOnly; SameSite=Lax; Max-Age={}",
+        max_age_s.max(0)
+    )
+}
+
+/// The `Set-Cookie` value that deletes the session cookie.
+pub fn clear_cookie() -> String {
+    format!("{NAME}=; Path=/; Secure; HttpOnly; SameSite=Lax; Max-Age=0")
+}
+
+/// The session cookie's value among `Cookie` header values; `None` when absent,
+/// and also when it was sent twice (which one to believe is ambiguous).
+pub fn find<'a>(cookie_headers: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    let mut found = None;
+    for header in cookie_headers {
+        for pair in header.split(';') {
+            if let Some((name, value)) = pair.trim().split_once('=') {
+                if name == NAME {
+                    if found.is_some() {
+                        return None;
+                    }
+                    found = Some(value);
+                }
+            }
+        }
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const K1: &str = "AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA=";
+    const K2: &str = "ICEiIyQlJicoKSorLC0uLzAxMjM0NTY3ODk6Ozw9Pj8=";
+
+    fn keys(list: &[(u8, &str)]) -> CookieKeys {
+        CookieKeys::new(list.iter().copied()).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn session() -> SessionCookie {
+        SessionCookie {
+            sid: "ses_abc".into(),
+            uid: "usr_1".into(),
+            did: Some("dev_1".into()),
+            auth_time: 1_000,
+            exp: 5_000,
+            amr: vec!["pwd".into(), "otp".into()],
+        }
+    }
+
+    #[test]
+    fn sealed_cookies_open_on_their_host_only() {
+        let k = keys(&[(1, K1)]);
+        let v = k
+            .seal(&session(), "app.example.com")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(k.open(&v, "app.example.com", 2_000), Ok(session()));
+        assert_eq!(
+            k.open(&v, "other.example.com", 2_000),
+            Err(CookieError::Forged)
+        );
+        assert_eq!(
+            k.open(&v, "app.example.com", 5_000),
+            Err(CookieError::Expired)
+        );
+        // Each seal uses a fresh nonce.
+        assert_ne!(k.seal(&session(), "app.example.com").ok(), Some(v));
+    }
+
+    #[test]
+    fn tampering_and_garbage_are_refused() {
+        let k = keys(&[(1, K1)]);
+        let v = k.seal(&session(), "h").unwrap_or_else(|e| panic!("{e}"));
+        let mut raw = URL_SAFE_NO_PAD.decode(&v).unwrap_or_default();
+        for i in [1, 13, raw.len() - 1] {
+            raw[i] ^= 1;
+            assert_eq!(
+                k.open(&URL_SAFE_NO_PAD.encode(&raw), "h", 0),
+                Err(CookieError::Forged),
+                "byte {i}"
+            );
+            raw[i] ^= 1;
+        }
+        raw[0] = 9;
+        assert_eq!(
+            k.open(&URL_SAFE_NO_PAD.encode(&raw), "h", 0),
+            Err(CookieError::UnknownKey)
+        );
+        for bad in ["", "!!!", "AAAA", &"A".repeat(5000)] {
+            assert_eq!(
+                k.open(bad, "h", 0),
+                Err(CookieError::Malformed),
+                "{bad:.10}"
+            );
+        }
+    }
+
+    #[test]
+    fn keys_rotate() {
+        let old = keys(&[(1, K1)]);
+        let both = keys(&[(2, K2), (1, K1)]);
+        let new_only = keys(&[(2, K2)]);
+        let v_old = old.seal(&session(), "h").unwrap_or_else(|e| panic!("{e}"));
+        assert!(both.open(&v_old, "h", 0).is_ok(), "the old key still opens");
+        let v_new = both.seal(&session(), "h").unwrap_or_else(|e| panic!("{e}"));
+        assert!(new_only.open(&v_new, "h", 0).is_ok(), "the new key seals");
+        assert_eq!(new_only.open(&v_old, "h", 0), Err(CookieError::UnknownKey));
+        assert!(CookieKeys::new([(1, "c2hvcnQ=")]).is_err());
+        assert!(CookieKeys::new(std::iter::empty()).is_err());
+    }
+
+    #[test]
+    fn the_cookie_is_found_once_or_not_at_all() {
+        assert_eq!(find(["a=1; __Host-vigil_session=xyz; b=2"]), Some("xyz"));
+        assert_eq!(find(["a=1", "__Host-vigil_session=xyz"]), Some("xyz"));
+        assert_eq!(find(["vigil_session=xyz"]), None);
+        assert_eq!(
+            find(["__Host-vigil_session=a; __Host-vigil_session=b"]),
+            None
+        );
+        assert_eq!(
+            find(["__Host-vigil_session=a", "__Host-vigil_session=b"]),
+            None
+        );
+        let set = set_cookie("v", 3600);
+        for attr in [
+            "Secure",
+            "HttpOnly",
+            "SameSite=Lax",
+            "Path=/",
+            "Max-Age=3600",
+        ] {
+            assert!(set.contains(attr), "{set}");
+        }
+        assert!(!set.contains("Domain"));
+        assert!(clear_cookie().contains("Max-Age=0"));
+    }
+}
