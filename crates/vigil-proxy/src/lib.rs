@@ -5,6 +5,7 @@
 //! table.
 
 pub mod cookie;
+pub mod decide;
 pub mod edge;
 pub mod index;
 pub mod normalize;
