@@ -401,17 +401,7 @@ fn check_host(host: &str) -> Result<String, String> {
         Some(r) => (true, r),
         None => (false, h.as_str()),
     };
-    let labels: Vec<&str> = rest.split('.').collect();
-    let ok = !rest.is_empty()
-        && rest.len() <= 253
-        && labels.iter().all(|l| {
-            !l.is_empty()
-                && l.len() <= 63
-                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-                && !l.starts_with('-')
-                && !l.ends_with('-')
-        })
-        && (!wild || labels.len() >= 2);
+    let ok = vigil_snapshot::is_host_name(rest) && (!wild || rest.contains('.'));
     if ok {
         Ok(h)
     } else {

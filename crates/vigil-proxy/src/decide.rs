@@ -20,7 +20,6 @@ use vigil_policy::request::{
 };
 use vigil_policy::{Amr, Effect, Request, Sym, Symbols};
 use vigil_proto::v1::entry::Body;
-use vigil_proto::v1::{grant, scalar};
 use vigil_snapshot::Kind;
 
 use crate::index::Index;
@@ -122,31 +121,33 @@ fn unauthenticated(reason: impl Into<String>, reauthenticate: bool) -> Verdict {
     }
 }
 
-fn body<'s>(index: &'s Index, kind: Kind, id: &str) -> Option<&'s Body> {
-    index.snapshot.get(kind, id)?.body.as_ref()
-}
-
-/// Decides `principal`'s request for route `route` (see the module's doc).
+/// Decides `principal`'s request for route `route` (see the module's doc). Reads
+/// only what [`Index`] derived ahead of time: nothing here interns a name, converts
+/// a posture report or scans the grants.
 pub fn decide(index: &Index, route: &str, principal: Principal<'_>, facts: Facts<'_>) -> Verdict {
-    let Some(policy) = index.policy(route) else {
+    let Some(route_policy) = index.policies.get(route) else {
         return deny(format!("route `{route}` has no policy"));
-    };
-    let Some(Body::Route(route_entry)) = body(index, Kind::Route, route) else {
-        return deny(format!("route `{route}` is not in the snapshot"));
     };
     let symbols: &Symbols = &index.symbols;
     let now = facts.now;
+    let route_grants = index.grants.get(route);
+    let no_grants: &[GrantWindow] = &[];
 
-    // 1. Standing.
-    let mut groups: Vec<Sym> = Vec::new();
+    // 1. Standing, and who the policy sees.
     let mut user = None;
     let mut service_account = None;
     let mut session = Session::default();
-    let subject: Option<(bool, &str)>;
+    let mut grants = no_grants;
+    // Directory groups and claimed groups, merged only when there are claimed ones.
+    let merged: Vec<Sym>;
     match principal {
-        Principal::Anonymous => subject = None,
+        Principal::Anonymous => {}
         Principal::ServiceAccount { id } => {
-            let Some(Body::ServiceAccount(sa)) = body(index, Kind::ServiceAccount, id) else {
+            let Some(Body::ServiceAccount(sa)) = index
+                .snapshot
+                .get(Kind::ServiceAccount, id)
+                .and_then(|e| e.body.as_ref())
+            else {
                 return unauthenticated("unknown service account", false);
             };
             if sa.disabled {
@@ -161,28 +162,27 @@ pub fn decide(index: &Index, route: &str, principal: Principal<'_>, facts: Facts
                 sym: symbols.service_accounts.get(id).unwrap_or(Sym::NONE),
                 name: id,
             });
-            subject = Some((false, id));
+            if let Some(g) = route_grants.and_then(|g| g.service_accounts.get(id)) {
+                grants = g;
+            }
         }
         Principal::User {
             id,
-            session: facts_session,
+            session: user_session,
             email,
             email_verified,
             claim_groups,
             claims,
         } => {
-            if let Some(s) = facts_session {
+            if let Some(s) = user_session {
                 if s.expires_at <= now {
                     return unauthenticated("the session has expired", false);
                 }
                 if index.snapshot.get(Kind::RevokedSession, s.id).is_some() {
                     return unauthenticated("the session was revoked", true);
                 }
-                if let Some(max) = route_entry
-                    .settings
-                    .as_ref()
-                    .and_then(|st| st.max_auth_age_s)
-                {
+                // 2. Auth age.
+                if let Some(max) = route_policy.max_auth_age_s {
                     let age = now.saturating_sub(s.auth_time);
                     if u64::try_from(age).unwrap_or(u64::MAX) > max {
                         return unauthenticated(
@@ -196,99 +196,69 @@ pub fn decide(index: &Index, route: &str, principal: Principal<'_>, facts: Facts
                     amr: Amr::from_values(s.amr.iter().map(String::as_str)),
                 };
             }
-            let (mut email, mut email_verified) = (email, email_verified);
-            if let Some(Body::User(u)) = body(index, Kind::User, id) {
-                if u.suspended {
-                    return deny("the user is suspended");
-                }
-                groups.extend(u.groups.iter().filter_map(|g| symbols.groups.get(g)));
-                if u.email.is_some() {
-                    email = u.email.as_deref();
-                    email_verified = u.email_verified;
-                }
+            let known = index.users.get(id);
+            if known.is_some_and(|u| u.suspended) {
+                return deny("the user is suspended");
             }
-            groups.extend(claim_groups.iter().filter_map(|g| symbols.groups.get(g)));
-            groups.sort_unstable();
-            groups.dedup();
-            user = Some((id, email, email_verified, claims));
-            subject = Some((true, id));
+            let directory: &[Sym] = known.map_or(&[], |u| &u.groups);
+            let groups: &[Sym] = if claim_groups.is_empty() {
+                directory
+            } else {
+                let mut all = directory.to_vec();
+                all.extend(claim_groups.iter().filter_map(|g| symbols.groups.get(g)));
+                all.sort_unstable();
+                all.dedup();
+                merged = all;
+                &merged
+            };
+            let (email, email_verified) = match known {
+                Some(u) if u.email.is_some() => (u.email.as_deref(), u.email_verified),
+                _ => (email, email_verified),
+            };
+            user = Some(PolicyUser {
+                id: Id {
+                    sym: symbols.users.get(id).unwrap_or(Sym::NONE),
+                    name: id,
+                },
+                email,
+                email_verified,
+                domain: email.map_or(Sym::NONE, |e| symbols.domain_of(e)),
+                groups,
+                claims,
+            });
+            if let Some(g) = route_grants.and_then(|g| g.users.get(id)) {
+                grants = g;
+            }
         }
     }
 
-    // The device: revoked means denied; posture counts while fresh.
-    let mut posture = Posture::default();
-    let mut device = None;
-    if let Some(device_id) = facts.device_id {
-        match body(index, Kind::Device, device_id) {
-            Some(Body::Device(d)) => {
-                if d.revoked {
-                    return deny("the device is revoked");
-                }
-                posture.expires_at = d.posture_expires_at;
-                posture.attributes = d
-                    .posture
-                    .iter()
-                    .filter_map(|a| {
-                        let sym = symbols.attributes.get(&a.name)?;
-                        let value = match a.value.as_ref()?.value.as_ref()? {
-                            scalar::Value::Bool(b) => vigil_policy::ast::Scalar::Bool(*b),
-                            scalar::Value::Number(n) => vigil_policy::ast::Scalar::Num(*n),
-                            scalar::Value::Text(t) => vigil_policy::ast::Scalar::Str(t.clone()),
-                        };
-                        Some((sym, value))
-                    })
-                    .collect();
-                posture.attributes.sort_by_key(|(s, _)| *s);
-                device = Some((device_id, d.approved));
+    // The device: revoked means denied; an unknown one is neither approved nor
+    // reporting posture.
+    let unknown_posture = Posture::default();
+    let device = match facts.device_id {
+        None => None,
+        Some(id) => {
+            let known = index.devices.get(id);
+            if known.is_some_and(|d| d.revoked) {
+                return deny("the device is revoked");
             }
-            _ => device = Some((device_id, false)),
-        }
-    }
-
-    // Grants for this route.
-    let grants: Vec<GrantWindow> = match subject {
-        None => Vec::new(),
-        Some((is_user, id)) => index
-            .snapshot
-            .of_kind(Kind::Grant)
-            .filter_map(|e| match e.body.as_ref()? {
-                Body::Grant(g) if g.route == route => {
-                    let matches = match g.subject.as_ref()? {
-                        grant::Subject::User(u) => is_user && u == id,
-                        grant::Subject::ServiceAccount(s) => !is_user && s == id,
-                    };
-                    matches.then_some(GrantWindow {
-                        start: g.start,
-                        end: g.end,
-                    })
-                }
-                _ => None,
+            Some(PolicyDevice {
+                id: Id {
+                    sym: symbols.devices.get(id).unwrap_or(Sym::NONE),
+                    name: id,
+                },
+                approved: known.is_some_and(|d| d.approved),
+                posture: known.map_or(&unknown_posture, |d| &d.posture),
             })
-            .collect(),
+        }
     };
 
     // 3. The policy.
+    let anonymous = user.is_none() && service_account.is_none();
     let request = Request {
-        user: user.map(|(id, email, email_verified, claims)| PolicyUser {
-            id: Id {
-                sym: symbols.users.get(id).unwrap_or(Sym::NONE),
-                name: id,
-            },
-            email,
-            email_verified,
-            domain: email.map_or(Sym::NONE, |e| symbols.domain_of(e)),
-            groups: &groups,
-            claims,
-        }),
+        user,
         service_account,
-        device: device.map(|(id, approved)| PolicyDevice {
-            id: Id {
-                sym: symbols.devices.get(id).unwrap_or(Sym::NONE),
-                name: id,
-            },
-            approved,
-            posture: &posture,
-        }),
+        device,
         client_certificate: facts.client_certificate,
         method: facts.method,
         path: facts.path,
@@ -296,8 +266,9 @@ pub fn decide(index: &Index, route: &str, principal: Principal<'_>, facts: Facts
         source_ip: facts.source_ip,
         now,
         session,
-        grants: &grants,
+        grants,
     };
+    let policy = &route_policy.policy;
     let decision = policy.evaluate(&request);
     let rule = decision
         .rule
@@ -306,7 +277,7 @@ pub fn decide(index: &Index, route: &str, principal: Principal<'_>, facts: Facts
     match (decision.allow, rule) {
         (true, Some((_, pointer))) => Verdict::Allow { rule: pointer },
         (true, None) => deny("no rule decided"),
-        (false, _) if subject.is_none() => unauthenticated("sign in to reach this route", false),
+        (false, _) if anonymous => unauthenticated("sign in to reach this route", false),
         (false, Some((Effect::Deny, pointer))) => Verdict::Deny {
             reason: format!("denied by the rule at {pointer}"),
             rule: Some(pointer),
@@ -318,10 +289,11 @@ pub fn decide(index: &Index, route: &str, principal: Principal<'_>, facts: Facts
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
     use vigil_policy::request::NoHeaders;
     use vigil_proto::v1::{
-        route, Attribute, Device, Entry, Grant, RevokedSession, Route, RouteSettings, Scalar,
-        ServiceAccount, User,
+        grant, route, scalar, Attribute, Device, Entry, Grant, RevokedSession, Route,
+        RouteSettings, Scalar, ServiceAccount, User,
     };
     use vigil_snapshot::Update;
 
@@ -543,6 +515,58 @@ mod tests {
             decide(&ix, "nope", as_user("alice", None), facts("GET", None)),
             deny("route `nope` has no policy")
         );
+    }
+
+    #[test]
+    fn facts_follow_deltas_and_names_new_to_the_table() {
+        let ix = index();
+        // bob is in `sales` in the directory, but no policy named it: a route that
+        // does must see his membership without bob himself changing.
+        let sales = route_entry(
+            "sales",
+            r#"{"allow": {"and": [{"groups": {"has": "sales"}}]}}"#,
+            None,
+        );
+        let delta = |version: u64, upserts: Vec<Entry>, removals| Update {
+            version,
+            base_version: version - 1,
+            full: false,
+            upserts,
+            removals,
+        };
+        let ix = ix
+            .apply(delta(2, vec![sales], vec![]))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(allowed(&decide(
+            &ix,
+            "sales",
+            as_user("bob", None),
+            facts("GET", None)
+        )));
+        // A user-only delta re-derives that user alone, and shares the rest.
+        let ix2 = ix
+            .apply(delta(3, vec![user("bob", &["sales"], true)], vec![]))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            decide(&ix2, "sales", as_user("bob", None), facts("GET", None)),
+            deny("the user is suspended")
+        );
+        assert!(Arc::ptr_eq(&ix.grants, &ix2.grants) && Arc::ptr_eq(&ix.routes, &ix2.routes));
+        let removal = vigil_snapshot::Key {
+            kind: Kind::User,
+            id: "bob".into(),
+        }
+        .to_proto();
+        let ix3 = ix2
+            .apply(delta(4, vec![], vec![removal]))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(ix3.users.get("bob").is_none());
+        assert!(!allowed(&decide(
+            &ix3,
+            "sales",
+            as_user("bob", None),
+            facts("GET", None)
+        )));
     }
 
     #[test]

@@ -101,30 +101,27 @@ pub fn check(parts: &Parts) -> Result<String, EdgeError> {
 }
 
 fn framing(headers: &HeaderMap) -> Result<(), EdgeError> {
-    let te: Vec<_> = headers.get_all(header::TRANSFER_ENCODING).iter().collect();
-    let cl: Vec<_> = headers.get_all(header::CONTENT_LENGTH).iter().collect();
-    if !te.is_empty() && !cl.is_empty() {
-        return Err(EdgeError::Framing(
+    let mut te = headers.get_all(header::TRANSFER_ENCODING).iter();
+    let mut cl = headers.get_all(header::CONTENT_LENGTH).iter();
+    match (te.next(), cl.next()) {
+        (Some(_), Some(_)) => Err(EdgeError::Framing(
             "Content-Length and Transfer-Encoding were both sent",
-        ));
-    }
-    if cl.windows(2).any(|w| w[0] != w[1]) {
-        return Err(EdgeError::Framing("Content-Length values disagree"));
-    }
-    if !te.is_empty() {
-        let codings: Vec<String> = te
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(|c| c.trim().to_ascii_lowercase())
-            .collect();
-        if codings.len() != 1 || codings[0] != "chunked" {
-            return Err(EdgeError::Framing(
-                "Transfer-Encoding must be exactly `chunked`",
-            ));
+        )),
+        (None, Some(first)) if cl.any(|v| v != first) => {
+            Err(EdgeError::Framing("Content-Length values disagree"))
         }
+        (Some(coding), None)
+            if te.next().is_some()
+                || !coding
+                    .to_str()
+                    .is_ok_and(|c| c.trim().eq_ignore_ascii_case("chunked")) =>
+        {
+            Err(EdgeError::Framing(
+                "Transfer-Encoding must be exactly `chunked`",
+            ))
+        }
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 /// Whether the request asks to become a WebSocket.

@@ -1,13 +1,64 @@
-//! What the request path reads: the snapshot with every route's policy loaded and
-//! linked into one symbol table. Built off the request path, swapped in whole.
+//! What the request path reads: the snapshot, with everything a request needs
+//! derived from it ahead of time. Each route's policy is loaded and linked into one
+//! symbol table; users' groups and devices' posture are interned against that table;
+//! grants are grouped by route and subject; the route table is compiled. All of it
+//! is built off the request path and swapped in whole, and an update re-derives
+//! only what it touches (everything of a kind whose derivation depends on names the
+//! symbol table gained).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
-use vigil_policy::{CompiledPolicy, Symbols};
+use vigil_policy::ast::Scalar as PolicyScalar;
+use vigil_policy::request::{GrantWindow, Posture};
+use vigil_policy::{CompiledPolicy, Sym, Symbols};
 use vigil_proto::v1::entry::Body;
+use vigil_proto::v1::{grant, scalar};
 use vigil_snapshot::{Kind, Snapshot, SnapshotError, Update};
 
 use crate::routes::RouteTable;
+
+/// A route as authorization reads it.
+#[derive(Debug)]
+pub struct RoutePolicy {
+    /// The route's effective policy, linked into the index's symbol table.
+    pub policy: CompiledPolicy,
+    /// Sign-ins older than this many seconds must be renewed.
+    pub max_auth_age_s: Option<u64>,
+}
+
+/// A user as authorization reads it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UserFacts {
+    /// Suspended users are denied everywhere.
+    pub suspended: bool,
+    /// The directory's email for the user.
+    pub email: Option<String>,
+    /// Whether that email is verified.
+    pub email_verified: bool,
+    /// The directory groups that some policy names, interned and sorted.
+    pub groups: Box<[Sym]>,
+}
+
+/// A device as authorization reads it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceFacts {
+    /// Approved by an admin.
+    pub approved: bool,
+    /// Revoked devices are denied everywhere.
+    pub revoked: bool,
+    /// Its posture, attributes that some policy names, interned and sorted.
+    pub posture: Posture,
+}
+
+/// A route's active and future grants, by subject.
+#[derive(Debug, Default)]
+pub struct RouteGrants {
+    /// By user id.
+    pub users: HashMap<String, Vec<GrantWindow>>,
+    /// By service account id.
+    pub service_accounts: HashMap<String, Vec<GrantWindow>>,
+}
 
 /// One version of everything the proxy enforces.
 #[derive(Debug, Clone, Default)]
@@ -16,11 +67,118 @@ pub struct Index {
     pub snapshot: Arc<Snapshot>,
     /// Names the policies mention, shared by every route's policy.
     pub symbols: Arc<Symbols>,
-    /// Each route's loaded policy, by route name (a persistent map: an update copies
+    /// Each route's loaded policy, by route id (a persistent map: an update copies
     /// only the paths it touches).
-    pub policies: imbl::OrdMap<String, Arc<CompiledPolicy>>,
+    pub policies: imbl::OrdMap<String, Arc<RoutePolicy>>,
+    /// Users, by id.
+    pub users: imbl::OrdMap<String, Arc<UserFacts>>,
+    /// Devices, by id.
+    pub devices: imbl::OrdMap<String, Arc<DeviceFacts>>,
+    /// Grants, by route id.
+    pub grants: Arc<HashMap<String, RouteGrants>>,
     /// Which route serves a (host, path); rebuilt only when routes change.
     pub routes: Arc<RouteTable>,
+}
+
+/// How many names a table holds; tables only ever grow, so a change in this count
+/// is a change in the table.
+fn interned(s: &Symbols) -> usize {
+    s.users.len()
+        + s.groups.len()
+        + s.service_accounts.len()
+        + s.devices.len()
+        + s.attributes.len()
+        + s.domains.len()
+}
+
+fn user_facts(body: &Body, symbols: &Symbols) -> Option<UserFacts> {
+    let Body::User(u) = body else { return None };
+    let mut groups: Vec<Sym> = u
+        .groups
+        .iter()
+        .filter_map(|g| symbols.groups.get(g))
+        .collect();
+    groups.sort_unstable();
+    Some(UserFacts {
+        suspended: u.suspended,
+        email: u.email.clone(),
+        email_verified: u.email_verified,
+        groups: groups.into(),
+    })
+}
+
+fn device_facts(body: &Body, symbols: &Symbols) -> Option<DeviceFacts> {
+    let Body::Device(d) = body else { return None };
+    let mut attributes: Vec<(Sym, PolicyScalar)> = d
+        .posture
+        .iter()
+        .filter_map(|a| {
+            let sym = symbols.attributes.get(&a.name)?;
+            let value = match a.value.as_ref()?.value.as_ref()? {
+                scalar::Value::Bool(b) => PolicyScalar::Bool(*b),
+                scalar::Value::Number(n) => PolicyScalar::Num(*n),
+                scalar::Value::Text(t) => PolicyScalar::Str(t.clone()),
+            };
+            Some((sym, value))
+        })
+        .collect();
+    attributes.sort_by_key(|(s, _)| *s);
+    Some(DeviceFacts {
+        approved: d.approved,
+        revoked: d.revoked,
+        posture: Posture {
+            expires_at: d.posture_expires_at,
+            attributes,
+        },
+    })
+}
+
+fn all_grants(snapshot: &Snapshot) -> HashMap<String, RouteGrants> {
+    let mut by_route: HashMap<String, RouteGrants> = HashMap::new();
+    for e in snapshot.of_kind(Kind::Grant) {
+        let Some(Body::Grant(g)) = &e.body else {
+            continue;
+        };
+        let window = GrantWindow {
+            start: g.start,
+            end: g.end,
+        };
+        let route = by_route.entry(g.route.clone()).or_default();
+        let (map, id) = match &g.subject {
+            Some(grant::Subject::User(u)) => (&mut route.users, u),
+            Some(grant::Subject::ServiceAccount(s)) => (&mut route.service_accounts, s),
+            None => continue,
+        };
+        map.entry(id.clone()).or_default().push(window);
+    }
+    by_route
+}
+
+/// `prev` with the entries of `kind` named in `touched` derived again from `snapshot`
+/// (or every entry of `kind`, when `all`).
+fn rederive<T>(
+    prev: &imbl::OrdMap<String, Arc<T>>,
+    snapshot: &Snapshot,
+    kind: Kind,
+    touched: &[(Kind, String)],
+    all: bool,
+    derive: impl Fn(&Body) -> Option<T>,
+) -> imbl::OrdMap<String, Arc<T>> {
+    let facts = |e: &vigil_proto::v1::Entry| e.body.as_ref().and_then(&derive).map(Arc::new);
+    if all {
+        return snapshot
+            .of_kind(kind)
+            .filter_map(|e| Some((e.id.clone(), facts(e)?)))
+            .collect();
+    }
+    let mut next = prev.clone();
+    for (_, id) in touched.iter().filter(|(k, _)| *k == kind) {
+        match snapshot.get(kind, id).and_then(facts) {
+            Some(f) => next.insert(id.clone(), f),
+            None => next.remove(id),
+        };
+    }
+    next
 }
 
 impl Index {
@@ -38,41 +196,67 @@ impl Index {
 
     /// The policy of a route.
     pub fn policy(&self, route: &str) -> Option<&CompiledPolicy> {
-        self.policies.get(route).map(|p| &**p)
+        self.policies.get(route).map(|p| &p.policy)
     }
 
-    /// The index after `update`, leaving `self` untouched: the snapshot is a persistent
-    /// map, so only what the update touches is copied. Every check (each changed
-    /// route's policy, the update's shape and base version) passes before the result
-    /// exists, so a bad update changes nothing. Unchanged routes keep their policies.
+    /// The index after `update`, leaving `self` untouched: everything it holds is
+    /// persistent or shared, so only what the update touches is copied. Every check
+    /// (each changed route's policy, the update's shape and base version) passes
+    /// before the result exists, so a bad update changes nothing.
     pub fn apply(&self, update: Update) -> Result<Index, SnapshotError> {
         let (mut symbols, mut policies) = if update.full {
             (Arc::new(Symbols::default()), imbl::OrdMap::new())
         } else {
             (self.symbols.clone(), self.policies.clone())
         };
-        let mut routes_changed = update.full;
+        let names_before = interned(&symbols);
+        let mut touched: Vec<(Kind, String)> = Vec::new();
         for removed in &update.removals {
-            if removed.kind == Kind::Route as i32 {
+            let kind = Kind::try_from(removed.kind).unwrap_or(Kind::Unspecified);
+            if kind == Kind::Route {
                 policies.remove(&removed.id);
-                routes_changed = true;
             }
+            touched.push((kind, removed.id.clone()));
         }
         for entry in &update.upserts {
-            if let Some(Body::Route(route)) = &entry.body {
+            let Some(body) = &entry.body else { continue };
+            touched.push((vigil_snapshot::kind_of(body), entry.id.clone()));
+            if let Body::Route(route) = body {
                 // Copies the symbol table only when a route changes (and then once).
                 let policy =
                     vigil_snapshot::decode_policy(&route.policy, Arc::make_mut(&mut symbols))
                         .map_err(|e| {
                             SnapshotError::Invalid(format!("route `{}`: {e}", entry.id))
                         })?;
-                policies.insert(entry.id.clone(), Arc::new(policy));
-                routes_changed = true;
+                let max_auth_age_s = route.settings.as_ref().and_then(|s| s.max_auth_age_s);
+                policies.insert(
+                    entry.id.clone(),
+                    Arc::new(RoutePolicy {
+                        policy,
+                        max_auth_age_s,
+                    }),
+                );
             }
         }
+        let full = update.full;
         let mut snapshot = (*self.snapshot).clone();
         snapshot.apply(update)?;
-        let routes = if routes_changed {
+        let touches = |kind: Kind| full || touched.iter().any(|(k, _)| *k == kind);
+        // Names new to the table can make groups and posture attributes count that
+        // did not before: then every user and device is derived again.
+        let all = full || interned(&symbols) != names_before;
+        let users = rederive(&self.users, &snapshot, Kind::User, &touched, all, |b| {
+            user_facts(b, &symbols)
+        });
+        let devices = rederive(&self.devices, &snapshot, Kind::Device, &touched, all, |b| {
+            device_facts(b, &symbols)
+        });
+        let grants = if touches(Kind::Grant) {
+            Arc::new(all_grants(&snapshot))
+        } else {
+            self.grants.clone()
+        };
+        let routes = if touches(Kind::Route) {
             Arc::new(RouteTable::build(&snapshot))
         } else {
             self.routes.clone()
@@ -81,6 +265,9 @@ impl Index {
             snapshot: Arc::new(snapshot),
             symbols,
             policies,
+            users,
+            devices,
+            grants,
             routes,
         })
     }

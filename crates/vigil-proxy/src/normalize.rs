@@ -67,99 +67,84 @@ fn unreserved(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
 }
 
-/// The canonical form of `raw` (the request target's path, without its query).
+/// The canonical form of `raw` (the request target's path, without its query), in
+/// one pass over its segments: each is checked and decoded into a reused buffer,
+/// then appended, skipped (`.`, empty) or used to drop the last one (`..`).
 pub fn normalize_path(raw: &str) -> Result<String, PathError> {
-    let bytes = raw.as_bytes();
-    if bytes.first() != Some(&b'/') {
+    let Some(rest) = raw.strip_prefix('/') else {
         return Err(PathError::NotAbsolute);
+    };
+    let mut out = String::with_capacity(raw.len());
+    let mut seg = String::new();
+    // The bytes of the current run of escapes, checked as UTF-8 when the run ends.
+    let mut run: Vec<u8> = Vec::new();
+    let mut last_is_dot = false;
+    for raw_seg in rest.split('/') {
+        seg.clear();
+        decode_segment(raw_seg.as_bytes(), &mut seg, &mut run)?;
+        last_is_dot = matches!(seg.as_str(), "." | "..");
+        match seg.as_str() {
+            "" | "." => {}
+            ".." => out.truncate(out.rfind('/').unwrap_or(0)),
+            s => {
+                out.push('/');
+                out.push_str(s);
+            }
+        }
     }
-    // Steps 1-3: check and decode what may be decoded; collect every escaped byte
-    // to check that together they are UTF-8.
-    let mut decoded = String::with_capacity(raw.len());
-    let mut escaped = Vec::new();
+    if out.is_empty() || raw.ends_with('/') || last_is_dot {
+        out.push('/');
+    }
+    Ok(out)
+}
+
+/// Steps 1-3 for one segment: appends its decoded form to `out`.
+fn decode_segment(bytes: &[u8], out: &mut String, run: &mut Vec<u8>) -> Result<(), PathError> {
     let mut i = 0;
     while i < bytes.len() {
         let b = bytes[i];
-        if b == b'%' {
-            let (Some(h), Some(l)) = (
-                bytes.get(i + 1).copied().and_then(hex),
-                bytes.get(i + 2).copied().and_then(hex),
-            ) else {
-                return Err(PathError::BadEscape);
-            };
-            let v = h * 16 + l;
-            if matches!(v, b'/' | b'\\' | 0) {
-                return Err(PathError::EncodedSeparator);
+        if b != b'%' {
+            end_run(run)?;
+            if !(0x21..=0x7E).contains(&b) || b == b'\\' {
+                return Err(PathError::BadByte(b));
             }
-            if unreserved(v) {
-                decoded.push(char::from(v));
-            } else {
-                escaped.push(v);
-                decoded.push('%');
-                decoded.push(char::from(b"0123456789ABCDEF"[usize::from(h)]));
-                decoded.push(char::from(b"0123456789ABCDEF"[usize::from(l)]));
-            }
-            i += 3;
+            out.push(char::from(b));
+            i += 1;
             continue;
         }
-        if !(0x21..=0x7E).contains(&b) || b == b'\\' {
-            return Err(PathError::BadByte(b));
+        let (Some(h), Some(l)) = (
+            bytes.get(i + 1).copied().and_then(hex),
+            bytes.get(i + 2).copied().and_then(hex),
+        ) else {
+            return Err(PathError::BadEscape);
+        };
+        let v = h * 16 + l;
+        if matches!(v, b'/' | b'\\' | 0) {
+            return Err(PathError::EncodedSeparator);
         }
-        decoded.push(char::from(b));
-        i += 1;
-    }
-    if !escaped.is_empty() && !utf8_runs(bytes) {
-        return Err(PathError::NotUtf8);
-    }
-    // Steps 4-5: one pass over the segments.
-    let trailing = decoded.ends_with('/');
-    let mut out: Vec<&str> = Vec::new();
-    for seg in decoded.split('/') {
-        match seg {
-            "" | "." => {}
-            ".." => {
-                out.pop();
-            }
-            s => out.push(s),
+        run.push(v);
+        if unreserved(v) {
+            out.push(char::from(v));
+        } else {
+            const HEX: &[u8; 16] = b"0123456789ABCDEF";
+            out.push('%');
+            out.push(char::from(HEX[usize::from(h)]));
+            out.push(char::from(HEX[usize::from(l)]));
         }
+        i += 3;
     }
-    let mut path = String::with_capacity(decoded.len());
-    for s in &out {
-        path.push('/');
-        path.push_str(s);
-    }
-    let last_is_dot = matches!(decoded.rsplit('/').next(), Some(".") | Some(".."));
-    if path.is_empty() || trailing || (last_is_dot && !out.is_empty()) {
-        path.push('/');
-    }
-    Ok(path)
+    // A segment's end (a `/` or the path's end) ends the run too.
+    end_run(run)
 }
 
-/// Whether every run of consecutive `%XX` escapes in `raw` decodes to UTF-8 (a
-/// character's bytes are always escaped together). `raw`'s escapes are valid.
-fn utf8_runs(raw: &[u8]) -> bool {
-    let mut run = Vec::new();
-    let mut i = 0;
-    loop {
-        if raw.get(i) == Some(&b'%') {
-            if let (Some(h), Some(l)) = (
-                raw.get(i + 1).copied().and_then(hex),
-                raw.get(i + 2).copied().and_then(hex),
-            ) {
-                run.push(h * 16 + l);
-                i += 3;
-                continue;
-            }
-        }
-        if std::str::from_utf8(&run).is_err() {
-            return false;
-        }
+/// Checks that a run of escaped bytes is UTF-8 (a character's bytes are always
+/// escaped together), and empties it.
+fn end_run(run: &mut Vec<u8>) -> Result<(), PathError> {
+    if !run.is_empty() {
+        std::str::from_utf8(run).map_err(|_| PathError::NotUtf8)?;
         run.clear();
-        if i >= raw.len() {
-            return true;
-        }
-        i += 1;
     }
+    Ok(())
 }
 
 #[cfg(test)]

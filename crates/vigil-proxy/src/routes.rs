@@ -86,14 +86,7 @@ pub fn canonical_host(authority: &str) -> Option<String> {
         }
     };
     let host = host.strip_suffix('.').unwrap_or(host);
-    let ok = !host.is_empty()
-        && host.len() <= 253
-        && host.split('.').all(|l| {
-            !l.is_empty()
-                && l.len() <= 63
-                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        });
-    ok.then(|| host.to_ascii_lowercase())
+    vigil_snapshot::is_host_name(host).then(|| host.to_ascii_lowercase())
 }
 
 fn port_ok(port: &str) -> bool {

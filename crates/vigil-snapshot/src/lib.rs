@@ -16,6 +16,21 @@ pub use sign::{key_id, Signer, Verifier};
 pub use snapshot::{kind_of, Key, Snapshot};
 pub use vigil_proto::v1::{Entry, EntryKey, Envelope, Kind, Update};
 
+/// Whether `host` is a DNS host name as routes name hosts: dot-separated labels of
+/// ASCII letters, digits and `-` (not first or last), 1 to 63 bytes each, 253 in
+/// all. The control plane checks route hosts with it, the proxy request hosts.
+pub fn is_host_name(host: &str) -> bool {
+    !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        })
+}
+
 /// Why an update was refused. The holder keeps what it had.
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {

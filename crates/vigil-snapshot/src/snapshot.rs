@@ -1,5 +1,7 @@
 //! A snapshot: entries by (kind, id) at one version, and applying updates to it.
 
+use std::borrow::Borrow;
+use std::cmp::Ordering;
 use std::sync::Arc;
 
 use vigil_proto::v1::entry::Body;
@@ -59,6 +61,51 @@ impl Key {
     }
 }
 
+/// A key seen through its parts, so that a lookup by (kind, id) builds no [`Key`]
+/// (and allocates nothing): the map compares keys through this view.
+trait KeyView {
+    fn parts(&self) -> (Kind, &str);
+}
+
+impl KeyView for Key {
+    fn parts(&self) -> (Kind, &str) {
+        (self.kind, &self.id)
+    }
+}
+
+impl KeyView for (Kind, &str) {
+    fn parts(&self) -> (Kind, &str) {
+        *self
+    }
+}
+
+impl PartialEq for dyn KeyView + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.parts() == other.parts()
+    }
+}
+
+impl Eq for dyn KeyView + '_ {}
+
+impl PartialOrd for dyn KeyView + '_ {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+// The same order as `Key`'s derived one: kind, then id.
+impl Ord for dyn KeyView + '_ {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.parts().cmp(&other.parts())
+    }
+}
+
+impl<'a> Borrow<dyn KeyView + 'a> for Key {
+    fn borrow(&self) -> &(dyn KeyView + 'a) {
+        self
+    }
+}
+
 /// Everything a proxy holds at one version. The entries are a persistent map, so a
 /// copy costs nothing and applying a delta to it costs only the entries it touches:
 /// the next version is built beside the one requests still read.
@@ -83,12 +130,7 @@ impl Snapshot {
 
     /// The entry at `kind`/`id`.
     pub fn get(&self, kind: Kind, id: &str) -> Option<&Entry> {
-        self.entries
-            .get(&Key {
-                kind,
-                id: id.to_owned(),
-            })
-            .map(|e| &**e)
+        self.entries.get(&(kind, id) as &dyn KeyView).map(|e| &**e)
     }
 
     /// All entries of one kind, in id order.
@@ -118,9 +160,16 @@ impl Snapshot {
     /// Applies a full update or a delta. Everything is checked before anything
     /// changes: on error the snapshot is exactly what it was.
     pub fn apply(&mut self, update: Update) -> Result<(), SnapshotError> {
-        let removals = validate(&update)?;
+        let (upserts, removals) = validate(&update)?;
+        let entries = upserts
+            .into_iter()
+            .zip(update.upserts)
+            .map(|(k, e)| (k, Arc::new(e)));
         if update.full {
-            *self = Snapshot::new(update.version, update.upserts);
+            *self = Snapshot {
+                version: update.version,
+                entries: entries.collect(),
+            };
             return Ok(());
         }
         if update.base_version != self.version {
@@ -132,18 +181,16 @@ impl Snapshot {
         for k in removals {
             self.entries.remove(&k);
         }
-        for e in update.upserts {
-            if let Some(k) = Key::of(&e) {
-                self.entries.insert(k, Arc::new(e));
-            }
+        for (k, e) in entries {
+            self.entries.insert(k, e);
         }
         self.version = update.version;
         Ok(())
     }
 }
 
-/// Checks an update's shape; returns its removals as keys.
-fn validate(u: &Update) -> Result<Vec<Key>, SnapshotError> {
+/// Checks an update's shape; returns the keys of its upserts and of its removals.
+fn validate(u: &Update) -> Result<(Vec<Key>, Vec<Key>), SnapshotError> {
     let bad = |m: String| Err(SnapshotError::Invalid(m));
     if u.version == 0 {
         return bad("version 0".into());
@@ -180,7 +227,7 @@ fn validate(u: &Update) -> Result<Vec<Key>, SnapshotError> {
         }
         removals.push(k);
     }
-    Ok(removals)
+    Ok((ups, removals))
 }
 
 #[cfg(test)]
@@ -204,6 +251,32 @@ pub(crate) mod tests {
             id: id.into(),
             body: Some(Body::Grant(Grant::default())),
         }
+    }
+
+    #[test]
+    fn lookups_by_parts_agree_with_the_key_order() {
+        // The same id under two kinds, and ids on either side of it.
+        let s = Snapshot::new(
+            1,
+            [
+                user("m", "u@x"),
+                user("a", "a@x"),
+                user("z", "z@x"),
+                grant("m"),
+            ],
+        );
+        for (kind, id) in [
+            (Kind::User, "m"),
+            (Kind::User, "a"),
+            (Kind::User, "z"),
+            (Kind::Grant, "m"),
+        ] {
+            let e = s.get(kind, id).unwrap();
+            assert_eq!((Key::of(e).unwrap().kind, e.id.as_str()), (kind, id));
+        }
+        assert!(s.get(Kind::Grant, "a").is_none());
+        assert!(s.get(Kind::User, "mm").is_none());
+        assert!(s.get(Kind::Device, "m").is_none());
     }
 
     #[test]
