@@ -14,31 +14,20 @@ use crate::body::{read_json, typed};
 use crate::crypto::{new_token, token_hash};
 use crate::problem::Problem;
 use crate::resources::*;
+use crate::time;
 use crate::Control;
 
 /// Fields the server owns in every resource.
 const META: &[&str] = &["id", "version", "created_at", "updated_at", "token"];
 
-fn millis_to_rfc3339(ms: i64) -> String {
-    chrono::DateTime::from_timestamp_millis(ms)
-        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
-        .unwrap_or_default()
-}
-
-fn now_rfc3339() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-}
-
-/// Commits `ops` as one write and announces the revision.
+/// Commits `ops` as one write by `admin`.
 async fn commit(
     c: &Control,
     admin: &Admin,
     action: Option<&str>,
     ops: Vec<Op>,
 ) -> Result<Committed, Problem> {
-    let done = c.store.write(&admin.actor, action, ops).await?;
-    c.notify(done.revision);
-    Ok(done)
+    Ok(c.write(&admin.actor, action, ops).await?)
 }
 
 /// [`commit`] for one create or replace; returns the stored record.
@@ -58,7 +47,7 @@ async fn commit_one(
 }
 
 /// The API form of a record: its document plus id, version and timestamps.
-pub fn render(rec: &Record) -> Value {
+pub(crate) fn render(rec: &Record) -> Value {
     let mut out = Map::new();
     out.insert("id".into(), Value::String(rec.id.clone()));
     if let Value::Object(body) = &rec.body {
@@ -69,11 +58,11 @@ pub fn render(rec: &Record) -> Value {
     out.insert("version".into(), Value::from(rec.version));
     out.insert(
         "created_at".into(),
-        Value::String(millis_to_rfc3339(rec.created_at)),
+        Value::String(time::from_unix_millis(rec.created_at)),
     );
     out.insert(
         "updated_at".into(),
-        Value::String(millis_to_rfc3339(rec.updated_at)),
+        Value::String(time::from_unix_millis(rec.updated_at)),
     );
     Value::Object(out)
 }
@@ -250,6 +239,11 @@ pub async fn create<R: Resource>(
     ))
 }
 
+/// A stored document as its kind's spec (the store only holds checked documents).
+pub(crate) fn stored<R: Resource>(body: Value) -> Result<R::Spec, Problem> {
+    serde_json::from_value(body).map_err(|_| Problem::internal())
+}
+
 async fn current<R: Resource>(c: &Control, id: &str) -> Result<Record, Problem> {
     c.store
         .get(R::KIND, id)
@@ -354,19 +348,11 @@ pub async fn patch<R: Resource>(
             .into());
         }
     }
+    // Stored documents hold no metadata, so the patch applies to them as they are.
     let mut doc = cur.body;
-    strip_meta::<R>(&mut doc, None)?;
     merge_patch(&mut doc, &patch_doc);
     let spec: R::Spec = typed(doc)?;
-    store_replace::<R>(
-        &c,
-        &admin,
-        &id,
-        spec,
-        Some(version.unwrap_or(cur.version)),
-        None,
-    )
-    .await
+    store_replace::<R>(&c, &admin, &id, spec, Some(cur.version), None).await
 }
 
 /// `DELETE /v1/{kind}/{id}`; `If-Match` optional.
@@ -426,16 +412,6 @@ fn page_query(
     Ok(q)
 }
 
-/// The store refuses a cursor it did not issue as a database error.
-fn cursor_problem(e: StoreError) -> Problem {
-    match e {
-        StoreError::Database(m) if m.contains("cursor") => {
-            Problem::field("/query/cursor", "invalid cursor")
-        }
-        other => other.into(),
-    }
-}
-
 /// `GET /v1/{kind}`.
 pub async fn list<R: Resource>(
     State(c): State<Control>,
@@ -444,7 +420,7 @@ pub async fn list<R: Resource>(
 ) -> Result<Response, Problem> {
     admin.require(R::READ_ROLE)?;
     let q = page_query(raw.as_deref(), R::FILTERS, "this list")?;
-    let page = c.store.list(R::KIND, &q).await.map_err(cursor_problem)?;
+    let page = c.store.list(R::KIND, &q).await?;
     let items: Vec<Value> = page.items.iter().map(render).collect();
     Ok(Json(serde_json::json!({ "items": items, "next_cursor": page.next })).into_response())
 }
@@ -492,14 +468,14 @@ pub async fn audit(
     if admin.require(AdminToken::READ_ROLE).is_err() {
         q.hide_kinds.push(AdminToken::KIND.to_owned());
     }
-    let page = c.store.audit(&q).await.map_err(cursor_problem)?;
+    let page = c.store.audit(&q).await?;
     let items: Vec<Value> = page
         .items
         .iter()
         .map(|e| {
             let mut v = serde_json::to_value(e).unwrap_or(Value::Null);
             if let Value::Object(o) = &mut v {
-                o.insert("at".into(), Value::String(millis_to_rfc3339(e.at)));
+                o.insert("at".into(), Value::String(time::from_unix_millis(e.at)));
             }
             v
         })
@@ -520,7 +496,7 @@ pub async fn rotate_token<R: Resource>(
     let version = if_match(&headers)?.flatten();
     let token = new_token(prefix);
     // The document is written again as it is, with only the token changed.
-    let spec: R::Spec = serde_json::from_value(cur.body).map_err(|_| Problem::internal())?;
+    let spec = stored::<R>(cur.body)?;
     let (entity, _) = prepare::<R>(&c, spec, &id, true).await?;
     let op = Op::Replace {
         entity,
@@ -539,10 +515,9 @@ pub async fn revoke_session(
 ) -> Result<Response, Problem> {
     admin.require(Role::Editor)?;
     let cur = current::<Session>(&c, &id).await?;
-    let mut spec: SessionSpec =
-        serde_json::from_value(cur.body).map_err(|_| Problem::internal())?;
+    let mut spec = stored::<Session>(cur.body)?;
     if spec.revoked_at.is_none() {
-        spec.revoked_at = Some(now_rfc3339());
+        spec.revoked_at = Some(time::secs(chrono::Utc::now()));
     }
     store_replace::<Session>(&c, &admin, &id, spec, Some(cur.version), Some("revoke")).await
 }
@@ -555,11 +530,10 @@ pub async fn revoke_user_sessions(
 ) -> Result<Response, Problem> {
     admin.require(Role::Editor)?;
     current::<User>(&c, &id).await?;
-    let now = now_rfc3339();
+    let now = time::secs(chrono::Utc::now());
     let mut ops = Vec::new();
     for rec in list_all(&c.store, Session::KIND, vec![("user_id", id)]).await? {
-        let mut spec: SessionSpec =
-            serde_json::from_value(rec.body).map_err(|_| Problem::internal())?;
+        let mut spec = stored::<Session>(rec.body)?;
         if spec.revoked_at.is_some() {
             continue;
         }

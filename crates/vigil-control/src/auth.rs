@@ -7,7 +7,7 @@ use axum::http::request::Parts;
 
 use crate::crypto::token_hash;
 use crate::problem::Problem;
-use crate::resources::{is_past, AdminToken, AdminTokenSpec, Resource, Role};
+use crate::resources::{is_past, AdminToken, Resource, Role};
 use crate::Control;
 
 /// An authenticated admin.
@@ -43,6 +43,28 @@ fn same(a: &str, b: &str) -> bool {
             == 0
 }
 
+/// Why a request's credential cannot be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BearerError {
+    /// No `Authorization` header, or more than one.
+    NotOne,
+    /// The header is not visible ASCII.
+    Malformed,
+    /// Not `Bearer <token>`.
+    NotBearer,
+}
+
+/// The token of the one `Authorization: Bearer <token>` header in `headers` (gRPC
+/// metadata is a header map too).
+pub fn sole_bearer(headers: &http::HeaderMap) -> Result<&str, BearerError> {
+    let mut values = headers.get_all(AUTHORIZATION).iter();
+    let (Some(value), None) = (values.next(), values.next()) else {
+        return Err(BearerError::NotOne);
+    };
+    let value = value.to_str().map_err(|_| BearerError::Malformed)?;
+    bearer_token(value).ok_or(BearerError::NotBearer)
+}
+
 /// The token of a `Bearer <token>` credential (scheme case-insensitive).
 pub fn bearer_token(value: &str) -> Option<&str> {
     match value.split_once(' ') {
@@ -57,17 +79,13 @@ impl FromRequestParts<Control> for Admin {
     type Rejection = Problem;
 
     async fn from_request_parts(parts: &mut Parts, control: &Control) -> Result<Admin, Problem> {
-        let mut values = parts.headers.get_all(AUTHORIZATION).iter();
-        let (Some(value), None) = (values.next(), values.next()) else {
-            return Err(Problem::unauthorized(
-                "send exactly one `Authorization: Bearer <token>` header",
-            ));
-        };
-        let value = value
-            .to_str()
-            .map_err(|_| Problem::unauthorized("malformed Authorization header"))?;
-        let token = bearer_token(value)
-            .ok_or_else(|| Problem::unauthorized("use `Authorization: Bearer <token>`"))?;
+        let token = sole_bearer(&parts.headers).map_err(|e| {
+            Problem::unauthorized(match e {
+                BearerError::NotOne => "send exactly one `Authorization: Bearer <token>` header",
+                BearerError::Malformed => "malformed Authorization header",
+                BearerError::NotBearer => "use `Authorization: Bearer <token>`",
+            })
+        })?;
         let hash = token_hash(token);
         if let Some(boot) = control.bootstrap_hash() {
             if same(&hash, boot) {
@@ -84,8 +102,7 @@ impl FromRequestParts<Control> for Admin {
         else {
             return Err(Problem::unauthorized("unknown or revoked token"));
         };
-        let spec: AdminTokenSpec =
-            serde_json::from_value(rec.body).map_err(|_| Problem::internal())?;
+        let spec = crate::api::stored::<AdminToken>(rec.body)?;
         if spec.expires_at.as_deref().is_some_and(is_past) {
             return Err(Problem::unauthorized("the token has expired"));
         }

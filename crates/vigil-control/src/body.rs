@@ -15,7 +15,7 @@ use crate::problem::Problem;
 pub const MAX_BODY: usize = 1 << 20;
 
 /// Escapes one JSON Pointer token.
-pub fn pointer_token(s: &str) -> String {
+pub(crate) fn pointer_token(s: &str) -> String {
     s.replace('~', "~0").replace('/', "~1")
 }
 
@@ -153,7 +153,7 @@ pub fn typed<T: DeserializeOwned>(value: Value) -> Result<T, Problem> {
 }
 
 /// 413.
-pub fn too_large() -> Problem {
+pub(crate) fn too_large() -> Problem {
     Problem::new(
         StatusCode::PAYLOAD_TOO_LARGE,
         "payload-too-large",

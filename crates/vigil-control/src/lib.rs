@@ -11,6 +11,7 @@ pub mod resources;
 mod sessions;
 pub mod snapshot;
 pub mod stream;
+mod time;
 
 use std::sync::Arc;
 
@@ -96,8 +97,21 @@ impl Control {
             .and_then(|b| b.open(sealed).ok())
     }
 
+    /// Commits `ops` as one write by `actor` and announces the revision to this
+    /// process's snapshot builder: every write of the control plane goes through here.
+    pub async fn write(
+        &self,
+        actor: &str,
+        action: Option<&str>,
+        ops: Vec<vigil_store::Op>,
+    ) -> Result<vigil_store::Committed, vigil_store::StoreError> {
+        let done = self.store.write(actor, action, ops).await?;
+        self.notify(done.revision);
+        Ok(done)
+    }
+
     /// Announces a committed revision to local subscribers.
-    pub fn notify(&self, revision: i64) {
+    fn notify(&self, revision: i64) {
         self.inner.revision.send_if_modified(|r| {
             if revision > *r {
                 *r = revision;
@@ -117,12 +131,13 @@ impl Control {
         if let Some(h) = self.inner.hub.get() {
             return Ok(h.clone());
         }
-        let built = stream::Hub::start(self, signer).await?;
+        let (built, reports) = stream::Hub::start(self, signer).await?;
         let hub = self.inner.hub.get_or_init(|| built.clone()).clone();
-        // Only the call whose hub was kept starts its refresher.
+        // Only the call whose hub was kept starts its tasks.
         if Arc::ptr_eq(&hub, &built) {
             tokio::spawn(stream::run_refresher(self.clone(), hub.clone()));
             tokio::spawn(stream::run_fleet_recorder(self.clone(), hub.clone()));
+            tokio::spawn(sessions::run(self.clone(), reports));
         }
         Ok(hub)
     }
@@ -159,27 +174,31 @@ impl Routes {
         self.router = self.router.route(&path, handler);
         self
     }
+}
 
-    fn resource<R: Resource>(self) -> Routes {
+impl Kinds for Routes {
+    /// The kind's collection and items, and `rotate-token` for kinds with a token.
+    fn kind<R: Resource>(self) -> Routes {
         let base = format!("/v1/{}", R::PATH);
-        self.at(
-            base.clone(),
-            &["GET", "POST"],
-            get(api::list::<R>).post(api::create::<R>),
-        )
-        .at(
-            format!("{base}/{{id}}"),
-            &["GET", "PUT", "PATCH", "DELETE"],
-            get(api::get::<R>)
-                .put(api::replace::<R>)
-                .patch(api::patch::<R>)
-                .delete(api::delete::<R>),
-        )
-    }
-
-    fn token_rotation<R: Resource>(self) -> Routes {
-        self.at(
-            format!("/v1/{}/{{id}}/rotate-token", R::PATH),
+        let routes = self
+            .at(
+                base.clone(),
+                &["GET", "POST"],
+                get(api::list::<R>).post(api::create::<R>),
+            )
+            .at(
+                format!("{base}/{{id}}"),
+                &["GET", "PUT", "PATCH", "DELETE"],
+                get(api::get::<R>)
+                    .put(api::replace::<R>)
+                    .patch(api::patch::<R>)
+                    .delete(api::delete::<R>),
+            );
+        if R::TOKEN_PREFIX.is_none() {
+            return routes;
+        }
+        routes.at(
+            format!("{base}/{{id}}/rotate-token"),
             &["POST"],
             post(api::rotate_token::<R>),
         )
@@ -190,41 +209,28 @@ fn routes() -> Routes {
     let r = Routes {
         router: Router::new(),
         served: Vec::new(),
-    };
-    r.at("/healthz".into(), &["GET"], get(healthz))
-        .at("/readyz".into(), &["GET"], get(readyz))
-        .at("/v1/openapi.json".into(), &["GET"], get(openapi_json))
-        .at("/v1/audit".into(), &["GET"], get(api::audit))
-        .at("/v1/proxies".into(), &["GET"], get(api::proxies))
-        .at(
-            "/v1/policies/validate".into(),
-            &["POST"],
-            post(api::validate_policy),
-        )
-        .at(
-            "/v1/sessions/{id}/revoke".into(),
-            &["POST"],
-            post(api::revoke_session),
-        )
-        .at(
-            "/v1/users/{id}/revoke-sessions".into(),
-            &["POST"],
-            post(api::revoke_user_sessions),
-        )
-        .resource::<Policy>()
-        .resource::<Route>()
-        .resource::<User>()
-        .resource::<Group>()
-        .resource::<Device>()
-        .resource::<ServiceAccount>()
-        .resource::<Grant>()
-        .resource::<IdentityProvider>()
-        .resource::<Session>()
-        .resource::<JoinToken>()
-        .resource::<AdminToken>()
-        .token_rotation::<ServiceAccount>()
-        .token_rotation::<JoinToken>()
-        .token_rotation::<AdminToken>()
+    }
+    .at("/healthz".into(), &["GET"], get(healthz))
+    .at("/readyz".into(), &["GET"], get(readyz))
+    .at("/v1/openapi.json".into(), &["GET"], get(openapi_json))
+    .at("/v1/audit".into(), &["GET"], get(api::audit))
+    .at("/v1/proxies".into(), &["GET"], get(api::proxies))
+    .at(
+        "/v1/policies/validate".into(),
+        &["POST"],
+        post(api::validate_policy),
+    )
+    .at(
+        "/v1/sessions/{id}/revoke".into(),
+        &["POST"],
+        post(api::revoke_session),
+    )
+    .at(
+        "/v1/users/{id}/revoke-sessions".into(),
+        &["POST"],
+        post(api::revoke_user_sessions),
+    );
+    each_kind(r)
 }
 
 /// Every (method, path template) the admin API serves, in the OpenAPI document's

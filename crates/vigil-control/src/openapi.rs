@@ -66,6 +66,13 @@ fn if_match(required: bool) -> Value {
     })
 }
 
+impl Kinds for Doc {
+    fn kind<R: Resource>(mut self) -> Doc {
+        resource::<R>(&mut self);
+        self
+    }
+}
+
 fn resource<R: Resource>(doc: &mut Doc) {
     add_schemas::<R::Spec>(doc);
     let spec = R::Spec::name().into_owned();
@@ -171,17 +178,7 @@ pub fn document() -> Value {
             "created_at": { "type": "string", "format": "date-time" },
             "updated_at": { "type": "string", "format": "date-time" } } }),
     );
-    resource::<Policy>(&mut doc);
-    resource::<Route>(&mut doc);
-    resource::<User>(&mut doc);
-    resource::<Group>(&mut doc);
-    resource::<Device>(&mut doc);
-    resource::<ServiceAccount>(&mut doc);
-    resource::<Grant>(&mut doc);
-    resource::<IdentityProvider>(&mut doc);
-    resource::<Session>(&mut doc);
-    resource::<JoinToken>(&mut doc);
-    resource::<AdminToken>(&mut doc);
+    let mut doc = each_kind(doc);
     for (path, item) in [
         (
             "/healthz",

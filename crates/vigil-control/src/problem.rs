@@ -171,6 +171,7 @@ impl From<StoreError> for Problem {
         let e = in_words(e);
         match &e {
             StoreError::NotFound { .. } => Problem::not_found(e.to_string()),
+            StoreError::InvalidCursor => Problem::field("/query/cursor", "invalid cursor"),
             StoreError::AlreadyExists { .. } | StoreError::Referenced { .. } => {
                 Problem::conflict(e.to_string())
             }

@@ -44,6 +44,28 @@ pub struct Checked {
     pub refs: Vec<Ref>,
 }
 
+/// Something built from every kind of resource in turn (the router, the OpenAPI
+/// document), so that the kinds are listed once, in [`each_kind`].
+pub(crate) trait Kinds: Sized {
+    /// Adds kind `R`.
+    fn kind<R: Resource>(self) -> Self;
+}
+
+/// `k` with every kind of resource added, in the API's order.
+pub(crate) fn each_kind<K: Kinds>(k: K) -> K {
+    k.kind::<Policy>()
+        .kind::<Route>()
+        .kind::<User>()
+        .kind::<Group>()
+        .kind::<Device>()
+        .kind::<ServiceAccount>()
+        .kind::<Grant>()
+        .kind::<IdentityProvider>()
+        .kind::<Session>()
+        .kind::<JoinToken>()
+        .kind::<AdminToken>()
+}
+
 /// One kind of resource in the API.
 pub trait Resource: Send + Sync + 'static {
     /// Store kind.
@@ -100,7 +122,7 @@ pub struct WriteOnlySecret<S> {
 const RESERVED_NAMES: &[&str] = &["validate"];
 
 /// `^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`: names double as ids in URLs.
-pub fn check_name(name: &str) -> Result<(), Problem> {
+pub(crate) fn check_name(name: &str) -> Result<(), Problem> {
     if RESERVED_NAMES.contains(&name) {
         return Err(Problem::invalid_field(
             "/name",
@@ -125,12 +147,10 @@ pub fn check_name(name: &str) -> Result<(), Problem> {
 }
 
 /// Normalises an RFC 3339 instant to UTC (`...Z`) in place; false (with an error) if it is not one.
-pub fn check_time(pointer: &str, value: &mut String, errors: &mut Vec<FieldError>) -> bool {
+pub(crate) fn check_time(pointer: &str, value: &mut String, errors: &mut Vec<FieldError>) -> bool {
     match chrono::DateTime::parse_from_rfc3339(value) {
         Ok(t) => {
-            *value = t
-                .with_timezone(&chrono::Utc)
-                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+            *value = crate::time::secs(t.with_timezone(&chrono::Utc));
             true
         }
         Err(e) => {
@@ -153,7 +173,22 @@ fn check_optional_time(pointer: &str, value: &mut Option<String>, errors: &mut V
 /// Whether an RFC 3339 instant (such as an `expires_at`) is now or past; one that
 /// does not parse counts as past.
 pub fn is_past(time: &str) -> bool {
-    chrono::DateTime::parse_from_rfc3339(time).map_or(true, |t| t <= chrono::Utc::now())
+    crate::time::parse(time).is_none_or(|t| t <= chrono::Utc::now())
+}
+
+/// Sorts and deduplicates a principal's groups; each must exist (and cannot be
+/// deleted while it is named).
+fn group_refs(groups: &mut Vec<String>) -> Vec<Ref> {
+    groups.sort();
+    groups.dedup();
+    groups.iter().map(|g| restrict(Group::KIND, g)).collect()
+}
+
+/// The check of a document whose only rule is an optional `expires_at`.
+fn expiry_only(expires_at: &mut Option<String>) -> Result<Checked, Problem> {
+    let mut errors = Vec::new();
+    check_optional_time("/expires_at", expires_at, &mut errors);
+    done(errors, Checked::default())
 }
 
 fn done(errors: Vec<FieldError>, checked: Checked) -> Result<Checked, Problem> {
@@ -237,16 +272,21 @@ fn check_document(
             return Vec::new();
         }
     };
-    // Compile against a library that holds this document under its own name.
-    let mut lib = lib.clone();
-    if let Some(own) = own {
-        lib.insert(own.to_owned(), parsed.clone());
-    }
+    // Compile against a library that holds this document under its own name (a
+    // copy only then: an inline route policy compiles against the library as it is).
+    let lib: std::borrow::Cow<'_, PolicyLibrary> = match own {
+        Some(own) => {
+            let mut with_own = lib.clone();
+            with_own.insert(own.to_owned(), parsed.clone());
+            std::borrow::Cow::Owned(with_own)
+        }
+        None => std::borrow::Cow::Borrowed(lib),
+    };
     let mut symbols = vigil_policy::Symbols::default();
     let env = vigil_policy::CompileEnv {
         symbols: &mut symbols,
         directory: None,
-        library: Some(&lib),
+        library: Some(&*lib),
         name: own,
     };
     if let Err(e) = vigil_policy::compile(&parsed, env) {
@@ -634,13 +674,7 @@ impl Resource for User {
                 ));
             }
         }
-        spec.groups.sort();
-        spec.groups.dedup();
-        let refs = spec
-            .groups
-            .iter()
-            .map(|g| restrict(Group::KIND, g))
-            .collect();
+        let refs = group_refs(&mut spec.groups);
         done(
             errors,
             Checked {
@@ -812,13 +846,7 @@ impl Resource for ServiceAccount {
     fn check(spec: &mut ServiceAccountSpec, _: &str, _: &()) -> Result<Checked, Problem> {
         let mut errors = Vec::new();
         check_optional_time("/expires_at", &mut spec.expires_at, &mut errors);
-        spec.groups.sort();
-        spec.groups.dedup();
-        let refs = spec
-            .groups
-            .iter()
-            .map(|g| restrict(Group::KIND, g))
-            .collect();
+        let refs = group_refs(&mut spec.groups);
         done(errors, Checked { key: None, refs })
     }
 }
@@ -1088,9 +1116,7 @@ impl Resource for JoinToken {
         Some(&spec.name)
     }
     fn check(spec: &mut JoinTokenSpec, _: &str, _: &()) -> Result<Checked, Problem> {
-        let mut errors = Vec::new();
-        check_optional_time("/expires_at", &mut spec.expires_at, &mut errors);
-        done(errors, Checked::default())
+        expiry_only(&mut spec.expires_at)
     }
 }
 
@@ -1125,8 +1151,6 @@ impl Resource for AdminToken {
         Some(&spec.name)
     }
     fn check(spec: &mut AdminTokenSpec, _: &str, _: &()) -> Result<Checked, Problem> {
-        let mut errors = Vec::new();
-        check_optional_time("/expires_at", &mut spec.expires_at, &mut errors);
-        done(errors, Checked::default())
+        expiry_only(&mut spec.expires_at)
     }
 }

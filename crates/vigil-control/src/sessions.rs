@@ -10,6 +10,7 @@ use vigil_proto::v1::SessionReport;
 use vigil_store::{Op, SecretChange};
 
 use crate::resources::{Resource as _, Session, SessionSpec};
+use crate::time::{self, from_unix};
 use crate::Control;
 
 /// Reports waiting to be written; beyond this, new ones are dropped (and counted in
@@ -24,17 +25,6 @@ pub(crate) type Report = (String, SessionReport);
 /// The queue the stream hands reports to.
 pub(crate) fn queue() -> (mpsc::Sender<Report>, mpsc::Receiver<Report>) {
     mpsc::channel(QUEUE)
-}
-
-fn rfc3339(unix: i64) -> Option<String> {
-    chrono::DateTime::from_timestamp(unix, 0)
-        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
-}
-
-fn unix(rfc3339: &str) -> Option<i64> {
-    chrono::DateTime::parse_from_rfc3339(rfc3339)
-        .ok()
-        .map(|t| t.timestamp())
 }
 
 /// Whether `id` can be a session id: what a proxy mints (`ses_` and letters, digits).
@@ -54,8 +44,8 @@ fn check(r: &SessionReport) -> Result<(), &'static str> {
         return Err("user_id must be 1 to 200 characters");
     }
     if r.expires_at <= r.auth_time
-        || rfc3339(r.auth_time).is_none()
-        || rfc3339(r.expires_at).is_none()
+        || from_unix(r.auth_time).is_none()
+        || from_unix(r.expires_at).is_none()
     {
         return Err("auth_time and expires_at must be Unix times, auth_time first");
     }
@@ -78,7 +68,7 @@ pub(crate) async fn run(control: Control, mut rx: mpsc::Receiver<Report>) {
 /// Creates the session, or records its activity; never undoes a revocation.
 async fn record(control: &Control, proxy: &str, r: &SessionReport) -> Result<(), String> {
     let actor = format!("proxy:{proxy}");
-    let last_seen = rfc3339(r.last_seen_at.max(r.auth_time));
+    let last_seen = from_unix(r.last_seen_at.max(r.auth_time));
     let existing = control
         .store
         .get(Session::KIND, &r.session_id)
@@ -90,8 +80,8 @@ async fn record(control: &Control, proxy: &str, r: &SessionReport) -> Result<(),
                 user_id: r.user_id.clone(),
                 device_id: r.device_id.clone(),
                 identity_provider: r.identity_provider.clone(),
-                auth_time: rfc3339(r.auth_time).unwrap_or_default(),
-                expires_at: rfc3339(r.expires_at).unwrap_or_default(),
+                auth_time: from_unix(r.auth_time).unwrap_or_default(),
+                expires_at: from_unix(r.expires_at).unwrap_or_default(),
                 amr: r.amr.clone(),
                 revoked_at: None,
                 last_seen_at: last_seen,
@@ -110,7 +100,11 @@ async fn record(control: &Control, proxy: &str, r: &SessionReport) -> Result<(),
                     spec.user_id, r.user_id
                 ));
             }
-            let recorded = spec.last_seen_at.as_deref().and_then(unix).unwrap_or(0);
+            let recorded = spec
+                .last_seen_at
+                .as_deref()
+                .and_then(time::unix)
+                .unwrap_or(0);
             let due = r.last_seen_at - recorded >= ACTIVITY_EVERY.as_secs() as i64;
             if spec.revoked_at.is_some() || !due {
                 return Ok(());
@@ -126,12 +120,10 @@ async fn record(control: &Control, proxy: &str, r: &SessionReport) -> Result<(),
             }
         }
     };
-    let done = control
-        .store
+    control
         .write(&actor, Some("report"), vec![op])
         .await
         .map_err(|e| e.to_string())?;
-    control.notify(done.revision);
     Ok(())
 }
 

@@ -10,6 +10,7 @@ use vigil_snapshot::{Entry, History, Key, Kind, Snapshot};
 use vigil_store::{Change, RawRecord};
 
 use crate::resources::*;
+use crate::time::unix;
 
 /// Changed keys kept for deltas before a lagging proxy gets a full snapshot instead.
 const HISTORY_KEYS: usize = 100_000;
@@ -323,13 +324,6 @@ fn decode<T: serde::de::DeserializeOwned>(r: &RawRecord) -> Option<T> {
     serde_json::from_str(&r.body)
         .map_err(|e| tracing::error!(kind = %r.kind, id = %r.id, error = %e, "Stored document does not decode; left out of the snapshot"))
         .ok()
-}
-
-/// RFC 3339 → Unix seconds.
-fn unix(t: &str) -> Option<i64> {
-    chrono::DateTime::parse_from_rfc3339(t)
-        .ok()
-        .map(|t| t.timestamp())
 }
 
 fn sorted(mut v: Vec<String>) -> Vec<String> {

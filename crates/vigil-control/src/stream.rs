@@ -6,23 +6,23 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch, Mutex};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 use vigil_proto::v1::control_plane_server::{ControlPlane, ControlPlaneServer};
 use vigil_proto::v1::{
-    control_message, proxy_message, ControlMessage, Envelope, Heartbeat, ProxyMessage,
+    control_message, proxy_message, ControlMessage, Envelope, Heartbeat, Hello, ProxyMessage,
 };
+use vigil_proto::HEARTBEAT;
 use vigil_snapshot::Signer;
 
+use crate::auth::{sole_bearer, BearerError};
 use crate::crypto::token_hash;
 use crate::resources::{is_past, JoinToken, JoinTokenSpec, Resource as _};
 use crate::snapshot::Builder;
 use crate::Control;
-
-/// How often each side says it is alive.
-pub const HEARTBEAT: Duration = Duration::from_secs(10);
 /// How often the store is polled for writes made elsewhere: often without
 /// LISTEN/NOTIFY (SQLite, or while the listener reconnects), rarely as a safety net.
 const POLL: Duration = Duration::from_secs(1);
@@ -53,13 +53,38 @@ pub struct ProxyStatus {
     pub last_nack: Option<Nack>,
     /// Whether its stream is open now (on any replica).
     pub connected: bool,
-    /// When the current (or last) stream opened, RFC 3339.
-    pub connected_since: String,
-    /// When it was last heard from, RFC 3339.
-    pub last_seen: String,
+    /// When the current (or last) stream opened (RFC 3339 in JSON).
+    #[serde(with = "crate::time::as_millis")]
+    pub connected_since: DateTime<Utc>,
+    /// When it was last heard from (RFC 3339 in JSON).
+    #[serde(with = "crate::time::as_millis")]
+    pub last_seen: DateTime<Utc>,
     /// Changed since this replica last recorded the fleet.
     #[serde(skip)]
     dirty: bool,
+}
+
+impl ProxyStatus {
+    /// A proxy that has just said `hello`.
+    fn from_hello(hello: Hello, join_token: String) -> ProxyStatus {
+        let now = Utc::now();
+        ProxyStatus {
+            id: hello.proxy_id,
+            labels: hello
+                .labels
+                .into_iter()
+                .map(|l| (l.name, l.value))
+                .collect(),
+            software_version: hello.software_version,
+            join_token,
+            version: hello.version,
+            last_nack: None,
+            connected: true,
+            connected_since: now,
+            last_seen: now,
+            dirty: true,
+        }
+    }
 }
 
 /// A refused version.
@@ -76,7 +101,8 @@ pub struct Hub {
     builder: Mutex<Builder>,
     version: watch::Sender<u64>,
     signer: Signer,
-    /// Signed updates for the current version, by base version.
+    /// Signed updates for the current version, by base ([`vigil_snapshot::History::base_for`]:
+    /// every holder that needs the full snapshot shares one entry).
     cache: Mutex<(u64, HashMap<u64, Envelope>)>,
     proxies: Mutex<BTreeMap<String, ProxyStatus>>,
     /// Session reports on their way to the store.
@@ -91,16 +117,13 @@ impl std::fmt::Debug for Hub {
     }
 }
 
-fn now() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-}
-
 impl Hub {
-    /// Builds the first snapshot from the whole store.
-    pub async fn start(
+    /// Builds the first snapshot from the whole store; also returns the queue of
+    /// session reports for [`crate::sessions::run`] to drain.
+    pub(crate) async fn start(
         control: &Control,
         signer: Signer,
-    ) -> Result<Arc<Hub>, vigil_store::StoreError> {
+    ) -> Result<(Arc<Hub>, mpsc::Receiver<crate::sessions::Report>), vigil_store::StoreError> {
         let (revision, records) = control.store.load_all().await?;
         let c = control.clone();
         let builder = Builder::full(revision, records, Box::new(move |s| c.open(s)));
@@ -108,25 +131,20 @@ impl Hub {
         tracing::info!(version, "Snapshot built");
         let (tx, _) = watch::channel(version);
         let (reports, queued) = crate::sessions::queue();
-        tokio::spawn(crate::sessions::run(control.clone(), queued));
-        Ok(Arc::new(Hub {
+        let hub = Hub {
             builder: Mutex::new(builder),
             version: tx,
             signer,
             cache: Mutex::new((version, HashMap::new())),
             proxies: Mutex::new(BTreeMap::new()),
             reports,
-        }))
+        };
+        Ok((Arc::new(hub), queued))
     }
 
     /// The version of the current snapshot.
     pub fn version(&self) -> u64 {
         *self.version.borrow()
-    }
-
-    /// Every proxy this replica has seen.
-    pub async fn proxies(&self) -> Vec<ProxyStatus> {
-        self.proxies.lock().await.values().cloned().collect()
     }
 
     /// The whole fleet: what every replica recorded, with this replica's own
@@ -135,13 +153,11 @@ impl Hub {
         &self,
         control: &Control,
     ) -> Result<Vec<ProxyStatus>, vigil_store::StoreError> {
-        let stale =
-            (chrono::Utc::now() - STALE).to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let stale = Utc::now() - STALE;
         let mut fleet: BTreeMap<String, ProxyStatus> = BTreeMap::new();
         for (id, doc) in control.store.proxies().await? {
             match serde_json::from_str::<ProxyStatus>(&doc) {
                 Ok(mut s) => {
-                    // Timestamps share one format, so they compare as strings.
                     if s.connected && s.last_seen < stale {
                         s.connected = false;
                     }
@@ -152,11 +168,11 @@ impl Hub {
                 }
             }
         }
-        for s in self.proxies().await {
+        for s in self.proxies.lock().await.values() {
             match fleet.get(&s.id) {
                 Some(recorded) if recorded.last_seen > s.last_seen => {}
                 _ => {
-                    fleet.insert(s.id.clone(), s);
+                    fleet.insert(s.id.clone(), s.clone());
                 }
             }
         }
@@ -198,16 +214,16 @@ impl Hub {
     /// a thousand streams woken by one write sign it once.
     async fn update_from(&self, from: u64) -> Option<(u64, Envelope)> {
         let mut cache = self.cache.lock().await;
-        let current = self.version();
-        if cache.0 == current {
-            if let Some(e) = cache.1.get(&from) {
-                return Some((current, e.clone()));
-            }
-        }
-        let (version, update) = {
+        let (version, base, update) = {
             let b = self.builder.lock().await;
             let h = b.history();
-            (h.current().version, h.update_from(from)?)
+            let (version, base) = (h.current().version, h.base_for(from)?);
+            if cache.0 == version {
+                if let Some(e) = cache.1.get(&base) {
+                    return Some((version, e.clone()));
+                }
+            }
+            (version, base, h.update_from(from)?)
         };
         let envelope = self.signer.seal(&update);
         if cache.0 != version {
@@ -215,14 +231,14 @@ impl Hub {
         }
         // Deltas from many bases are small; keep the cache from growing without bound.
         if cache.1.len() < 64 {
-            cache.1.insert(from, envelope.clone());
+            cache.1.insert(base, envelope.clone());
         }
         Some((version, envelope))
     }
 
     async fn seen(&self, id: &str, f: impl FnOnce(&mut ProxyStatus)) {
         if let Some(s) = self.proxies.lock().await.get_mut(id) {
-            s.last_seen = now();
+            s.last_seen = Utc::now();
             s.dirty = true;
             f(s);
         }
@@ -243,19 +259,15 @@ pub async fn run_fleet_recorder(control: Control, hub: Arc<Hub>) {
                 .filter(|s| s.dirty)
                 .filter_map(|s| {
                     s.dirty = false;
-                    let seen = chrono::DateTime::parse_from_rfc3339(&s.last_seen).ok()?;
-                    Some((
-                        s.id.clone(),
-                        serde_json::to_string(s).ok()?,
-                        seen.timestamp_millis(),
-                    ))
+                    let doc = serde_json::to_string(s).ok()?;
+                    Some((s.id.clone(), doc, s.last_seen.timestamp_millis()))
                 })
                 .collect()
         };
         if rows.is_empty() {
             continue;
         }
-        let forget = (chrono::Utc::now() - FORGET).timestamp_millis();
+        let forget = (Utc::now() - FORGET).timestamp_millis();
         if let Err(e) = control.store.put_proxies(&rows, forget).await {
             tracing::debug!(error = %e, "Cannot record the fleet now; will retry");
             let mut proxies = hub.proxies.lock().await;
@@ -341,19 +353,14 @@ impl Service {
 
     /// The join token in the metadata, checked against the store: its name.
     async fn authenticate(&self, req: &Request<Streaming<ProxyMessage>>) -> Result<String, Status> {
-        let mut values = req.metadata().get_all("authorization").iter();
-        let (Some(value), None) = (values.next(), values.next()) else {
-            return Err(Status::unauthenticated(
-                "send one join token as `authorization: Bearer <token>`",
-            ));
-        };
-        let token = value
-            .to_str()
-            .ok()
-            .and_then(crate::auth::bearer_token)
-            .ok_or_else(|| {
-                Status::unauthenticated("the authorization metadata must be `Bearer <token>`")
-            })?;
+        let token = sole_bearer(req.metadata().as_ref()).map_err(|e| {
+            Status::unauthenticated(match e {
+                BearerError::NotOne => "send one join token as `authorization: Bearer <token>`",
+                BearerError::Malformed | BearerError::NotBearer => {
+                    "the authorization metadata must be `Bearer <token>`"
+                }
+            })
+        })?;
         let rec = self
             .control
             .store
@@ -402,114 +409,98 @@ impl ControlPlane for Service {
             ));
         }
         let id = hello.proxy_id.clone();
-        let since = now();
-        {
-            self.hub.proxies.lock().await.insert(
-                id.clone(),
-                ProxyStatus {
-                    id: id.clone(),
-                    labels: hello
-                        .labels
-                        .iter()
-                        .map(|l| (l.name.clone(), l.value.clone()))
-                        .collect(),
-                    software_version: hello.software_version.clone(),
-                    join_token,
-                    version: hello.version,
-                    last_nack: None,
-                    connected: true,
-                    connected_since: since.clone(),
-                    last_seen: since,
-                    dirty: true,
-                },
-            );
-        }
-        tracing::info!(proxy = %id, held = hello.version, "Proxy subscribed");
+        let held = hello.version;
+        self.hub
+            .proxies
+            .lock()
+            .await
+            .insert(id.clone(), ProxyStatus::from_hello(hello, join_token));
+        tracing::info!(proxy = %id, held, "Proxy subscribed");
         // Capacity 1: a proxy that stops reading holds one update here and one in
         // flight; newer versions replace what it has not taken yet.
         let (tx, rx) = mpsc::channel::<Result<ControlMessage, Status>>(1);
-        let (held_tx, held_rx) = watch::channel(hello.version);
-        let hub = self.hub.clone();
-        let reader_id = id.clone();
-        // Inbound: acks, nacks, heartbeats, a new hello (asks for a full snapshot).
-        let reader = tokio::spawn({
-            let hub = hub.clone();
-            async move {
-                while let Ok(Some(m)) = inbound.message().await {
-                    match m.msg {
-                        Some(proxy_message::Msg::Ack(a)) => {
-                            hub.seen(&reader_id, |s| s.version = a.version).await
-                        }
-                        Some(proxy_message::Msg::Nack(n)) => {
-                            tracing::warn!(proxy = %reader_id, version = n.version, error = %n.error, "Proxy refused an update");
-                            let nack = Nack {
-                                version: n.version,
-                                error: n.error.chars().take(1000).collect(),
-                            };
-                            hub.seen(&reader_id, |s| s.last_nack = Some(nack)).await;
-                            // It keeps what it had, which we no longer know exactly: resend in full.
-                            held_tx.send_replace(0);
-                        }
-                        Some(proxy_message::Msg::Hello(h)) => {
-                            hub.seen(&reader_id, |_| {}).await;
-                            held_tx.send_replace(h.version);
-                        }
-                        Some(proxy_message::Msg::Session(report)) => {
-                            hub.seen(&reader_id, |_| {}).await;
-                            if hub.reports.try_send((reader_id.clone(), report)).is_err() {
-                                tracing::warn!(proxy = %reader_id, "Session reports are arriving faster than they can be recorded; dropped one");
-                            }
-                        }
-                        Some(proxy_message::Msg::Heartbeat(_)) | None => {
-                            hub.seen(&reader_id, |_| {}).await
-                        }
-                    }
-                }
-            }
-        });
-        let writer_id = id;
-        tokio::spawn(async move {
-            let mut versions = hub.version.subscribe();
-            let mut held = held_rx;
-            let mut sent = *held.borrow_and_update();
-            let mut heartbeat = tokio::time::interval(HEARTBEAT);
-            heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                if held.has_changed().unwrap_or(false) {
-                    sent = *held.borrow_and_update();
-                }
-                // Latest wins: whatever the newest version is when there is room to send.
-                if let Some((version, envelope)) = hub.update_from(sent).await {
-                    let msg = ControlMessage {
-                        msg: Some(control_message::Msg::Update(envelope)),
-                    };
-                    tokio::select! {
-                        r = tx.send(Ok(msg)) => if r.is_err() { break },
-                        r = held.changed() => { if r.is_err() { break } continue },
-                    }
-                    sent = version;
-                    continue;
-                }
-                tokio::select! {
-                    r = versions.changed() => if r.is_err() { break },
-                    r = held.changed() => if r.is_err() { break },
-                    _ = heartbeat.tick() => {
-                        let beat = ControlMessage { msg: Some(control_message::Msg::Heartbeat(Heartbeat { unix_ms: chrono::Utc::now().timestamp_millis() })) };
-                        if tx.send(Ok(beat)).await.is_err() { break }
-                    }
-                    () = tx.closed() => break,
-                }
-            }
-            reader.abort();
-            if let Some(s) = hub.proxies.lock().await.get_mut(&writer_id) {
-                s.connected = false;
-                s.last_seen = now();
-                s.dirty = true;
-            }
-            tracing::info!(proxy = %writer_id, "Proxy stream closed");
-        });
+        let (held_tx, held_rx) = watch::channel(held);
+        let reader = tokio::spawn(read_inbound(self.hub.clone(), id.clone(), inbound, held_tx));
+        tokio::spawn(write_outbound(self.hub.clone(), id, tx, held_rx, reader));
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
     }
+}
+
+/// The proxy's side of a stream: acks, nacks, heartbeats, session reports, and a new
+/// hello (which asks for what changed since the version it names). What the proxy
+/// holds goes to the writer through `held`.
+async fn read_inbound(
+    hub: Arc<Hub>,
+    id: String,
+    mut inbound: Streaming<ProxyMessage>,
+    held: watch::Sender<u64>,
+) {
+    while let Ok(Some(m)) = inbound.message().await {
+        match m.msg {
+            Some(proxy_message::Msg::Ack(a)) => hub.seen(&id, |s| s.version = a.version).await,
+            Some(proxy_message::Msg::Nack(n)) => {
+                tracing::warn!(proxy = %id, version = n.version, error = %n.error, "Proxy refused an update");
+                let nack = Nack {
+                    version: n.version,
+                    error: n.error.chars().take(1000).collect(),
+                };
+                hub.seen(&id, |s| s.last_nack = Some(nack)).await;
+                // It keeps what it had, which we no longer know exactly: resend in full.
+                held.send_replace(0);
+            }
+            Some(proxy_message::Msg::Hello(h)) => {
+                hub.seen(&id, |_| {}).await;
+                held.send_replace(h.version);
+            }
+            Some(proxy_message::Msg::Session(report)) => {
+                hub.seen(&id, |_| {}).await;
+                if hub.reports.try_send((id.clone(), report)).is_err() {
+                    tracing::warn!(proxy = %id, "Session reports are arriving faster than they can be recorded; dropped one");
+                }
+            }
+            Some(proxy_message::Msg::Heartbeat(_)) | None => hub.seen(&id, |_| {}).await,
+        }
+    }
+}
+
+/// The control plane's side of a stream: latest wins. Whenever there is room to
+/// send, it sends the update from what the proxy holds to the newest version; a
+/// new `held` (after a nack or a hello) takes effect at once.
+async fn write_outbound(
+    hub: Arc<Hub>,
+    id: String,
+    tx: mpsc::Sender<Result<ControlMessage, Status>>,
+    mut held: watch::Receiver<u64>,
+    reader: tokio::task::JoinHandle<()>,
+) {
+    let mut versions = hub.version.subscribe();
+    let mut sent = *held.borrow_and_update();
+    let mut heartbeat = tokio::time::interval(HEARTBEAT);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        if let Some((version, envelope)) = hub.update_from(sent).await {
+            let msg = ControlMessage {
+                msg: Some(control_message::Msg::Update(envelope)),
+            };
+            tokio::select! {
+                r = tx.send(Ok(msg)) => if r.is_err() { break } else { sent = version },
+                r = held.changed() => if r.is_err() { break } else { sent = *held.borrow_and_update() },
+            }
+            continue;
+        }
+        tokio::select! {
+            r = versions.changed() => if r.is_err() { break },
+            r = held.changed() => if r.is_err() { break } else { sent = *held.borrow_and_update() },
+            _ = heartbeat.tick() => {
+                let beat = ControlMessage { msg: Some(control_message::Msg::Heartbeat(Heartbeat { unix_ms: Utc::now().timestamp_millis() })) };
+                if tx.send(Ok(beat)).await.is_err() { break }
+            }
+            () = tx.closed() => break,
+        }
+    }
+    reader.abort();
+    hub.seen(&id, |s| s.connected = false).await;
+    tracing::info!(proxy = %id, "Proxy stream closed");
 }

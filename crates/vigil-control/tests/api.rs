@@ -18,7 +18,7 @@ use vigil_store::{Store, StoreOptions};
 const BOOTSTRAP: &str = "bootstrap-owner-token";
 /// 32 bytes (0..=31), base64.
 const SECRET_KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
-const MAX_BODY: usize = 1 << 20;
+use vigil_control::body::MAX_BODY;
 const JSON: &str = "application/json";
 const MERGE_PATCH: &str = "application/merge-patch+json";
 

@@ -12,6 +12,7 @@ use vigil_proto::v1::control_plane_client::ControlPlaneClient;
 use vigil_proto::v1::{
     control_message, proxy_message, Ack, Heartbeat, Hello, Label, Nack, ProxyMessage, SessionReport,
 };
+use vigil_proto::HEARTBEAT;
 use vigil_snapshot::Verifier;
 
 use crate::index::Index;
@@ -96,7 +97,6 @@ impl Handle {
 /// Session reports held while the control plane is away.
 pub const REPORT_QUEUE: usize = 1024;
 
-const HEARTBEAT: Duration = Duration::from_secs(10);
 /// No message (update or heartbeat) for this long means the stream is dead.
 const SILENCE: Duration = Duration::from_secs(35);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);

@@ -69,15 +69,27 @@ impl History {
         changed
     }
 
+    /// The base of the update a holder of `from` gets: `from` itself when the log
+    /// reaches back that far, 0 (a full snapshot) when it does not, `None` when `from`
+    /// is already current. Holders with the same base get the same update.
+    pub fn base_for(&self, from: u64) -> Option<u64> {
+        let cur = self.current.version;
+        if from == cur {
+            None
+        } else if from == 0 || from < self.floor || from > cur {
+            Some(0)
+        } else {
+            Some(from)
+        }
+    }
+
     /// The update that takes a holder of `from` to the current version: a delta when
     /// the log reaches back that far, else the full snapshot. `None` when `from` is
     /// already current.
     pub fn update_from(&self, from: u64) -> Option<Update> {
         let cur = &self.current;
-        if from == cur.version {
-            return None;
-        }
-        if from == 0 || from < self.floor || from > cur.version {
+        let from = self.base_for(from)?;
+        if from == 0 {
             return Some(cur.full_update());
         }
         let keys: BTreeSet<&Key> = self

@@ -12,7 +12,7 @@ mod snapshot;
 
 pub use history::History;
 pub use policy::{decode_policy, encode_policy};
-pub use sign::{key_id, Signer, Verifier};
+pub use sign::{Signer, Verifier};
 pub use snapshot::{kind_of, Key, Snapshot};
 pub use vigil_proto::v1::{Entry, EntryKey, Envelope, Kind, Update};
 

@@ -20,7 +20,7 @@ fn message(payload: &[u8]) -> Vec<u8> {
 }
 
 /// The id of a public key: the first 16 bytes of its SHA-256, base64url.
-pub fn key_id(public_key: &[u8]) -> String {
+fn key_id(public_key: &[u8]) -> String {
     let digest = ring::digest::digest(&ring::digest::SHA256, public_key);
     URL_SAFE_NO_PAD.encode(&digest.as_ref()[..16])
 }
@@ -82,11 +82,7 @@ impl Signer {
 
     /// Encodes and signs an update.
     pub fn seal(&self, update: &Update) -> Envelope {
-        self.seal_payload(update.encode_to_vec())
-    }
-
-    /// Signs an already encoded update.
-    pub fn seal_payload(&self, payload: Vec<u8>) -> Envelope {
+        let payload = update.encode_to_vec();
         let signature = self.pair.sign(&message(&payload)).as_ref().to_vec();
         Envelope {
             payload: payload.into(),
@@ -121,11 +117,6 @@ impl Verifier {
             v.keys.insert(key_id(&bytes), bytes);
         }
         Ok(v)
-    }
-
-    /// Whether no key is trusted (then nothing verifies).
-    pub fn is_empty(&self) -> bool {
-        self.keys.is_empty()
     }
 
     /// Checks the signature, then decodes the payload.

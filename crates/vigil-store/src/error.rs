@@ -47,6 +47,9 @@ pub enum StoreError {
         /// Referenced id.
         id: String,
     },
+    /// A page cursor the store did not issue.
+    #[error("invalid cursor")]
+    InvalidCursor,
     /// The database cannot be reached right now; retrying later may succeed.
     #[error("database unavailable: {0}")]
     Unavailable(String),

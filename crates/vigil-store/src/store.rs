@@ -277,7 +277,7 @@ fn decode_cursor<T: std::str::FromStr>(s: &str) -> Result<T, StoreError> {
         .ok()
         .and_then(|b| String::from_utf8(b).ok())
         .and_then(|s| s.parse().ok())
-        .ok_or_else(|| StoreError::Database("invalid cursor".into()))
+        .ok_or(StoreError::InvalidCursor)
 }
 
 /// The page size asked for, within bounds.
