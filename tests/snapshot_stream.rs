@@ -7,9 +7,14 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use prost::Message as _;
 use serde_json::{json, Value};
 use support::{client, ControlProcess, SIGNING_SEED};
+use vigil_proto::v1::control_plane_client::ControlPlaneClient;
 use vigil_proto::v1::entry::Body;
+use vigil_proto::v1::{
+    control_message, proxy_message, ControlMessage, Hello, Nack, ProxyMessage, Update,
+};
 use vigil_proxy::subscriber::{self, Handle, Link};
 use vigil_snapshot::{Kind, Signer, Verifier};
 use vigil_test_postgres::TestPostgres;
@@ -487,9 +492,6 @@ async fn sessions_reported_by_a_proxy_are_listed_and_revocable() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stalled_proxy_does_not_grow_the_control_planes_memory() {
-    use vigil_proto::v1::control_plane_client::ControlPlaneClient;
-    use vigil_proto::v1::{proxy_message, Hello, ProxyMessage};
-
     let pg = TestPostgres::start().unwrap();
     let db = pg.create_database("stall").unwrap();
     let cp = ControlProcess::start(&db);
@@ -510,29 +512,7 @@ async fn a_stalled_proxy_does_not_grow_the_control_planes_memory() {
     let healthy = subscribe(&cp, &token, "healthy", trusted(), None);
 
     // A proxy that says hello and then never reads what it is sent.
-    let channel = tonic::transport::Endpoint::from_shared(cp.grpc_url.clone())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(ProxyMessage {
-        msg: Some(proxy_message::Msg::Hello(Hello {
-            proxy_id: "stalled".into(),
-            version: 0,
-            ..Hello::default()
-        })),
-    })
-    .await
-    .unwrap();
-    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-    request
-        .metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    let stalled = ControlPlaneClient::new(channel)
-        .subscribe(request)
-        .await
-        .unwrap();
+    let (_tx, stalled) = raw_subscribe(&cp, &token, "stalled", 0).await;
 
     // Each write changes a 200 KB user: a stream that queued every update would hold
     // 200 KB more per write.
@@ -589,6 +569,98 @@ async fn a_stalled_proxy_does_not_grow_the_control_planes_memory() {
     assert_eq!(stalled_status["connected"], true);
     assert_eq!(stalled_status["version"], 0, "it never acked anything");
     drop(stalled);
+}
+
+/// A stream opened by hand, not by the subscriber: says hello holding `version`,
+/// then leaves reading and answering to the test.
+async fn raw_subscribe(
+    cp: &ControlProcess,
+    token: &str,
+    id: &str,
+    version: u64,
+) -> (
+    tokio::sync::mpsc::Sender<ProxyMessage>,
+    tonic::Streaming<ControlMessage>,
+) {
+    let channel = tonic::transport::Endpoint::from_shared(cp.grpc_url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let hello = Hello {
+        proxy_id: id.into(),
+        version,
+        ..Hello::default()
+    };
+    tx.send(ProxyMessage {
+        msg: Some(proxy_message::Msg::Hello(hello)),
+    })
+    .await
+    .unwrap();
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let inbound = ControlPlaneClient::new(channel)
+        .subscribe(request)
+        .await
+        .unwrap()
+        .into_inner();
+    (tx, inbound)
+}
+
+/// The next update on a hand-opened stream (heartbeats skipped), decoded unverified.
+async fn next_update(inbound: &mut tonic::Streaming<ControlMessage>) -> Update {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let m = tokio::time::timeout_at(deadline, inbound.message())
+            .await
+            .expect("no update within 15 s")
+            .unwrap()
+            .unwrap();
+        if let Some(control_message::Msg::Update(env)) = m.msg {
+            return Update::decode(env.payload).unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_nack_is_answered_with_the_full_snapshot_at_once() {
+    let pg = TestPostgres::start().unwrap();
+    let db = pg.create_database("nack").unwrap();
+    let cp = ControlProcess::start(&db);
+    let c = client();
+    let joined = post(&c, &cp.url, "/v1/join-tokens", json!({"name": "fleet"})).await;
+    let token = joined["token"].as_str().unwrap().to_owned();
+    // Once the control plane's snapshot has caught up with the token's write...
+    let watcher = subscribe(&cp, &token, "watcher", trusted(), None);
+    let rev = revision_of(&joined);
+    until("the snapshot at the token's revision", || {
+        watcher.index.load().version() == rev
+    })
+    .await;
+    let (tx, mut inbound) = raw_subscribe(&cp, &token, "picky", rev).await;
+    // Holding the current version, it gets nothing until a write: then a delta.
+    let eng = post(&c, &cp.url, "/v1/groups", json!({"name": "eng"})).await;
+    let delta = next_update(&mut inbound).await;
+    assert!(
+        !delta.full && delta.version == revision_of(&eng),
+        "{delta:?}"
+    );
+    // Refused: the control plane no longer knows what the proxy holds, and sends
+    // the full snapshot without waiting for another write.
+    let nack = Nack {
+        version: delta.version,
+        error: "test refusal".into(),
+    };
+    tx.send(ProxyMessage {
+        msg: Some(proxy_message::Msg::Nack(nack)),
+    })
+    .await
+    .unwrap();
+    let full = next_update(&mut inbound).await;
+    assert!(full.full && full.version == delta.version, "{full:?}");
 }
 
 /// A CA, and a certificate it signs for `localhost`: (CA PEM, certificate PEM, key PEM).

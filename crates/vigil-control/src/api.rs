@@ -500,7 +500,8 @@ pub async fn rotate_token<R: Resource>(
     let (entity, _) = prepare::<R>(&c, spec, &id, true).await?;
     let op = Op::Replace {
         entity,
-        if_version: version,
+        // The document read is written back: a write in between must not be undone.
+        if_version: Some(version.unwrap_or(cur.version)),
         secret: SecretChange::Set(Some(token_hash(&token))),
     };
     let rec = commit_one(&c, &admin, Some("rotate-token"), op).await?;

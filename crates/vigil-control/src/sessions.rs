@@ -105,7 +105,7 @@ async fn record(control: &Control, proxy: &str, r: &SessionReport) -> Result<(),
                 .as_deref()
                 .and_then(time::unix)
                 .unwrap_or(0);
-            let due = r.last_seen_at - recorded >= ACTIVITY_EVERY.as_secs() as i64;
+            let due = r.last_seen_at.saturating_sub(recorded) >= ACTIVITY_EVERY.as_secs() as i64;
             if spec.revoked_at.is_some() || !due {
                 return Ok(());
             }
