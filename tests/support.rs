@@ -1,17 +1,12 @@
 //! Helpers shared by the end-to-end tests: start `vigil` processes and wait for them.
 #![allow(dead_code, clippy::unwrap_used)]
 
-use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// A free loopback port.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    vigil_test_postgres::free_port().unwrap()
 }
 
 /// A `vigil control` child process; killed on drop.

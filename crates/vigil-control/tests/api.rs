@@ -3,8 +3,6 @@
 //! PostgreSQL (a throwaway cluster, or `DATABASE_URL`).
 #![allow(clippy::unwrap_used)]
 
-use std::sync::atomic::{AtomicU32, Ordering};
-
 use axum::body::Body;
 use axum::Router;
 use http::{header, HeaderMap, Method, Request, StatusCode};
@@ -25,17 +23,8 @@ const MERGE_PATCH: &str = "application/merge-patch+json";
 // ---------- backends ----------
 
 async fn sqlite() -> Store {
-    static N: AtomicU32 = AtomicU32::new(0);
-    let dir = std::env::temp_dir().join(format!("vigil-control-api-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(format!("db{}.sqlite", N.fetch_add(1, Ordering::Relaxed)));
-    let _ = std::fs::remove_file(&path);
-    let store = Store::connect(
-        &format!("sqlite://{}?mode=rwc", path.display()),
-        StoreOptions::default(),
-    )
-    .await
-    .unwrap();
+    let url = vigil_test_postgres::sqlite_url().unwrap();
+    let store = Store::connect(&url, StoreOptions::default()).await.unwrap();
     store.migrate().await.unwrap();
     store
 }

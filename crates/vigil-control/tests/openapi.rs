@@ -13,19 +13,8 @@ use vigil_store::{Store, StoreOptions};
 const TOKEN: &str = "test-owner-token";
 
 async fn app() -> axum::Router {
-    let dir = std::env::temp_dir().join(format!("vigil-openapi-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    // Each test gets its own file: tests in this binary run concurrently.
-    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let path = dir.join(format!("db{n}.sqlite"));
-    let _ = std::fs::remove_file(&path);
-    let store = Store::connect(
-        &format!("sqlite://{}?mode=rwc", path.display()),
-        StoreOptions::default(),
-    )
-    .await
-    .unwrap();
+    let url = vigil_test_postgres::sqlite_url().unwrap();
+    let store = Store::connect(&url, StoreOptions::default()).await.unwrap();
     store.migrate().await.unwrap();
     let config = ControlConfig {
         bootstrap_token: Some(TOKEN.into()),

@@ -61,16 +61,8 @@ fn bytes(b: &Builder) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn same_revision_same_bytes_whole_or_incremental() {
-    let dir = std::env::temp_dir().join(format!("vigil-snapshot-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("db.sqlite");
-    let _ = std::fs::remove_file(&path);
-    let store = Store::connect(
-        &format!("sqlite://{}?mode=rwc", path.display()),
-        StoreOptions::default(),
-    )
-    .await
-    .unwrap();
+    let url = vigil_test_postgres::sqlite_url().unwrap();
+    let store = Store::connect(&url, StoreOptions::default()).await.unwrap();
     store.migrate().await.unwrap();
     let control = Control::new(
         store.clone(),

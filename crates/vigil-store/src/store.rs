@@ -68,14 +68,12 @@ pub struct Record {
 }
 
 /// An entity as loaded for a snapshot build: the document undecoded, with its secret.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct RawRecord {
     /// Kind.
     pub kind: String,
     /// Id.
     pub id: String,
-    /// Natural key.
-    pub key: Option<String>,
     /// The document as stored (JSON text).
     pub body: String,
     /// Revision of its last write.
@@ -218,7 +216,7 @@ pub struct AuditQuery {
 }
 
 /// One change-log row.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct Change {
     /// Revision.
     pub revision: i64,
@@ -318,24 +316,8 @@ fn record(row: &AnyRow) -> Result<Record, StoreError> {
     })
 }
 
-/// The columns `raw_records` decodes, in its order.
-const RAW_COLUMNS: &str = "kind, id, natural_key, body, version, secret";
-
-fn raw_records(rows: &[AnyRow]) -> Result<Vec<RawRecord>, StoreError> {
-    rows.iter()
-        .map(|row| {
-            Ok(RawRecord {
-                kind: row.try_get(0)?,
-                id: row.try_get(1)?,
-                key: row.try_get(2)?,
-                body: row.try_get(3)?,
-                version: row.try_get(4)?,
-                secret: row.try_get(5)?,
-            })
-        })
-        .collect::<Result<_, sqlx::Error>>()
-        .map_err(classify)
-}
+/// The columns of a [`RawRecord`].
+const RAW_COLUMNS: &str = "kind, id, body, version, secret";
 
 fn audit_event(row: &AnyRow) -> Result<AuditEvent, StoreError> {
     let doc = |col: &str| -> Result<Option<Value>, StoreError> {
@@ -367,24 +349,13 @@ async fn read_revision<'e>(
 
 /// Change-log rows after `revision`, in order.
 async fn changes_after(tx: &mut Tx<'_>, revision: i64) -> Result<Vec<Change>, StoreError> {
-    let rows = sqlx::query(
+    sqlx::query_as(
         "SELECT revision, kind, id, op FROM changes WHERE revision > $1 ORDER BY revision, kind, id",
     )
     .bind(revision)
     .fetch_all(&mut **tx)
     .await
-    .map_err(classify)?;
-    rows.iter()
-        .map(|r| {
-            Ok(Change {
-                revision: r.try_get(0)?,
-                kind: r.try_get(1)?,
-                id: r.try_get(2)?,
-                op: r.try_get(3)?,
-            })
-        })
-        .collect::<Result<_, sqlx::Error>>()
-        .map_err(classify)
+    .map_err(classify)
 }
 
 type Tx<'a> = sqlx::Transaction<'a, sqlx::Any>;
@@ -488,17 +459,13 @@ impl Store {
     /// Which migrations are applied and which this build knows.
     pub async fn schema_status(&self) -> Result<SchemaStatus, StoreError> {
         let known: Vec<i64> = self.migrator().iter().map(|m| m.version).collect();
-        let rows = sqlx::query(
+        let rows = sqlx::query_scalar(
             "SELECT version FROM _sqlx_migrations WHERE success = TRUE ORDER BY version",
         )
         .fetch_all(&self.pool)
         .await;
         let applied = match rows {
-            Ok(rows) => rows
-                .iter()
-                .map(|r| r.try_get::<i64, _>(0))
-                .collect::<Result<_, _>>()
-                .map_err(classify)?,
+            Ok(versions) => versions,
             Err(sqlx::Error::Database(e)) if e.message().contains("_sqlx_migrations") => Vec::new(),
             Err(e) => return Err(classify(e)),
         };
@@ -545,14 +512,11 @@ impl Store {
         let mut tx = self.pool.begin().await.map_err(classify)?;
         // One statement per thousand rows, not a round trip each.
         for chunk in rows.chunks(1000) {
-            let values: Vec<String> = (0..chunk.len())
-                .map(|i| format!("(${}, ${}, ${})", 3 * i + 1, 3 * i + 2, 3 * i + 3))
-                .collect();
             let sql = format!(
                 "INSERT INTO proxies (id, status, seen_at) VALUES {} \
                  ON CONFLICT (id) DO UPDATE SET status = excluded.status, seen_at = excluded.seen_at \
                  WHERE proxies.seen_at <= excluded.seen_at",
-                values.join(", ")
+                values(chunk.len(), 3, 1)
             );
             let mut q = sqlx::query(&sql);
             for (id, status, seen_at) in chunk.iter().copied() {
@@ -570,18 +534,10 @@ impl Store {
 
     /// Every recorded proxy's status document, by id.
     pub async fn proxies(&self) -> Result<Vec<(String, String)>, StoreError> {
-        let rows = sqlx::query("SELECT id, status FROM proxies ORDER BY id")
+        sqlx::query_as("SELECT id, status FROM proxies ORDER BY id")
             .fetch_all(&self.pool)
             .await
-            .map_err(classify)?;
-        rows.iter()
-            .map(|r| {
-                Ok((
-                    r.try_get(0).map_err(classify)?,
-                    r.try_get(1).map_err(classify)?,
-                ))
-            })
-            .collect()
+            .map_err(classify)
     }
 
     /// The entity of `kind` whose `column` (one of ours, never the caller's) equals `value`.
@@ -701,14 +657,14 @@ impl Store {
     /// snapshot: the caller decodes each document once, straight into its own types.
     pub async fn load_all(&self) -> Result<(i64, Vec<RawRecord>), StoreError> {
         let (mut tx, revision) = self.snapshot().await?;
-        let rows = sqlx::query(&format!(
+        let records = sqlx::query_as(&format!(
             "SELECT {RAW_COLUMNS} FROM entities ORDER BY kind, id"
         ))
         .fetch_all(&mut *tx)
         .await
         .map_err(classify)?;
         tx.commit().await.map_err(classify)?;
-        Ok((revision, raw_records(&rows)?))
+        Ok((revision, records))
     }
 
     /// What changed after `revision`, consistently: the current revision, the change-log
@@ -720,7 +676,7 @@ impl Store {
     ) -> Result<(i64, Vec<Change>, Vec<RawRecord>), StoreError> {
         let (mut tx, current) = self.snapshot().await?;
         let changes = changes_after(&mut tx, revision).await?;
-        let rows = sqlx::query(&format!(
+        let records = sqlx::query_as(&format!(
             "SELECT {RAW_COLUMNS} FROM entities e WHERE EXISTS \
              (SELECT 1 FROM changes c WHERE c.revision > $1 AND c.kind = e.kind AND c.id = e.id) \
              ORDER BY kind, id"
@@ -730,15 +686,7 @@ impl Store {
         .await
         .map_err(classify)?;
         tx.commit().await.map_err(classify)?;
-        Ok((current, changes, raw_records(&rows)?))
-    }
-
-    /// Change-log rows after `revision`, in order, with the current revision.
-    pub async fn changes_since(&self, revision: i64) -> Result<(i64, Vec<Change>), StoreError> {
-        let (mut tx, current) = self.snapshot().await?;
-        let changes = changes_after(&mut tx, revision).await?;
-        tx.commit().await.map_err(classify)?;
-        Ok((current, changes))
+        Ok((current, changes, records))
     }
 
     /// A page of the audit trail, oldest first.
@@ -864,13 +812,25 @@ struct Writer<'a> {
 struct Pending<'a> {
     kind: String,
     id: String,
-    change: &'static str,
     action: &'a str,
     before: Option<String>,
+    /// `None` for a delete.
     after: Option<String>,
 }
 
+impl Pending<'_> {
+    /// What the change log records for this event.
+    fn change(&self) -> &'static str {
+        if self.after.is_some() {
+            "upsert"
+        } else {
+            "delete"
+        }
+    }
+}
+
 /// An entity as it stands, before a replace or delete.
+#[derive(sqlx::FromRow)]
 struct Current {
     version: i64,
     created_at: i64,
@@ -933,7 +893,7 @@ impl<'a> Writer<'a> {
                 ""
             }
         );
-        let Some(row) = sqlx::query(&sql)
+        let Some(cur) = sqlx::query_as::<_, Current>(&sql)
             .bind(kind)
             .bind(id)
             .fetch_optional(&mut **tx)
@@ -944,11 +904,6 @@ impl<'a> Writer<'a> {
                 kind: kind.into(),
                 id: id.into(),
             });
-        };
-        let cur = Current {
-            version: row.try_get(0).map_err(classify)?,
-            created_at: row.try_get(1).map_err(classify)?,
-            body: row.try_get(2).map_err(classify)?,
         };
         if if_version.is_some_and(|v| v != cur.version) {
             return Err(StoreError::VersionMismatch {
@@ -991,7 +946,7 @@ impl<'a> Writer<'a> {
         .map_err(|err| unique_violation(err, e))?;
         self.write_refs(tx, e).await?;
         let action = self.action.unwrap_or("create");
-        self.log(&e.kind, &e.id, "upsert", action, None, Some(body));
+        self.log(&e.kind, &e.id, action, None, Some(body));
         Ok(self.written(e, self.now))
     }
 
@@ -1033,7 +988,7 @@ impl<'a> Writer<'a> {
             .map_err(classify)?;
         self.write_refs(tx, e).await?;
         let action = self.action.unwrap_or("replace");
-        self.log(&e.kind, &e.id, "upsert", action, Some(cur.body), Some(body));
+        self.log(&e.kind, &e.id, action, Some(cur.body), Some(body));
         Ok(self.written(e, cur.created_at))
     }
 
@@ -1052,7 +1007,7 @@ impl<'a> Writer<'a> {
         if depth > 8 {
             return Err(StoreError::Database("delete cascades too deep".into()));
         }
-        let rows = sqlx::query(
+        let rows: Vec<(String, String, i64)> = sqlx::query_as(
             "SELECT kind, id, cascade FROM refs WHERE ref_kind = $1 AND ref_id = $2 ORDER BY kind, id",
         )
         .bind(kind)
@@ -1062,10 +1017,7 @@ impl<'a> Writer<'a> {
         .map_err(classify)?;
         let mut blocking = Vec::new();
         let mut cascading = Vec::new();
-        for r in &rows {
-            let kind: String = r.try_get(0).map_err(classify)?;
-            let id: String = r.try_get(1).map_err(classify)?;
-            let cascade: i64 = r.try_get(2).map_err(classify)?;
+        for (kind, id, cascade) in rows {
             if cascade != 0 {
                 cascading.push((kind, id));
             } else if blocking.len() < 20 {
@@ -1096,7 +1048,7 @@ impl<'a> Writer<'a> {
             .execute(&mut **tx)
             .await
             .map_err(classify)?;
-        self.log(kind, id, "delete", action, Some(cur.body), None);
+        self.log(kind, id, action, Some(cur.body), None);
         Ok(())
     }
 
@@ -1136,17 +1088,16 @@ impl<'a> Writer<'a> {
             }
             sql.push_str(&format!("(kind = ${} AND id = ${})", 2 * i + 1, 2 * i + 2));
         }
-        let mut q = sqlx::query(&sql);
+        let mut q = sqlx::query_as(&sql);
         for r in refs {
             q = q.bind(&r.kind).bind(&r.id);
         }
-        let rows = q.fetch_all(&mut **tx).await.map_err(classify)?;
-        let mut found = std::collections::HashSet::with_capacity(rows.len());
-        for row in &rows {
-            let kind: String = row.try_get(0).map_err(classify)?;
-            let id: String = row.try_get(1).map_err(classify)?;
-            found.insert((kind, id));
-        }
+        let found: std::collections::HashSet<(String, String)> = q
+            .fetch_all(&mut **tx)
+            .await
+            .map_err(classify)?
+            .into_iter()
+            .collect();
         Ok(refs
             .iter()
             .find(|r| !found.contains(&(r.kind.clone(), r.id.clone())))
@@ -1162,7 +1113,6 @@ impl<'a> Writer<'a> {
         &mut self,
         kind: &str,
         id: &str,
-        change: &'static str,
         action: &'a str,
         before: Option<String>,
         after: Option<String>,
@@ -1170,7 +1120,6 @@ impl<'a> Writer<'a> {
         self.pending.push(Pending {
             kind: kind.into(),
             id: id.into(),
-            change,
             action,
             before,
             after,
@@ -1184,10 +1133,10 @@ impl<'a> Writer<'a> {
         let mut changes: Vec<(&str, &str, &'static str)> = Vec::with_capacity(self.pending.len());
         for p in &self.pending {
             match index.entry((p.kind.as_str(), p.id.as_str())) {
-                std::collections::hash_map::Entry::Occupied(i) => changes[*i.get()].2 = p.change,
+                std::collections::hash_map::Entry::Occupied(i) => changes[*i.get()].2 = p.change(),
                 std::collections::hash_map::Entry::Vacant(v) => {
                     v.insert(changes.len());
-                    changes.push((&p.kind, &p.id, p.change));
+                    changes.push((&p.kind, &p.id, p.change()));
                 }
             }
         }

@@ -2,29 +2,17 @@
 //! and PostgreSQL (a throwaway cluster, or `DATABASE_URL`).
 #![allow(clippy::unwrap_used)]
 
-use std::sync::atomic::{AtomicU32, Ordering};
-
 use serde_json::json;
 use vigil_store::*;
 
-/// A store on a new, empty (unmigrated) SQLite file `name` in directory `dir`.
-async fn fresh_sqlite(dir: &str, name: &str) -> Store {
-    let dir = std::env::temp_dir().join(format!("{dir}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(name);
-    let _ = std::fs::remove_file(&path);
-    Store::connect(
-        &format!("sqlite://{}?mode=rwc", path.display()),
-        StoreOptions::default(),
-    )
-    .await
-    .unwrap()
+/// A store on a new, empty (unmigrated) SQLite file.
+async fn fresh_sqlite() -> Store {
+    let url = vigil_test_postgres::sqlite_url().unwrap();
+    Store::connect(&url, StoreOptions::default()).await.unwrap()
 }
 
 async fn sqlite() -> Store {
-    static N: AtomicU32 = AtomicU32::new(0);
-    let name = format!("db{}.sqlite", N.fetch_add(1, Ordering::Relaxed));
-    let store = fresh_sqlite("vigil-store-test", &name).await;
+    let store = fresh_sqlite().await;
     store.migrate().await.unwrap();
     store
 }
@@ -325,7 +313,7 @@ async fn references_restrict_and_cascade(s: Store) {
         .unwrap();
     assert_eq!(s.get("session", "s1").await.unwrap(), None);
     assert_eq!(s.get("grant", "g1").await.unwrap(), None);
-    let (_, changes) = s.changes_since(before).await.unwrap();
+    let (_, changes, _) = s.changed_since(before).await.unwrap();
     let deleted: Vec<(&str, &str)> = changes
         .iter()
         .map(|c| (c.kind.as_str(), c.id.as_str()))
@@ -372,7 +360,7 @@ async fn failed_writes_leave_nothing(s: Store) {
     );
     assert_eq!(s.get("policy", "ok").await.unwrap(), None);
     assert_eq!(s.revision().await.unwrap(), rev);
-    assert!(s.changes_since(rev).await.unwrap().1.is_empty());
+    assert!(s.changed_since(rev).await.unwrap().1.is_empty());
     assert!(s
         .audit(&AuditQuery::default())
         .await
@@ -559,7 +547,7 @@ async fn change_log_and_audit(s: Store) {
     s.write("carol", None, vec![delete("policy", "p", None)])
         .await
         .unwrap();
-    let (current, changes) = s.changes_since(1).await.unwrap();
+    let (current, changes, _) = s.changed_since(1).await.unwrap();
     assert_eq!(current, 3);
     assert_eq!(
         changes
@@ -624,7 +612,7 @@ async fn migrations_are_reported(s: Store) {
 
 #[tokio::test]
 async fn a_fresh_database_reports_pending_migrations() {
-    let s = fresh_sqlite("vigil-store-fresh", "fresh.sqlite").await;
+    let s = fresh_sqlite().await;
     let status = s.schema_status().await.unwrap();
     assert!(status.applied.is_empty());
     assert_eq!(status.pending(), status.known);
@@ -639,7 +627,7 @@ async fn bulk_writes_log_every_change(s: Store) {
         .collect();
     let c = s.write("bulk", None, ops).await.unwrap();
     assert!(c.records.iter().flatten().all(|r| r.version == c.revision));
-    let (_, changes) = s.changes_since(0).await.unwrap();
+    let (_, changes, _) = s.changed_since(0).await.unwrap();
     assert_eq!(changes.len(), 600);
     assert!(changes.iter().all(|ch| ch.revision == c.revision));
     let mut audit = 0;
@@ -809,7 +797,7 @@ async fn empty_writes_still_take_a_revision(s: Store) {
     let rev = s.revision().await.unwrap();
     let c = s.write("a", None, vec![]).await.unwrap();
     assert_eq!((c.revision, c.records.len()), (rev + 1, 0));
-    assert!(s.changes_since(rev).await.unwrap().1.is_empty());
+    assert!(s.changed_since(rev).await.unwrap().1.is_empty());
 }
 
 /// More rows than one statement stamps or logs.
@@ -821,7 +809,7 @@ async fn very_large_writes_stamp_every_row(s: Store) {
     let (rev, rows) = s.load_all().await.unwrap();
     assert_eq!((rev, rows.len()), (c.revision, 1100));
     assert!(rows.iter().all(|r| r.version == c.revision));
-    assert_eq!(s.changes_since(0).await.unwrap().1.len(), 1100);
+    assert_eq!(s.changed_since(0).await.unwrap().1.len(), 1100);
 }
 
 async fn the_fleet_is_recorded_newest_first(s: Store) {

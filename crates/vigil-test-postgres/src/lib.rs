@@ -22,7 +22,7 @@ pub struct TestPostgres {
 }
 
 /// Finds the server binaries (`/usr/lib/postgresql/<version>/bin`, newest first).
-pub fn server_bin_dir() -> io::Result<PathBuf> {
+fn server_bin_dir() -> io::Result<PathBuf> {
     let mut dirs: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
         .map_err(|e| {
             io::Error::new(
@@ -49,7 +49,8 @@ pub fn server_bin_dir() -> io::Result<PathBuf> {
 /// Runs the rest of a command line as `postgres` (when we are root: the server refuses to).
 const AS_POSTGRES: [&str; 4] = ["runuser", "-u", "postgres", "--"];
 
-fn free_port() -> io::Result<u16> {
+/// A free loopback port.
+pub fn free_port() -> io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
@@ -211,7 +212,7 @@ impl TestPostgres {
     }
 
     /// A connection URL for one database of this cluster.
-    pub fn url(&self, database: &str) -> String {
+    fn url(&self, database: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
     }
 
@@ -251,6 +252,20 @@ fn run(cmd: &mut Command) -> io::Result<()> {
             String::from_utf8_lossy(&out.stderr)
         )))
     }
+}
+
+/// The URL of a new, empty SQLite database file for one test (created on first
+/// connection), in a directory of this process under the system's temporary one.
+pub fn sqlite_url() -> io::Result<String> {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!("vigil-sqlite-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join(format!("db{}.sqlite", N.fetch_add(1, Ordering::Relaxed)));
+    match std::fs::remove_file(&path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    Ok(format!("sqlite://{}?mode=rwc", path_str(&path)?))
 }
 
 /// A fresh, empty database for one test: in this process's shared throwaway
