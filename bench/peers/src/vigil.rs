@@ -6,7 +6,7 @@ use std::net::IpAddr;
 
 use vigil_policy::ast::Scalar;
 use vigil_policy::{
-    compile, parse_yaml, CompileEnv, CompiledPolicy, Device, Id, Posture, Request, Sym, Symbols,
+    compile_standalone, parse_yaml, CompiledPolicy, Device, Id, Posture, Request, Sym, Symbols,
     User,
 };
 
@@ -86,9 +86,7 @@ impl VigilSide {
     pub fn build(w: &Workload, without: &Without) -> VigilSide {
         let mut symbols = Symbols::default();
         // Intern the directory the way a snapshot would: groups, users, posture attributes.
-        for g in &w.groups {
-            symbols.groups.intern(g);
-        }
+        let group_syms: Vec<Sym> = w.groups.iter().map(|g| symbols.groups.intern(g)).collect();
         let user_syms = w
             .users
             .iter()
@@ -102,16 +100,7 @@ impl VigilSide {
             .map(|r| {
                 let text = policy_yaml(w, r, without);
                 let doc = parse_yaml(&text).unwrap_or_else(|e| panic!("{text}\n{e}"));
-                compile(
-                    &doc,
-                    CompileEnv {
-                        symbols: &mut symbols,
-                        directory: None,
-                        library: None,
-                        name: None,
-                    },
-                )
-                .unwrap_or_else(|e| panic!("{text}\n{e}"))
+                compile_standalone(&doc, &mut symbols).unwrap_or_else(|e| panic!("{text}\n{e}"))
             })
             .collect();
         // After compiling, as a snapshot does: each user's email domain resolved once.
@@ -123,17 +112,7 @@ impl VigilSide {
         let user_groups = w
             .users
             .iter()
-            .map(|u| {
-                u.groups
-                    .iter()
-                    .map(|g| {
-                        symbols
-                            .groups
-                            .get(&w.groups[*g as usize])
-                            .expect("interned")
-                    })
-                    .collect()
-            })
+            .map(|u| u.groups.iter().map(|g| group_syms[*g as usize]).collect())
             .collect();
         let postures = w
             .inputs

@@ -523,10 +523,7 @@ impl CompiledPolicy {
             Check::Sym { field, set, negate } => {
                 let sym = match field {
                     SymField::User => req.user.map(|u| u.id.sym),
-                    SymField::Domain => req
-                        .user
-                        .filter(|u| u.email_verified && u.email.is_some())
-                        .map(|u| u.domain),
+                    SymField::Domain => req.verified_email().and(req.user.map(|u| u.domain)),
                     SymField::ServiceAccount => req.service_account.map(|s| s.sym),
                     SymField::Device => req.device.map(|d| d.id.sym),
                 };
@@ -619,13 +616,8 @@ impl CompiledPolicy {
         }
         let Some(v) = value else { return false };
         let folds = field.folds_case();
-        let ascii_only = *field == StrField::HttpMethod || v.is_ascii();
-        // Operands of folding fields are stored folded; an ASCII value needs no Unicode folding.
-        let eq = |want: &str| match (folds, ascii_only) {
-            (false, _) => v == want,
-            (true, true) => v.len() == want.len() && v.eq_ignore_ascii_case(want),
-            (true, false) => fold_eq(v, want),
-        };
+        // Operands of folding fields are stored folded.
+        let eq = |want: &str| if folds { fold_eq(v, want) } else { v == want };
         match test {
             StrTest::Eq(w) => eq(w),
             StrTest::In(list) if folds => list.iter().any(|w| eq(w)),

@@ -134,66 +134,54 @@ impl Trace {
     }
 }
 
+/// Names what the request lacks for a string field to have a value.
+fn missing_str(field: &crate::ast::StrField, req: &Request<'_>) -> Option<&'static str> {
+    use crate::ast::StrField;
+    if str_field(field, req).is_some() {
+        return None;
+    }
+    Some(match field {
+        StrField::User => "no user",
+        StrField::Email | StrField::Domain if req.user.is_none() => "no user",
+        StrField::Email | StrField::Domain
+            if req
+                .user
+                .is_some_and(|u| u.email.is_some() && !u.email_verified) =>
+        {
+            "email not verified"
+        }
+        StrField::Email => "no email",
+        StrField::Domain if req.user.is_some_and(|u| u.email.is_some()) => "no domain in the email",
+        StrField::Domain => "no email",
+        StrField::ServiceAccount => "no service account",
+        StrField::DeviceId => "no device",
+        StrField::ClientCertificateIssuer => "no client certificate",
+        StrField::Header(_) => "header absent or repeated",
+        StrField::HttpMethod | StrField::HttpPath => return None,
+    })
+}
+
 /// Names what the request lacks for a criterion to be able to hold.
 fn missing(check: &Check, req: &Request<'_>) -> Option<&'static str> {
     use crate::ast::StrField;
     use crate::compiled::SymField;
     match check {
         Check::Str { field, test } if !matches!(test, crate::compiled::StrTest::Present(_)) => {
-            if str_field(field, req).is_some() {
-                return None;
-            }
-            Some(match field {
-                StrField::User | StrField::Email | StrField::Domain if req.user.is_none() => {
-                    "no user"
-                }
-                StrField::User => "no user",
-                StrField::Email | StrField::Domain
-                    if req
-                        .user
-                        .is_some_and(|u| u.email.is_some() && !u.email_verified) =>
-                {
-                    "email not verified"
-                }
-                StrField::Email => "no email",
-                StrField::Domain if req.user.is_some_and(|u| u.email.is_some()) => {
-                    "no domain in the email"
-                }
-                StrField::Domain => "no email",
-                StrField::ServiceAccount => "no service account",
-                StrField::DeviceId => "no device",
-                StrField::ClientCertificateIssuer => "no client certificate",
-                StrField::Header(_) => "header absent or repeated",
-                StrField::HttpMethod | StrField::HttpPath => return None,
-            })
+            missing_str(field, req)
         }
-        Check::Sym {
-            field: SymField::User,
-            ..
+        // Interned fields lack a value exactly when their string form does.
+        Check::Sym { field, .. } => missing_str(
+            &match field {
+                SymField::User => StrField::User,
+                SymField::Domain => StrField::Domain,
+                SymField::ServiceAccount => StrField::ServiceAccount,
+                SymField::Device => StrField::DeviceId,
+            },
+            req,
+        ),
+        Check::GroupHas(_) | Check::GroupAny(_) | Check::GroupAll(_) => {
+            req.user.is_none().then_some("no user")
         }
-        | Check::GroupHas(_)
-        | Check::GroupAny(_)
-        | Check::GroupAll(_) => req.user.is_none().then_some("no user"),
-        Check::Sym {
-            field: SymField::Domain,
-            ..
-        } => match req.user {
-            None => Some("no user"),
-            Some(u) if u.email.is_none() => Some("no email"),
-            Some(u) if !u.email_verified => Some("email not verified"),
-            Some(_) => None,
-        },
-        Check::Sym {
-            field: SymField::ServiceAccount,
-            ..
-        } => req
-            .service_account
-            .is_none()
-            .then_some("no service account"),
-        Check::Sym {
-            field: SymField::Device,
-            ..
-        } => req.device.is_none().then_some("no device"),
         Check::Claim { path, .. } => match req.user.and_then(|u| u.claims) {
             None => Some("no claims"),
             Some(claims) => claim_at(path, claims).is_none().then_some("claim absent"),

@@ -3,7 +3,6 @@
 //! It is the oracle the compiled evaluator is tested against.
 
 use chrono::{Datelike, TimeZone, Timelike};
-use regex::RegexBuilder;
 
 use crate::ast::*;
 use crate::compile::Library;
@@ -298,13 +297,8 @@ impl Interp<'_, '_> {
             StrOp::NotIn(l) => !l.contains(&v),
             StrOp::StartsWith(w) => v.starts_with(w.as_str()),
             StrOp::EndsWith(w) => v.ends_with(w.as_str()),
-            StrOp::Matches(p) => {
-                let original = value.unwrap_or_default();
-                RegexBuilder::new(p.regex.as_str())
-                    .case_insensitive(ci)
-                    .build()
-                    .is_ok_and(|r| r.is_match(original))
-            }
+            // The pattern was built with the field's case rule.
+            StrOp::Matches(p) => p.regex.is_match(value.unwrap_or_default()),
             StrOp::Present(_) => false,
         }
     }

@@ -380,11 +380,8 @@ impl Parser {
                     None
                 }
             },
-            (other, _) => {
-                let hint = did_you_mean(other, CRITERIA);
-                self.err(ptr, format!("unknown criterion `{other}`{hint}"));
-                None
-            }
+            // Unknown names and stray sub-fields were refused above.
+            _ => None,
         }
     }
 
@@ -403,28 +400,14 @@ impl Parser {
     }
 
     fn flag(&mut self, v: &Value, ptr: &str, flag: Flag) -> Option<Criterion> {
-        let expect = match v {
-            Value::Bool(b) => *b,
-            Value::Object(entries) => match entries.as_slice() {
-                [(k, Value::Bool(b))] if k == "is" => *b,
-                _ => {
-                    self.err(
-                        ptr,
-                        format!(
-                            "expected `true`, `false` or `{{is: <boolean>}}`, found {}",
-                            v.kind()
-                        ),
-                    );
-                    return None;
-                }
-            },
-            other => {
-                self.err(
-                    ptr,
-                    format!("expected `true` or `false`, found {}", other.kind()),
-                );
-                return None;
-            }
+        let Some(expect) = bool_operand(v) else {
+            let expected = if matches!(v, Value::Object(_)) {
+                "`true`, `false` or `{is: <boolean>}`"
+            } else {
+                "`true` or `false`"
+            };
+            self.err(ptr, format!("expected {expected}, found {}", v.kind()));
+            return None;
         };
         Some(Criterion::Flag { flag, expect })
     }

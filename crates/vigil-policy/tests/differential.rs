@@ -125,21 +125,9 @@ fn str_ops(values: &'static [&'static str], extra: bool) -> BoxedStrategy<Value>
             let n = v.chars().count();
             json!({"ends_with": v.chars().skip(n.saturating_sub(4)).collect::<String>()})
         }),
-        1 => pick(values).prop_map(|v| json!({"matches": format!("{}.*", regex_escape(&v.chars().take(2).collect::<String>()))})),
+        1 => pick(values).prop_map(|v| json!({"matches": format!("{}.*", regex::escape(&v.chars().take(2).collect::<String>()))})),
     ]
     .boxed()
-}
-
-fn regex_escape(s: &str) -> String {
-    s.chars()
-        .map(|c| {
-            if c.is_alphanumeric() {
-                c.to_string()
-            } else {
-                format!("\\{c}")
-            }
-        })
-        .collect()
 }
 
 /// Claim operators; posture values are scalars, so they take all but the array ones.
