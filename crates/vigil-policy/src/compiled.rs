@@ -523,7 +523,8 @@ impl CompiledPolicy {
             Check::Sym { field, set, negate } => {
                 let sym = match field {
                     SymField::User => req.user.map(|u| u.id.sym),
-                    SymField::Domain => req.verified_email().and(req.user.map(|u| u.domain)),
+                    // Only a verified email with a domain has one (as for the string field).
+                    SymField::Domain => req.email_domain().and(req.user.map(|u| u.domain)),
                     SymField::ServiceAccount => req.service_account.map(|s| s.sym),
                     SymField::Device => req.device.map(|d| d.id.sym),
                 };

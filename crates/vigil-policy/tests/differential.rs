@@ -20,6 +20,7 @@ const EMAILS: &[&str] = &[
     "carol@other.org",
     "josé@exämple.de",
     "x@sub.corp.example",
+    "no-at-sign",
 ];
 const DOMAINS: &[&str] = &[
     "corp.example",
