@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::{client, ControlProcess};
+use support::{client, get_json, ControlProcess};
 use vigil_test_postgres::TestPostgres;
 
 async fn create_group(c: &reqwest::Client, url: &str, name: &str) -> reqwest::Response {
@@ -184,14 +184,7 @@ async fn racing_writers_on_one_etag_and_a_failed_transaction() {
 
     // A user naming a group that does not exist fails inside the transaction,
     // after the revision was bumped: nothing may remain of it.
-    let audit_before: Value = c
-        .get(format!("{}/v1/audit", cp.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let audit_before = get_json(&c, &cp.url, "/v1/audit").await;
     let res = c
         .post(format!("{}/v1/users", cp.url))
         .json(&json!({ "issuer": "https://idp.example", "subject": "u1", "groups": ["eng", "missing"] }))
@@ -199,23 +192,9 @@ async fn racing_writers_on_one_etag_and_a_failed_transaction() {
         .await
         .unwrap();
     assert_eq!(res.status(), 422);
-    let users: Value = c
-        .get(format!("{}/v1/users", cp.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let users = get_json(&c, &cp.url, "/v1/users").await;
     assert_eq!(users["items"], json!([]));
-    let audit_after: Value = c
-        .get(format!("{}/v1/audit", cp.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let audit_after = get_json(&c, &cp.url, "/v1/audit").await;
     assert_eq!(
         audit_before["items"].as_array().unwrap().len(),
         audit_after["items"].as_array().unwrap().len()

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use prost::Message as _;
 use serde_json::{json, Value};
-use support::{client, ControlProcess, SIGNING_SEED};
+use support::{client, get_json, join_token, patch_json, post_json, trusted, ControlProcess};
 use vigil_proto::v1::control_plane_client::ControlPlaneClient;
 use vigil_proto::v1::entry::Body;
 use vigil_proto::v1::{
@@ -18,26 +18,6 @@ use vigil_proto::v1::{
 use vigil_proxy::subscriber::{self, Handle, Link};
 use vigil_snapshot::{Kind, Signer, Verifier};
 use vigil_test_postgres::TestPostgres;
-
-fn trusted() -> Verifier {
-    let key = Signer::from_seed_base64(SIGNING_SEED)
-        .unwrap()
-        .public_key_base64();
-    Verifier::from_base64([key.as_str()]).unwrap()
-}
-
-async fn post(c: &reqwest::Client, url: &str, path: &str, body: Value) -> Value {
-    let res = c
-        .post(format!("{url}{path}"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let status = res.status();
-    let text = res.text().await.unwrap();
-    assert!(status.is_success(), "POST {path}: {status} {text}");
-    serde_json::from_str(&text).unwrap()
-}
 
 /// The revision a write committed at: its response's `version`.
 fn revision_of(written: &Value) -> u64 {
@@ -77,16 +57,6 @@ fn user_suspended(h: &Handle, id: &str) -> Option<bool> {
     }
 }
 
-async fn proxies(c: &reqwest::Client, url: &str) -> Value {
-    c.get(format!("{url}/v1/proxies"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn snapshots_and_deltas_reach_proxies_and_survive_outages() {
     let pg = TestPostgres::start().unwrap();
@@ -94,18 +64,18 @@ async fn snapshots_and_deltas_reach_proxies_and_survive_outages() {
     let mut cp = ControlProcess::start(&db);
     let c = client();
     let url = cp.url.clone();
-    let join = post(&c, &url, "/v1/join-tokens", json!({"name": "fleet"})).await;
+    let join = post_json(&c, &url, "/v1/join-tokens", json!({"name": "fleet"})).await;
     let token = join["token"].as_str().unwrap().to_owned();
-    post(&c, &url, "/v1/groups", json!({"name": "eng"})).await;
-    post(
+    post_json(&c, &url, "/v1/groups", json!({"name": "eng"})).await;
+    post_json(
         &c,
         &url,
         "/v1/policies",
         json!({"name": "staff", "document": {"allow": {"and": [{"groups": {"has": "eng"}}]}}}),
     )
     .await;
-    post(&c, &url, "/v1/routes", json!({"name": "app", "host": "app.example.com", "upstreams": ["http://127.0.0.1:9"], "policies": ["staff"]})).await;
-    let user = post(&c, &url, "/v1/users", json!({"issuer": "https://idp.example", "subject": "alice", "email": "alice@example.com", "groups": ["eng"]})).await;
+    post_json(&c, &url, "/v1/routes", json!({"name": "app", "host": "app.example.com", "upstreams": ["http://127.0.0.1:9"], "policies": ["staff"]})).await;
+    let user = post_json(&c, &url, "/v1/users", json!({"issuer": "https://idp.example", "subject": "alice", "email": "alice@example.com", "groups": ["eng"]})).await;
     let uid = user["id"].as_str().unwrap().to_owned();
 
     let dir = std::env::temp_dir().join(format!("vigil-stream-{}", std::process::id()));
@@ -146,7 +116,7 @@ async fn snapshots_and_deltas_reach_proxies_and_survive_outages() {
     let v = proxy.index.load().version();
     let mut fleet = Value::Null;
     for _ in 0..200 {
-        fleet = proxies(&c, &url).await;
+        fleet = get_json(&c, &url, "/v1/proxies").await;
         if fleet["items"][0]["version"].as_u64() == Some(v) {
             break;
         }
@@ -167,7 +137,7 @@ async fn snapshots_and_deltas_reach_proxies_and_survive_outages() {
     assert_eq!(proxy.index.load().version(), held);
     assert!(proxy.index.load().policy("app").is_some());
     cp.restart();
-    let bob = post(
+    let bob = post_json(
         &c,
         &url,
         "/v1/users",
@@ -212,7 +182,7 @@ async fn snapshots_and_deltas_reach_proxies_and_survive_outages() {
     pg.halt().unwrap();
     pg.resume().unwrap();
     cp.restart();
-    let ops = post(&c, &url, "/v1/groups", json!({"name": "ops"})).await;
+    let ops = post_json(&c, &url, "/v1/groups", json!({"name": "ops"})).await;
     let rev = revision_of(&ops);
     until("catching up after both restarts", || {
         proxy.index.load().version() == rev
@@ -231,11 +201,8 @@ async fn untrusted_snapshots_and_unknown_tokens_are_refused() {
     let cp = ControlProcess::start(&db);
     let c = client();
     let url = cp.url.clone();
-    let token = post(&c, &url, "/v1/join-tokens", json!({"name": "fleet"})).await["token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    post(&c, &url, "/v1/groups", json!({"name": "eng"})).await;
+    let token = join_token(&c, &url, "fleet").await;
+    post_json(&c, &url, "/v1/groups", json!({"name": "eng"})).await;
 
     // Signed by a key the proxy does not trust: nacked, nothing applied.
     let (other, _) = Signer::generate().unwrap();
@@ -243,7 +210,7 @@ async fn untrusted_snapshots_and_unknown_tokens_are_refused() {
     let proxy = subscribe(&cp, &token, "suspicious", wrong, None);
     let mut fleet = Value::Null;
     for _ in 0..500 {
-        fleet = proxies(&c, &url).await;
+        fleet = get_json(&c, &url, "/v1/proxies").await;
         if !fleet["items"][0]["last_nack"].is_null() {
             break;
         }
@@ -292,7 +259,7 @@ async fn a_write_through_one_replica_reaches_a_proxy_on_another() {
     let a = ControlProcess::start(&db);
     let b = ControlProcess::start(&db);
     let c = client();
-    let joined = post(&c, &a.url, "/v1/join-tokens", json!({"name": "fleet"})).await;
+    let joined = post_json(&c, &a.url, "/v1/join-tokens", json!({"name": "fleet"})).await;
     let token = joined["token"].as_str().unwrap().to_owned();
     let on_a = subscribe(&a, &token, "on-a", trusted(), None);
     let on_b = subscribe(&b, &token, "on-b", trusted(), None);
@@ -301,7 +268,7 @@ async fn a_write_through_one_replica_reaches_a_proxy_on_another() {
         on_a.index.load().version() == rev && on_b.index.load().version() == rev
     })
     .await;
-    let user = post(
+    let user = post_json(
         &c,
         &a.url,
         "/v1/users",
@@ -329,7 +296,7 @@ async fn a_write_through_one_replica_reaches_a_proxy_on_another() {
     for replica in [&a, &b] {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let fleet = proxies(&c, &replica.url).await;
+            let fleet = get_json(&c, &replica.url, "/v1/proxies").await;
             let connected: Vec<&str> = fleet["items"]
                 .as_array()
                 .unwrap()
@@ -350,16 +317,6 @@ async fn a_write_through_one_replica_reaches_a_proxy_on_another() {
     }
 }
 
-async fn get(c: &reqwest::Client, url: &str, path: &str) -> Value {
-    c.get(format!("{url}{path}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sessions_reported_by_a_proxy_are_listed_and_revocable() {
     let pg = TestPostgres::start().unwrap();
@@ -367,11 +324,8 @@ async fn sessions_reported_by_a_proxy_are_listed_and_revocable() {
     let cp = ControlProcess::start(&db);
     let c = client();
     let url = cp.url.clone();
-    let token = post(&c, &url, "/v1/join-tokens", json!({"name": "fleet"})).await["token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let user = post(
+    let token = join_token(&c, &url, "fleet").await;
+    let user = post_json(
         &c,
         &url,
         "/v1/users",
@@ -413,7 +367,7 @@ async fn sessions_reported_by_a_proxy_are_listed_and_revocable() {
     let path = format!("/v1/sessions?user_id={uid}");
     let mut listed = Value::Null;
     for _ in 0..500 {
-        listed = get(&c, &url, &path).await;
+        listed = get_json(&c, &url, &path).await;
         if listed["items"].as_array().is_some_and(|a| !a.is_empty()) {
             break;
         }
@@ -427,7 +381,7 @@ async fn sessions_reported_by_a_proxy_are_listed_and_revocable() {
     assert_eq!(s["identity_provider"], "corp");
     assert_eq!(s["auth_time"], "2030-03-17T17:46:40Z");
     assert_eq!(s["last_seen_at"], "2030-03-17T17:46:40Z");
-    let all = get(&c, &url, "/v1/sessions").await;
+    let all = get_json(&c, &url, "/v1/sessions").await;
     assert_eq!(all["items"].as_array().unwrap().len(), 1, "{all}");
 
     // Activity a few seconds later is coalesced; a minute later it is recorded.
@@ -442,7 +396,7 @@ async fn sessions_reported_by_a_proxy_are_listed_and_revocable() {
         .await
         .unwrap();
     // Another user cannot take the session over.
-    let other = post(
+    let other = post_json(
         &c,
         &url,
         "/v1/users",
@@ -457,7 +411,7 @@ async fn sessions_reported_by_a_proxy_are_listed_and_revocable() {
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     let seen = loop {
-        let s = get(&c, &url, "/v1/sessions/ses_e2e1").await;
+        let s = get_json(&c, &url, "/v1/sessions/ses_e2e1").await;
         if s["last_seen_at"] != "2030-03-17T17:46:40Z" {
             break s;
         }
@@ -468,7 +422,7 @@ async fn sessions_reported_by_a_proxy_are_listed_and_revocable() {
     assert_eq!(seen["user_id"], uid.as_str());
 
     // Revoked by an admin: every proxy learns of it through the snapshot.
-    post(&c, &url, "/v1/sessions/ses_e2e1/revoke", json!({})).await;
+    post_json(&c, &url, "/v1/sessions/ses_e2e1/revoke", json!({})).await;
     until("the revocation in the snapshot", || {
         proxy
             .index
@@ -485,7 +439,7 @@ async fn sessions_reported_by_a_proxy_are_listed_and_revocable() {
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let after = get(&c, &url, "/v1/sessions/ses_e2e1").await;
+    let after = get_json(&c, &url, "/v1/sessions/ses_e2e1").await;
     assert!(after["revoked_at"].is_string(), "{after}");
     assert_eq!(after["last_seen_at"], "2030-03-17T17:48:10Z");
 }
@@ -497,11 +451,8 @@ async fn a_stalled_proxy_does_not_grow_the_control_planes_memory() {
     let cp = ControlProcess::start(&db);
     let c = client();
     let url = cp.url.clone();
-    let token = post(&c, &url, "/v1/join-tokens", json!({"name": "fleet"})).await["token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let user = post(
+    let token = join_token(&c, &url, "fleet").await;
+    let user = post_json(
         &c,
         &url,
         "/v1/users",
@@ -518,23 +469,11 @@ async fn a_stalled_proxy_does_not_grow_the_control_planes_memory() {
     // 200 KB more per write.
     let blob = "x".repeat(200_000);
     let mut last = 0;
+    let path = format!("/v1/users/{uid}");
     let write = |n: usize| {
-        let c = c.clone();
-        let url = url.clone();
-        let uid = uid.clone();
-        let body = json!({"attributes": {"blob": format!("{n}{blob}")}}).to_string();
-        async move {
-            let res = c
-                .patch(format!("{url}/v1/users/{uid}"))
-                .header("if-match", "*")
-                .header("content-type", "application/merge-patch+json")
-                .body(body)
-                .send()
-                .await
-                .unwrap();
-            assert!(res.status().is_success(), "{}", res.status());
-            revision_of(&res.json::<Value>().await.unwrap())
-        }
+        let body = json!({"attributes": {"blob": format!("{n}{blob}")}});
+        let (c, url, path) = (c.clone(), url.clone(), path.clone());
+        async move { revision_of(&patch_json(&c, &url, &path, body).await) }
     };
     for n in 0..20 {
         last = write(n).await;
@@ -558,7 +497,7 @@ async fn a_stalled_proxy_does_not_grow_the_control_planes_memory() {
         grown < 16_000,
         "resident memory grew by {grown} KiB over 200 writes with a stalled stream ({before} -> {after})"
     );
-    let fleet = proxies(&c, &url).await;
+    let fleet = get_json(&c, &url, "/v1/proxies").await;
     let stalled_status = fleet["items"]
         .as_array()
         .unwrap()
@@ -631,7 +570,7 @@ async fn a_nack_is_answered_with_the_full_snapshot_at_once() {
     let db = pg.create_database("nack").unwrap();
     let cp = ControlProcess::start(&db);
     let c = client();
-    let joined = post(&c, &cp.url, "/v1/join-tokens", json!({"name": "fleet"})).await;
+    let joined = post_json(&c, &cp.url, "/v1/join-tokens", json!({"name": "fleet"})).await;
     let token = joined["token"].as_str().unwrap().to_owned();
     // Once the control plane's snapshot has caught up with the token's write...
     let watcher = subscribe(&cp, &token, "watcher", trusted(), None);
@@ -642,7 +581,7 @@ async fn a_nack_is_answered_with_the_full_snapshot_at_once() {
     .await;
     let (tx, mut inbound) = raw_subscribe(&cp, &token, "picky", rev).await;
     // Holding the current version, it gets nothing until a write: then a delta.
-    let eng = post(&c, &cp.url, "/v1/groups", json!({"name": "eng"})).await;
+    let eng = post_json(&c, &cp.url, "/v1/groups", json!({"name": "eng"})).await;
     let delta = next_update(&mut inbound).await;
     assert!(
         !delta.full && delta.version == revision_of(&eng),
@@ -690,11 +629,8 @@ async fn the_stream_runs_over_tls_and_refuses_an_untrusted_server() {
     std::fs::write(dir.join("key.pem"), key).unwrap();
     let cp = ControlProcess::start_tls(&db, &dir.join("cert.pem"), &dir.join("key.pem"));
     let c = client();
-    let token = post(&c, &cp.url, "/v1/join-tokens", json!({"name": "fleet"})).await["token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let user = post(
+    let token = join_token(&c, &cp.url, "fleet").await;
+    let user = post_json(
         &c,
         &cp.url,
         "/v1/users",

@@ -187,3 +187,67 @@ pub fn client() -> reqwest::Client {
         .build()
         .unwrap()
 }
+
+/// The verifier that trusts [`SIGNING_SEED`]'s public key.
+pub fn trusted() -> vigil_snapshot::Verifier {
+    let key = vigil_snapshot::Signer::from_seed_base64(SIGNING_SEED)
+        .unwrap()
+        .public_key_base64();
+    vigil_snapshot::Verifier::from_base64([key.as_str()]).unwrap()
+}
+
+/// Answers a request that must succeed with its JSON body.
+async fn json_of(req: reqwest::RequestBuilder, what: &str) -> serde_json::Value {
+    let res = req.send().await.unwrap();
+    let status = res.status();
+    let text = res.text().await.unwrap();
+    assert!(status.is_success(), "{what}: {status} {text}");
+    serde_json::from_str(&text).unwrap()
+}
+
+/// `GET url+path`, which must succeed.
+pub async fn get_json(c: &reqwest::Client, url: &str, path: &str) -> serde_json::Value {
+    json_of(c.get(format!("{url}{path}")), &format!("GET {path}")).await
+}
+
+/// `POST url+path` with a JSON body, which must succeed.
+pub async fn post_json(
+    c: &reqwest::Client,
+    url: &str,
+    path: &str,
+    body: serde_json::Value,
+) -> serde_json::Value {
+    json_of(
+        c.post(format!("{url}{path}")).json(&body),
+        &format!("POST {path}"),
+    )
+    .await
+}
+
+/// A JSON merge patch of url+path over whatever version is there (`If-Match: *`),
+/// which must succeed.
+pub async fn patch_json(
+    c: &reqwest::Client,
+    url: &str,
+    path: &str,
+    body: serde_json::Value,
+) -> serde_json::Value {
+    let req = c
+        .patch(format!("{url}{path}"))
+        .header("if-match", "*")
+        .header("content-type", "application/merge-patch+json")
+        .body(body.to_string());
+    json_of(req, &format!("PATCH {path}")).await
+}
+
+/// Creates a join token named `name`; returns the token (shown once).
+pub async fn join_token(c: &reqwest::Client, url: &str, name: &str) -> String {
+    let created = post_json(
+        c,
+        url,
+        "/v1/join-tokens",
+        serde_json::json!({ "name": name }),
+    )
+    .await;
+    created["token"].as_str().unwrap().to_owned()
+}

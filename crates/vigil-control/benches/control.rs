@@ -15,7 +15,7 @@ use vigil_test_postgres::TestPostgres;
 #[path = "common/mod.rs"]
 mod common;
 
-use common::{seed, GROUPS, POLICIES, ROUTES, USERS};
+use common::{ms, percentile, seed, GROUPS, POLICIES, ROUTES, USERS};
 
 const WRITERS: usize = 16;
 const WRITE_SECONDS: u64 = 10;
@@ -34,10 +34,6 @@ async fn full_load(store: &Store) -> (Duration, Duration, usize) {
         }
     }
     (read, t.elapsed(), typed)
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
 }
 
 async fn writes(store: Store) -> (Vec<Duration>, usize) {
@@ -151,11 +147,11 @@ async fn run(durable: bool) {
     totals.sort();
     println!(
         "full load (5 runs): read {:.0} ms median ({:.0} min); read + typed decode of {typed} entities {:.0} ms median ({:.0} min, {:.0} max); target <= 500 ms: {}",
-        reads[2].as_secs_f64() * 1e3,
-        reads[0].as_secs_f64() * 1e3,
-        totals[2].as_secs_f64() * 1e3,
-        totals[0].as_secs_f64() * 1e3,
-        totals[4].as_secs_f64() * 1e3,
+        ms(reads[2]),
+        ms(reads[0]),
+        ms(totals[2]),
+        ms(totals[0]),
+        ms(totals[4]),
         if totals[2] <= Duration::from_millis(500) { "PASS" } else { "FAIL" }
     );
     let (lat, errors) = writes(store).await;
@@ -164,9 +160,9 @@ async fn run(durable: bool) {
         "REST writes, {WRITERS} concurrent writers for {WRITE_SECONDS} s: {} ok ({:.0}/s), {errors} failed; latency median {:.2} ms, p99 {:.2} ms, max {:.2} ms; target p99 <= 20 ms: {}",
         lat.len(),
         lat.len() as f64 / WRITE_SECONDS as f64,
-        percentile(&lat, 0.5).as_secs_f64() * 1e3,
-        p99.as_secs_f64() * 1e3,
-        lat.last().map_or(0.0, |d| d.as_secs_f64() * 1e3),
+        ms(percentile(&lat, 0.5)),
+        ms(p99),
+        lat.last().map_or(0.0, |d| ms(*d)),
         if p99 <= Duration::from_millis(20) { "PASS" } else { "FAIL" }
     );
 }

@@ -33,8 +33,9 @@ pub struct SessionFacts<'a> {
     pub auth_time: i64,
     /// When the session ends (Unix seconds).
     pub expires_at: i64,
-    /// Authentication methods (RFC 8176).
-    pub amr: &'a [String],
+    /// Authentication methods (RFC 8176), as the policy reads them: worked out
+    /// once when the session is read, not per decision.
+    pub amr: Amr,
 }
 
 /// Who is asking.
@@ -193,7 +194,7 @@ pub fn decide(index: &Index, route: &str, principal: Principal<'_>, facts: Facts
                 }
                 session = Session {
                     auth_time: Some(s.auth_time),
-                    amr: Amr::from_values(s.amr.iter().map(String::as_str)),
+                    amr: s.amr,
                 };
             }
             let known = index.users.get(id);
@@ -211,9 +212,14 @@ pub fn decide(index: &Index, route: &str, principal: Principal<'_>, facts: Facts
                 merged = all;
                 &merged
             };
-            let (email, email_verified) = match known {
-                Some(u) if u.email.is_some() => (u.email.as_deref(), u.email_verified),
-                _ => (email, email_verified),
+            let (email, email_verified, domain) = match known {
+                Some(u) if u.email.is_some() => (u.email.as_deref(), u.email_verified, u.domain),
+                // Only an email the directory does not know is interned per request.
+                _ => (
+                    email,
+                    email_verified,
+                    email.map_or(Sym::NONE, |e| symbols.domain_of(e)),
+                ),
             };
             user = Some(PolicyUser {
                 id: Id {
@@ -222,7 +228,7 @@ pub fn decide(index: &Index, route: &str, principal: Principal<'_>, facts: Facts
                 },
                 email,
                 email_verified,
-                domain: email.map_or(Sym::NONE, |e| symbols.domain_of(e)),
+                domain,
                 groups,
                 claims,
             });
@@ -475,7 +481,7 @@ mod tests {
             id,
             auth_time,
             expires_at: NOW + 3600,
-            amr: &[],
+            amr: Amr::default(),
         }
     }
 

@@ -36,6 +36,8 @@ pub struct UserFacts {
     pub email: Option<String>,
     /// Whether that email is verified.
     pub email_verified: bool,
+    /// The email's domain, interned ([`Sym::NONE`] when no policy names it).
+    pub domain: Sym,
     /// The directory groups that some policy names, interned and sorted.
     pub groups: Box<[Sym]>,
 }
@@ -101,6 +103,10 @@ fn user_facts(body: &Body, symbols: &Symbols) -> Option<UserFacts> {
     groups.sort_unstable();
     Some(UserFacts {
         suspended: u.suspended,
+        domain: u
+            .email
+            .as_deref()
+            .map_or(Sym::NONE, |e| symbols.domain_of(e)),
         email: u.email.clone(),
         email_verified: u.email_verified,
         groups: groups.into(),

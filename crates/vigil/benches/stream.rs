@@ -22,28 +22,21 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use common::{ms, percentile};
 use prost::Message as _;
-use serde_json::{json, Value};
+use serde_json::json;
 use support::{client, ControlProcess, SIGNING_SEED};
 use vigil_control::snapshot::Builder;
 use vigil_proto::v1::{control_message, ControlMessage};
 use vigil_proxy::index::Index;
 use vigil_proxy::subscriber::{self, Handle, Link};
-use vigil_snapshot::{Signer, Verifier};
+use vigil_snapshot::Signer;
 use vigil_store::{Store, StoreOptions};
 use vigil_test_postgres::TestPostgres;
 
 /// (subscribers, writes measured at that size).
 const STEPS: [(usize, usize); 3] = [(1, 100), (100, 50), (1000, 30)];
 const BUILDS: usize = 5;
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
-}
 
 /// Bytes of one update as the gRPC stream carries it (the message, before the 5-byte
 /// gRPC and 9-byte HTTP/2 frame headers).
@@ -63,7 +56,7 @@ fn config(cp: &ControlProcess, token: &str, id: String) -> subscriber::Config {
         addresses: vec![cp.grpc_url.clone()],
         join_token: token.to_owned(),
         ca_pem: None,
-        verifier: Verifier::from_base64([signer().public_key_base64().as_str()]).unwrap(),
+        verifier: support::trusted(),
         proxy_id: id,
         labels: vec![("bench".into(), "stream".into())],
         snapshot_file: None,
@@ -118,25 +111,10 @@ async fn builds(store: &Store) -> Builder {
     builder
 }
 
-async fn patch(c: &reqwest::Client, url: &str, path: &str, body: Value) -> Value {
-    let res = c
-        .patch(format!("{url}{path}"))
-        .header("if-match", "*")
-        .header("content-type", "application/merge-patch+json")
-        .body(body.to_string())
-        .send()
-        .await
-        .unwrap();
-    let status = res.status();
-    let text = res.text().await.unwrap();
-    assert!(status.is_success(), "PATCH {path}: {status} {text}");
-    serde_json::from_str(&text).unwrap()
-}
-
 /// Suspends or reactivates one user through the REST API; returns the revision.
 async fn flip_user(c: &reqwest::Client, url: &str, n: usize, suspend: bool) -> u64 {
     let status = if suspend { "suspended" } else { "active" };
-    let written = patch(
+    let written = support::patch_json(
         c,
         url,
         &format!("/v1/users/usr_{:06}", n % common::USERS),
@@ -212,16 +190,7 @@ async fn propagate(pool: &[Handle], c: &reqwest::Client, url: &str, n: usize) ->
 async fn fleet(store: &Store, pg_url: &str) {
     let cp = ControlProcess::start(pg_url);
     let c = client();
-    let token: Value = c
-        .post(format!("{}/v1/join-tokens", cp.url))
-        .json(&json!({"name": "bench"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let token = token["token"].as_str().unwrap().to_owned();
+    let token = support::join_token(&c, &cp.url, "bench").await;
     let builder = builds(store).await;
     delta(store, builder, &c, &cp.url).await;
 
