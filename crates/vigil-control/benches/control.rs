@@ -19,6 +19,7 @@ use common::{ms, percentile, seed, GROUPS, POLICIES, ROUTES, USERS};
 
 const WRITERS: usize = 16;
 const WRITE_SECONDS: u64 = 10;
+const ROUNDS: usize = 3;
 
 /// Loads everything and decodes it into the typed documents a snapshot build uses.
 async fn full_load(store: &Store) -> (Duration, Duration, usize) {
@@ -36,7 +37,8 @@ async fn full_load(store: &Store) -> (Duration, Duration, usize) {
     (read, t.elapsed(), typed)
 }
 
-async fn writes(store: Store) -> (Vec<Duration>, usize) {
+/// One round of writes; `round` keeps its new names apart from other rounds'.
+async fn writes(store: Store, round: usize) -> (Vec<Duration>, usize) {
     let control = Control::new(
         store,
         ControlConfig {
@@ -73,7 +75,7 @@ async fn writes(store: Store) -> (Vec<Duration>, usize) {
                     client
                         .post(format!("http://{addr}/v1/groups"))
                         .bearer_auth("bench")
-                        .json(&json!({"name": format!("w{w}-{n}")}))
+                        .json(&json!({"name": format!("r{round}-w{w}-{n}")}))
                         .send()
                         .await
                 } else {
@@ -154,16 +156,31 @@ async fn run(durable: bool) {
         ms(totals[4]),
         if totals[2] <= Duration::from_millis(500) { "PASS" } else { "FAIL" }
     );
-    let (lat, errors) = writes(store).await;
-    let p99 = percentile(&lat, 0.99);
+    // Several rounds: the machine is shared, and one round can be a noisy one.
+    let mut p99s = Vec::new();
+    for round in 1..=ROUNDS {
+        let (lat, errors) = writes(store.clone(), round).await;
+        let p99 = percentile(&lat, 0.99);
+        p99s.push(p99);
+        println!(
+            "REST writes, round {round}/{ROUNDS}, {WRITERS} concurrent writers for {WRITE_SECONDS} s: {} ok ({:.0}/s), {errors} failed; latency median {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            lat.len(),
+            lat.len() as f64 / WRITE_SECONDS as f64,
+            ms(percentile(&lat, 0.5)),
+            ms(p99),
+            lat.last().map_or(0.0, |d| ms(*d)),
+        );
+    }
+    p99s.sort();
+    let median = p99s[p99s.len() / 2];
     println!(
-        "REST writes, {WRITERS} concurrent writers for {WRITE_SECONDS} s: {} ok ({:.0}/s), {errors} failed; latency median {:.2} ms, p99 {:.2} ms, max {:.2} ms; target p99 <= 20 ms: {}",
-        lat.len(),
-        lat.len() as f64 / WRITE_SECONDS as f64,
-        ms(percentile(&lat, 0.5)),
-        ms(p99),
-        lat.last().map_or(0.0, |d| ms(*d)),
-        if p99 <= Duration::from_millis(20) { "PASS" } else { "FAIL" }
+        "REST write p99, median of {ROUNDS} rounds: {:.2} ms; target <= 20 ms: {}",
+        ms(median),
+        if median <= Duration::from_millis(20) {
+            "PASS"
+        } else {
+            "FAIL"
+        }
     );
 }
 

@@ -3,6 +3,14 @@
 //! Every write transaction starts by bumping the single revision row. That row
 //! lock serialises writers, so revision order is commit order: a reader that has
 //! seen revision *n* has seen every change up to *n*, which snapshot deltas rely on.
+//!
+//! On PostgreSQL that lock would be held across each commit's WAL flush, making
+//! durable writes queue on the disk one at a time. So writes commit with
+//! `synchronous_commit = off` and then wait on a durability barrier (see
+//! [`Store::flush`]) before they report success; readers that publish what they
+//! read (snapshot builds) pass the same barrier first. A crash can lose only
+//! commits that nobody was told about, and the WAL keeps them a prefix: a write
+//! that depended on a lost one is lost with it.
 
 use std::time::Duration;
 
@@ -664,6 +672,8 @@ impl Store {
         .await
         .map_err(classify)?;
         tx.commit().await.map_err(classify)?;
+        // What is read goes into snapshots: only once it is durable.
+        self.flush().await?;
         Ok((revision, records))
     }
 
@@ -686,6 +696,7 @@ impl Store {
         .await
         .map_err(classify)?;
         tx.commit().await.map_err(classify)?;
+        self.flush().await?;
         Ok((current, changes, records))
     }
 
@@ -765,7 +776,17 @@ impl Store {
         action: Option<&str>,
         ops: &[Op],
     ) -> Result<Committed, StoreError> {
-        let mut tx = self.pool.begin().await.map_err(classify)?;
+        let mut tx = match self.dialect {
+            // Commit without waiting for the WAL flush, so that the revision row
+            // lock is not held across it; `flush` waits for it after the commit.
+            Dialect::Postgres => {
+                self.pool
+                    .begin_with("BEGIN; SET LOCAL synchronous_commit = off")
+                    .await
+            }
+            Dialect::Sqlite => self.pool.begin().await,
+        }
+        .map_err(classify)?;
         let mut w = Writer {
             dialect: self.dialect,
             revision: 0,
@@ -793,7 +814,26 @@ impl Store {
             r.version = revision;
         }
         tx.commit().await.map_err(classify)?;
+        self.flush().await?;
         Ok(Committed { revision, records })
+    }
+
+    /// Waits until everything committed before the call is durable. On PostgreSQL
+    /// writes commit asynchronously (see `write_once`): this commits a one-row
+    /// update with synchronous commit, whose WAL flush covers every earlier commit
+    /// record, and concurrent calls share flushes. SQLite commits durably already.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        if self.dialect != Dialect::Postgres {
+            return Ok(());
+        }
+        sqlx::query(
+            "INSERT INTO flush_barrier (slot, n) VALUES (pg_backend_pid() % 1024, 1) \
+             ON CONFLICT (slot) DO UPDATE SET n = flush_barrier.n + 1",
+        )
+        .execute(&self.pool)
+        .await
+        .map(|_| ())
+        .map_err(classify)
     }
 }
 
@@ -836,6 +876,41 @@ struct Current {
     created_at: i64,
     /// The document as stored, for the audit trail.
     body: String,
+    /// Its references as a JSON array of `[kind, id, cascade]`, in no order
+    /// (PostgreSQL gives NULL for none).
+    refs: Option<String>,
+}
+
+/// A reference as the `refs` table holds it.
+type RefRow = (String, String, i64);
+
+impl Current {
+    /// Its references, sorted.
+    fn refs(&self) -> Result<Vec<RefRow>, StoreError> {
+        let mut refs: Vec<RefRow> = match &self.refs {
+            Some(text) => serde_json::from_str(text)
+                .map_err(|e| StoreError::Database(format!("unreadable references: {e}")))?,
+            None => Vec::new(),
+        };
+        refs.sort();
+        Ok(refs)
+    }
+}
+
+/// `e`'s references sorted by target, one per target (the first wins).
+fn targets(e: &Entity) -> Vec<&Ref> {
+    let mut refs: Vec<&Ref> = e.refs.iter().collect();
+    refs.sort_by(|a, b| (&a.kind, &a.id).cmp(&(&b.kind, &b.id)));
+    refs.dedup_by(|a, b| a.kind == b.kind && a.id == b.id);
+    refs
+}
+
+/// The rows `write_refs` inserts for `e`, sorted.
+fn ref_rows(e: &Entity) -> Vec<RefRow> {
+    targets(e)
+        .iter()
+        .map(|r| (r.kind.clone(), r.id.clone(), i64::from(r.cascade)))
+        .collect()
 }
 
 /// `($first, ...), (...)`: placeholders for `rows` rows of `cols` values each.
@@ -885,13 +960,20 @@ impl<'a> Writer<'a> {
         id: &str,
         if_version: Option<i64>,
     ) -> Result<Current, StoreError> {
+        let (aggregate, lock) = match self.dialect {
+            Dialect::Postgres => (
+                "json_agg(json_build_array(r.ref_kind, r.ref_id, r.cascade))::text",
+                " FOR UPDATE OF e",
+            ),
+            Dialect::Sqlite => (
+                "json_group_array(json_array(r.ref_kind, r.ref_id, r.cascade))",
+                "",
+            ),
+        };
         let sql = format!(
-            "SELECT version, created_at, body FROM entities WHERE kind = $1 AND id = $2{}",
-            if self.dialect == Dialect::Postgres {
-                " FOR UPDATE"
-            } else {
-                ""
-            }
+            "SELECT e.version, e.created_at, e.body, \
+             (SELECT {aggregate} FROM refs r WHERE r.kind = e.kind AND r.id = e.id) AS refs \
+             FROM entities e WHERE e.kind = $1 AND e.id = $2{lock}"
         );
         let Some(cur) = sqlx::query_as::<_, Current>(&sql)
             .bind(kind)
@@ -980,13 +1062,16 @@ impl<'a> Writer<'a> {
         q.execute(&mut **tx)
             .await
             .map_err(|err| unique_violation(err, e))?;
-        sqlx::query("DELETE FROM refs WHERE kind = $1 AND id = $2")
-            .bind(&e.kind)
-            .bind(&e.id)
-            .execute(&mut **tx)
-            .await
-            .map_err(classify)?;
-        self.write_refs(tx, e).await?;
+        // Most replaces keep the references: then two statements are saved.
+        if cur.refs()? != ref_rows(e) {
+            sqlx::query("DELETE FROM refs WHERE kind = $1 AND id = $2")
+                .bind(&e.kind)
+                .bind(&e.id)
+                .execute(&mut **tx)
+                .await
+                .map_err(classify)?;
+            self.write_refs(tx, e).await?;
+        }
         let action = self.action.unwrap_or("replace");
         self.log(&e.kind, &e.id, action, Some(cur.body), Some(body));
         Ok(self.written(e, cur.created_at))
@@ -1056,10 +1141,7 @@ impl<'a> Writer<'a> {
     /// target exists; if one was left out, reports the first missing. The foreign
     /// keys stay as the last line of defence.
     async fn write_refs(&self, tx: &mut Tx<'_>, e: &Entity) -> Result<(), StoreError> {
-        let mut refs: Vec<&Ref> = e.refs.iter().collect();
-        refs.sort_by(|a, b| (&a.kind, &a.id).cmp(&(&b.kind, &b.id)));
-        refs.dedup_by(|a, b| a.kind == b.kind && a.id == b.id);
-        for chunk in refs.chunks(200) {
+        for chunk in targets(e).chunks(200) {
             // VALUES columns are `column1`, ... in both dialects.
             let sql = format!(
                 "INSERT INTO refs (kind, id, ref_kind, ref_id, cascade) \

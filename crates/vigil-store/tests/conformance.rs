@@ -46,6 +46,7 @@ conformance!(
     versions_guard_against_lost_updates,
     references_restrict_and_cascade,
     failed_writes_leave_nothing,
+    concurrent_writes_commit_alone,
     listing_pages_and_filters,
     secrets_stay_apart,
     change_log_and_audit,
@@ -325,6 +326,46 @@ async fn references_restrict_and_cascade(s: Store) {
     assert!(changes
         .iter()
         .all(|c| c.op == "delete" && c.revision == before + 1));
+    // A replace with the same references (listed twice, in another order) keeps them.
+    s.write("a", None, vec![create("policy", "q", Some("q"), json!({}))])
+        .await
+        .unwrap();
+    let mut same = entity("route", "r", Some("r"), json!({"v": 2}));
+    same.refs = vec![
+        reference("policy", "q", false),
+        reference("policy", "p", false),
+        reference("policy", "q", true),
+    ];
+    s.write("a", None, vec![replace(same, None)]).await.unwrap();
+    let mut same = entity("route", "r", Some("r"), json!({"v": 3}));
+    same.refs = vec![
+        reference("policy", "p", false),
+        reference("policy", "q", false),
+    ];
+    s.write("a", None, vec![replace(same, None)]).await.unwrap();
+    for p in ["p", "q"] {
+        let e = s
+            .write("a", None, vec![delete("policy", p, None)])
+            .await
+            .unwrap_err();
+        assert!(matches!(e, StoreError::Referenced { .. }), "{p}: {e}");
+    }
+    // The same target with another cascade flag is a change.
+    let mut cascading = entity("route", "r", Some("r"), json!({"v": 4}));
+    cascading.refs = vec![
+        reference("policy", "p", false),
+        reference("policy", "q", true),
+    ];
+    s.write("a", None, vec![replace(cascading, None)])
+        .await
+        .unwrap();
+    s.write("a", None, vec![delete("policy", "q", None)])
+        .await
+        .unwrap();
+    assert_eq!(s.get("route", "r").await.unwrap(), None, "cascaded");
+    let mut route = entity("route", "r", Some("r"), json!({}));
+    route.refs = vec![reference("policy", "p", false)];
+    s.write("a", None, vec![Op::Create(route)]).await.unwrap();
     // Replacing drops old references: the policy can go once the route stops using it.
     s.write(
         "a",
@@ -367,6 +408,70 @@ async fn failed_writes_leave_nothing(s: Store) {
         .unwrap()
         .items
         .is_empty());
+}
+
+/// Many writes at once (committed in groups): each succeeds or fails on its own,
+/// every success has its own revision, with no gaps, and only successes leave a trace.
+async fn concurrent_writes_commit_alone(s: Store) {
+    let rev = s.revision().await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..48 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let ops = match i % 4 {
+                // Twelve writers race for one name: exactly one wins.
+                0 => vec![create("group", &format!("g{i}"), Some("same"), json!({}))],
+                // The second op fails: the first must go too.
+                1 => {
+                    let mut bad = entity("route", &format!("r{i}"), None, json!({}));
+                    bad.refs = vec![reference("policy", "missing", false)];
+                    vec![
+                        create("policy", &format!("undone{i}"), None, json!({})),
+                        Op::Create(bad),
+                    ]
+                }
+                _ => vec![create("policy", &format!("p{i}"), None, json!({"i": i}))],
+            };
+            (i, s.write("w", None, ops).await)
+        }));
+    }
+    let mut revisions = Vec::new();
+    let mut same = 0;
+    for t in tasks {
+        let (i, result) = t.await.unwrap();
+        match (i % 4, result) {
+            (0, Ok(c)) => {
+                same += 1;
+                revisions.push(c.revision);
+            }
+            (0, Err(e)) => assert!(matches!(e, StoreError::AlreadyExists { .. }), "{e}"),
+            (1, Err(e)) => assert!(matches!(e, StoreError::MissingReference { .. }), "{e}"),
+            (_, Ok(c)) => {
+                let rec = s.get("policy", &format!("p{i}")).await.unwrap().unwrap();
+                assert_eq!(rec.version, c.revision);
+                assert_eq!(c.records[0].as_ref().unwrap().version, c.revision);
+                revisions.push(c.revision);
+            }
+            (k, r) => panic!(
+                "writer {i} (kind {k}): unexpected {:?}",
+                r.map(|c| c.revision)
+            ),
+        }
+    }
+    assert_eq!(same, 1, "exactly one writer gets the name");
+    revisions.sort();
+    let expected: Vec<i64> = (rev + 1..=rev + 25).collect();
+    assert_eq!(revisions, expected, "one revision per success, no gaps");
+    assert_eq!(s.revision().await.unwrap(), rev + 25);
+    let (current, changes, _) = s.changed_since(rev).await.unwrap();
+    assert_eq!(current, rev + 25);
+    let logged: Vec<i64> = changes.iter().map(|c| c.revision).collect();
+    assert_eq!(logged, expected, "one change-log row per success");
+    for i in (1..48).step_by(4) {
+        assert_eq!(s.get("policy", &format!("undone{i}")).await.unwrap(), None);
+    }
+    let audit = s.audit(&AuditQuery::default()).await.unwrap().items;
+    assert_eq!(audit.len(), 25);
 }
 
 async fn listing_pages_and_filters(s: Store) {
