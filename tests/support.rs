@@ -251,3 +251,101 @@ pub async fn join_token(c: &reqwest::Client, url: &str, name: &str) -> String {
     .await;
     created["token"].as_str().unwrap().to_owned()
 }
+
+/// A `vigil proxy` child process subscribed to a control plane; killed on drop.
+pub struct ProxyProcess {
+    child: Child,
+    /// Base URL it serves proxied traffic on (`http://127.0.0.1:port`).
+    pub url: String,
+    /// Base URL of its `/healthz` and `/readyz`.
+    pub health_url: String,
+    log: std::path::PathBuf,
+}
+
+impl ProxyProcess {
+    /// Starts a proxy streaming from `grpc_url` with `join_token`, trusting the
+    /// test signing key; does not wait for a snapshot (see [`ProxyProcess::wait_ready`]).
+    pub fn start(grpc_url: &str, join_token: &str, id: &str) -> ProxyProcess {
+        let port = free_port();
+        let health = free_port();
+        let log =
+            std::env::temp_dir().join(format!("vigil-e2e-proxy-{}-{port}.log", std::process::id()));
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let key = vigil_snapshot::Signer::from_seed_base64(SIGNING_SEED)
+            .unwrap()
+            .public_key_base64();
+        let child = Command::new(env!("CARGO_BIN_EXE_vigil"))
+            .arg("proxy")
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--health-listen",
+                &format!("127.0.0.1:{health}"),
+                "--control-plane",
+                grpc_url,
+                "--proxy-id",
+                id,
+            ])
+            .env("VIGIL_JOIN_TOKEN", join_token)
+            .env("VIGIL_SNAPSHOT_KEYS", key)
+            .env("VIGIL_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        let p = ProxyProcess {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            health_url: format!("http://127.0.0.1:{health}"),
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err()
+            || std::net::TcpStream::connect(("127.0.0.1", health)).is_err()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "proxy did not start; log:\n{}",
+                p.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        p
+    }
+
+    /// Waits until `/readyz` says a snapshot is held.
+    pub async fn wait_ready(&self) {
+        let c = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = c.get(format!("{}/readyz", self.health_url)).send().await {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "proxy never became ready; log:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The process's output so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

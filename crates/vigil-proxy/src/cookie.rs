@@ -202,9 +202,28 @@ pub fn find<'a>(cookie_headers: impl IntoIterator<Item = &'a str>) -> Option<&'a
     found
 }
 
+/// A `Cookie` header value without the session cookie (which an upstream must never
+/// see); `None` when nothing else is left.
+pub fn without_session(cookie_header: &str) -> Option<String> {
+    let kept: Vec<&str> = cookie_header
+        .split(';')
+        .map(str::trim)
+        .filter(|pair| !pair.is_empty() && pair.split_once('=').map_or(*pair, |p| p.0) != NAME)
+        .collect();
+    (!kept.is_empty()).then(|| kept.join("; "))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_session_cookie_never_goes_upstream() {
+        let with = format!("a=1; {NAME}=secret;b=2");
+        assert_eq!(without_session(&with).as_deref(), Some("a=1; b=2"));
+        assert_eq!(without_session(&format!("{NAME}=x")), None);
+        assert_eq!(without_session("a=1").as_deref(), Some("a=1"));
+    }
 
     const K1: &str = "AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA=";
     const K2: &str = "ICEiIyQlJicoKSorLC0uLzAxMjM0NTY3ODk6Ozw9Pj8=";

@@ -80,6 +80,21 @@ pub struct Index {
     pub grants: Arc<HashMap<String, RouteGrants>>,
     /// Which route serves a (host, path); rebuilt only when routes change.
     pub routes: Arc<RouteTable>,
+    /// Service accounts by the SHA-256 of their bearer token; rebuilt only when
+    /// service accounts change.
+    pub tokens: Arc<HashMap<Vec<u8>, String>>,
+}
+
+fn all_tokens(snapshot: &Snapshot) -> HashMap<Vec<u8>, String> {
+    snapshot
+        .of_kind(Kind::ServiceAccount)
+        .filter_map(|e| match &e.body {
+            Some(Body::ServiceAccount(sa)) if !sa.token_sha256.is_empty() => {
+                Some((sa.token_sha256.clone(), e.id.clone()))
+            }
+            _ => None,
+        })
+        .collect()
 }
 
 /// How many names a table holds; tables only ever grow, so a change in this count
@@ -205,6 +220,12 @@ impl Index {
         self.policies.get(route).map(|p| &p.policy)
     }
 
+    /// The service account whose bearer token is `token`.
+    pub fn service_account_by_token(&self, token: &str) -> Option<&str> {
+        let hash = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+        self.tokens.get(hash.as_ref()).map(String::as_str)
+    }
+
     /// The index after `update`, leaving `self` untouched: everything it holds is
     /// persistent or shared, so only what the update touches is copied. Every check
     /// (each changed route's policy, the update's shape and base version) passes
@@ -267,7 +288,13 @@ impl Index {
         } else {
             self.routes.clone()
         };
+        let tokens = if touches(Kind::ServiceAccount) {
+            Arc::new(all_tokens(&snapshot))
+        } else {
+            self.tokens.clone()
+        };
         Ok(Index {
+            tokens,
             snapshot: Arc::new(snapshot),
             symbols,
             policies,

@@ -1,8 +1,8 @@
 //! Vigil's data plane. This crate holds the proxy's side of the snapshot stream:
 //! it subscribes to the control plane, verifies and applies updates off the request
 //! path, swaps the result in atomically, and persists the last good snapshot. It
-//! also holds what the request path is built from: canonical paths and the route
-//! table.
+//! also holds the request path itself (`serve`): edge checks, canonical paths, the
+//! route table, authentication, the decision and forwarding.
 
 pub mod cookie;
 pub mod decide;
@@ -11,4 +11,5 @@ pub mod index;
 pub mod normalize;
 pub mod persist;
 pub mod routes;
+pub mod serve;
 pub mod subscriber;

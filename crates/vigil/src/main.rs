@@ -1,4 +1,4 @@
-//! `vigil`: the control plane (and, later, the proxy and the all-in-one) in one binary.
+//! `vigil`: the control plane and the proxy (and, later, the all-in-one) in one binary.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -23,8 +23,65 @@ struct Cli {
 enum Command {
     /// Run the control plane: the admin REST API over the store.
     Control(ControlArgs),
+    /// Run an identity-aware proxy: subscribe to the control plane's snapshots and
+    /// authorize every request from the one held.
+    Proxy(ProxyArgs),
     /// Apply pending database migrations and exit.
     Migrate(DatabaseArgs),
+}
+
+#[derive(Args)]
+struct ProxyArgs {
+    /// Address the proxy serves on (plain HTTP/1.1 and HTTP/2).
+    #[arg(long, env = "VIGIL_PROXY_LISTEN", default_value = "127.0.0.1:8000")]
+    listen: SocketAddr,
+    /// Address of `/healthz` and `/readyz`, apart from proxied traffic.
+    #[arg(
+        long,
+        env = "VIGIL_PROXY_HEALTH_LISTEN",
+        default_value = "127.0.0.1:9091"
+    )]
+    health_listen: SocketAddr,
+    /// Control-plane gRPC addresses (`https://host:port`), comma-separated, tried in turn.
+    #[arg(
+        long,
+        env = "VIGIL_CONTROL_PLANE",
+        value_delimiter = ',',
+        required = true
+    )]
+    control_plane: Vec<String>,
+    /// The join token that admits this proxy to the stream.
+    #[arg(long, env = "VIGIL_JOIN_TOKEN", hide_env_values = true)]
+    join_token: String,
+    /// CA certificate (PEM file) of the control plane's gRPC certificate.
+    #[arg(long, env = "VIGIL_CONTROL_PLANE_CA")]
+    control_plane_ca: Option<std::path::PathBuf>,
+    /// Base64 public keys that may sign snapshots, comma-separated.
+    #[arg(
+        long,
+        env = "VIGIL_SNAPSHOT_KEYS",
+        value_delimiter = ',',
+        required = true
+    )]
+    snapshot_keys: Vec<String>,
+    /// This proxy's id in the fleet (default: the host name).
+    #[arg(long, env = "VIGIL_PROXY_ID")]
+    proxy_id: Option<String>,
+    /// Where the last good snapshot is kept, to enforce across restarts while the
+    /// control plane is away.
+    #[arg(long, env = "VIGIL_SNAPSHOT_FILE")]
+    snapshot_file: Option<std::path::PathBuf>,
+    /// Session cookie keys, `id:base64` (32 bytes), comma-separated, the sealing key first.
+    #[arg(
+        long,
+        env = "VIGIL_COOKIE_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    cookie_keys: Vec<String>,
+    /// Peers (CIDRs) whose X-Forwarded-* headers are believed; none by default.
+    #[arg(long, env = "VIGIL_TRUSTED_PROXIES", value_delimiter = ',')]
+    trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 #[derive(Args)]
@@ -207,6 +264,93 @@ async fn control(args: ControlArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn proxy(args: ProxyArgs) -> anyhow::Result<()> {
+    use vigil_proxy::{serve, subscriber};
+    let verifier =
+        vigil_snapshot::Verifier::from_base64(args.snapshot_keys.iter().map(String::as_str))
+            .context("VIGIL_SNAPSHOT_KEYS")?;
+    let ca_pem = match &args.control_plane_ca {
+        Some(p) => {
+            Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)
+        }
+        None => None,
+    };
+    let cookie_keys = if args.cookie_keys.is_empty() {
+        None
+    } else {
+        let mut keys = Vec::new();
+        for k in &args.cookie_keys {
+            let (id, key) = k
+                .split_once(':')
+                .context("VIGIL_COOKIE_KEYS: each key is `id:base64`")?;
+            let id: u8 = id
+                .parse()
+                .context("VIGIL_COOKIE_KEYS: a key id is a number from 0 to 255")?;
+            keys.push((id, key));
+        }
+        Some(std::sync::Arc::new(
+            vigil_proxy::cookie::CookieKeys::new(keys)
+                .map_err(|_| anyhow::anyhow!("VIGIL_COOKIE_KEYS: each key is 32 bytes, base64"))?,
+        ))
+    };
+    let proxy_id = args.proxy_id.clone().unwrap_or_else(|| {
+        std::fs::read_to_string("/etc/hostname")
+            .map(|h| h.trim().to_owned())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "proxy".into())
+    });
+    let handle = subscriber::start(subscriber::Config {
+        addresses: args.control_plane.clone(),
+        join_token: args.join_token.clone(),
+        ca_pem,
+        verifier,
+        proxy_id,
+        labels: Vec::new(),
+        snapshot_file: args.snapshot_file.clone(),
+    });
+    let health = {
+        let handle = handle.clone();
+        axum::Router::new()
+            .route("/healthz", axum::routing::get(|| async { "ok\n" }))
+            .route(
+                "/readyz",
+                axum::routing::get(move || {
+                    let handle = handle.clone();
+                    async move {
+                        match handle.readiness() {
+                            Ok(m) => (axum::http::StatusCode::OK, format!("{m}\n")),
+                            Err(m) => (
+                                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                                format!("{m}\n"),
+                            ),
+                        }
+                    }
+                }),
+            )
+    };
+    let health_listener = tokio::net::TcpListener::bind(args.health_listen)
+        .await
+        .with_context(|| format!("binding the health endpoints to {}", args.health_listen))?;
+    tracing::info!(addr = %health_listener.local_addr()?, "Health endpoints listening");
+    let health_task = tokio::spawn(async move { axum::serve(health_listener, health).await });
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding the proxy to {}", args.listen))?;
+    tracing::info!(addr = %listener.local_addr()?, "Proxy listening (plain HTTP)");
+    let proxy = serve::Proxy::new(
+        handle.index.clone(),
+        serve::ServeConfig {
+            trusted_proxies: vigil_proxy::edge::TrustedProxies(args.trusted_proxies.clone()),
+            cookie_keys,
+            tls: false,
+        },
+    );
+    serve::serve_plain(listener, proxy, shutdown_signal()).await;
+    health_task.abort();
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     init_tracing();
     let cli = Cli::parse();
@@ -216,6 +360,7 @@ fn main() -> anyhow::Result<()> {
     rt.block_on(async {
         match cli.command {
             Command::Control(args) => control(args).await,
+            Command::Proxy(args) => proxy(args).await,
             Command::Migrate(args) => migrate(args).await,
         }
     })

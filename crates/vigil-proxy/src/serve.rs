@@ -1,0 +1,687 @@
+//! The request path: every request is checked at the edge, its path made canonical,
+//! its route found, its caller authenticated and the route's policy decided from the
+//! snapshot held, with no call to the control plane; only then is it forwarded.
+//! Anything that cannot be decided is refused (fail closed).
+//!
+//! Authentication, in order: `Authorization: Bearer` (a service account's token,
+//! looked up by its SHA-256 in the snapshot), then the session cookie (sealed with
+//! the fleet's cookie keys), else anonymous. A bearer token that matches nothing is
+//! refused outright rather than treated as anonymous.
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use vigil_policy::request::{HeaderValue as PolicyHeader, Headers};
+use vigil_policy::Amr;
+use vigil_proto::v1::entry::Body;
+use vigil_snapshot::Kind;
+
+use crate::cookie::{self, CookieKeys};
+use crate::decide::{decide, Facts, Principal, SessionFacts, Verdict};
+use crate::edge::{self, TrustedProxies};
+use crate::index::Index;
+use crate::normalize::normalize_path;
+use crate::subscriber::Shared;
+
+/// What every response body is: an upstream's streamed body or one of ours.
+pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+
+/// How the proxy serves requests.
+#[derive(Debug, Clone, Default)]
+pub struct ServeConfig {
+    /// Peers whose `X-Forwarded-*` headers are believed (none by default).
+    pub trusted_proxies: TrustedProxies,
+    /// Keys that open session cookies; without them no cookie is accepted.
+    pub cookie_keys: Option<Arc<CookieKeys>>,
+    /// Whether clients reach this listener over TLS (`X-Forwarded-Proto`).
+    pub tls: bool,
+}
+
+/// The request handler, shared by every connection.
+#[derive(Debug, Clone)]
+pub struct Proxy {
+    index: Shared,
+    config: Arc<ServeConfig>,
+    client: Client<HttpConnector, Incoming>,
+}
+
+/// Requests whose route sets no timeout get this long for the upstream's response head.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Request headers as the policy reads them.
+struct RequestHeaders<'a>(&'a HeaderMap);
+
+impl Headers for RequestHeaders<'_> {
+    fn get(&self, name: &str) -> PolicyHeader<'_> {
+        let mut values = self.0.get_all(name).iter();
+        match (values.next(), values.next()) {
+            (None, _) => PolicyHeader::Absent,
+            (Some(v), None) => v.to_str().map_or(PolicyHeader::Repeated, PolicyHeader::One),
+            _ => PolicyHeader::Repeated,
+        }
+    }
+}
+
+/// Who the request came from, after authentication.
+enum Caller {
+    Anonymous,
+    ServiceAccount(String),
+    User(cookie::SessionCookie, Amr),
+}
+
+impl Caller {
+    fn principal(&self) -> Principal<'_> {
+        match self {
+            Caller::Anonymous => Principal::Anonymous,
+            Caller::ServiceAccount(id) => Principal::ServiceAccount { id },
+            Caller::User(s, amr) => Principal::User {
+                id: &s.uid,
+                session: Some(SessionFacts {
+                    id: &s.sid,
+                    auth_time: s.auth_time,
+                    expires_at: s.exp,
+                    amr: *amr,
+                }),
+                email: None,
+                email_verified: false,
+                claim_groups: &[],
+                claims: None,
+            },
+        }
+    }
+
+    /// For the decision log: never a token or a cookie.
+    fn describe(&self) -> String {
+        match self {
+            Caller::Anonymous => "anonymous".into(),
+            Caller::ServiceAccount(id) => format!("service-account:{id}"),
+            Caller::User(s, _) => format!("user:{}", s.uid),
+        }
+    }
+}
+
+fn now_s() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// A fresh request id: 16 random bytes, hex.
+fn request_id() -> String {
+    use ring::rand::SecureRandom as _;
+    let mut b = [0u8; 16];
+    // The system RNG failing leaves zeros: an id that is not unique, nothing worse.
+    let _ = ring::rand::SystemRandom::new().fill(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<ProxyBody> {
+    let mut res = Response::new(
+        Full::new(body.into())
+            .map_err(|never: Infallible| match never {})
+            .boxed(),
+    );
+    *res.status_mut() = status;
+    if let Ok(v) = HeaderValue::from_str(content_type) {
+        res.headers_mut().insert(header::CONTENT_TYPE, v);
+    }
+    res.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    res
+}
+
+/// Whether the client is a browser that wants a page (else it gets JSON).
+fn wants_html(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("text/html"))
+}
+
+fn escape_html(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// A refusal: problem+json for APIs, a small page for browsers, always with the
+/// request id so that an admin can find the decision in the log.
+fn refusal(status: StatusCode, reason: &str, request_id: &str, html: bool) -> Response<ProxyBody> {
+    let title = status.canonical_reason().unwrap_or("Refused");
+    let mut res = if html {
+        full(
+            status,
+            "text/html; charset=utf-8",
+            format!(
+                "<!doctype html><html><head><meta charset=\"utf-8\"><title>{code} {title}</title></head>\
+                 <body><h1>{code} {title}</h1><p>{}</p><p>Request id: <code>{request_id}</code></p></body></html>\n",
+                escape_html(reason),
+                code = status.as_u16(),
+            ),
+        )
+    } else {
+        full(
+            status,
+            "application/problem+json",
+            serde_json::json!({
+                "type": "about:blank",
+                "title": title,
+                "status": status.as_u16(),
+                "detail": reason,
+                "request_id": request_id,
+            })
+            .to_string(),
+        )
+    };
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        res.headers_mut().insert("x-request-id", v);
+    }
+    res
+}
+
+impl Proxy {
+    /// A handler reading the index that `index` holds (the subscriber swaps it).
+    pub fn new(index: Shared, config: ServeConfig) -> Proxy {
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(Duration::from_secs(5)));
+        let client = Client::builder(hyper_util::rt::TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build(http);
+        Proxy {
+            index,
+            config: Arc::new(config),
+            client,
+        }
+    }
+
+    /// Handles one request from `peer`; never fails (errors become responses).
+    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+        let started = Instant::now();
+        let id = request_id();
+        let (res, log) = self.decide_and_forward(req, peer, &id).await;
+        let elapsed_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        tracing::info!(
+            target: "vigil::decision",
+            request_id = %id,
+            route = log.route.as_deref().unwrap_or("-"),
+            principal = %log.principal,
+            decision = log.decision,
+            rule = log.rule.as_deref().unwrap_or("-"),
+            reason = log.reason.as_deref().unwrap_or("-"),
+            status = res.status().as_u16(),
+            latency_us = elapsed_us,
+            "decision"
+        );
+        res
+    }
+
+    async fn decide_and_forward(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        id: &str,
+    ) -> (Response<ProxyBody>, DecisionLog) {
+        let mut log = DecisionLog::default();
+        let (mut parts, body) = req.into_parts();
+        let html = wants_html(&parts.headers);
+        // 1. The edge: a malformed request is refused before anything reads it.
+        let host = match edge::check(&parts) {
+            Ok(h) => h,
+            Err(e) => {
+                log.refuse("edge", e.to_string());
+                let mut res = refusal(StatusCode::BAD_REQUEST, &e.to_string(), id, html);
+                if e.closes_connection() {
+                    res.headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                return (res, log);
+            }
+        };
+        // 2. One canonical path for the route match, the policy and the upstream.
+        let path = match normalize_path(parts.uri.path()) {
+            Ok(p) => p,
+            Err(e) => {
+                log.refuse("path", e.to_string());
+                return (
+                    refusal(StatusCode::BAD_REQUEST, &e.to_string(), id, html),
+                    log,
+                );
+            }
+        };
+        // 3. No snapshot, nothing is protected: refuse everything.
+        let index = self.index.load_full();
+        if index.version() == 0 {
+            let reason = "no policy snapshot yet";
+            log.refuse("no-snapshot", reason.into());
+            let mut res = refusal(StatusCode::SERVICE_UNAVAILABLE, reason, id, html);
+            res.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            return (res, log);
+        }
+        let Some(route) = index.routes.find(&host, &path).map(str::to_owned) else {
+            log.refuse("no-route", format!("no route for {host}{path}"));
+            return (
+                refusal(
+                    StatusCode::NOT_FOUND,
+                    "no route serves this address",
+                    id,
+                    html,
+                ),
+                log,
+            );
+        };
+        log.route = Some(route.clone());
+        edge::strip_inbound(
+            &mut parts.headers,
+            self.config.trusted_proxies.trusts(peer.ip()),
+        );
+        // 4. Who is asking.
+        let now = now_s();
+        let caller = match self.authenticate(&index, &parts.headers, &host, now) {
+            Ok(c) => c,
+            Err(reason) => {
+                log.refuse("unauthenticated", reason.clone());
+                return (unauthorized(&reason, id, html, true), log);
+            }
+        };
+        log.principal = caller.describe();
+        // 5. The route's policy, with everything the request says.
+        let device_id = match &caller {
+            Caller::User(s, _) => s.did.as_deref(),
+            _ => None,
+        };
+        let verdict = decide(
+            &index,
+            &route,
+            caller.principal(),
+            Facts {
+                method: parts.method.as_str(),
+                path: &path,
+                headers: &RequestHeaders(&parts.headers),
+                source_ip: Some(peer.ip()),
+                now,
+                device_id,
+                client_certificate: None,
+            },
+        );
+        match verdict {
+            Verdict::Allow { rule } => {
+                log.decision = "allow";
+                log.rule = Some(rule);
+            }
+            Verdict::Deny { reason, rule } => {
+                log.decision = "deny";
+                log.rule = rule;
+                let res = refusal(StatusCode::FORBIDDEN, &reason, id, html);
+                log.reason = Some(reason);
+                return (res, log);
+            }
+            Verdict::Unauthenticated { reason, .. } => {
+                log.refuse("unauthenticated", reason.clone());
+                let invalid = !matches!(caller, Caller::Anonymous);
+                return (unauthorized(&reason, id, html, invalid), log);
+            }
+        }
+        // 6. Forward.
+        let res = self
+            .forward(
+                &index,
+                &route,
+                parts,
+                body,
+                &path,
+                &host,
+                peer.ip(),
+                &caller,
+                id,
+            )
+            .await;
+        (res, log)
+    }
+
+    /// The caller, or why its credential is refused.
+    fn authenticate(
+        &self,
+        index: &Index,
+        headers: &HeaderMap,
+        host: &str,
+        now: i64,
+    ) -> Result<Caller, String> {
+        if let Some(auth) = headers.get(header::AUTHORIZATION) {
+            let auth = auth
+                .to_str()
+                .map_err(|_| "the Authorization header is not text".to_owned())?;
+            let Some((scheme, token)) = auth.split_once(' ') else {
+                return Err("use `Authorization: Bearer <token>`".into());
+            };
+            if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
+                return Err("use `Authorization: Bearer <token>`".into());
+            }
+            return match index.service_account_by_token(token.trim()) {
+                Some(sa) => Ok(Caller::ServiceAccount(sa.to_owned())),
+                None => Err("the bearer token is not valid".into()),
+            };
+        }
+        if let Some(keys) = &self.config.cookie_keys {
+            let cookies = headers
+                .get_all(header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok());
+            if let Some(value) = cookie::find(cookies) {
+                // A cookie that does not open is no credential: sign in again.
+                return match keys.open(value, host, now) {
+                    Ok(s) => {
+                        let amr = Amr::from_values(s.amr.iter().map(String::as_str));
+                        Ok(Caller::User(s, amr))
+                    }
+                    Err(e) => Err(format!("the session cookie is not valid ({e})")),
+                };
+            }
+        }
+        Ok(Caller::Anonymous)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn forward(
+        &self,
+        index: &Index,
+        route: &str,
+        mut parts: http::request::Parts,
+        body: Incoming,
+        path: &str,
+        host: &str,
+        client_ip: IpAddr,
+        caller: &Caller,
+        id: &str,
+    ) -> Response<ProxyBody> {
+        let html = wants_html(&parts.headers);
+        let Some(Body::Route(r)) = index
+            .snapshot
+            .get(Kind::Route, route)
+            .and_then(|e| e.body.as_ref())
+        else {
+            return refusal(StatusCode::BAD_GATEWAY, "the route is gone", id, html);
+        };
+        let settings = r.settings.clone().unwrap_or_default();
+        let Some(upstream) = pick(&r.upstreams) else {
+            return refusal(
+                StatusCode::BAD_GATEWAY,
+                "the route has no upstream",
+                id,
+                html,
+            );
+        };
+        let Ok(base) = upstream.parse::<Uri>() else {
+            return refusal(
+                StatusCode::BAD_GATEWAY,
+                "the route's upstream is not a URL",
+                id,
+                html,
+            );
+        };
+        if base.scheme_str() != Some("http") {
+            return refusal(
+                StatusCode::BAD_GATEWAY,
+                "only http:// upstreams are supported by this proxy version",
+                id,
+                html,
+            );
+        }
+        let Some(authority) = base.authority().cloned() else {
+            return refusal(
+                StatusCode::BAD_GATEWAY,
+                "the route's upstream has no host",
+                id,
+                html,
+            );
+        };
+        // The canonical path, with the route's prefix rewritten when it says so.
+        let mut upstream_path = path.to_owned();
+        if let (Some(rewrite), Some(vigil_proto::v1::route::Path::Prefix(prefix))) =
+            (&settings.prefix_rewrite, &r.path)
+        {
+            if let Some(rest) = path.strip_prefix(prefix.trim_end_matches('/')) {
+                upstream_path = format!("{}{}", rewrite.trim_end_matches('/'), rest);
+                if !upstream_path.starts_with('/') {
+                    upstream_path.insert(0, '/');
+                }
+            }
+        }
+        let base_path = base.path().trim_end_matches('/');
+        let target = match parts.uri.query() {
+            Some(q) => format!("http://{authority}{base_path}{upstream_path}?{q}"),
+            None => format!("http://{authority}{base_path}{upstream_path}"),
+        };
+        let Ok(uri) = target.parse::<Uri>() else {
+            return refusal(
+                StatusCode::BAD_REQUEST,
+                "the request target is not valid",
+                id,
+                html,
+            );
+        };
+        parts.uri = uri;
+        parts.version = http::Version::HTTP_11;
+        let h = &mut parts.headers;
+        // Vigil's own credentials stay here: the upstream gets identity headers.
+        if matches!(caller, Caller::ServiceAccount(_)) {
+            h.remove(header::AUTHORIZATION);
+        }
+        let cookies: Vec<String> = h
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .filter_map(cookie::without_session)
+            .collect();
+        h.remove(header::COOKIE);
+        for c in cookies {
+            if let Ok(v) = HeaderValue::from_str(&c) {
+                h.append(header::COOKIE, v);
+            }
+        }
+        // What the upstream learns about the request and the caller.
+        append_forwarded_for(h, client_ip);
+        set(
+            h,
+            "x-forwarded-proto",
+            if self.config.tls { "https" } else { "http" },
+        );
+        set(h, "x-forwarded-host", host);
+        set(h, "x-request-id", id);
+        match caller {
+            Caller::Anonymous => {}
+            Caller::ServiceAccount(sa) => set(h, "x-vigil-service-account", sa),
+            Caller::User(s, _) => {
+                set(h, "x-vigil-user", &s.uid);
+                if let Some(email) = index.users.get(&s.uid).and_then(|u| u.email.clone()) {
+                    set(h, "x-vigil-email", &email);
+                }
+            }
+        }
+        for name in &settings.remove_request_headers {
+            if let Ok(n) = HeaderName::from_bytes(name.as_bytes()) {
+                h.remove(n);
+            }
+        }
+        for hv in &settings.set_request_headers {
+            if let (Ok(n), Ok(v)) = (
+                HeaderName::from_bytes(hv.name.as_bytes()),
+                HeaderValue::from_str(&hv.value),
+            ) {
+                h.insert(n, v);
+            }
+        }
+        if !settings.preserve_host {
+            if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
+                h.insert(header::HOST, v);
+            }
+        }
+        let timeout = match settings.timeout_ms {
+            0 => DEFAULT_TIMEOUT,
+            ms => Duration::from_millis(ms),
+        };
+        let req = Request::from_parts(parts, body);
+        match tokio::time::timeout(timeout, self.client.request(req)).await {
+            Ok(Ok(res)) => {
+                let (mut parts, body) = res.into_parts();
+                edge::strip_inbound(&mut parts.headers, true);
+                Response::from_parts(parts, body.boxed())
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(request_id = %id, route, error = %e, "Upstream failed");
+                refusal(
+                    StatusCode::BAD_GATEWAY,
+                    "the upstream did not answer",
+                    id,
+                    html,
+                )
+            }
+            Err(_) => refusal(
+                StatusCode::GATEWAY_TIMEOUT,
+                "the upstream did not answer in time",
+                id,
+                html,
+            ),
+        }
+    }
+}
+
+/// The route's upstream for this request: one at random, spreading load.
+fn pick(upstreams: &[String]) -> Option<&String> {
+    use ring::rand::SecureRandom as _;
+    match upstreams.len() {
+        0 => None,
+        1 => upstreams.first(),
+        n => {
+            let mut b = [0u8; 4];
+            let _ = ring::rand::SystemRandom::new().fill(&mut b);
+            upstreams.get(u32::from_le_bytes(b) as usize % n)
+        }
+    }
+}
+
+fn set(h: &mut HeaderMap, name: &'static str, value: &str) {
+    if let Ok(v) = HeaderValue::from_str(value) {
+        h.insert(name, v);
+    }
+}
+
+/// Appends the client to `X-Forwarded-For` (which only a trusted peer's request
+/// still carries at this point).
+fn append_forwarded_for(h: &mut HeaderMap, client: IpAddr) {
+    let prior: Vec<String> = h
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .collect();
+    let value = if prior.is_empty() {
+        client.to_string()
+    } else {
+        format!("{}, {client}", prior.join(", "))
+    };
+    set(h, "x-forwarded-for", &value);
+}
+
+/// 401 with `WWW-Authenticate` (RFC 6750: `invalid_token` when a credential was
+/// presented and refused).
+fn unauthorized(reason: &str, id: &str, html: bool, invalid: bool) -> Response<ProxyBody> {
+    let mut res = refusal(StatusCode::UNAUTHORIZED, reason, id, html);
+    let challenge = if invalid {
+        "Bearer realm=\"vigil\", error=\"invalid_token\"".to_owned()
+    } else {
+        "Bearer realm=\"vigil\"".to_owned()
+    };
+    if let Ok(v) = HeaderValue::from_str(&challenge) {
+        res.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+    }
+    res
+}
+
+/// What the decision log line says about one request.
+struct DecisionLog {
+    route: Option<String>,
+    principal: String,
+    decision: &'static str,
+    rule: Option<String>,
+    reason: Option<String>,
+}
+
+impl Default for DecisionLog {
+    fn default() -> Self {
+        DecisionLog {
+            route: None,
+            principal: "anonymous".into(),
+            decision: "refuse",
+            rule: None,
+            reason: None,
+        }
+    }
+}
+
+impl DecisionLog {
+    fn refuse(&mut self, decision: &'static str, reason: String) {
+        self.decision = decision;
+        self.reason = Some(reason);
+    }
+}
+
+/// Serves plain HTTP/1.1 and HTTP/2 (prior knowledge) on `listener` until `shutdown`
+/// resolves, then lets in-flight requests finish.
+pub async fn serve_plain(
+    listener: tokio::net::TcpListener,
+    proxy: Proxy,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper_util::server::conn::auto;
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "Accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let proxy = proxy.clone();
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let proxy = proxy.clone();
+            async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
+        });
+        let builder = auto::Builder::new(TokioExecutor::new());
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "Connection ended with an error");
+            }
+        });
+    }
+    tokio::select! {
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(Duration::from_secs(30)) => {
+            tracing::warn!("In-flight requests still running after 30 s; stopping anyway");
+        }
+    }
+}

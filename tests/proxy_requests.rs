@@ -1,0 +1,311 @@
+//! The proxy end to end, with real processes: a throwaway PostgreSQL, `vigil control`,
+//! `vigil proxy` streaming from it, and an upstream that echoes what reached it.
+//! Service-account tokens, the decision (allow, deny, unauthenticated), the
+//! headers an upstream may believe, path tricks, revocation, and a proxy with no
+//! snapshot.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use support::{client, join_token, patch_json, post_json, ControlProcess, ProxyProcess};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use vigil_test_postgres::TestPostgres;
+
+/// An upstream that answers every request with what it received, as JSON.
+async fn echo_upstream() -> String {
+    async fn echo(req: axum::extract::Request) -> axum::Json<Value> {
+        let headers: serde_json::Map<String, Value> = req
+            .headers()
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_owned(),
+                    Value::String(v.to_str().unwrap_or("?").to_owned()),
+                )
+            })
+            .collect();
+        axum::Json(json!({
+            "method": req.method().as_str(),
+            "target": req.uri().to_string(),
+            "headers": headers,
+        }))
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        axum::serve(listener, axum::Router::new().fallback(echo))
+            .await
+            .unwrap()
+    });
+    format!("http://{addr}")
+}
+
+/// Sends `head` (request line and headers, without the blank line) as raw
+/// HTTP/1.1 on a new connection, so that no client library tidies the path first;
+/// returns the status and the body.
+async fn raw(proxy_url: &str, head: &str) -> (u16, String) {
+    let addr = proxy_url.trim_start_matches("http://");
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("{head}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out).to_string();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map_or("", |b| b.1).to_owned();
+    (status, body)
+}
+
+fn get(proxy: &ProxyProcess, host: &str, path: &str) -> reqwest::RequestBuilder {
+    reqwest::Client::new()
+        .get(format!("{}{path}", proxy.url))
+        .header("host", host)
+        .timeout(Duration::from_secs(10))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_proxy_authorizes_every_request_from_its_snapshot() {
+    let pg = TestPostgres::start().unwrap();
+    let db = pg.create_database("proxy").unwrap();
+    let cp = ControlProcess::start(&db);
+    let c = client();
+    let url = cp.url.clone();
+    let upstream = echo_upstream().await;
+
+    let robot = post_json(&c, &url, "/v1/service-accounts", json!({"name": "robot"})).await;
+    let robot_token = robot["token"].as_str().unwrap().to_owned();
+    let operator = post_json(
+        &c,
+        &url,
+        "/v1/service-accounts",
+        json!({"name": "operator"}),
+    )
+    .await;
+    let operator_token = operator["token"].as_str().unwrap().to_owned();
+    post_json(
+        &c,
+        &url,
+        "/v1/policies",
+        json!({"name": "robots", "document": {"allow": {"or": [{"service_account": "robot"}, {"service_account": "operator"}]}}}),
+    )
+    .await;
+    post_json(
+        &c,
+        &url,
+        "/v1/policies",
+        json!({"name": "operators", "document": {"allow": {"and": [{"service_account": "operator"}]}}}),
+    )
+    .await;
+    post_json(
+        &c,
+        &url,
+        "/v1/routes",
+        json!({"name": "app", "host": "app.test", "upstreams": [upstream], "policies": ["robots"],
+               "settings": {"set_request_headers": {"x-team": "blue"}}}),
+    )
+    .await;
+    post_json(
+        &c,
+        &url,
+        "/v1/routes",
+        json!({"name": "admin", "host": "app.test", "path": {"prefix": "/admin"}, "upstreams": [upstream], "policies": ["operators"]}),
+    )
+    .await;
+    let token = join_token(&c, &url, "fleet").await;
+    let proxy = ProxyProcess::start(&cp.grpc_url, &token, "proxy-a");
+    proxy.wait_ready().await;
+
+    // No credential: 401 with a challenge and a request id.
+    let res = get(&proxy, "app.test", "/hello").send().await.unwrap();
+    assert_eq!(res.status(), 401);
+    assert_eq!(res.headers()["www-authenticate"], "Bearer realm=\"vigil\"");
+    let body: Value = res.json().await.unwrap();
+    assert!(body["request_id"].as_str().unwrap().len() == 32, "{body}");
+
+    // A token that matches nothing is refused, not treated as anonymous.
+    let res = get(&proxy, "app.test", "/hello")
+        .bearer_auth("vgl_not-a-real-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
+    assert!(res.headers()["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .contains("invalid_token"));
+
+    // Allowed: what the upstream sees is what the proxy vouches for, never what the
+    // client claimed.
+    let res = get(&proxy, "app.test", "/hello?x=1")
+        .bearer_auth(&robot_token)
+        .header("x-vigil-user", "usr_admin")
+        .header("x-vigil-service-account", "operator")
+        .header("x-forwarded-for", "6.6.6.6")
+        .header("forwarded", "for=6.6.6.6")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let seen: Value = res.json().await.unwrap();
+    let h = &seen["headers"];
+    assert_eq!(seen["target"], "/hello?x=1");
+    assert_eq!(h["x-vigil-service-account"], "robot");
+    assert_eq!(h.get("x-vigil-user"), None, "{seen}");
+    assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(h.get("forwarded"), None);
+    assert_eq!(h["x-forwarded-host"], "app.test");
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(h["x-team"], "blue");
+    assert_eq!(h.get("authorization"), None, "the token stays at the proxy");
+    assert!(h["x-request-id"].as_str().unwrap().len() == 32);
+
+    // The more specific route decides: the robot may not reach /admin, in any spelling.
+    let res = get(&proxy, "app.test", "/admin/panel")
+        .bearer_auth(&robot_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 403);
+    assert_eq!(res.headers()["content-type"], "application/problem+json");
+    let html = get(&proxy, "app.test", "/admin")
+        .bearer_auth(&robot_token)
+        .header("accept", "text/html")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(html.status(), 403);
+    assert!(html.text().await.unwrap().contains("Request id"));
+    let auth = format!("Authorization: Bearer {robot_token}");
+    for path in [
+        "//admin",
+        "/admin/",
+        "/x/../admin",
+        "/x/%2e%2e/admin",
+        "/%61dmin/panel",
+        "/./admin",
+        "/x/%2E%2E/%2e/admin/panel",
+    ] {
+        let (status, body) = raw(
+            &proxy.url,
+            &format!("GET {path} HTTP/1.1\r\nHost: app.test\r\n{auth}"),
+        )
+        .await;
+        assert_eq!(status, 403, "{path}: {body}");
+    }
+    for path in [
+        "/admin/..%2fpanel",
+        "/admin%2f",
+        "/admin%5c..",
+        "/a%00",
+        "/%ff",
+    ] {
+        let (status, body) = raw(
+            &proxy.url,
+            &format!("GET {path} HTTP/1.1\r\nHost: app.test\r\n{auth}"),
+        )
+        .await;
+        assert_eq!(status, 400, "{path}: {body}");
+    }
+    // Host spellings reach the same route; the absolute form must agree with Host.
+    for host in ["APP.test", "app.test.", "app.test:80"] {
+        let (status, body) = raw(
+            &proxy.url,
+            &format!("GET /admin HTTP/1.1\r\nHost: {host}\r\n{auth}"),
+        )
+        .await;
+        assert_eq!(status, 403, "{host}: {body}");
+    }
+    let (status, _) = raw(
+        &proxy.url,
+        &format!("GET http://app.test/admin HTTP/1.1\r\nHost: other.test\r\n{auth}"),
+    )
+    .await;
+    assert_eq!(status, 400);
+    let (status, _) = raw(
+        &proxy.url,
+        &format!("GET /hello HTTP/1.1\r\nHost: app.test\r\nX_Vigil_User: usr_admin\r\n{auth}"),
+    )
+    .await;
+    assert_eq!(status, 400, "underscored header names are refused");
+
+    // The operator reaches /admin; an unknown host is nobody's route.
+    let res = get(&proxy, "app.test", "/admin/panel")
+        .bearer_auth(&operator_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let seen: Value = res.json().await.unwrap();
+    assert_eq!(seen["target"], "/admin/panel");
+    let res = get(&proxy, "other.test", "/")
+        .bearer_auth(&operator_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 404);
+
+    // Revocation reaches the proxy with the next delta: the robot's next requests fail.
+    patch_json(
+        &c,
+        &url,
+        "/v1/service-accounts/robot",
+        json!({"disabled": true}),
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let res = get(&proxy, "app.test", "/hello")
+            .bearer_auth(&robot_token)
+            .send()
+            .await
+            .unwrap();
+        if res.status() == 401 {
+            break;
+        }
+        assert_eq!(res.status(), 200);
+        assert!(
+            Instant::now() < deadline,
+            "the disabled account still gets in"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Every decision is logged, without the token.
+    let log = proxy.log_text();
+    assert!(log.contains("decision"), "{log}");
+    assert!(log.contains("service-account:robot"));
+    assert!(!log.contains(&robot_token), "a token reached the log");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_without_a_snapshot_refuses_everything() {
+    // Nothing listens on port 9: the proxy never gets a snapshot.
+    let proxy = ProxyProcess::start("http://127.0.0.1:9", "no-such-token", "lonely");
+    let res = get(&proxy, "app.test", "/")
+        .bearer_auth("anything")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 503);
+    assert!(res.headers().contains_key("retry-after"));
+    let ready = reqwest::get(format!("{}/readyz", proxy.health_url))
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503);
+    assert!(ready.text().await.unwrap().contains("no policy snapshot"));
+    let live = reqwest::get(format!("{}/healthz", proxy.health_url))
+        .await
+        .unwrap();
+    assert_eq!(live.status(), 200);
+}
