@@ -309,3 +309,139 @@ async fn a_proxy_without_a_snapshot_refuses_everything() {
         .unwrap();
     assert_eq!(live.status(), 200);
 }
+
+/// A CA, and a signer of certificates for given names under it: (CA DER, issue).
+fn test_ca() -> (
+    rustls::pki_types::CertificateDer<'static>,
+    impl Fn(&str) -> (String, String, Vec<u8>),
+) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let issue = move |name: &str| {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec![name.to_owned()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        (cert.pem(), key.serialize_pem(), cert.der().to_vec())
+    };
+    (ca_cert.der().clone(), issue)
+}
+
+/// Connects over TLS with `sni`, trusting `ca`; sends a GET for `path`; returns the
+/// certificate the server presented and the response's status.
+async fn tls_get(
+    addr: &str,
+    ca: &rustls::pki_types::CertificateDer<'static>,
+    sni: &str,
+    path: &str,
+) -> Result<(Vec<u8>, u16), String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.clone()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from(sni.to_owned()).unwrap();
+    let mut tls = connector
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let presented = tls.get_ref().1.peer_certificates().unwrap()[0].to_vec();
+    tls.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = Vec::new();
+    let _ = tls.read_to_end(&mut out).await;
+    let text = String::from_utf8_lossy(&out).to_string();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    Ok((presented, status))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_picks_the_certificate_by_sni_reloads_it_and_redirects_plain_http() {
+    let dir = std::env::temp_dir().join(format!("vigil-proxy-tls-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (ca, issue) = test_ca();
+    let (crt, key, app_der) = issue("app.test");
+    std::fs::write(dir.join("app.test.crt"), crt).unwrap();
+    std::fs::write(dir.join("app.test.key"), key).unwrap();
+    let (crt, key, wild_der) = issue("*.apps.test");
+    std::fs::write(dir.join("_wildcard.apps.test.crt"), crt).unwrap();
+    std::fs::write(dir.join("_wildcard.apps.test.key"), key).unwrap();
+    let redirect_port = support::free_port();
+    let proxy = ProxyProcess::start_with(
+        "http://127.0.0.1:9",
+        "no-such-token",
+        "tls",
+        &[
+            "--tls-dir".into(),
+            dir.display().to_string(),
+            "--redirect-listen".into(),
+            format!("127.0.0.1:{redirect_port}"),
+        ],
+    );
+    let addr = proxy.url.trim_start_matches("http://").to_owned();
+
+    // Each name gets its own certificate; HTTP runs over it (503: no snapshot yet).
+    let (presented, status) = tls_get(&addr, &ca, "app.test", "/").await.unwrap();
+    assert_eq!(presented, app_der);
+    assert_eq!(status, 503);
+    let (presented, _) = tls_get(&addr, &ca, "x.apps.test", "/").await.unwrap();
+    assert_eq!(presented, wild_der);
+    // A wildcard covers one label only, and there is no default certificate.
+    assert!(tls_get(&addr, &ca, "a.b.apps.test", "/").await.is_err());
+    assert!(tls_get(&addr, &ca, "other.test", "/").await.is_err());
+
+    // New files for app.test are served without a restart.
+    let (crt, key, renewed) = issue("app.test");
+    std::fs::write(dir.join("app.test.key"), key).unwrap();
+    std::fs::write(dir.join("app.test.crt"), crt).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok((presented, _)) = tls_get(&addr, &ca, "app.test", "/").await {
+            if presented == renewed {
+                break;
+            }
+            assert_eq!(presented, app_der);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the renewed certificate was never served"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // The plain listener only redirects, to the same host, path and query.
+    let res = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+        .get(format!("http://127.0.0.1:{redirect_port}/a/b?c=d"))
+        .header("host", "App.Test")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 308);
+    let port = addr.rsplit(':').next().unwrap();
+    assert_eq!(
+        res.headers()["location"],
+        format!("https://app.test:{port}/a/b?c=d").as_str()
+    );
+}

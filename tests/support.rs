@@ -266,6 +266,16 @@ impl ProxyProcess {
     /// Starts a proxy streaming from `grpc_url` with `join_token`, trusting the
     /// test signing key; does not wait for a snapshot (see [`ProxyProcess::wait_ready`]).
     pub fn start(grpc_url: &str, join_token: &str, id: &str) -> ProxyProcess {
+        ProxyProcess::start_with(grpc_url, join_token, id, &[])
+    }
+
+    /// Starts a proxy with extra arguments.
+    pub fn start_with(
+        grpc_url: &str,
+        join_token: &str,
+        id: &str,
+        extra: &[String],
+    ) -> ProxyProcess {
         let port = free_port();
         let health = free_port();
         let log =
@@ -290,6 +300,7 @@ impl ProxyProcess {
                 "--proxy-id",
                 id,
             ])
+            .args(extra)
             .env("VIGIL_JOIN_TOKEN", join_token)
             .env("VIGIL_SNAPSHOT_KEYS", key)
             .env("VIGIL_LOG", "info")

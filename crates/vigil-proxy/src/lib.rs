@@ -13,3 +13,4 @@ pub mod persist;
 pub mod routes;
 pub mod serve;
 pub mod subscriber;
+pub mod tls;

@@ -638,11 +638,13 @@ impl DecisionLog {
     }
 }
 
-/// Serves plain HTTP/1.1 and HTTP/2 (prior knowledge) on `listener` until `shutdown`
-/// resolves, then lets in-flight requests finish.
-pub async fn serve_plain(
+/// Serves HTTP/1.1 and HTTP/2 on `listener` (over TLS when `tls` is given, with
+/// ALPN; else plain, HTTP/2 by prior knowledge) until `shutdown` resolves, then
+/// lets in-flight requests finish (up to 30 s).
+pub async fn serve(
     listener: tokio::net::TcpListener,
     proxy: Proxy,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -667,13 +669,38 @@ pub async fn serve_plain(
             let proxy = proxy.clone();
             async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
         });
-        let builder = auto::Builder::new(TokioExecutor::new());
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let watcher = graceful.watcher();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let builder = auto::Builder::new(TokioExecutor::new());
+            let result = match tls {
+                None => {
+                    let conn = builder
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                        .into_owned();
+                    watcher.watch(conn).await
+                }
+                Some(acceptor) => {
+                    let handshake =
+                        tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await;
+                    let stream = match handshake {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    let conn = builder
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                        .into_owned();
+                    watcher.watch(conn).await
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!(error = %e, "Connection ended with an error");
             }
         });
@@ -684,4 +711,67 @@ pub async fn serve_plain(
             tracing::warn!("In-flight requests still running after 30 s; stopping anyway");
         }
     }
+}
+
+/// A TLS handshake must finish in this long.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves the plain-HTTP listener that only redirects (308) to the same URL over HTTPS.
+pub async fn serve_redirect(
+    listener: tokio::net::TcpListener,
+    https_port: u16,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper_util::server::conn::auto;
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => return,
+        };
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| async move {
+            Ok::<_, Infallible>(redirect_to_https(&req, https_port))
+        });
+        tokio::spawn(async move {
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// 308 to the HTTPS form of `req`'s URL; 400 when its host is not a host name.
+fn redirect_to_https(req: &Request<Incoming>, https_port: u16) -> Response<ProxyBody> {
+    let authority = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        });
+    let Some(host) = authority.as_deref().and_then(crate::routes::canonical_host) else {
+        return full(StatusCode::BAD_REQUEST, "text/plain", "no valid host\n");
+    };
+    let port = if https_port == 443 {
+        String::new()
+    } else {
+        format!(":{https_port}")
+    };
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let location = format!("https://{host}{port}{path}");
+    let mut res = full(StatusCode::PERMANENT_REDIRECT, "text/plain", "use HTTPS\n");
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        res.headers_mut().insert(header::LOCATION, v);
+    }
+    res
 }

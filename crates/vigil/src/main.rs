@@ -32,9 +32,17 @@ enum Command {
 
 #[derive(Args)]
 struct ProxyArgs {
-    /// Address the proxy serves on (plain HTTP/1.1 and HTTP/2).
+    /// Address the proxy serves on: HTTPS with `--tls-dir`, else plain HTTP (for
+    /// development, or behind a TLS-terminating load balancer).
     #[arg(long, env = "VIGIL_PROXY_LISTEN", default_value = "127.0.0.1:8000")]
     listen: SocketAddr,
+    /// Directory of certificates chosen by SNI: `<host>.crt` + `<host>.key` (PEM),
+    /// `_wildcard.<domain>.*` for `*.<domain>`, `default.*` for the rest; reloaded on change.
+    #[arg(long, env = "VIGIL_PROXY_TLS_DIR")]
+    tls_dir: Option<std::path::PathBuf>,
+    /// A plain-HTTP address that only redirects to HTTPS (needs `--tls-dir`).
+    #[arg(long, env = "VIGIL_PROXY_REDIRECT_LISTEN", requires = "tls_dir")]
+    redirect_listen: Option<SocketAddr>,
     /// Address of `/healthz` and `/readyz`, apart from proxied traffic.
     #[arg(
         long,
@@ -337,17 +345,48 @@ async fn proxy(args: ProxyArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding the proxy to {}", args.listen))?;
-    tracing::info!(addr = %listener.local_addr()?, "Proxy listening (plain HTTP)");
+    let tls = match &args.tls_dir {
+        Some(dir) => {
+            let store = vigil_proxy::tls::CertStore::open(dir)
+                .map_err(|e| anyhow::anyhow!("VIGIL_PROXY_TLS_DIR: {e}"))?;
+            store.watch(Duration::from_secs(5));
+            let config = vigil_proxy::tls::server_config(store)
+                .map_err(|e| anyhow::anyhow!("TLS configuration: {e}"))?;
+            tracing::info!(addr = %listener.local_addr()?, dir = %dir.display(), "Proxy listening (HTTPS)");
+            Some(tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config)))
+        }
+        None => {
+            tracing::warn!(addr = %listener.local_addr()?, "Proxy listening on plain HTTP: set VIGIL_PROXY_TLS_DIR outside development");
+            None
+        }
+    };
+    let redirect_task = match args.redirect_listen {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the redirect listener to {addr}"))?;
+            let https_port = args.listen.port();
+            Some(tokio::spawn(serve::serve_redirect(
+                l,
+                https_port,
+                shutdown_signal(),
+            )))
+        }
+        None => None,
+    };
     let proxy = serve::Proxy::new(
         handle.index.clone(),
         serve::ServeConfig {
             trusted_proxies: vigil_proxy::edge::TrustedProxies(args.trusted_proxies.clone()),
             cookie_keys,
-            tls: false,
+            tls: tls.is_some(),
         },
     );
-    serve::serve_plain(listener, proxy, shutdown_signal()).await;
+    serve::serve(listener, proxy, tls, shutdown_signal()).await;
     health_task.abort();
+    if let Some(t) = redirect_task {
+        t.abort();
+    }
     Ok(())
 }
 

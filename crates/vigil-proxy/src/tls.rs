@@ -1,0 +1,180 @@
+//! TLS for the proxy's listener: a certificate per host, chosen by SNI, read from a
+//! directory and reloaded when its files change.
+//!
+//! The directory holds PEM pairs named after the host they serve:
+//! `app.example.com.crt` with `app.example.com.key`; `_wildcard.example.com.crt`
+//! (and `.key`) serves `*.example.com`; `default.crt` (and `.key`) serves clients
+//! that send no SNI or a name with no certificate of its own. Without a default,
+//! such handshakes fail.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+
+/// The certificates of one reading of the directory.
+#[derive(Debug, Default)]
+struct Certs {
+    exact: HashMap<String, Arc<CertifiedKey>>,
+    /// By the domain under the `*`.
+    wildcard: HashMap<String, Arc<CertifiedKey>>,
+    default: Option<Arc<CertifiedKey>>,
+    /// Each file read, with its modification time and length, to notice changes.
+    stamp: Vec<(PathBuf, Option<SystemTime>, u64)>,
+}
+
+/// Picks each handshake's certificate by SNI from the current reading of the directory.
+#[derive(Debug)]
+pub struct CertStore {
+    dir: PathBuf,
+    certs: ArcSwap<Certs>,
+}
+
+fn stamp_of(dir: &Path) -> std::io::Result<Vec<(PathBuf, Option<SystemTime>, u64)>> {
+    let mut stamp = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let path = entry.path();
+        if matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("crt" | "key")
+        ) {
+            let meta = entry.metadata()?;
+            stamp.push((path, meta.modified().ok(), meta.len()));
+        }
+    }
+    stamp.sort();
+    Ok(stamp)
+}
+
+fn certified_key(crt: &Path, key: &Path) -> Result<CertifiedKey, String> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(crt)
+        .map_err(|e| format!("{}: {e}", crt.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: {e}", crt.display()))?;
+    if chain.is_empty() {
+        return Err(format!("{}: no certificate in it", crt.display()));
+    }
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
+    let provider = rustls::crypto::ring::default_provider();
+    CertifiedKey::from_der(chain, key, &provider).map_err(|e| format!("{}: {e}", crt.display()))
+}
+
+fn load(dir: &Path) -> Result<Certs, String> {
+    let stamp = stamp_of(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut certs = Certs::default();
+    for (path, _, _) in &stamp {
+        if path.extension().and_then(|e| e.to_str()) != Some("crt") {
+            continue;
+        }
+        let Some(stem) = path.file_stem().and_then(|s| s.to_str()) else {
+            continue;
+        };
+        let key = path.with_extension("key");
+        let ck = Arc::new(certified_key(path, &key)?);
+        let name = stem.to_ascii_lowercase();
+        if name == "default" {
+            certs.default = Some(ck);
+        } else if let Some(domain) = name.strip_prefix("_wildcard.") {
+            certs.wildcard.insert(domain.to_owned(), ck);
+        } else {
+            certs.exact.insert(name, ck);
+        }
+    }
+    if certs.exact.is_empty() && certs.wildcard.is_empty() && certs.default.is_none() {
+        return Err(format!(
+            "{}: no certificate (`<host>.crt` with `<host>.key`)",
+            dir.display()
+        ));
+    }
+    certs.stamp = stamp;
+    Ok(certs)
+}
+
+impl CertStore {
+    /// Reads `dir`; fails when a pair does not load or there is none.
+    pub fn open(dir: impl Into<PathBuf>) -> Result<Arc<CertStore>, String> {
+        let dir = dir.into();
+        let certs = load(&dir)?;
+        Ok(Arc::new(CertStore {
+            dir,
+            certs: ArcSwap::from_pointee(certs),
+        }))
+    }
+
+    /// Reads the directory again if any file changed; a reading that fails keeps the
+    /// certificates in use (and says why).
+    pub fn reload_if_changed(&self) -> Result<bool, String> {
+        let now = stamp_of(&self.dir).map_err(|e| format!("{}: {e}", self.dir.display()))?;
+        if now == self.certs.load().stamp {
+            return Ok(false);
+        }
+        self.certs.store(Arc::new(load(&self.dir)?));
+        Ok(true)
+    }
+
+    /// Checks the directory every `every` for changed files, for as long as the runtime runs.
+    pub fn watch(self: &Arc<Self>, every: Duration) {
+        let store = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let s = store.clone();
+                match tokio::task::spawn_blocking(move || s.reload_if_changed()).await {
+                    Ok(Ok(true)) => {
+                        tracing::info!(dir = %store.dir.display(), "Reloaded the TLS certificates")
+                    }
+                    Ok(Ok(false)) => {}
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "TLS certificates not reloaded; the ones in use stay")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "TLS reload task failed"),
+                }
+            }
+        });
+    }
+
+    fn pick(&self, name: Option<&str>) -> Option<Arc<CertifiedKey>> {
+        let certs = self.certs.load();
+        if let Some(name) = name {
+            let name = name.trim_end_matches('.').to_ascii_lowercase();
+            if let Some(ck) = certs.exact.get(&name) {
+                return Some(ck.clone());
+            }
+            // `*.example.com` covers exactly one label more (RFC 6125).
+            if let Some((_, parent)) = name.split_once('.') {
+                if let Some(ck) = certs.wildcard.get(parent) {
+                    return Some(ck.clone());
+                }
+            }
+        }
+        certs.default.clone()
+    }
+}
+
+impl ResolvesServerCert for CertStore {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.pick(hello.server_name())
+    }
+}
+
+/// A rustls server configuration over `store`, offering HTTP/2 and HTTP/1.1.
+pub fn server_config(store: Arc<CertStore>) -> Result<rustls::ServerConfig, String> {
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_no_client_auth()
+    .with_cert_resolver(store);
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
