@@ -2,13 +2,13 @@
 //! from configuration, and admin tokens (stored hashed) with roles.
 
 use axum::extract::FromRequestParts;
-use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 
 use crate::crypto::token_hash;
 use crate::problem::Problem;
 use crate::resources::{is_past, AdminToken, Resource, Role};
 use crate::Control;
+use vigil_proto::{sole_bearer, BearerError};
 
 /// An authenticated admin.
 #[derive(Debug, Clone)]
@@ -41,38 +41,6 @@ fn same(a: &str, b: &str) -> bool {
             .zip(b.bytes())
             .fold(0u8, |acc, (x, y)| acc | (x ^ y))
             == 0
-}
-
-/// Why a request's credential cannot be used.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BearerError {
-    /// No `Authorization` header, or more than one.
-    NotOne,
-    /// The header is not visible ASCII.
-    Malformed,
-    /// Not `Bearer <token>`.
-    NotBearer,
-}
-
-/// The token of the one `Authorization: Bearer <token>` header in `headers` (gRPC
-/// metadata is a header map too).
-pub fn sole_bearer(headers: &http::HeaderMap) -> Result<&str, BearerError> {
-    let mut values = headers.get_all(AUTHORIZATION).iter();
-    let (Some(value), None) = (values.next(), values.next()) else {
-        return Err(BearerError::NotOne);
-    };
-    let value = value.to_str().map_err(|_| BearerError::Malformed)?;
-    bearer_token(value).ok_or(BearerError::NotBearer)
-}
-
-/// The token of a `Bearer <token>` credential (scheme case-insensitive).
-pub fn bearer_token(value: &str) -> Option<&str> {
-    match value.split_once(' ') {
-        Some((scheme, t)) if scheme.eq_ignore_ascii_case("bearer") && !t.trim().is_empty() => {
-            Some(t.trim())
-        }
-        _ => None,
-    }
 }
 
 impl FromRequestParts<Control> for Admin {

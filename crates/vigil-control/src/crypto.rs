@@ -16,11 +16,6 @@ fn random<const N: usize>() -> [u8; N] {
     bytes
 }
 
-/// Lowercase hex.
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// A new random token with a readable prefix, e.g. `vgl_admin_...`.
 pub fn new_token(prefix: &str) -> String {
     format!("vgl_{prefix}_{}", B64.encode(random::<32>()))
@@ -29,7 +24,7 @@ pub fn new_token(prefix: &str) -> String {
 /// How a token is stored: SHA-256, hex. Tokens carry 256 random bits, so a fast
 /// hash is enough; no password hashing needed.
 pub fn token_hash(token: &str) -> String {
-    hex(ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref())
+    vigil_policy::to_hex(ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref())
 }
 
 /// Encrypts and decrypts secrets stored in the database.

@@ -792,7 +792,7 @@ impl Resource for Device {
         if let Some(fp) = &mut spec.client_certificate_sha256 {
             match vigil_policy::parse_fingerprint(fp) {
                 Some(bytes) => {
-                    *fp = crate::crypto::hex(&bytes);
+                    *fp = vigil_policy::to_hex(&bytes);
                     key = Some(fp.clone());
                 }
                 None => errors.push(FieldError::new(

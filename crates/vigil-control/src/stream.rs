@@ -18,11 +18,11 @@ use vigil_proto::v1::{
 use vigil_proto::HEARTBEAT;
 use vigil_snapshot::Signer;
 
-use crate::auth::{sole_bearer, BearerError};
 use crate::crypto::token_hash;
 use crate::resources::{is_past, JoinToken, JoinTokenSpec, Resource as _};
 use crate::snapshot::Builder;
 use crate::Control;
+use vigil_proto::{sole_bearer, BearerError};
 /// How often the store is polled for writes made elsewhere: often without
 /// LISTEN/NOTIFY (SQLite, or while the listener reconnects), rarely as a safety net.
 const POLL: Duration = Duration::from_secs(1);

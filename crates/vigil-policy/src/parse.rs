@@ -1159,6 +1159,17 @@ fn is_token_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
+/// Lowercase hex of `bytes` (the form fingerprints and token hashes are written in).
+pub fn to_hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+    out
+}
+
 /// Parses a SHA-256 fingerprint written as hex, with or without colons.
 pub fn parse_fingerprint(s: &str) -> Option<[u8; 32]> {
     let hex: Vec<u8> = s.bytes().filter(|b| *b != b':').collect();

@@ -202,9 +202,33 @@ pub fn find<'a>(cookie_headers: impl IntoIterator<Item = &'a str>) -> Option<&'a
     found
 }
 
-/// A `Cookie` header value without the session cookie (which an upstream must never
-/// see); `None` when nothing else is left.
-pub fn without_session(cookie_header: &str) -> Option<String> {
+/// Takes the session cookie (which an upstream must never see) out of `headers`'
+/// `Cookie` values, dropping values left empty; touches nothing when none holds it.
+pub fn strip_session(headers: &mut http::HeaderMap) {
+    let cookie = http::header::COOKIE;
+    if !headers.get_all(&cookie).iter().any(|v| {
+        v.as_bytes()
+            .windows(NAME.len())
+            .any(|w| w == NAME.as_bytes())
+    }) {
+        return;
+    }
+    let kept: Vec<String> = headers
+        .get_all(&cookie)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .filter_map(without_session)
+        .collect();
+    headers.remove(&cookie);
+    for c in kept {
+        if let Ok(v) = http::HeaderValue::from_str(&c) {
+            headers.append(&cookie, v);
+        }
+    }
+}
+
+/// A `Cookie` header value without the session cookie; `None` when nothing else is left.
+fn without_session(cookie_header: &str) -> Option<String> {
     let kept: Vec<&str> = cookie_header
         .split(';')
         .map(str::trim)
@@ -223,6 +247,23 @@ mod tests {
         assert_eq!(without_session(&with).as_deref(), Some("a=1; b=2"));
         assert_eq!(without_session(&format!("{NAME}=x")), None);
         assert_eq!(without_session("a=1").as_deref(), Some("a=1"));
+        let mut h = http::HeaderMap::new();
+        h.append("cookie", http::HeaderValue::from_static("a=1"));
+        h.append(
+            "cookie",
+            http::HeaderValue::from_str(&with).unwrap_or_else(|e| panic!("{e}")),
+        );
+        h.append(
+            "cookie",
+            http::HeaderValue::from_str(&format!("{NAME}=x")).unwrap_or_else(|e| panic!("{e}")),
+        );
+        strip_session(&mut h);
+        let left: Vec<&str> = h
+            .get_all("cookie")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        assert_eq!(left, ["a=1", "a=1; b=2"]);
     }
 
     const K1: &str = "AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA=";

@@ -3,8 +3,8 @@
 //! symbol table; users' groups and devices' posture are interned against that table;
 //! grants are grouped by route and subject; the route table is compiled. All of it
 //! is built off the request path and swapped in whole, and an update re-derives
-//! only what it touches (everything of a kind whose derivation depends on names the
-//! symbol table gained).
+//! only what it touches (everything of a kind whose derivation reads names the
+//! symbol table gained: groups and domains for users, attributes for devices).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,14 +17,17 @@ use vigil_proto::v1::{grant, scalar};
 use vigil_snapshot::{Kind, Snapshot, SnapshotError, Update};
 
 use crate::routes::RouteTable;
+use crate::upstream::Forwarding;
 
-/// A route as authorization reads it.
+/// A route as requests read it: authorization, then forwarding.
 #[derive(Debug)]
 pub struct RoutePolicy {
     /// The route's effective policy, linked into the index's symbol table.
     pub policy: CompiledPolicy,
     /// Sign-ins older than this many seconds must be renewed.
     pub max_auth_age_s: Option<u64>,
+    /// Where allowed requests go.
+    pub forwarding: Forwarding,
 }
 
 /// A user as authorization reads it.
@@ -97,15 +100,11 @@ fn all_tokens(snapshot: &Snapshot) -> HashMap<Vec<u8>, String> {
         .collect()
 }
 
-/// How many names a table holds; tables only ever grow, so a change in this count
-/// is a change in the table.
-fn interned(s: &Symbols) -> usize {
-    s.users.len()
-        + s.groups.len()
-        + s.service_accounts.len()
-        + s.devices.len()
-        + s.attributes.len()
-        + s.domains.len()
+/// How many names each derivation reads from the table: users read groups and
+/// domains, devices read posture attributes. Tables only ever grow, so a change in
+/// a count is a change in what that derivation can see.
+fn user_names(s: &Symbols) -> (usize, usize) {
+    (s.groups.len(), s.domains.len())
 }
 
 fn user_facts(body: &Body, symbols: &Symbols) -> Option<UserFacts> {
@@ -236,7 +235,8 @@ impl Index {
         } else {
             (self.symbols.clone(), self.policies.clone())
         };
-        let names_before = interned(&symbols);
+        let (user_names_before, attributes_before) =
+            (user_names(&symbols), symbols.attributes.len());
         let mut touched: Vec<(Kind, String)> = Vec::new();
         for removed in &update.removals {
             let kind = Kind::try_from(removed.kind).unwrap_or(Kind::Unspecified);
@@ -261,6 +261,7 @@ impl Index {
                     Arc::new(RoutePolicy {
                         policy,
                         max_auth_age_s,
+                        forwarding: Forwarding::new(route),
                     }),
                 );
             }
@@ -269,15 +270,26 @@ impl Index {
         let mut snapshot = (*self.snapshot).clone();
         snapshot.apply(update)?;
         let touches = |kind: Kind| full || touched.iter().any(|(k, _)| *k == kind);
-        // Names new to the table can make groups and posture attributes count that
-        // did not before: then every user and device is derived again.
-        let all = full || interned(&symbols) != names_before;
-        let users = rederive(&self.users, &snapshot, Kind::User, &touched, all, |b| {
-            user_facts(b, &symbols)
-        });
-        let devices = rederive(&self.devices, &snapshot, Kind::Device, &touched, all, |b| {
-            device_facts(b, &symbols)
-        });
+        // Names new to the table can make groups, domains or posture attributes count
+        // that did not before: then every user (or device) is derived again.
+        let all_users = full || user_names(&symbols) != user_names_before;
+        let all_devices = full || symbols.attributes.len() != attributes_before;
+        let users = rederive(
+            &self.users,
+            &snapshot,
+            Kind::User,
+            &touched,
+            all_users,
+            |b| user_facts(b, &symbols),
+        );
+        let devices = rederive(
+            &self.devices,
+            &snapshot,
+            Kind::Device,
+            &touched,
+            all_devices,
+            |b| device_facts(b, &symbols),
+        );
         let grants = if touches(Kind::Grant) {
             Arc::new(all_grants(&snapshot))
         } else {

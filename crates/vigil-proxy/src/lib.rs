@@ -14,3 +14,4 @@ pub mod routes;
 pub mod serve;
 pub mod subscriber;
 pub mod tls;
+pub mod upstream;

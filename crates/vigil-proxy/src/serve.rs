@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt as _, Full};
@@ -23,8 +23,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use vigil_policy::request::{HeaderValue as PolicyHeader, Headers};
 use vigil_policy::Amr;
-use vigil_proto::v1::entry::Body;
-use vigil_snapshot::Kind;
+use vigil_proto::{sole_bearer, BearerError};
 
 use crate::cookie::{self, CookieKeys};
 use crate::decide::{decide, Facts, Principal, SessionFacts, Verdict};
@@ -32,6 +31,7 @@ use crate::edge::{self, TrustedProxies};
 use crate::index::Index;
 use crate::normalize::normalize_path;
 use crate::subscriber::Shared;
+use crate::upstream::Forwarding;
 
 /// What every response body is: an upstream's streamed body or one of ours.
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
@@ -55,8 +55,26 @@ pub struct Proxy {
     client: Client<HttpConnector, Incoming>,
 }
 
-/// Requests whose route sets no timeout get this long for the upstream's response head.
-const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// What every step of one request's handling needs to answer it.
+struct Ask<'a> {
+    /// The request id (in every refusal and the log).
+    id: &'a str,
+    /// Whether refusals are pages (else problem+json).
+    html: bool,
+    /// Canonical host and path.
+    host: &'a str,
+    path: &'a str,
+    /// The route serving them.
+    route: &'a str,
+    /// The client's address.
+    peer: IpAddr,
+}
+
+impl Ask<'_> {
+    fn refuse(&self, status: StatusCode, reason: &str) -> Response<ProxyBody> {
+        refusal(status, reason, self.id, self.html)
+    }
+}
 
 /// Request headers as the policy reads them.
 struct RequestHeaders<'a>(&'a HeaderMap);
@@ -122,7 +140,7 @@ fn request_id() -> String {
     let mut b = [0u8; 16];
     // The system RNG failing leaves zeros: an id that is not unique, nothing worse.
     let _ = ring::rand::SystemRandom::new().fill(&mut b);
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    vigil_policy::to_hex(&b)
 }
 
 fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<ProxyBody> {
@@ -270,7 +288,7 @@ impl Proxy {
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
             return (res, log);
         }
-        let Some(route) = index.routes.find(&host, &path).map(str::to_owned) else {
+        let Some(route) = index.routes.find(&host, &path) else {
             log.refuse("no-route", format!("no route for {host}{path}"));
             return (
                 refusal(
@@ -282,18 +300,27 @@ impl Proxy {
                 log,
             );
         };
-        log.route = Some(route.clone());
+        log.route = Some(route.to_owned());
+        let ask = Ask {
+            id,
+            html,
+            host: &host,
+            path: &path,
+            route,
+            peer: peer.ip(),
+        };
         edge::strip_inbound(
             &mut parts.headers,
-            self.config.trusted_proxies.trusts(peer.ip()),
+            self.config.trusted_proxies.trusts(ask.peer),
         );
         // 4. Who is asking.
         let now = now_s();
         let caller = match self.authenticate(&index, &parts.headers, &host, now) {
             Ok(c) => c,
             Err(reason) => {
-                log.refuse("unauthenticated", reason.clone());
-                return (unauthorized(&reason, id, html, true), log);
+                let res = unauthorized(&ask, &reason, true);
+                log.refuse("unauthenticated", reason);
+                return (res, log);
             }
         };
         log.principal = caller.describe();
@@ -304,13 +331,13 @@ impl Proxy {
         };
         let verdict = decide(
             &index,
-            &route,
+            route,
             caller.principal(),
             Facts {
                 method: parts.method.as_str(),
                 path: &path,
                 headers: &RequestHeaders(&parts.headers),
-                source_ip: Some(peer.ip()),
+                source_ip: Some(ask.peer),
                 now,
                 device_id,
                 client_certificate: None,
@@ -324,29 +351,26 @@ impl Proxy {
             Verdict::Deny { reason, rule } => {
                 log.decision = "deny";
                 log.rule = rule;
-                let res = refusal(StatusCode::FORBIDDEN, &reason, id, html);
+                let res = ask.refuse(StatusCode::FORBIDDEN, &reason);
                 log.reason = Some(reason);
                 return (res, log);
             }
             Verdict::Unauthenticated { reason, .. } => {
-                log.refuse("unauthenticated", reason.clone());
                 let invalid = !matches!(caller, Caller::Anonymous);
-                return (unauthorized(&reason, id, html, invalid), log);
+                let res = unauthorized(&ask, &reason, invalid);
+                log.refuse("unauthenticated", reason);
+                return (res, log);
             }
         }
-        // 6. Forward.
+        // 6. Forward (`decide` allowed only a route it has a policy for).
+        let Some(forwarding) = index.policies.get(route).map(|r| &r.forwarding) else {
+            return (
+                ask.refuse(StatusCode::BAD_GATEWAY, "the route is gone"),
+                log,
+            );
+        };
         let res = self
-            .forward(
-                &index,
-                &route,
-                parts,
-                body,
-                &path,
-                &host,
-                peer.ip(),
-                &caller,
-                id,
-            )
+            .forward(&index, forwarding, parts, body, &ask, &caller)
             .await;
         (res, log)
     }
@@ -359,20 +383,19 @@ impl Proxy {
         host: &str,
         now: i64,
     ) -> Result<Caller, String> {
-        if let Some(auth) = headers.get(header::AUTHORIZATION) {
-            let auth = auth
-                .to_str()
-                .map_err(|_| "the Authorization header is not text".to_owned())?;
-            let Some((scheme, token)) = auth.split_once(' ') else {
-                return Err("use `Authorization: Bearer <token>`".into());
-            };
-            if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
-                return Err("use `Authorization: Bearer <token>`".into());
+        // The edge refused a repeated Authorization: `NotOne` means none.
+        match sole_bearer(headers) {
+            Ok(token) => {
+                return match index.service_account_by_token(token) {
+                    Some(sa) => Ok(Caller::ServiceAccount(sa.to_owned())),
+                    None => Err("the bearer token is not valid".into()),
+                }
             }
-            return match index.service_account_by_token(token.trim()) {
-                Some(sa) => Ok(Caller::ServiceAccount(sa.to_owned())),
-                None => Err("the bearer token is not valid".into()),
-            };
+            Err(BearerError::NotOne) => {}
+            Err(BearerError::Malformed) => {
+                return Err("the Authorization header is not text".into())
+            }
+            Err(BearerError::NotBearer) => return Err("use `Authorization: Bearer <token>`".into()),
         }
         if let Some(keys) = &self.config.cookie_keys {
             let cookies = headers
@@ -393,84 +416,23 @@ impl Proxy {
         Ok(Caller::Anonymous)
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Sends an allowed request on to one of the route's upstreams.
     async fn forward(
         &self,
         index: &Index,
-        route: &str,
+        forwarding: &Forwarding,
         mut parts: http::request::Parts,
         body: Incoming,
-        path: &str,
-        host: &str,
-        client_ip: IpAddr,
+        ask: &Ask<'_>,
         caller: &Caller,
-        id: &str,
     ) -> Response<ProxyBody> {
-        let html = wants_html(&parts.headers);
-        let Some(Body::Route(r)) = index
-            .snapshot
-            .get(Kind::Route, route)
-            .and_then(|e| e.body.as_ref())
-        else {
-            return refusal(StatusCode::BAD_GATEWAY, "the route is gone", id, html);
+        let upstream = match forwarding.pick() {
+            Ok(u) => u,
+            Err(reason) => return ask.refuse(StatusCode::BAD_GATEWAY, reason),
         };
-        let settings = r.settings.clone().unwrap_or_default();
-        let Some(upstream) = pick(&r.upstreams) else {
-            return refusal(
-                StatusCode::BAD_GATEWAY,
-                "the route has no upstream",
-                id,
-                html,
-            );
-        };
-        let Ok(base) = upstream.parse::<Uri>() else {
-            return refusal(
-                StatusCode::BAD_GATEWAY,
-                "the route's upstream is not a URL",
-                id,
-                html,
-            );
-        };
-        if base.scheme_str() != Some("http") {
-            return refusal(
-                StatusCode::BAD_GATEWAY,
-                "only http:// upstreams are supported by this proxy version",
-                id,
-                html,
-            );
-        }
-        let Some(authority) = base.authority().cloned() else {
-            return refusal(
-                StatusCode::BAD_GATEWAY,
-                "the route's upstream has no host",
-                id,
-                html,
-            );
-        };
-        // The canonical path, with the route's prefix rewritten when it says so.
-        let mut upstream_path = path.to_owned();
-        if let (Some(rewrite), Some(vigil_proto::v1::route::Path::Prefix(prefix))) =
-            (&settings.prefix_rewrite, &r.path)
-        {
-            if let Some(rest) = path.strip_prefix(prefix.trim_end_matches('/')) {
-                upstream_path = format!("{}{}", rewrite.trim_end_matches('/'), rest);
-                if !upstream_path.starts_with('/') {
-                    upstream_path.insert(0, '/');
-                }
-            }
-        }
-        let base_path = base.path().trim_end_matches('/');
-        let target = match parts.uri.query() {
-            Some(q) => format!("http://{authority}{base_path}{upstream_path}?{q}"),
-            None => format!("http://{authority}{base_path}{upstream_path}"),
-        };
+        let target = forwarding.target(upstream, ask.path, parts.uri.query());
         let Ok(uri) = target.parse::<Uri>() else {
-            return refusal(
-                StatusCode::BAD_REQUEST,
-                "the request target is not valid",
-                id,
-                html,
-            );
+            return ask.refuse(StatusCode::BAD_REQUEST, "the request target is not valid");
         };
         parts.uri = uri;
         parts.version = http::Version::HTTP_11;
@@ -479,95 +441,52 @@ impl Proxy {
         if matches!(caller, Caller::ServiceAccount(_)) {
             h.remove(header::AUTHORIZATION);
         }
-        let cookies: Vec<String> = h
-            .get_all(header::COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .filter_map(cookie::without_session)
-            .collect();
-        h.remove(header::COOKIE);
-        for c in cookies {
-            if let Ok(v) = HeaderValue::from_str(&c) {
-                h.append(header::COOKIE, v);
-            }
-        }
+        cookie::strip_session(h);
         // What the upstream learns about the request and the caller.
-        append_forwarded_for(h, client_ip);
+        append_forwarded_for(h, ask.peer);
         set(
             h,
             "x-forwarded-proto",
             if self.config.tls { "https" } else { "http" },
         );
-        set(h, "x-forwarded-host", host);
-        set(h, "x-request-id", id);
+        set(h, "x-forwarded-host", ask.host);
+        set(h, "x-request-id", ask.id);
         match caller {
             Caller::Anonymous => {}
             Caller::ServiceAccount(sa) => set(h, "x-vigil-service-account", sa),
             Caller::User(s, _) => {
                 set(h, "x-vigil-user", &s.uid);
-                if let Some(email) = index.users.get(&s.uid).and_then(|u| u.email.clone()) {
-                    set(h, "x-vigil-email", &email);
+                if let Some(email) = index.users.get(&s.uid).and_then(|u| u.email.as_deref()) {
+                    set(h, "x-vigil-email", email);
                 }
             }
         }
-        for name in &settings.remove_request_headers {
-            if let Ok(n) = HeaderName::from_bytes(name.as_bytes()) {
-                h.remove(n);
-            }
+        for name in &forwarding.remove_headers {
+            h.remove(name);
         }
-        for hv in &settings.set_request_headers {
-            if let (Ok(n), Ok(v)) = (
-                HeaderName::from_bytes(hv.name.as_bytes()),
-                HeaderValue::from_str(&hv.value),
-            ) {
-                h.insert(n, v);
-            }
+        for (name, value) in &forwarding.set_headers {
+            h.insert(name.clone(), value.clone());
         }
-        if !settings.preserve_host {
-            if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
+        if !forwarding.preserve_host {
+            if let Ok(v) = HeaderValue::from_str(upstream.authority.as_str()) {
                 h.insert(header::HOST, v);
             }
         }
-        let timeout = match settings.timeout_ms {
-            0 => DEFAULT_TIMEOUT,
-            ms => Duration::from_millis(ms),
-        };
         let req = Request::from_parts(parts, body);
-        match tokio::time::timeout(timeout, self.client.request(req)).await {
+        match tokio::time::timeout(forwarding.timeout, self.client.request(req)).await {
             Ok(Ok(res)) => {
                 let (mut parts, body) = res.into_parts();
                 edge::strip_inbound(&mut parts.headers, true);
                 Response::from_parts(parts, body.boxed())
             }
             Ok(Err(e)) => {
-                tracing::warn!(request_id = %id, route, error = %e, "Upstream failed");
-                refusal(
-                    StatusCode::BAD_GATEWAY,
-                    "the upstream did not answer",
-                    id,
-                    html,
-                )
+                tracing::warn!(request_id = %ask.id, route = ask.route, error = %e, "Upstream failed");
+                ask.refuse(StatusCode::BAD_GATEWAY, "the upstream did not answer")
             }
-            Err(_) => refusal(
+            Err(_) => ask.refuse(
                 StatusCode::GATEWAY_TIMEOUT,
                 "the upstream did not answer in time",
-                id,
-                html,
             ),
-        }
-    }
-}
-
-/// The route's upstream for this request: one at random, spreading load.
-fn pick(upstreams: &[String]) -> Option<&String> {
-    use ring::rand::SecureRandom as _;
-    match upstreams.len() {
-        0 => None,
-        1 => upstreams.first(),
-        n => {
-            let mut b = [0u8; 4];
-            let _ = ring::rand::SystemRandom::new().fill(&mut b);
-            upstreams.get(u32::from_le_bytes(b) as usize % n)
         }
     }
 }
@@ -597,16 +516,16 @@ fn append_forwarded_for(h: &mut HeaderMap, client: IpAddr) {
 
 /// 401 with `WWW-Authenticate` (RFC 6750: `invalid_token` when a credential was
 /// presented and refused).
-fn unauthorized(reason: &str, id: &str, html: bool, invalid: bool) -> Response<ProxyBody> {
-    let mut res = refusal(StatusCode::UNAUTHORIZED, reason, id, html);
-    let challenge = if invalid {
-        "Bearer realm=\"vigil\", error=\"invalid_token\"".to_owned()
-    } else {
-        "Bearer realm=\"vigil\"".to_owned()
-    };
-    if let Ok(v) = HeaderValue::from_str(&challenge) {
-        res.headers_mut().insert(header::WWW_AUTHENTICATE, v);
-    }
+fn unauthorized(ask: &Ask<'_>, reason: &str, invalid: bool) -> Response<ProxyBody> {
+    let mut res = ask.refuse(StatusCode::UNAUTHORIZED, reason);
+    res.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static(if invalid {
+            "Bearer realm=\"vigil\", error=\"invalid_token\""
+        } else {
+            "Bearer realm=\"vigil\""
+        }),
+    );
     res
 }
 
@@ -647,8 +566,52 @@ pub async fn serve(
     tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    use hyper_util::rt::{TokioExecutor, TokioIo};
-    use hyper_util::server::conn::auto;
+    serve_with(listener, tls, shutdown, move |peer| {
+        let proxy = proxy.clone();
+        hyper::service::service_fn(move |req: Request<Incoming>| {
+            let proxy = proxy.clone();
+            async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
+        })
+    })
+    .await;
+}
+
+/// Serves the plain-HTTP listener that only redirects (308) to the same URL over
+/// HTTPS on `https_port`.
+pub async fn serve_redirect(
+    listener: tokio::net::TcpListener,
+    https_port: u16,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    serve_with(listener, None, shutdown, move |_| {
+        hyper::service::service_fn(move |req: Request<Incoming>| async move {
+            Ok::<_, Infallible>(redirect_to_https(&req, https_port))
+        })
+    })
+    .await;
+}
+
+/// A TLS handshake must finish in this long.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The accept loop both listeners share: each connection (after its TLS handshake,
+/// when `tls` is given) is served by the service `service_for(peer)` makes, with
+/// upgrades, until `shutdown`; then in-flight requests get up to 30 s.
+async fn serve_with<S>(
+    listener: tokio::net::TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    shutdown: impl std::future::Future<Output = ()>,
+    service_for: impl Fn(SocketAddr) -> S,
+) where
+    S: hyper::service::Service<
+            Request<Incoming>,
+            Response = Response<ProxyBody>,
+            Error = Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -664,27 +627,15 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let proxy = proxy.clone();
-        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-            let proxy = proxy.clone();
-            async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
-        });
+        let service = service_for(peer);
         let watcher = graceful.watcher();
         let tls = tls.clone();
         tokio::spawn(async move {
-            let builder = auto::Builder::new(TokioExecutor::new());
             let result = match tls {
-                None => {
-                    let conn = builder
-                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                        .into_owned();
-                    watcher.watch(conn).await
-                }
+                None => serve_connection(stream, service, watcher).await,
                 Some(acceptor) => {
-                    let handshake =
-                        tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await;
-                    let stream = match handshake {
-                        Ok(Ok(s)) => s,
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => serve_connection(stream, service, watcher).await,
                         Ok(Err(e)) => {
                             tracing::debug!(%peer, error = %e, "TLS handshake failed");
                             return;
@@ -693,11 +644,7 @@ pub async fn serve(
                             tracing::debug!(%peer, "TLS handshake timed out");
                             return;
                         }
-                    };
-                    let conn = builder
-                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                        .into_owned();
-                    watcher.watch(conn).await
+                    }
                 }
             };
             if let Err(e) = result {
@@ -713,38 +660,28 @@ pub async fn serve(
     }
 }
 
-/// A TLS handshake must finish in this long.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Serves the plain-HTTP listener that only redirects (308) to the same URL over HTTPS.
-pub async fn serve_redirect(
-    listener: tokio::net::TcpListener,
-    https_port: u16,
-    shutdown: impl std::future::Future<Output = ()>,
-) {
+/// Serves one connection (plain or TLS) with HTTP/1.1 or HTTP/2, watched for shutdown.
+async fn serve_connection<I, S>(
+    io: I,
+    service: S,
+    watcher: hyper_util::server::graceful::Watcher,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<
+            Request<Incoming>,
+            Response = Response<ProxyBody>,
+            Error = Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
     use hyper_util::rt::{TokioExecutor, TokioIo};
-    use hyper_util::server::conn::auto;
-    tokio::pin!(shutdown);
-    loop {
-        let (stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(_) => {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => return,
-        };
-        let service = hyper::service::service_fn(move |req: Request<Incoming>| async move {
-            Ok::<_, Infallible>(redirect_to_https(&req, https_port))
-        });
-        tokio::spawn(async move {
-            let _ = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
-    }
+    let conn = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+        .serve_connection_with_upgrades(TokioIo::new(io), service)
+        .into_owned();
+    watcher.watch(conn).await
 }
 
 /// 308 to the HTTPS form of `req`'s URL; 400 when its host is not a host name.

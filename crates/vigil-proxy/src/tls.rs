@@ -25,9 +25,12 @@ struct Certs {
     /// By the domain under the `*`.
     wildcard: HashMap<String, Arc<CertifiedKey>>,
     default: Option<Arc<CertifiedKey>>,
-    /// Each file read, with its modification time and length, to notice changes.
-    stamp: Vec<(PathBuf, Option<SystemTime>, u64)>,
+    /// The files read, to notice changes.
+    stamp: Stamp,
 }
+
+/// Each `.crt` and `.key` file with its modification time and length, sorted.
+type Stamp = Vec<(PathBuf, Option<SystemTime>, u64)>;
 
 /// Picks each handshake's certificate by SNI from the current reading of the directory.
 #[derive(Debug)]
@@ -36,7 +39,11 @@ pub struct CertStore {
     certs: ArcSwap<Certs>,
 }
 
-fn stamp_of(dir: &Path) -> std::io::Result<Vec<(PathBuf, Option<SystemTime>, u64)>> {
+fn stamp_of(dir: &Path) -> Result<Stamp, String> {
+    read_stamp(dir).map_err(|e| format!("{}: {e}", dir.display()))
+}
+
+fn read_stamp(dir: &Path) -> std::io::Result<Stamp> {
     let mut stamp = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
@@ -66,8 +73,8 @@ fn certified_key(crt: &Path, key: &Path) -> Result<CertifiedKey, String> {
     CertifiedKey::from_der(chain, key, &provider).map_err(|e| format!("{}: {e}", crt.display()))
 }
 
-fn load(dir: &Path) -> Result<Certs, String> {
-    let stamp = stamp_of(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+/// Loads the pairs of `dir`, whose files are `stamp` (see [`stamp_of`]).
+fn load(dir: &Path, stamp: Stamp) -> Result<Certs, String> {
     let mut certs = Certs::default();
     for (path, _, _) in &stamp {
         if path.extension().and_then(|e| e.to_str()) != Some("crt") {
@@ -101,7 +108,7 @@ impl CertStore {
     /// Reads `dir`; fails when a pair does not load or there is none.
     pub fn open(dir: impl Into<PathBuf>) -> Result<Arc<CertStore>, String> {
         let dir = dir.into();
-        let certs = load(&dir)?;
+        let certs = load(&dir, stamp_of(&dir)?)?;
         Ok(Arc::new(CertStore {
             dir,
             certs: ArcSwap::from_pointee(certs),
@@ -111,11 +118,11 @@ impl CertStore {
     /// Reads the directory again if any file changed; a reading that fails keeps the
     /// certificates in use (and says why).
     pub fn reload_if_changed(&self) -> Result<bool, String> {
-        let now = stamp_of(&self.dir).map_err(|e| format!("{}: {e}", self.dir.display()))?;
+        let now = stamp_of(&self.dir)?;
         if now == self.certs.load().stamp {
             return Ok(false);
         }
-        self.certs.store(Arc::new(load(&self.dir)?));
+        self.certs.store(Arc::new(load(&self.dir, now)?));
         Ok(true)
     }
 

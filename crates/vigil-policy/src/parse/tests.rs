@@ -297,3 +297,12 @@ fn list_items_may_be_multi_key_blocks_and_hints_cover_sub_fields() {
         .message
         .contains("leave the criterion out"));
 }
+
+#[test]
+fn hex_round_trips_through_fingerprints() {
+    let bytes: [u8; 32] = std::array::from_fn(|i| (i * 37 + 5) as u8);
+    let hex = super::to_hex(&bytes);
+    assert_eq!(hex.len(), 64);
+    assert_eq!(&hex[..6], "052a4f");
+    assert_eq!(super::parse_fingerprint(&hex), Some(bytes));
+}
