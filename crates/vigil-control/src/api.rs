@@ -7,7 +7,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{Map, Value};
-use vigil_store::{Committed, Entity, ListQuery, Op, Record, SecretChange, StoreError};
+use vigil_store::{Entity, ListQuery, Op, Record, SecretChange, StoreError};
 
 use crate::auth::Admin;
 use crate::body::{read_json, typed};
@@ -20,24 +20,14 @@ use crate::Control;
 /// Fields the server owns in every resource.
 const META: &[&str] = &["id", "version", "created_at", "updated_at", "token"];
 
-/// Commits `ops` as one write by `admin`.
-async fn commit(
-    c: &Control,
-    admin: &Admin,
-    action: Option<&str>,
-    ops: Vec<Op>,
-) -> Result<Committed, Problem> {
-    Ok(c.write(&admin.actor, action, ops).await?)
-}
-
-/// [`commit`] for one create or replace; returns the stored record.
+/// One create or replace by `admin`; returns the stored record.
 async fn commit_one(
     c: &Control,
     admin: &Admin,
     action: Option<&str>,
     op: Op,
 ) -> Result<Record, Problem> {
-    commit(c, admin, action, vec![op])
+    c.write(&admin.actor, action, vec![op])
         .await?
         .records
         .into_iter()
@@ -263,7 +253,7 @@ pub async fn get<R: Resource>(
 }
 
 /// The op replacing entity `id`'s document with `spec`.
-async fn replace_op<R: Resource>(
+pub(crate) async fn replace_op<R: Resource>(
     c: &Control,
     id: &str,
     spec: R::Spec,
@@ -369,7 +359,7 @@ pub async fn delete<R: Resource>(
         id,
         if_version: version,
     };
-    commit(&c, &admin, None, vec![op]).await?;
+    c.write(&admin.actor, None, vec![op]).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -545,7 +535,7 @@ pub async fn revoke_user_sessions(
     let revision = if ops.is_empty() {
         None
     } else {
-        Some(commit(&c, &admin, Some("revoke"), ops).await?.revision)
+        Some(c.write(&admin.actor, Some("revoke"), ops).await?.revision)
     };
     Ok(Json(serde_json::json!({ "revoked": revoked, "revision": revision })).into_response())
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 use vigil_proto::v1::SessionReport;
-use vigil_store::{Op, SecretChange};
+use vigil_store::Op;
 
 use crate::resources::{Resource as _, Session, SessionSpec};
 use crate::time::{self, from_unix};
@@ -92,8 +92,7 @@ async fn record(control: &Control, proxy: &str, r: &SessionReport) -> Result<(),
             Op::Create(entity)
         }
         Some(rec) => {
-            let mut spec: SessionSpec =
-                serde_json::from_value(rec.body).map_err(|e| e.to_string())?;
+            let mut spec = crate::api::stored::<Session>(rec.body).map_err(|p| p.detail)?;
             if spec.user_id != r.user_id {
                 return Err(format!(
                     "the session belongs to `{}`, not `{}`",
@@ -110,14 +109,9 @@ async fn record(control: &Control, proxy: &str, r: &SessionReport) -> Result<(),
                 return Ok(());
             }
             spec.last_seen_at = last_seen;
-            let (entity, _) = crate::api::prepare::<Session>(control, spec, &r.session_id, true)
+            crate::api::replace_op::<Session>(control, &r.session_id, spec, Some(rec.version))
                 .await
-                .map_err(|p| p.detail)?;
-            Op::Replace {
-                entity,
-                if_version: Some(rec.version),
-                secret: SecretChange::Keep,
-            }
+                .map_err(|p| p.detail)?
         }
     };
     control

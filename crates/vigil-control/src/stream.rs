@@ -19,7 +19,7 @@ use vigil_proto::HEARTBEAT;
 use vigil_snapshot::Signer;
 
 use crate::crypto::token_hash;
-use crate::resources::{is_past, JoinToken, JoinTokenSpec, Resource as _};
+use crate::resources::{is_past, JoinToken, Resource as _};
 use crate::snapshot::Builder;
 use crate::Control;
 use vigil_proto::{sole_bearer, BearerError};
@@ -371,7 +371,7 @@ impl Service {
                 Status::unavailable("the control plane cannot check join tokens right now")
             })?
             .ok_or_else(|| Status::unauthenticated("unknown join token"))?;
-        let spec: JoinTokenSpec = serde_json::from_value(rec.body)
+        let spec = crate::api::stored::<JoinToken>(rec.body)
             .map_err(|_| Status::internal("a stored join token does not decode"))?;
         if spec.expires_at.as_deref().is_some_and(is_past) {
             return Err(Status::unauthenticated("the join token has expired"));

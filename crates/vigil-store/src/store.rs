@@ -7,7 +7,7 @@
 //! On PostgreSQL that lock would be held across each commit's WAL flush, making
 //! durable writes queue on the disk one at a time. So writes commit with
 //! `synchronous_commit = off` and then wait on a durability barrier (see
-//! [`Store::flush`]) before they report success; readers that publish what they
+//! [`Store::flush_through`]) before they report success; readers that publish what they
 //! read (snapshot builds) pass the same barrier first. A crash can lose only
 //! commits that nobody was told about, and the WAL keeps them a prefix: a write
 //! that depended on a lost one is lost with it.
@@ -262,6 +262,8 @@ pub struct Store {
     pool: AnyPool,
     dialect: Dialect,
     url: String,
+    /// Every revision up to this one is known durable (see [`Store::flush_through`]).
+    durable: std::sync::Arc<std::sync::atomic::AtomicI64>,
 }
 
 const MAX_PAGE: u32 = 1000;
@@ -402,9 +404,19 @@ impl Store {
                 "database URL must start with postgres:// or sqlite://".into(),
             ));
         };
+        let durable = std::sync::Arc::<std::sync::atomic::AtomicI64>::default();
         let mut pool = AnyPoolOptions::new().acquire_timeout(opts.acquire_timeout);
         pool = match dialect {
-            Dialect::Postgres => pool.max_connections(opts.max_connections),
+            // A new connection may follow a restart of the server (even onto a
+            // restored backup, with lower revisions): forget what was known durable.
+            Dialect::Postgres => {
+                let durable = durable.clone();
+                pool.max_connections(opts.max_connections)
+                    .after_connect(move |_, _| {
+                        durable.store(0, std::sync::atomic::Ordering::Release);
+                        Box::pin(async { Ok(()) })
+                    })
+            }
             Dialect::Sqlite => pool
                 .max_connections(opts.max_connections.min(8))
                 .after_connect(|conn, _| {
@@ -427,6 +439,7 @@ impl Store {
             pool,
             dialect,
             url: url.to_owned(),
+            durable,
         })
     }
 
@@ -673,7 +686,7 @@ impl Store {
         .map_err(classify)?;
         tx.commit().await.map_err(classify)?;
         // What is read goes into snapshots: only once it is durable.
-        self.flush().await?;
+        self.flush_through(revision).await?;
         Ok((revision, records))
     }
 
@@ -696,7 +709,7 @@ impl Store {
         .await
         .map_err(classify)?;
         tx.commit().await.map_err(classify)?;
-        self.flush().await?;
+        self.flush_through(current).await?;
         Ok((current, changes, records))
     }
 
@@ -778,7 +791,7 @@ impl Store {
     ) -> Result<Committed, StoreError> {
         let mut tx = match self.dialect {
             // Commit without waiting for the WAL flush, so that the revision row
-            // lock is not held across it; `flush` waits for it after the commit.
+            // lock is not held across it; `flush_through` waits for it after the commit.
             Dialect::Postgres => {
                 self.pool
                     .begin_with("BEGIN; SET LOCAL synchronous_commit = off")
@@ -814,16 +827,20 @@ impl Store {
             r.version = revision;
         }
         tx.commit().await.map_err(classify)?;
-        self.flush().await?;
+        self.flush_through(revision).await?;
         Ok(Committed { revision, records })
     }
 
-    /// Waits until everything committed before the call is durable. On PostgreSQL
+    /// Waits until `revision`, committed before the call, is durable. On PostgreSQL
     /// writes commit asynchronously (see `write_once`): this commits a one-row
     /// update with synchronous commit, whose WAL flush covers every earlier commit
-    /// record, and concurrent calls share flushes. SQLite commits durably already.
-    pub async fn flush(&self) -> Result<(), StoreError> {
-        if self.dialect != Dialect::Postgres {
+    /// record, and concurrent calls share flushes. Revision order is commit order,
+    /// so a flush that began after revision *n* committed makes every revision up
+    /// to *n* durable: a revision at or below one already flushed that way needs no
+    /// flush of its own. SQLite commits durably already.
+    pub async fn flush_through(&self, revision: i64) -> Result<(), StoreError> {
+        use std::sync::atomic::Ordering;
+        if self.dialect != Dialect::Postgres || revision <= self.durable.load(Ordering::Acquire) {
             return Ok(());
         }
         sqlx::query(
@@ -832,8 +849,9 @@ impl Store {
         )
         .execute(&self.pool)
         .await
-        .map(|_| ())
-        .map_err(classify)
+        .map_err(classify)?;
+        self.durable.fetch_max(revision, Ordering::AcqRel);
+        Ok(())
     }
 }
 
@@ -877,7 +895,7 @@ struct Current {
     /// The document as stored, for the audit trail.
     body: String,
     /// Its references as a JSON array of `[kind, id, cascade]`, in no order
-    /// (PostgreSQL gives NULL for none).
+    /// (PostgreSQL gives NULL for none; not read for deletes).
     refs: Option<String>,
 }
 
@@ -885,15 +903,20 @@ struct Current {
 type RefRow = (String, String, i64);
 
 impl Current {
-    /// Its references, sorted.
-    fn refs(&self) -> Result<Vec<RefRow>, StoreError> {
-        let mut refs: Vec<RefRow> = match &self.refs {
+    /// Whether it refers to exactly what `e` refers to (as `write_refs` would store it).
+    fn same_refs(&self, e: &Entity) -> Result<bool, StoreError> {
+        let mut stored: Vec<RefRow> = match &self.refs {
             Some(text) => serde_json::from_str(text)
                 .map_err(|e| StoreError::Database(format!("unreadable references: {e}")))?,
             None => Vec::new(),
         };
-        refs.sort();
-        Ok(refs)
+        stored.sort();
+        Ok(stored
+            .iter()
+            .map(|(k, i, c)| (k.as_str(), i.as_str(), *c))
+            .eq(targets(e)
+                .iter()
+                .map(|r| (r.kind.as_str(), r.id.as_str(), i64::from(r.cascade)))))
     }
 }
 
@@ -903,14 +926,6 @@ fn targets(e: &Entity) -> Vec<&Ref> {
     refs.sort_by(|a, b| (&a.kind, &a.id).cmp(&(&b.kind, &b.id)));
     refs.dedup_by(|a, b| a.kind == b.kind && a.id == b.id);
     refs
-}
-
-/// The rows `write_refs` inserts for `e`, sorted.
-fn ref_rows(e: &Entity) -> Vec<RefRow> {
-    targets(e)
-        .iter()
-        .map(|r| (r.kind.clone(), r.id.clone(), i64::from(r.cascade)))
-        .collect()
 }
 
 /// `($first, ...), (...)`: placeholders for `rows` rows of `cols` values each.
@@ -943,7 +958,7 @@ impl<'a> Writer<'a> {
                 id,
                 if_version,
             } => {
-                let cur = self.current(tx, kind, id, *if_version).await?;
+                let cur = self.current(tx, kind, id, *if_version, false).await?;
                 let action = self.action.unwrap_or("delete");
                 self.delete(tx, kind, id, cur, action, 0).await?;
                 Ok(None)
@@ -959,6 +974,7 @@ impl<'a> Writer<'a> {
         kind: &str,
         id: &str,
         if_version: Option<i64>,
+        with_refs: bool,
     ) -> Result<Current, StoreError> {
         let (aggregate, lock) = match self.dialect {
             Dialect::Postgres => (
@@ -970,9 +986,13 @@ impl<'a> Writer<'a> {
                 "",
             ),
         };
+        let refs = if with_refs {
+            format!("(SELECT {aggregate} FROM refs r WHERE r.kind = e.kind AND r.id = e.id)")
+        } else {
+            "CAST(NULL AS TEXT)".to_owned()
+        };
         let sql = format!(
-            "SELECT e.version, e.created_at, e.body, \
-             (SELECT {aggregate} FROM refs r WHERE r.kind = e.kind AND r.id = e.id) AS refs \
+            "SELECT e.version, e.created_at, e.body, {refs} AS refs \
              FROM entities e WHERE e.kind = $1 AND e.id = $2{lock}"
         );
         let Some(cur) = sqlx::query_as::<_, Current>(&sql)
@@ -1039,7 +1059,7 @@ impl<'a> Writer<'a> {
         if_version: Option<i64>,
         secret: &SecretChange,
     ) -> Result<Record, StoreError> {
-        let cur = self.current(tx, &e.kind, &e.id, if_version).await?;
+        let cur = self.current(tx, &e.kind, &e.id, if_version, true).await?;
         let body = e.body.to_string();
         let sql = format!(
             "UPDATE entities SET natural_key = $3, body = $4, version = $5, updated_at = $6{} \
@@ -1063,7 +1083,7 @@ impl<'a> Writer<'a> {
             .await
             .map_err(|err| unique_violation(err, e))?;
         // Most replaces keep the references: then two statements are saved.
-        if cur.refs()? != ref_rows(e) {
+        if !cur.same_refs(e)? {
             sqlx::query("DELETE FROM refs WHERE kind = $1 AND id = $2")
                 .bind(&e.kind)
                 .bind(&e.id)
@@ -1117,7 +1137,7 @@ impl<'a> Writer<'a> {
             });
         }
         for (dep_kind, dep_id) in cascading {
-            match self.current(tx, &dep_kind, &dep_id, None).await {
+            match self.current(tx, &dep_kind, &dep_id, None, false).await {
                 Ok(dep) => {
                     Box::pin(self.delete(tx, &dep_kind, &dep_id, dep, "cascade-delete", depth + 1))
                         .await?;
