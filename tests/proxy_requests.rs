@@ -10,7 +10,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::{client, join_token, patch_json, post_json, ControlProcess, ProxyProcess};
+use support::{client, join_token, patch_json, post_json, ControlProcess, ProxyProcess, TestCa};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use vigil_test_postgres::TestPostgres;
 
@@ -43,28 +43,35 @@ async fn echo_upstream() -> String {
     format!("http://{addr}")
 }
 
-/// Sends `head` (request line and headers, without the blank line) as raw
-/// HTTP/1.1 on a new connection, so that no client library tidies the path first;
-/// returns the status and the body.
-async fn raw(proxy_url: &str, head: &str) -> (u16, String) {
-    let addr = proxy_url.trim_start_matches("http://");
+/// The status code of a raw HTTP/1.1 response (0 when there is none).
+fn status_of(response: &str) -> u16 {
+    response
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Sends `GET target` for `host`, with `headers` (lines ending in CRLF), as raw
+/// HTTP/1.1 on a new connection, so that no client library tidies the target
+/// first; returns the status and the body.
+async fn raw_get(proxy: &ProxyProcess, target: &str, host: &str, headers: &str) -> (u16, String) {
+    let addr = proxy.url.trim_start_matches("http://");
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("{head}\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
+    s.write_all(
+        format!("GET {target} HTTP/1.1\r\nHost: {host}\r\n{headers}Connection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
     let mut out = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
         .await
         .unwrap()
         .unwrap();
     let text = String::from_utf8_lossy(&out).to_string();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
     let body = text.split_once("\r\n\r\n").map_or("", |b| b.1).to_owned();
-    (status, body)
+    (status_of(&text), body)
 }
 
 fn get(proxy: &ProxyProcess, host: &str, path: &str) -> reqwest::RequestBuilder {
@@ -186,57 +193,33 @@ async fn the_proxy_authorizes_every_request_from_its_snapshot() {
         .unwrap();
     assert_eq!(html.status(), 403);
     assert!(html.text().await.unwrap().contains("Request id"));
-    let auth = format!("Authorization: Bearer {robot_token}");
-    for path in [
-        "//admin",
-        "/admin/",
-        "/x/../admin",
-        "/x/%2e%2e/admin",
-        "/%61dmin/panel",
-        "/./admin",
-        "/x/%2E%2E/%2e/admin/panel",
+    let auth = format!("Authorization: Bearer {robot_token}\r\n");
+    for (path, want) in [
+        ("//admin", 403),
+        ("/admin/", 403),
+        ("/x/../admin", 403),
+        ("/x/%2e%2e/admin", 403),
+        ("/%61dmin/panel", 403),
+        ("/./admin", 403),
+        ("/x/%2E%2E/%2e/admin/panel", 403),
+        ("/admin/..%2fpanel", 400),
+        ("/admin%2f", 400),
+        ("/admin%5c..", 400),
+        ("/a%00", 400),
+        ("/%ff", 400),
     ] {
-        let (status, body) = raw(
-            &proxy.url,
-            &format!("GET {path} HTTP/1.1\r\nHost: app.test\r\n{auth}"),
-        )
-        .await;
-        assert_eq!(status, 403, "{path}: {body}");
-    }
-    for path in [
-        "/admin/..%2fpanel",
-        "/admin%2f",
-        "/admin%5c..",
-        "/a%00",
-        "/%ff",
-    ] {
-        let (status, body) = raw(
-            &proxy.url,
-            &format!("GET {path} HTTP/1.1\r\nHost: app.test\r\n{auth}"),
-        )
-        .await;
-        assert_eq!(status, 400, "{path}: {body}");
+        let (status, body) = raw_get(&proxy, path, "app.test", &auth).await;
+        assert_eq!(status, want, "{path}: {body}");
     }
     // Host spellings reach the same route; the absolute form must agree with Host.
     for host in ["APP.test", "app.test.", "app.test:80"] {
-        let (status, body) = raw(
-            &proxy.url,
-            &format!("GET /admin HTTP/1.1\r\nHost: {host}\r\n{auth}"),
-        )
-        .await;
+        let (status, body) = raw_get(&proxy, "/admin", host, &auth).await;
         assert_eq!(status, 403, "{host}: {body}");
     }
-    let (status, _) = raw(
-        &proxy.url,
-        &format!("GET http://app.test/admin HTTP/1.1\r\nHost: other.test\r\n{auth}"),
-    )
-    .await;
+    let (status, _) = raw_get(&proxy, "http://app.test/admin", "other.test", &auth).await;
     assert_eq!(status, 400);
-    let (status, _) = raw(
-        &proxy.url,
-        &format!("GET /hello HTTP/1.1\r\nHost: app.test\r\nX_Vigil_User: usr_admin\r\n{auth}"),
-    )
-    .await;
+    let underscored = format!("X_Vigil_User: usr_admin\r\n{auth}");
+    let (status, _) = raw_get(&proxy, "/hello", "app.test", &underscored).await;
     assert_eq!(status, 400, "underscored header names are refused");
 
     // The operator reaches /admin; an unknown host is nobody's route.
@@ -310,28 +293,6 @@ async fn a_proxy_without_a_snapshot_refuses_everything() {
     assert_eq!(live.status(), 200);
 }
 
-/// A CA, and a signer of certificates for given names under it: (CA DER, issue).
-fn test_ca() -> (
-    rustls::pki_types::CertificateDer<'static>,
-    impl Fn(&str) -> (String, String, Vec<u8>),
-) {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca_params, ca_key);
-    let issue = move |name: &str| {
-        let key = KeyPair::generate().unwrap();
-        let cert = CertificateParams::new(vec![name.to_owned()])
-            .unwrap()
-            .signed_by(&key, &issuer)
-            .unwrap();
-        (cert.pem(), key.serialize_pem(), cert.der().to_vec())
-    };
-    (ca_cert.der().clone(), issue)
-}
-
 /// Connects over TLS with `sni`, trusting `ca`; sends a GET for `path`; returns the
 /// certificate the server presented and the response's status.
 async fn tls_get(
@@ -363,13 +324,8 @@ async fn tls_get(
     .await
     .unwrap();
     let mut out = Vec::new();
-    let _ = tls.read_to_end(&mut out).await;
-    let text = String::from_utf8_lossy(&out).to_string();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
+    let _ = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut out)).await;
+    let status = status_of(&String::from_utf8_lossy(&out));
     Ok((presented, status))
 }
 
@@ -378,11 +334,12 @@ async fn https_picks_the_certificate_by_sni_reloads_it_and_redirects_plain_http(
     let dir = std::env::temp_dir().join(format!("vigil-proxy-tls-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let (ca, issue) = test_ca();
-    let (crt, key, app_der) = issue("app.test");
+    let test_ca = TestCa::new();
+    let ca = test_ca.der.clone();
+    let (crt, key, app_der) = test_ca.issue("app.test");
     std::fs::write(dir.join("app.test.crt"), crt).unwrap();
     std::fs::write(dir.join("app.test.key"), key).unwrap();
-    let (crt, key, wild_der) = issue("*.apps.test");
+    let (crt, key, wild_der) = test_ca.issue("*.apps.test");
     std::fs::write(dir.join("_wildcard.apps.test.crt"), crt).unwrap();
     std::fs::write(dir.join("_wildcard.apps.test.key"), key).unwrap();
     let redirect_port = support::free_port();
@@ -410,7 +367,7 @@ async fn https_picks_the_certificate_by_sni_reloads_it_and_redirects_plain_http(
     assert!(tls_get(&addr, &ca, "other.test", "/").await.is_err());
 
     // New files for app.test are served without a restart.
-    let (crt, key, renewed) = issue("app.test");
+    let (crt, key, renewed) = test_ca.issue("app.test");
     std::fs::write(dir.join("app.test.key"), key).unwrap();
     std::fs::write(dir.join("app.test.crt"), crt).unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use prost::Message as _;
 use serde_json::{json, Value};
-use support::{client, get_json, join_token, patch_json, post_json, trusted, ControlProcess};
+use support::{
+    client, get_json, join_token, patch_json, post_json, trusted, ControlProcess, TestCa,
+};
 use vigil_proto::v1::control_plane_client::ControlPlaneClient;
 use vigil_proto::v1::entry::Body;
 use vigil_proto::v1::{
@@ -40,6 +42,44 @@ fn subscribe(
         labels: vec![("zone".into(), "test".into())],
         snapshot_file: file,
     })
+}
+
+/// Waits until `h`'s stream is refused; returns why.
+async fn refused(h: &Handle) -> String {
+    let mut link = h.link.clone();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Link::Retrying { error } = &*link.borrow_and_update() {
+            return error.clone();
+        }
+        assert!(Instant::now() < deadline, "no refusal seen");
+        let _ = tokio::time::timeout(Duration::from_secs(1), link.changed()).await;
+    }
+}
+
+/// Sends `barrier` (a report of a new session) and waits until the control plane has
+/// recorded it: reports are handled in order, so every earlier one is handled too.
+async fn reports_handled(
+    proxy: &Handle,
+    c: &reqwest::Client,
+    url: &str,
+    barrier: vigil_proto::v1::SessionReport,
+) {
+    let path = format!("{url}/v1/sessions/{}", barrier.session_id);
+    proxy.reports.send(barrier).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while c
+        .get(&path)
+        .send()
+        .await
+        .map_or(true, |r| r.status() != 200)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the report behind {path} was never handled"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 async fn until(what: &str, mut f: impl FnMut() -> bool) {
@@ -228,16 +268,8 @@ async fn untrusted_snapshots_and_unknown_tokens_are_refused() {
 
     // An unknown join token never gets a stream.
     let stranger = subscribe(&cp, "vgl_join_not-a-token", "stranger", trusted(), None);
-    let mut link = stranger.link.clone();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Link::Retrying { error } = &*link.borrow_and_update() {
-            assert!(error.contains("unknown join token"), "{error}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "no refusal seen");
-        let _ = tokio::time::timeout(Duration::from_secs(1), link.changed()).await;
-    }
+    let error = refused(&stranger).await;
+    assert!(error.contains("unknown join token"), "{error}");
     assert_eq!(stranger.index.load().version(), 0);
 
     // A deleted join token stops working for new streams.
@@ -248,7 +280,8 @@ async fn untrusted_snapshots_and_unknown_tokens_are_refused() {
         .unwrap();
     assert_eq!(res.status(), 204);
     let late = subscribe(&cp, &token, "late", trusted(), None);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let error = refused(&late).await;
+    assert!(error.contains("unknown join token"), "{error}");
     assert_eq!(late.index.load().version(), 0);
 }
 
@@ -409,6 +442,7 @@ async fn sessions_reported_by_a_proxy_are_listed_and_revocable() {
         .send(report("ses_e2e1", other, now + 200))
         .await
         .unwrap();
+    reports_handled(&proxy, &c, &url, report("ses_barrier1", &uid, now + 200)).await;
     let deadline = Instant::now() + Duration::from_secs(20);
     let seen = loop {
         let s = get_json(&c, &url, "/v1/sessions/ses_e2e1").await;
@@ -438,7 +472,7 @@ async fn sessions_reported_by_a_proxy_are_listed_and_revocable() {
         .send(report("ses_e2e1", &uid, now + 500))
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    reports_handled(&proxy, &c, &url, report("ses_barrier2", &uid, now + 500)).await;
     let after = get_json(&c, &url, "/v1/sessions/ses_e2e1").await;
     assert!(after["revoked_at"].is_string(), "{after}");
     assert_eq!(after["last_seen_at"], "2030-03-17T17:48:10Z");
@@ -463,7 +497,8 @@ async fn a_stalled_proxy_does_not_grow_the_control_planes_memory() {
     let healthy = subscribe(&cp, &token, "healthy", trusted(), None);
 
     // A proxy that says hello and then never reads what it is sent.
-    let (_tx, stalled) = raw_subscribe(&cp, &token, "stalled", 0).await;
+    // Held open, never read, to the end.
+    let (_tx, _stalled) = raw_subscribe(&cp, &token, "stalled", 0).await;
 
     // Each write changes a 200 KB user: a stream that queued every update would hold
     // 200 KB more per write.
@@ -507,7 +542,6 @@ async fn a_stalled_proxy_does_not_grow_the_control_planes_memory() {
         .unwrap();
     assert_eq!(stalled_status["connected"], true);
     assert_eq!(stalled_status["version"], 0, "it never acked anything");
-    drop(stalled);
 }
 
 /// A stream opened by hand, not by the subscriber: says hello holding `version`,
@@ -602,29 +636,15 @@ async fn a_nack_is_answered_with_the_full_snapshot_at_once() {
     assert!(full.full && full.version == delta.version, "{full:?}");
 }
 
-/// A CA, and a certificate it signs for `localhost`: (CA PEM, certificate PEM, key PEM).
-fn tls_material() -> (String, String, String) {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca_params, ca_key);
-    let key = KeyPair::generate().unwrap();
-    let cert = CertificateParams::new(vec!["localhost".to_owned()])
-        .unwrap()
-        .signed_by(&key, &issuer)
-        .unwrap();
-    (ca_cert.pem(), cert.pem(), key.serialize_pem())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_stream_runs_over_tls_and_refuses_an_untrusted_server() {
     let pg = TestPostgres::start().unwrap();
     let db = pg.create_database("tls").unwrap();
     let dir = std::env::temp_dir().join(format!("vigil-tls-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let (ca, cert, key) = tls_material();
+    let test_ca = TestCa::new();
+    let ca = test_ca.pem.clone();
+    let (cert, key, _) = test_ca.issue("localhost");
     std::fs::write(dir.join("cert.pem"), cert).unwrap();
     std::fs::write(dir.join("key.pem"), key).unwrap();
     let cp = ControlProcess::start_tls(&db, &dir.join("cert.pem"), &dir.join("key.pem"));
@@ -658,18 +678,10 @@ async fn the_stream_runs_over_tls_and_refuses_an_untrusted_server() {
     );
 
     // A proxy that trusts another CA never gets a stream.
-    let (other_ca, _, _) = tls_material();
+    let other_ca = TestCa::new().pem;
     let wary = subscriber::start(config("wary", Some(other_ca)));
-    let mut link = wary.link.clone();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Link::Retrying { error } = &*link.borrow_and_update() {
-            assert!(error.contains("connect"), "{error}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "no refusal seen");
-        let _ = tokio::time::timeout(Duration::from_secs(1), link.changed()).await;
-    }
+    let error = refused(&wary).await;
+    assert!(error.contains("connect"), "{error}");
     assert_eq!(wary.index.load().version(), 0);
 
     // Plain text to a TLS port fails too.
@@ -677,7 +689,7 @@ async fn the_stream_runs_over_tls_and_refuses_an_untrusted_server() {
         addresses: vec![cp.grpc_url.replace("https://", "http://")],
         ..config("plain", None)
     });
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    refused(&plain).await;
     assert_eq!(plain.index.load().version(), 0);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1,6 +1,7 @@
 //! Helpers shared by the end-to-end tests: start `vigil` processes and wait for them.
 #![allow(dead_code, clippy::unwrap_used)]
 
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -9,9 +10,79 @@ pub fn free_port() -> u16 {
     vigil_test_postgres::free_port().unwrap()
 }
 
+/// A child process whose output goes to a log file; killed on drop.
+struct Logged {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Logged {
+    /// A log file for process `what` on `port` (nothing started yet).
+    fn new(what: &str, port: u16) -> Logged {
+        Logged {
+            child: None,
+            log: std::env::temp_dir().join(format!(
+                "vigil-e2e-{what}-{}-{port}.log",
+                std::process::id()
+            )),
+        }
+    }
+
+    /// Starts `cmd` with its output appended to the log.
+    fn spawn(&mut self, mut cmd: Command) {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = cmd
+            .env("VIGIL_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    /// Kills the process at once (SIGKILL).
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Waits until every one of `ports` accepts connections.
+    fn wait_listening(&self, ports: &[u16], what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !ports
+            .iter()
+            .all(|p| std::net::TcpStream::connect(("127.0.0.1", *p)).is_ok())
+        {
+            assert!(
+                Instant::now() < deadline,
+                "{what} did not start; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 /// A `vigil control` child process; killed on drop.
 pub struct ControlProcess {
-    child: Child,
+    process: Logged,
     /// Base URL of its admin API.
     pub url: String,
     /// Address of its gRPC snapshot stream.
@@ -19,7 +90,6 @@ pub struct ControlProcess {
     db: String,
     port: u16,
     grpc_port: u16,
-    log: std::path::PathBuf,
     extra: Vec<String>,
 }
 
@@ -27,6 +97,11 @@ pub struct ControlProcess {
 pub const SIGNING_SEED: &str = "AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA=";
 
 pub const TOKEN: &str = "e2e-bootstrap-token";
+
+/// The signer of [`SIGNING_SEED`].
+pub fn signer() -> vigil_snapshot::Signer {
+    vigil_snapshot::Signer::from_seed_base64(SIGNING_SEED).unwrap()
+}
 
 impl ControlProcess {
     /// Starts the control plane on `db` (with --migrate) and waits until it answers.
@@ -51,24 +126,42 @@ impl ControlProcess {
     /// Starts the control plane with extra arguments.
     pub fn start_with(db: &str, extra: &[String]) -> ControlProcess {
         let port = free_port();
-        let log = std::env::temp_dir().join(format!(
-            "vigil-e2e-control-{}-{port}.log",
-            std::process::id()
-        ));
         let grpc_port = free_port();
-        let child = spawn(db, port, grpc_port, true, &log, extra);
-        let p = ControlProcess {
-            child,
+        let mut p = ControlProcess {
+            process: Logged::new("control", port),
             url: format!("http://127.0.0.1:{port}"),
             grpc_url: format!("http://127.0.0.1:{grpc_port}"),
             db: db.into(),
             port,
             grpc_port,
-            log,
             extra: extra.to_vec(),
         };
-        p.wait_ready();
+        p.launch(true);
         p
+    }
+
+    /// Starts the process (applying migrations when `migrate`) and waits until it answers.
+    fn launch(&mut self, migrate: bool) {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vigil"));
+        cmd.arg("control")
+            .args([
+                "--database-url",
+                &self.db,
+                "--admin-listen",
+                &format!("127.0.0.1:{}", self.port),
+                "--grpc-listen",
+                &format!("127.0.0.1:{}", self.grpc_port),
+            ])
+            .env("VIGIL_SIGNING_KEY", SIGNING_SEED)
+            .env("VIGIL_BOOTSTRAP_TOKEN", TOKEN)
+            .env("VIGIL_SECRET_KEY", "A".repeat(43));
+        if migrate {
+            cmd.arg("--migrate");
+        }
+        cmd.args(&self.extra);
+        self.process.spawn(cmd);
+        self.process
+            .wait_listening(&[self.port, self.grpc_port], "control plane");
     }
 
     /// Kills the process at once (SIGKILL) and starts it again on the same port and database.
@@ -79,43 +172,17 @@ impl ControlProcess {
 
     /// Kills the process at once (SIGKILL) and leaves it down.
     pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.process.kill();
     }
 
     /// Starts a killed process again on the same ports and database.
     pub fn restart(&mut self) {
-        self.child = spawn(
-            &self.db,
-            self.port,
-            self.grpc_port,
-            false,
-            &self.log,
-            &self.extra,
-        );
-        self.wait_ready();
-    }
-
-    fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
-                && std::net::TcpStream::connect(("127.0.0.1", self.grpc_port)).is_ok()
-            {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "control plane did not start; log:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.launch(false);
     }
 
     /// The operating system's id of the process.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.process.child.as_ref().unwrap().id()
     }
 
     /// The process's resident memory, in KiB.
@@ -130,50 +197,7 @@ impl ControlProcess {
 
     /// The process's output so far.
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-fn spawn(
-    db: &str,
-    port: u16,
-    grpc_port: u16,
-    migrate: bool,
-    log: &std::path::Path,
-    extra: &[String],
-) -> Child {
-    let out = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vigil"));
-    cmd.arg("control")
-        .args([
-            "--database-url",
-            db,
-            "--admin-listen",
-            &format!("127.0.0.1:{port}"),
-            "--grpc-listen",
-            &format!("127.0.0.1:{grpc_port}"),
-        ])
-        .env("VIGIL_SIGNING_KEY", SIGNING_SEED)
-        .env("VIGIL_BOOTSTRAP_TOKEN", TOKEN)
-        .env("VIGIL_SECRET_KEY", "A".repeat(43))
-        .env("VIGIL_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().unwrap())
-        .stderr(out);
-    if migrate {
-        cmd.arg("--migrate");
-    }
-    cmd.args(extra);
-    cmd.spawn().unwrap()
-}
-
-impl Drop for ControlProcess {
-    fn drop(&mut self) {
-        self.kill();
+        self.process.log_text()
     }
 }
 
@@ -190,10 +214,7 @@ pub fn client() -> reqwest::Client {
 
 /// The verifier that trusts [`SIGNING_SEED`]'s public key.
 pub fn trusted() -> vigil_snapshot::Verifier {
-    let key = vigil_snapshot::Signer::from_seed_base64(SIGNING_SEED)
-        .unwrap()
-        .public_key_base64();
-    vigil_snapshot::Verifier::from_base64([key.as_str()]).unwrap()
+    vigil_snapshot::Verifier::from_base64([signer().public_key_base64().as_str()]).unwrap()
 }
 
 /// Answers a request that must succeed with its JSON body.
@@ -254,12 +275,11 @@ pub async fn join_token(c: &reqwest::Client, url: &str, name: &str) -> String {
 
 /// A `vigil proxy` child process subscribed to a control plane; killed on drop.
 pub struct ProxyProcess {
-    child: Child,
+    process: Logged,
     /// Base URL it serves proxied traffic on (`http://127.0.0.1:port`).
     pub url: String,
     /// Base URL of its `/healthz` and `/readyz`.
     pub health_url: String,
-    log: std::path::PathBuf,
 }
 
 impl ProxyProcess {
@@ -278,18 +298,9 @@ impl ProxyProcess {
     ) -> ProxyProcess {
         let port = free_port();
         let health = free_port();
-        let log =
-            std::env::temp_dir().join(format!("vigil-e2e-proxy-{}-{port}.log", std::process::id()));
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .unwrap();
-        let key = vigil_snapshot::Signer::from_seed_base64(SIGNING_SEED)
-            .unwrap()
-            .public_key_base64();
-        let child = Command::new(env!("CARGO_BIN_EXE_vigil"))
-            .arg("proxy")
+        let mut process = Logged::new("proxy", port);
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vigil"));
+        cmd.arg("proxy")
             .args([
                 "--listen",
                 &format!("127.0.0.1:{port}"),
@@ -302,31 +313,14 @@ impl ProxyProcess {
             ])
             .args(extra)
             .env("VIGIL_JOIN_TOKEN", join_token)
-            .env("VIGIL_SNAPSHOT_KEYS", key)
-            .env("VIGIL_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap();
-        let p = ProxyProcess {
-            child,
+            .env("VIGIL_SNAPSHOT_KEYS", signer().public_key_base64());
+        process.spawn(cmd);
+        process.wait_listening(&[port, health], "proxy");
+        ProxyProcess {
+            process,
             url: format!("http://127.0.0.1:{port}"),
             health_url: format!("http://127.0.0.1:{health}"),
-            log,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err()
-            || std::net::TcpStream::connect(("127.0.0.1", health)).is_err()
-        {
-            assert!(
-                Instant::now() < deadline,
-                "proxy did not start; log:\n{}",
-                p.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
         }
-        p
     }
 
     /// Waits until `/readyz` says a snapshot is held.
@@ -350,13 +344,41 @@ impl ProxyProcess {
 
     /// The process's output so far.
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.process.log_text()
     }
 }
 
-impl Drop for ProxyProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+/// A certificate authority for tests, and certificates it issues.
+pub struct TestCa {
+    /// Its certificate, PEM.
+    pub pem: String,
+    /// Its certificate, DER.
+    pub der: rustls::pki_types::CertificateDer<'static>,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl TestCa {
+    /// A new CA with a fresh key.
+    pub fn new() -> TestCa {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let cert = params.self_signed(&key).unwrap();
+        TestCa {
+            pem: cert.pem(),
+            der: cert.der().clone(),
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    /// A certificate for `name` with a fresh key: (certificate PEM, key PEM, certificate DER).
+    pub fn issue(&self, name: &str) -> (String, String, Vec<u8>) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec![name.to_owned()])
+            .unwrap()
+            .signed_by(&key, &self.issuer)
+            .unwrap();
+        (cert.pem(), key.serialize_pem(), cert.der().to_vec())
     }
 }

@@ -25,12 +25,11 @@ use std::time::{Duration, Instant};
 use common::{ms, percentile};
 use prost::Message as _;
 use serde_json::json;
-use support::{client, ControlProcess, SIGNING_SEED};
+use support::{client, signer, ControlProcess};
 use vigil_control::snapshot::Builder;
 use vigil_proto::v1::{control_message, ControlMessage};
 use vigil_proxy::index::Index;
 use vigil_proxy::subscriber::{self, Handle, Link};
-use vigil_snapshot::Signer;
 use vigil_store::{Store, StoreOptions};
 use vigil_test_postgres::TestPostgres;
 
@@ -45,10 +44,6 @@ fn wire_bytes(envelope: vigil_snapshot::Envelope) -> usize {
         msg: Some(control_message::Msg::Update(envelope)),
     }
     .encoded_len()
-}
-
-fn signer() -> Signer {
-    Signer::from_seed_base64(SIGNING_SEED).unwrap()
 }
 
 fn config(cp: &ControlProcess, token: &str, id: String) -> subscriber::Config {
