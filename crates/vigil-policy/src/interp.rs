@@ -37,37 +37,25 @@ struct Interp<'a, 'r> {
     req: &'a Request<'r>,
 }
 
-/// `and` of three-valued outcomes: false wins, then unknown.
-fn kleene_and(v: &[Truth]) -> Truth {
-    if v.contains(&Truth::False) {
-        Truth::False
-    } else if v.contains(&Truth::Unknown) {
-        Truth::Unknown
-    } else {
-        Truth::True
-    }
-}
-
-/// `or` of three-valued outcomes: true wins, then unknown.
-fn kleene_or(v: &[Truth]) -> Truth {
-    if v.contains(&Truth::True) {
-        Truth::True
-    } else if v.contains(&Truth::Unknown) {
-        Truth::Unknown
-    } else {
-        Truth::False
-    }
-}
-
 fn lower(s: &str) -> String {
     s.chars().flat_map(char::to_lowercase).collect()
 }
 
 impl Interp<'_, '_> {
     fn expr(&self, e: &Expr, depth: usize) -> Truth {
-        let each = |c: &[Expr]| -> Vec<Truth> { c.iter().map(|x| self.expr(x, depth)).collect() };
-        let and = |c: &[Expr]| kleene_and(&each(c));
-        let or = |c: &[Expr]| kleene_or(&each(c));
+        // Kleene logic over False < Unknown < True: `and` is the least, `or` the greatest.
+        let and = |c: &[Expr]| {
+            c.iter()
+                .map(|x| self.expr(x, depth))
+                .min()
+                .unwrap_or(Truth::True)
+        };
+        let or = |c: &[Expr]| {
+            c.iter()
+                .map(|x| self.expr(x, depth))
+                .max()
+                .unwrap_or(Truth::False)
+        };
         match &e.kind {
             ExprKind::And(c) => and(c),
             ExprKind::Or(c) => or(c),
@@ -81,14 +69,13 @@ impl Interp<'_, '_> {
             ) => {
                 if matches!(self.req.headers.get(h), HeaderValue::Repeated) {
                     // Presence is certain; anything about the value is not.
-                    let v: Vec<Truth> = ops
-                        .iter()
+                    ops.iter()
                         .map(|op| match op {
                             StrOp::Present(p) => Truth::from(*p),
                             _ => Truth::Unknown,
                         })
-                        .collect();
-                    kleene_and(&v)
+                        .min()
+                        .unwrap_or(Truth::True)
                 } else {
                     Truth::from(self.criterion(c))
                 }

@@ -119,9 +119,7 @@ impl CookieKeys {
     pub fn seal(&self, session: &SessionCookie, host: &str) -> Result<String, CookieError> {
         let (id, key) = &self.keys[0];
         let mut nonce = [0u8; NONCE_LEN];
-        self.rng
-            .fill(&mut nonce)
-            .map_err(|_| CookieError::Malformed)?;
+        self.rng.fill(&mut nonce).map_err(|_| CookieError::Crypto)?;
         let mut data = serde_json::to_vec(session).map_err(|_| CookieError::Malformed)?;
         key.seal_in_place_append_tag(
             Nonce::assume_unique_for_key(nonce),
@@ -142,14 +140,15 @@ impl CookieKeys {
         if value.len() > MAX_LEN {
             return Err(CookieError::Malformed);
         }
-        let raw = URL_SAFE_NO_PAD
+        let mut raw = URL_SAFE_NO_PAD
             .decode(value)
             .map_err(|_| CookieError::Malformed)?;
         if raw.len() < 1 + NONCE_LEN + AES_256_GCM.tag_len() {
             return Err(CookieError::Malformed);
         }
-        let (id, rest) = raw.split_at(1);
-        let (nonce, sealed) = rest.split_at(NONCE_LEN);
+        // Opened in place: the decoded bytes are ours already.
+        let (head, sealed) = raw.split_at_mut(1 + NONCE_LEN);
+        let (id, nonce) = head.split_at(1);
         let key = self
             .keys
             .iter()
@@ -157,9 +156,8 @@ impl CookieKeys {
             .map(|(_, k)| k)
             .ok_or(CookieError::UnknownKey)?;
         let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| CookieError::Malformed)?;
-        let mut sealed = sealed.to_vec();
         let plain = key
-            .open_in_place(nonce, Aad::from(Self::aad(host)), &mut sealed)
+            .open_in_place(nonce, Aad::from(Self::aad(host)), sealed)
             .map_err(|_| CookieError::Forged)?;
         let session: SessionCookie =
             serde_json::from_slice(plain).map_err(|_| CookieError::Forged)?;

@@ -485,6 +485,11 @@ mod tests {
         }
     }
 
+    /// `user`'s `GET /` on `route`, without a session or device.
+    fn get(ix: &Index, route: &str, user: &str) -> Verdict {
+        decide(ix, route, as_user(user, None), facts("GET", None))
+    }
+
     fn allowed(v: &Verdict) -> bool {
         matches!(v, Verdict::Allow { .. })
     }
@@ -492,13 +497,8 @@ mod tests {
     #[test]
     fn groups_from_the_directory_and_from_claims() {
         let ix = index();
-        assert!(allowed(&decide(
-            &ix,
-            "eng",
-            as_user("alice", None),
-            facts("GET", None)
-        )));
-        let bob = decide(&ix, "eng", as_user("bob", None), facts("GET", None));
+        assert!(allowed(&get(&ix, "eng", "alice")));
+        let bob = get(&ix, "eng", "bob");
         assert_eq!(bob, deny("no rule allows this request"));
         let claimed = ["eng".to_owned()];
         let from_idp = Principal::User {
@@ -518,7 +518,7 @@ mod tests {
             Verdict::Unauthenticated { .. }
         ));
         assert_eq!(
-            decide(&ix, "nope", as_user("alice", None), facts("GET", None)),
+            get(&ix, "nope", "alice"),
             deny("route `nope` has no policy")
         );
     }
@@ -543,12 +543,7 @@ mod tests {
         let ix = ix
             .apply(delta(2, vec![sales], vec![]))
             .unwrap_or_else(|e| panic!("{e}"));
-        assert!(allowed(&decide(
-            &ix,
-            "sales",
-            as_user("bob", None),
-            facts("GET", None)
-        )));
+        assert!(allowed(&get(&ix, "sales", "bob")));
         // A user-only delta re-derives that user alone, and shares the rest.
         let ix2 = ix
             .apply(delta(3, vec![user("bob", &["sales"], true)], vec![]))
@@ -578,10 +573,7 @@ mod tests {
     #[test]
     fn standing_comes_before_policy() {
         let ix = index();
-        assert_eq!(
-            decide(&ix, "eng", as_user("mallory", None), facts("GET", None)),
-            deny("the user is suspended")
-        );
+        assert_eq!(get(&ix, "eng", "mallory"), deny("the user is suspended"));
         let revoked = decide(
             &ix,
             "eng",
@@ -666,15 +658,7 @@ mod tests {
             !allowed(&decide(&ix, "managed", as_user("bob", None), later)),
             "posture expired"
         );
-        assert!(
-            !allowed(&decide(
-                &ix,
-                "managed",
-                as_user("bob", None),
-                facts("GET", None)
-            )),
-            "no device"
-        );
+        assert!(!allowed(&get(&ix, "managed", "bob")), "no device");
         assert!(!allowed(&decide(
             &ix,
             "managed",
@@ -686,18 +670,8 @@ mod tests {
     #[test]
     fn grants_deny_rules_and_service_accounts() {
         let ix = index();
-        assert!(allowed(&decide(
-            &ix,
-            "jit",
-            as_user("bob", None),
-            facts("GET", None)
-        )));
-        assert!(!allowed(&decide(
-            &ix,
-            "jit",
-            as_user("alice", None),
-            facts("GET", None)
-        )));
+        assert!(allowed(&get(&ix, "jit", "bob")));
+        assert!(!allowed(&get(&ix, "jit", "alice")));
         let mut after = facts("GET", None);
         after.now = NOW + 10;
         assert!(
@@ -705,12 +679,7 @@ mod tests {
             "the window's end is exclusive"
         );
 
-        assert!(allowed(&decide(
-            &ix,
-            "guarded",
-            as_user("bob", None),
-            facts("GET", None)
-        )));
+        assert!(allowed(&get(&ix, "guarded", "bob")));
         let deleted = decide(&ix, "guarded", as_user("bob", None), facts("DELETE", None));
         assert!(
             matches!(&deleted, Verdict::Deny { rule: Some(_), .. }),
@@ -724,12 +693,7 @@ mod tests {
             facts("GET", None),
         );
         assert!(allowed(&ci), "{ci:?}");
-        assert!(!allowed(&decide(
-            &ix,
-            "bots",
-            as_user("alice", None),
-            facts("GET", None)
-        )));
+        assert!(!allowed(&get(&ix, "bots", "alice")));
         assert!(matches!(
             decide(
                 &ix,
