@@ -10,38 +10,11 @@ mod support;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::{client, join_token, patch_json, post_json, ControlProcess, ProxyProcess, TestCa};
+use support::{
+    client, echo_upstream, join_token, patch_json, post_json, ControlProcess, ProxyProcess, TestCa,
+};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use vigil_test_postgres::TestPostgres;
-
-/// An upstream that answers every request with what it received, as JSON.
-async fn echo_upstream() -> String {
-    async fn echo(req: axum::extract::Request) -> axum::Json<Value> {
-        let headers: serde_json::Map<String, Value> = req
-            .headers()
-            .iter()
-            .map(|(k, v)| {
-                (
-                    k.as_str().to_owned(),
-                    Value::String(v.to_str().unwrap_or("?").to_owned()),
-                )
-            })
-            .collect();
-        axum::Json(json!({
-            "method": req.method().as_str(),
-            "target": req.uri().to_string(),
-            "headers": headers,
-        }))
-    }
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        axum::serve(listener, axum::Router::new().fallback(echo))
-            .await
-            .unwrap()
-    });
-    format!("http://{addr}")
-}
 
 /// The status code of a raw HTTP/1.1 response (0 when there is none).
 fn status_of(response: &str) -> u16 {

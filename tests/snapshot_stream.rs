@@ -380,6 +380,7 @@ async fn sessions_reported_by_a_proxy_are_listed_and_revocable() {
         expires_at: now + 3600,
         amr: vec!["pwd".into(), "otp".into()],
         last_seen_at,
+        ..Default::default()
     };
     // Malformed or pointing at nobody: not recorded, and the stream carries on.
     proxy

@@ -296,7 +296,17 @@ impl ProxyProcess {
         id: &str,
         extra: &[String],
     ) -> ProxyProcess {
-        let port = free_port();
+        ProxyProcess::start_at(free_port(), grpc_url, join_token, id, extra)
+    }
+
+    /// Starts a proxy serving on `port`, with extra arguments.
+    pub fn start_at(
+        port: u16,
+        grpc_url: &str,
+        join_token: &str,
+        id: &str,
+        extra: &[String],
+    ) -> ProxyProcess {
         let health = free_port();
         let mut process = Logged::new("proxy", port);
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_vigil"));
@@ -381,4 +391,53 @@ impl TestCa {
             .unwrap();
         (cert.pem(), key.serialize_pem(), cert.der().to_vec())
     }
+}
+
+/// Some other program the tests need (the identity provider), killed on drop.
+pub struct Helper(Logged);
+
+impl Helper {
+    /// Starts `cmd` and waits until it listens on `port`.
+    pub fn start(what: &str, cmd: Command, port: u16) -> Helper {
+        let mut process = Logged::new(what, port);
+        process.spawn(cmd);
+        process.wait_listening(&[port], what);
+        Helper(process)
+    }
+
+    /// Its output so far.
+    pub fn log_text(&self) -> String {
+        self.0.log_text()
+    }
+}
+
+/// An upstream that answers every request with what it received, as JSON
+/// (`method`, `target`, `headers`); returns its base URL.
+pub async fn echo_upstream() -> String {
+    use serde_json::{json, Value};
+    async fn echo(req: axum::extract::Request) -> axum::Json<Value> {
+        let headers: serde_json::Map<String, Value> = req
+            .headers()
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_owned(),
+                    Value::String(v.to_str().unwrap_or("?").to_owned()),
+                )
+            })
+            .collect();
+        axum::Json(json!({
+            "method": req.method().as_str(),
+            "target": req.uri().to_string(),
+            "headers": headers,
+        }))
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        axum::serve(listener, axum::Router::new().fallback(echo))
+            .await
+            .unwrap()
+    });
+    format!("http://{addr}")
 }

@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 use vigil_proto::v1::SessionReport;
 use vigil_store::Op;
 
-use crate::resources::{Resource as _, Session, SessionSpec};
+use crate::resources::{Resource as _, Session, SessionSpec, User, UserSpec, UserStatus};
 use crate::time::{self, from_unix};
 use crate::Control;
 
@@ -65,15 +65,56 @@ pub(crate) async fn run(control: Control, mut rx: mpsc::Receiver<Report>) {
     }
 }
 
-/// Creates the session, or records its activity; never undoes a revocation.
+/// The user a sign-in names, when the directory does not have it yet and the report
+/// says who it is (just-in-time provisioning): created under the id every proxy
+/// derives from (issuer, subject), never under any other.
+async fn provision(control: &Control, r: &SessionReport) -> Result<Option<Op>, String> {
+    if r.issuer.is_empty() || r.subject.is_empty() {
+        return Ok(None);
+    }
+    if control
+        .store
+        .get(User::KIND, &r.user_id)
+        .await
+        .map_err(|e| e.to_string())?
+        .is_some()
+    {
+        return Ok(None);
+    }
+    if vigil_snapshot::provisioned_user_id(&r.issuer, &r.subject) != r.user_id {
+        return Err(format!(
+            "user `{}` is not in the directory and is not the id derived from its issuer and subject",
+            r.user_id
+        ));
+    }
+    let spec = UserSpec {
+        issuer: r.issuer.clone(),
+        subject: r.subject.clone(),
+        email: r.email.clone(),
+        email_verified: r.email_verified,
+        display_name: r.display_name.clone(),
+        status: UserStatus::Active,
+        groups: Vec::new(),
+        attributes: serde_json::Map::new(),
+    };
+    let (entity, _) = crate::api::prepare::<User>(control, spec, &r.user_id, false)
+        .await
+        .map_err(|p| p.detail)?;
+    Ok(Some(Op::Create(entity)))
+}
+
+/// Creates the session (and its user, when new), records its activity, or its
+/// sign-out; never undoes a revocation.
 async fn record(control: &Control, proxy: &str, r: &SessionReport) -> Result<(), String> {
     let actor = format!("proxy:{proxy}");
     let last_seen = from_unix(r.last_seen_at.max(r.auth_time));
+    let revoked_at = r.signed_out.then(|| from_unix(r.last_seen_at)).flatten();
     let existing = control
         .store
         .get(Session::KIND, &r.session_id)
         .await
         .map_err(|e| e.to_string())?;
+    let mut ops = Vec::new();
     let op = match existing {
         None => {
             let spec = SessionSpec {
@@ -83,9 +124,10 @@ async fn record(control: &Control, proxy: &str, r: &SessionReport) -> Result<(),
                 auth_time: from_unix(r.auth_time).unwrap_or_default(),
                 expires_at: from_unix(r.expires_at).unwrap_or_default(),
                 amr: r.amr.clone(),
-                revoked_at: None,
+                revoked_at,
                 last_seen_at: last_seen,
             };
+            ops.extend(provision(control, r).await?);
             let (entity, _) = crate::api::prepare::<Session>(control, spec, &r.session_id, false)
                 .await
                 .map_err(|p| p.detail)?;
@@ -105,17 +147,22 @@ async fn record(control: &Control, proxy: &str, r: &SessionReport) -> Result<(),
                 .and_then(time::unix)
                 .unwrap_or(0);
             let due = r.last_seen_at.saturating_sub(recorded) >= ACTIVITY_EVERY.as_secs() as i64;
-            if spec.revoked_at.is_some() || !due {
+            if spec.revoked_at.is_some() || !(due || r.signed_out) {
                 return Ok(());
             }
             spec.last_seen_at = last_seen;
+            if r.signed_out {
+                spec.revoked_at = revoked_at;
+            }
             crate::api::replace_op::<Session>(control, &r.session_id, spec, Some(rec.version))
                 .await
                 .map_err(|p| p.detail)?
         }
     };
+    ops.push(op);
+    let action = if r.signed_out { "sign-out" } else { "report" };
     control
-        .write(&actor, Some("report"), vec![op])
+        .write(&actor, Some(action), ops)
         .await
         .map_err(|e| e.to_string())?;
     Ok(())

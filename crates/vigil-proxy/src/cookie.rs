@@ -23,7 +23,7 @@ const CONTEXT: &[u8] = b"vigil.session.v1\0";
 const MAX_LEN: usize = 4096;
 
 /// What a session cookie carries.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionCookie {
     /// Session id (`ses_…`), checked against the snapshot's revocations.
     pub sid: String,
@@ -39,6 +39,19 @@ pub struct SessionCookie {
     /// Authentication methods (RFC 8176).
     #[serde(default)]
     pub amr: Vec<String>,
+    /// The identity provider the user signed in with (its name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idp: Option<String>,
+    /// The email the identity provider gave, and whether it vouched for it (the
+    /// directory's, when it has one, wins).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+    /// Whether the identity provider verified `email`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ev: bool,
+    /// Groups named in the identity provider's claims at sign-in.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
 }
 
 /// Why a cookie was refused: the request is then unauthenticated.
@@ -111,19 +124,40 @@ impl CookieKeys {
         })
     }
 
-    fn aad(host: &str) -> Vec<u8> {
-        [CONTEXT, host.as_bytes()].concat()
+    fn aad(context: &[u8], host: &str) -> Vec<u8> {
+        [context, host.as_bytes()].concat()
     }
 
     /// The cookie value for `session` on `host` (canonical).
     pub fn seal(&self, session: &SessionCookie, host: &str) -> Result<String, CookieError> {
+        self.seal_value(CONTEXT, session, host)
+    }
+
+    /// The session in `value`, if it was sealed by one of our keys for `host` and
+    /// has not expired at `now` (Unix seconds).
+    pub fn open(&self, value: &str, host: &str, now: i64) -> Result<SessionCookie, CookieError> {
+        let session: SessionCookie = self.open_value(CONTEXT, value, host)?;
+        if session.exp <= now {
+            return Err(CookieError::Expired);
+        }
+        Ok(session)
+    }
+
+    /// Seals any value for `host` under `context` (which keeps values of one kind
+    /// from ever opening as another): `base64url(key id ‖ nonce ‖ ciphertext ‖ tag)`.
+    pub fn seal_value<T: Serialize>(
+        &self,
+        context: &[u8],
+        value: &T,
+        host: &str,
+    ) -> Result<String, CookieError> {
         let (id, key) = &self.keys[0];
         let mut nonce = [0u8; NONCE_LEN];
         self.rng.fill(&mut nonce).map_err(|_| CookieError::Crypto)?;
-        let mut data = serde_json::to_vec(session).map_err(|_| CookieError::Malformed)?;
+        let mut data = serde_json::to_vec(value).map_err(|_| CookieError::Malformed)?;
         key.seal_in_place_append_tag(
             Nonce::assume_unique_for_key(nonce),
-            Aad::from(Self::aad(host)),
+            Aad::from(Self::aad(context, host)),
             &mut data,
         )
         .map_err(|_| CookieError::Crypto)?;
@@ -134,9 +168,13 @@ impl CookieKeys {
         Ok(URL_SAFE_NO_PAD.encode(out))
     }
 
-    /// The session in `value`, if it was sealed by one of our keys for `host` and
-    /// has not expired at `now` (Unix seconds).
-    pub fn open(&self, value: &str, host: &str, now: i64) -> Result<SessionCookie, CookieError> {
+    /// Opens what [`CookieKeys::seal_value`] sealed for `host` under `context`.
+    pub fn open_value<T: serde::de::DeserializeOwned>(
+        &self,
+        context: &[u8],
+        value: &str,
+        host: &str,
+    ) -> Result<T, CookieError> {
         if value.len() > MAX_LEN {
             return Err(CookieError::Malformed);
         }
@@ -157,14 +195,9 @@ impl CookieKeys {
             .ok_or(CookieError::UnknownKey)?;
         let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| CookieError::Malformed)?;
         let plain = key
-            .open_in_place(nonce, Aad::from(Self::aad(host)), sealed)
+            .open_in_place(nonce, Aad::from(Self::aad(context, host)), sealed)
             .map_err(|_| CookieError::Forged)?;
-        let session: SessionCookie =
-            serde_json::from_slice(plain).map_err(|_| CookieError::Forged)?;
-        if session.exp <= now {
-            return Err(CookieError::Expired);
-        }
-        Ok(session)
+        serde_json::from_slice(plain).map_err(|_| CookieError::Forged)
     }
 }
 
@@ -279,6 +312,10 @@ mod tests {
             auth_time: 1_000,
             exp: 5_000,
             amr: vec!["pwd".into(), "otp".into()],
+            email: Some("ada@example.com".into()),
+            ev: true,
+            groups: vec!["eng".into()],
+            ..SessionCookie::default()
         }
     }
 

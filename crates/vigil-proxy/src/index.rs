@@ -28,6 +28,8 @@ pub struct RoutePolicy {
     pub max_auth_age_s: Option<u64>,
     /// Where allowed requests go.
     pub forwarding: Forwarding,
+    /// The identity provider users of this route sign in with (else the only one).
+    pub identity_provider: Option<String>,
 }
 
 /// A user as authorization reads it.
@@ -256,12 +258,17 @@ impl Index {
                             SnapshotError::Invalid(format!("route `{}`: {e}", entry.id))
                         })?;
                 let max_auth_age_s = route.settings.as_ref().and_then(|s| s.max_auth_age_s);
+                let identity_provider = route
+                    .settings
+                    .as_ref()
+                    .and_then(|s| s.identity_provider.clone());
                 policies.insert(
                     entry.id.clone(),
                     Arc::new(RoutePolicy {
                         policy,
                         max_auth_age_s,
                         forwarding: Forwarding::new(route),
+                        identity_provider,
                     }),
                 );
             }

@@ -2,12 +2,14 @@
 //! it subscribes to the control plane, verifies and applies updates off the request
 //! path, swaps the result in atomically, and persists the last good snapshot. It
 //! also holds the request path itself (`serve`): edge checks, canonical paths, the
-//! route table, authentication, the decision and forwarding.
+//! route table, authentication, the decision and forwarding; and browser sign-in
+//! (`login`) through one authenticate host for the fleet.
 
 pub mod cookie;
 pub mod decide;
 pub mod edge;
 pub mod index;
+pub mod login;
 pub mod normalize;
 pub mod persist;
 pub mod routes;

@@ -29,6 +29,7 @@ use crate::cookie::{self, CookieKeys};
 use crate::decide::{decide, Facts, Principal, SessionFacts, Verdict};
 use crate::edge::{self, TrustedProxies};
 use crate::index::Index;
+use crate::login::{self, Login};
 use crate::normalize::normalize_path;
 use crate::subscriber::Shared;
 use crate::upstream::Forwarding;
@@ -45,6 +46,8 @@ pub struct ServeConfig {
     pub cookie_keys: Option<Arc<CookieKeys>>,
     /// Whether clients reach this listener over TLS (`X-Forwarded-Proto`).
     pub tls: bool,
+    /// Browser sign-in; without it browsers get 401 like API clients.
+    pub login: Option<Arc<Login>>,
 }
 
 /// The request handler, shared by every connection.
@@ -110,9 +113,9 @@ impl Caller {
                     expires_at: s.exp,
                     amr: *amr,
                 }),
-                email: None,
-                email_verified: false,
-                claim_groups: &[],
+                email: s.email.as_deref(),
+                email_verified: s.ev,
+                claim_groups: &s.groups,
                 claims: None,
             },
         }
@@ -143,7 +146,11 @@ fn request_id() -> String {
     vigil_policy::to_hex(&b)
 }
 
-fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<ProxyBody> {
+pub(crate) fn full(
+    status: StatusCode,
+    content_type: &str,
+    body: impl Into<Bytes>,
+) -> Response<ProxyBody> {
     let mut res = Response::new(
         Full::new(body.into())
             .map_err(|never: Infallible| match never {})
@@ -175,7 +182,12 @@ fn escape_html(s: &str) -> String {
 
 /// A refusal: problem+json for APIs, a small page for browsers, always with the
 /// request id so that an admin can find the decision in the log.
-fn refusal(status: StatusCode, reason: &str, request_id: &str, html: bool) -> Response<ProxyBody> {
+pub(crate) fn refusal(
+    status: StatusCode,
+    reason: &str,
+    request_id: &str,
+    html: bool,
+) -> Response<ProxyBody> {
     let title = status.canonical_reason().unwrap_or("Refused");
     let mut res = if html {
         full(
@@ -288,6 +300,37 @@ impl Proxy {
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
             return (res, log);
         }
+        // The proxy's own endpoints: sign-in on the authenticate host, the
+        // handoff and sign-out on every host.
+        let on_auth = self
+            .config
+            .login
+            .as_ref()
+            .is_some_and(|l| l.is_authenticate_host(&host));
+        if on_auth || path.starts_with(login::PREFIX) {
+            log.decision = "sign-in";
+            let res = match &self.config.login {
+                Some(login) => {
+                    let asked = login::Asked {
+                        host: &host,
+                        path: &path,
+                        query: parts.uri.query(),
+                        headers: &parts.headers,
+                        now: now_s(),
+                        id,
+                        html,
+                    };
+                    login.serve(&index, &asked).await
+                }
+                None => refusal(
+                    StatusCode::NOT_FOUND,
+                    "sign-in is not configured on this proxy",
+                    id,
+                    html,
+                ),
+            };
+            return (res, log);
+        }
         let Some(route) = index.routes.find(&host, &path) else {
             log.refuse("no-route", format!("no route for {host}{path}"));
             return (
@@ -318,7 +361,9 @@ impl Proxy {
         let caller = match self.authenticate(&index, &parts.headers, &host, now) {
             Ok(c) => c,
             Err(reason) => {
-                let res = unauthorized(&ask, &reason, true);
+                let res = self
+                    .sign_in_first(&parts, false)
+                    .unwrap_or_else(|| unauthorized(&ask, &reason, true));
                 log.refuse("unauthenticated", reason);
                 return (res, log);
             }
@@ -355,9 +400,16 @@ impl Proxy {
                 log.reason = Some(reason);
                 return (res, log);
             }
-            Verdict::Unauthenticated { reason, .. } => {
+            Verdict::Unauthenticated {
+                reason,
+                reauthenticate,
+            } => {
                 let invalid = !matches!(caller, Caller::Anonymous);
-                let res = unauthorized(&ask, &reason, invalid);
+                let browser = matches!(caller, Caller::Anonymous | Caller::User(..));
+                let res = browser
+                    .then(|| self.sign_in_first(&parts, reauthenticate))
+                    .flatten()
+                    .unwrap_or_else(|| unauthorized(&ask, &reason, invalid));
                 log.refuse("unauthenticated", reason);
                 return (res, log);
             }
@@ -405,6 +457,15 @@ impl Proxy {
             if let Some(value) = cookie::find(cookies) {
                 // A cookie that does not open is no credential: sign in again.
                 return match keys.open(value, host, now) {
+                    Ok(s)
+                        if self
+                            .config
+                            .login
+                            .as_ref()
+                            .is_some_and(|l| l.is_signed_out(&s.sid)) =>
+                    {
+                        Err("the session was signed out".into())
+                    }
                     Ok(s) => {
                         let amr = Amr::from_values(s.amr.iter().map(String::as_str));
                         Ok(Caller::User(s, amr))
@@ -414,6 +475,28 @@ impl Proxy {
             }
         }
         Ok(Caller::Anonymous)
+    }
+
+    /// For a browser's page load (`GET`/`HEAD` asking for HTML) when sign-in is
+    /// configured: the redirect that signs the user in and brings them back here.
+    fn sign_in_first(
+        &self,
+        parts: &http::request::Parts,
+        reauth: bool,
+    ) -> Option<Response<ProxyBody>> {
+        let login = self.config.login.as_ref()?;
+        let page_load = matches!(parts.method, http::Method::GET | http::Method::HEAD)
+            && wants_html(&parts.headers);
+        if !page_load {
+            return None;
+        }
+        let authority = match parts.uri.authority() {
+            Some(a) => a.as_str(),
+            None => parts.headers.get(header::HOST)?.to_str().ok()?,
+        };
+        let scheme = if self.config.tls { "https" } else { "http" };
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        Some(login.redirect_to_sign_in(&format!("{scheme}://{authority}{path}"), reauth))
     }
 
     /// Sends an allowed request on to one of the route's upstreams.

@@ -58,3 +58,16 @@ pub enum SnapshotError {
     #[error("signing key: {0}")]
     Key(String),
 }
+
+/// The id a user signing in for the first time gets, derived from who the identity
+/// provider says they are, so that every proxy and the control plane agree on it
+/// without asking one another: `usr_` and 32 hex digits of SHA-256(issuer, subject).
+pub fn provisioned_user_id(issuer: &str, subject: &str) -> String {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(b"vigil.user.v1\0");
+    ctx.update(issuer.as_bytes());
+    ctx.update(b"\0");
+    ctx.update(subject.as_bytes());
+    let digest = ctx.finish();
+    format!("usr_{}", vigil_policy::to_hex(&digest.as_ref()[..16]))
+}

@@ -90,6 +90,15 @@ struct ProxyArgs {
     /// Peers (CIDRs) whose X-Forwarded-* headers are believed; none by default.
     #[arg(long, env = "VIGIL_TRUSTED_PROXIES", value_delimiter = ',')]
     trusted_proxies: Vec<ipnet::IpNet>,
+    /// The authenticate host's public URL (`https://auth.example.com`), served by
+    /// every proxy of the fleet; register `<it>/.vigil/callback` at each identity
+    /// provider. Without it, browsers are not signed in (they get 401). Needs
+    /// `--cookie-keys`.
+    #[arg(long, env = "VIGIL_AUTHENTICATE_URL", requires = "cookie_keys")]
+    authenticate_url: Option<String>,
+    /// How long a session lasts after sign-in, in seconds (default 12 hours).
+    #[arg(long, env = "VIGIL_SESSION_LIFETIME_S", default_value_t = 43_200)]
+    session_lifetime_s: u64,
 }
 
 #[derive(Args)]
@@ -374,12 +383,29 @@ async fn proxy(args: ProxyArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let login = match (&args.authenticate_url, &cookie_keys) {
+        (Some(url), Some(keys)) => {
+            let login = vigil_proxy::login::Login::new(
+                vigil_proxy::login::LoginConfig {
+                    authenticate_url: url.clone(),
+                    session_lifetime: Duration::from_secs(args.session_lifetime_s.max(60)),
+                },
+                keys.clone(),
+                handle.reports.clone(),
+            )
+            .map_err(|e| anyhow::anyhow!("VIGIL_AUTHENTICATE_URL: {e}"))?;
+            tracing::info!(url = %url, "Browser sign-in through the authenticate host");
+            Some(std::sync::Arc::new(login))
+        }
+        _ => None,
+    };
     let proxy = serve::Proxy::new(
         handle.index.clone(),
         serve::ServeConfig {
             trusted_proxies: vigil_proxy::edge::TrustedProxies(args.trusted_proxies.clone()),
             cookie_keys,
             tls: tls.is_some(),
+            login,
         },
     );
     serve::serve(listener, proxy, tls, shutdown_signal()).await;

@@ -1,0 +1,900 @@
+//! Sign-in, through one authenticate host for the whole fleet.
+//!
+//! A browser without a session on a route host is sent to the authenticate host's
+//! `/.vigil/sign_in` with the URL it wanted (`rd`) and the hash of a random value
+//! (`bh`) that the route host keeps in a host-bound cookie. The authenticate host
+//! checks that `rd` is served by a route (no open redirect), then either reuses the
+//! session it holds for the browser or signs the user in with the route's identity
+//! provider: OpenID Connect authorization code with PKCE, `state` and `nonce`, the
+//! ID token verified by the `openidconnect` crate (signature against the provider's
+//! keys, issuer, audience, expiry, nonce). It then hands the session to the route
+//! host by a code: sealed with the fleet's cookie keys for that host only, valid
+//! for 60 seconds, redeemed once, and only in the browser holding the value whose
+//! hash it carries. A stolen code is worthless elsewhere, and nobody can log a
+//! victim in as themselves by sending them a code of their own.
+//!
+//! Users are found in the snapshot by (issuer, subject); one the directory does
+//! not know gets an id derived from those two, and the control plane adds the user
+//! when the session is reported (just-in-time). Sign-out ends the session on every
+//! host and every proxy: this proxy forgets it at once, the others when the
+//! revocation arrives in their next snapshot delta.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Response, StatusCode};
+use openidconnect::core::{
+    CoreAuthPrompt, CoreAuthenticationFlow, CoreClient, CoreProviderMetadata,
+};
+use openidconnect::url::{form_urlencoded, Url};
+use openidconnect::{
+    AuthorizationCode, ClientId, ClientSecret, CsrfToken, EndpointMaybeSet, EndpointNotSet,
+    EndpointSet, IssuerUrl, Nonce, PkceCodeChallenge, PkceCodeVerifier, RedirectUrl, Scope,
+    TokenResponse as _,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use vigil_proto::v1::entry::Body;
+use vigil_proto::v1::SessionReport;
+use vigil_snapshot::Kind;
+
+use crate::cookie::{self, CookieKeys, SessionCookie};
+use crate::index::Index;
+use crate::normalize::normalize_path;
+use crate::serve::{full, refusal, ProxyBody};
+
+/// Every path under this prefix, on every host, is the proxy's own.
+pub const PREFIX: &str = "/.vigil/";
+/// The authenticate host's cookie holding a sign-in in progress.
+const LOGIN_COOKIE: &str = "__Host-vigil_login";
+/// A route host's cookie holding the value a handoff code must be bound to.
+const BIND_COOKIE: &str = "__Host-vigil_bind";
+const LOGIN_CONTEXT: &[u8] = b"vigil.login.v1\0";
+const HANDOFF_CONTEXT: &[u8] = b"vigil.handoff.v1\0";
+/// A sign-in must finish in this long (seconds).
+const LOGIN_TTL: i64 = 600;
+/// A handoff code is good for this long (seconds).
+const HANDOFF_TTL: i64 = 60;
+/// Provider metadata and keys are fetched again after this long.
+const DISCOVERY_TTL: Duration = Duration::from_secs(3600);
+/// Claim groups kept in a session (the cookie must stay under 4 KiB).
+const MAX_GROUPS_BYTES: usize = 1500;
+
+type Client = CoreClient<
+    EndpointSet,
+    EndpointNotSet,
+    EndpointNotSet,
+    EndpointNotSet,
+    EndpointMaybeSet,
+    EndpointMaybeSet,
+>;
+
+/// How sign-in is set up.
+#[derive(Debug, Clone)]
+pub struct LoginConfig {
+    /// The authenticate host's public URL (`https://auth.example.com`): every proxy
+    /// of the fleet serves it, and it is the redirect URI registered at the IdPs
+    /// (with `/.vigil/callback`).
+    pub authenticate_url: String,
+    /// How long a session lasts after sign-in.
+    pub session_lifetime: Duration,
+}
+
+/// An identity provider as discovered, with what the snapshot says of it.
+struct Provider {
+    /// What it was built from: rebuilt when the snapshot's entry changes.
+    source: vigil_proto::v1::IdentityProvider,
+    client: Client,
+    groups_claim: String,
+    name_claim: String,
+    fetched: Instant,
+}
+
+/// The sign-in endpoints, and what they remember.
+pub struct Login {
+    /// `scheme://authority` of the authenticate host, no trailing slash.
+    base: String,
+    /// Its canonical host name.
+    host: String,
+    lifetime_s: i64,
+    keys: Arc<CookieKeys>,
+    reports: mpsc::Sender<SessionReport>,
+    http: openidconnect::reqwest::Client,
+    providers: tokio::sync::Mutex<HashMap<String, Arc<Provider>>>,
+    /// Handoff codes redeemed here (id → expiry), so each works once.
+    redeemed: parking_lot::Mutex<HashMap<String, i64>>,
+    /// Sessions signed out here (id → expiry), denied before the revocation
+    /// comes back in a snapshot.
+    signed_out: parking_lot::Mutex<HashMap<String, i64>>,
+}
+
+impl fmt::Debug for Login {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Login").field("base", &self.base).finish()
+    }
+}
+
+/// A sign-in in progress, sealed in the authenticate host's login cookie.
+#[derive(Serialize, Deserialize)]
+struct Pending {
+    state: String,
+    nonce: String,
+    pkce: String,
+    rd: String,
+    bh: String,
+    idp: String,
+    started: i64,
+    reauth: bool,
+}
+
+/// What a handoff code carries.
+#[derive(Serialize, Deserialize)]
+struct Handoff {
+    s: SessionCookie,
+    rd: String,
+    bh: String,
+    jti: String,
+    exp: i64,
+}
+
+/// What the sign-in endpoints read of a request.
+pub struct Asked<'a> {
+    /// Canonical host.
+    pub host: &'a str,
+    /// Canonical path.
+    pub path: &'a str,
+    /// Raw query.
+    pub query: Option<&'a str>,
+    /// Headers.
+    pub headers: &'a HeaderMap,
+    /// Now (Unix seconds).
+    pub now: i64,
+    /// The request id.
+    pub id: &'a str,
+    /// Whether refusals are pages.
+    pub html: bool,
+}
+
+/// A return URL that a route serves.
+struct Target {
+    url: String,
+    origin: String,
+    host: String,
+    route: String,
+}
+
+fn random_hex(bytes: usize) -> String {
+    use ring::rand::SecureRandom as _;
+    let mut b = vec![0u8; bytes];
+    // Without randomness there is no safe sign-in: the caller sees an error.
+    if ring::rand::SystemRandom::new().fill(&mut b).is_err() {
+        return String::new();
+    }
+    vigil_policy::to_hex(&b)
+}
+
+fn sha256_hex(s: &str) -> String {
+    vigil_policy::to_hex(ring::digest::digest(&ring::digest::SHA256, s.as_bytes()).as_ref())
+}
+
+fn params(query: Option<&str>) -> HashMap<String, String> {
+    form_urlencoded::parse(query.unwrap_or("").as_bytes())
+        .into_owned()
+        .collect()
+}
+
+fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    let mut found = None;
+    for v in headers.get_all(header::COOKIE).iter() {
+        let Ok(v) = v.to_str() else { continue };
+        for pair in v.split(';') {
+            if let Some((n, value)) = pair.trim().split_once('=') {
+                if n == name {
+                    if found.is_some() {
+                        return None;
+                    }
+                    found = Some(value);
+                }
+            }
+        }
+    }
+    found
+}
+
+fn set_named_cookie(name: &str, value: &str, max_age: i64) -> String {
+    format!(
+        "{name}={value}; Path=/; Secure; HttpOnly; SameSite=Lax; Max-Age={}",
+        max_age.max(0)
+    )
+}
+
+fn redirect(location: &str, cookies: &[String]) -> Response<ProxyBody> {
+    let mut res = full(
+        StatusCode::FOUND,
+        "text/plain; charset=utf-8",
+        "redirecting\n",
+    );
+    if let Ok(v) = HeaderValue::from_str(location) {
+        res.headers_mut().insert(header::LOCATION, v);
+    }
+    for c in cookies {
+        if let Ok(v) = HeaderValue::from_str(c) {
+            res.headers_mut().append(header::SET_COOKIE, v);
+        }
+    }
+    res
+}
+
+fn is_hex64(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+impl Login {
+    /// Sign-in with `keys` sealing sessions and codes; new sessions and sign-outs
+    /// are reported on `reports`.
+    pub fn new(
+        config: LoginConfig,
+        keys: Arc<CookieKeys>,
+        reports: mpsc::Sender<SessionReport>,
+    ) -> Result<Login, String> {
+        let url = Url::parse(&config.authenticate_url)
+            .map_err(|e| format!("the authenticate URL is not a URL: {e}"))?;
+        if !matches!(url.scheme(), "https" | "http") || url.path() != "/" && !url.path().is_empty()
+        {
+            return Err("the authenticate URL must be `https://host[:port]`, with no path".into());
+        }
+        let authority = match (url.host_str(), url.port()) {
+            (Some(h), Some(p)) => format!("{h}:{p}"),
+            (Some(h), None) => h.to_owned(),
+            (None, _) => return Err("the authenticate URL has no host".into()),
+        };
+        let host = crate::routes::canonical_host(&authority)
+            .ok_or("the authenticate URL's host is not a host name")?;
+        let http = openidconnect::reqwest::ClientBuilder::new()
+            // The OpenID library's advice: redirects followed by the client would
+            // let a provider's redirect send the client secret elsewhere.
+            .redirect(openidconnect::reqwest::redirect::Policy::none())
+            .timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| format!("cannot make the HTTP client: {e}"))?;
+        Ok(Login {
+            base: format!("{}://{authority}", url.scheme()),
+            host,
+            lifetime_s: i64::try_from(config.session_lifetime.as_secs()).unwrap_or(i64::MAX),
+            keys,
+            reports,
+            http,
+            providers: tokio::sync::Mutex::new(HashMap::new()),
+            redeemed: parking_lot::Mutex::new(HashMap::new()),
+            signed_out: parking_lot::Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Whether `host` (canonical) is the authenticate host.
+    pub fn is_authenticate_host(&self, host: &str) -> bool {
+        host == self.host
+    }
+
+    /// Whether session `sid` was signed out at this proxy.
+    pub fn is_signed_out(&self, sid: &str) -> bool {
+        self.signed_out.lock().contains_key(sid)
+    }
+
+    /// Sends a browser to sign in and come back to `here` (the URL it asked for);
+    /// `reauth` asks the identity provider for a fresh sign-in.
+    pub fn redirect_to_sign_in(&self, here: &str, reauth: bool) -> Response<ProxyBody> {
+        let bind = random_hex(32);
+        let mut location = format!(
+            "{}/.vigil/sign_in?{}",
+            self.base,
+            form_urlencoded::Serializer::new(String::new())
+                .append_pair("rd", here)
+                .append_pair("bh", &sha256_hex(&bind))
+                .finish()
+        );
+        if reauth {
+            location.push_str("&reauth=1");
+        }
+        redirect(
+            &location,
+            &[set_named_cookie(BIND_COOKIE, &bind, LOGIN_TTL)],
+        )
+    }
+
+    /// Serves a request for [`PREFIX`]`…` on any host.
+    pub async fn serve(&self, index: &Index, a: &Asked<'_>) -> Response<ProxyBody> {
+        let on_auth = self.is_authenticate_host(a.host);
+        let result = match a.path.strip_prefix(PREFIX).unwrap_or("") {
+            "sign_in" if on_auth => self.sign_in(index, a).await,
+            "callback" if on_auth => self.callback(index, a).await,
+            "handoff" if !on_auth => self.handoff(index, a),
+            "sign_out" => Ok(self.sign_out(a)),
+            _ => Err((StatusCode::NOT_FOUND, "no such sign-in endpoint".to_owned())),
+        };
+        result.unwrap_or_else(|(status, reason)| {
+            tracing::info!(request_id = %a.id, host = a.host, path = a.path, reason = %reason, "Sign-in refused");
+            refusal(status, &reason, a.id, a.html)
+        })
+    }
+
+    /// The session this host's cookie holds, if it is still good here.
+    fn session_on(&self, index: &Index, a: &Asked<'_>) -> Option<SessionCookie> {
+        let cookies = a
+            .headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok());
+        let s = self.keys.open(cookie::find(cookies)?, a.host, a.now).ok()?;
+        let revoked = index.snapshot.get(Kind::RevokedSession, &s.sid).is_some();
+        (!revoked && !self.is_signed_out(&s.sid)).then_some(s)
+    }
+
+    /// Checks a return URL: absolute, over the scheme the fleet serves, and served
+    /// by a route. Anything else would make the sign-in an open redirect.
+    fn check_return(&self, index: &Index, rd: &str) -> Result<Target, String> {
+        let bad = |why: &str| Err(format!("the return URL is refused: {why}"));
+        let Ok(url) = Url::parse(rd) else {
+            return bad("not an absolute URL");
+        };
+        let scheme = url.scheme();
+        if !(scheme == "https" || scheme == "http" && self.base.starts_with("http://")) {
+            return bad("it must use https");
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return bad("it must not carry credentials");
+        }
+        let authority = match (url.host_str(), url.port()) {
+            (Some(h), Some(p)) => format!("{h}:{p}"),
+            (Some(h), None) => h.to_owned(),
+            (None, _) => return bad("it has no host"),
+        };
+        let Some(host) = crate::routes::canonical_host(&authority) else {
+            return bad("its host is not a host name");
+        };
+        let Ok(path) = normalize_path(url.path()) else {
+            return bad("its path is not valid");
+        };
+        let Some(route) = index.routes.find(&host, &path) else {
+            return bad("no route serves it");
+        };
+        Ok(Target {
+            url: url.to_string(),
+            origin: format!("{scheme}://{authority}"),
+            host,
+            route: route.to_owned(),
+        })
+    }
+
+    /// The identity provider of `route`: its own, else the only one there is.
+    fn provider_for(index: &Index, route: &str) -> Result<String, String> {
+        if let Some(name) = index
+            .policies
+            .get(route)
+            .and_then(|r| r.identity_provider.clone())
+        {
+            return Ok(name);
+        }
+        let mut all = index.snapshot.of_kind(Kind::IdentityProvider);
+        match (all.next(), all.next()) {
+            (Some(only), None) => Ok(only.id.clone()),
+            (None, _) => Err("no identity provider is configured".into()),
+            (Some(_), Some(_)) => Err(format!(
+                "route `{route}` must name its identity provider: several are configured"
+            )),
+        }
+    }
+
+    /// The discovered provider `name`, fetched again when stale or changed.
+    async fn provider(&self, index: &Index, name: &str) -> Result<Arc<Provider>, String> {
+        let Some(Body::IdentityProvider(source)) = index
+            .snapshot
+            .get(Kind::IdentityProvider, name)
+            .and_then(|e| e.body.as_ref())
+        else {
+            return Err(format!("identity provider `{name}` is not configured"));
+        };
+        let mut cache = self.providers.lock().await;
+        if let Some(p) = cache.get(name) {
+            if p.source == *source && p.fetched.elapsed() < DISCOVERY_TTL {
+                return Ok(p.clone());
+            }
+        }
+        let issuer = IssuerUrl::new(source.issuer_url.clone())
+            .map_err(|e| format!("identity provider `{name}`: bad issuer URL: {e}"))?;
+        let metadata = CoreProviderMetadata::discover_async(issuer, &self.http)
+            .await
+            .map_err(|e| format!("identity provider `{name}`: discovery failed: {e}"))?;
+        let secret = (!source.client_secret.is_empty())
+            .then(|| ClientSecret::new(source.client_secret.clone()));
+        let redirect = RedirectUrl::new(format!("{}/.vigil/callback", self.base))
+            .map_err(|e| format!("bad redirect URL: {e}"))?;
+        let client = CoreClient::from_provider_metadata(
+            metadata,
+            ClientId::new(source.client_id.clone()),
+            secret,
+        )
+        .set_redirect_uri(redirect);
+        let mapping: serde_json::Value =
+            serde_json::from_str(&source.claim_mapping_json).unwrap_or_default();
+        let claim = |key: &str, default: &str| {
+            mapping
+                .get(key)
+                .and_then(|v| v.as_str())
+                .unwrap_or(default)
+                .to_owned()
+        };
+        let provider = Arc::new(Provider {
+            source: source.clone(),
+            client,
+            groups_claim: claim("groups", "groups"),
+            name_claim: claim("name", "name"),
+            fetched: Instant::now(),
+        });
+        cache.insert(name.to_owned(), provider.clone());
+        Ok(provider)
+    }
+
+    /// `GET /.vigil/sign_in?rd=…&bh=…[&reauth=1]` on the authenticate host.
+    async fn sign_in(
+        &self,
+        index: &Index,
+        a: &Asked<'_>,
+    ) -> Result<Response<ProxyBody>, (StatusCode, String)> {
+        let bad = |why: String| (StatusCode::BAD_REQUEST, why);
+        let q = params(a.query);
+        let rd = q
+            .get("rd")
+            .ok_or_else(|| bad("`rd` (the return URL) is missing".into()))?;
+        let bh = q.get("bh").filter(|b| is_hex64(b)).ok_or_else(|| {
+            bad("`bh` must be 64 hex digits (start from the page you wanted)".into())
+        })?;
+        let reauth = q.get("reauth").is_some_and(|v| v == "1");
+        let target = self.check_return(index, rd).map_err(bad)?;
+        let idp = Self::provider_for(index, &target.route)
+            .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e))?;
+        let max_age = index
+            .policies
+            .get(&target.route)
+            .and_then(|r| r.max_auth_age_s);
+        if !reauth {
+            if let Some(s) = self.session_on(index, a) {
+                let fresh = max_age.is_none_or(|m| {
+                    u64::try_from(a.now.saturating_sub(s.auth_time)).unwrap_or(u64::MAX) <= m
+                });
+                if fresh && s.idp.as_deref() == Some(idp.as_str()) {
+                    return self.hand_off(s, &target, bh, a.now, Vec::new());
+                }
+            }
+        }
+        let provider = self
+            .provider(index, &idp)
+            .await
+            .map_err(|e| (StatusCode::BAD_GATEWAY, e))?;
+        let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
+        let mut req = provider
+            .client
+            .authorize_url(
+                CoreAuthenticationFlow::AuthorizationCode,
+                CsrfToken::new_random,
+                Nonce::new_random,
+            )
+            .set_pkce_challenge(challenge);
+        for scope in provider.source.scopes.iter().filter(|s| *s != "openid") {
+            req = req.add_scope(Scope::new(scope.clone()));
+        }
+        if reauth {
+            req = req.add_prompt(CoreAuthPrompt::Login);
+            if let Some(m) = max_age {
+                req = req.set_max_age(Duration::from_secs(m));
+            }
+        }
+        let (url, state, nonce) = req.url();
+        let pending = Pending {
+            state: state.secret().clone(),
+            nonce: nonce.secret().clone(),
+            pkce: verifier.secret().clone(),
+            rd: target.url.clone(),
+            bh: bh.clone(),
+            idp,
+            started: a.now,
+            reauth,
+        };
+        let sealed = self
+            .keys
+            .seal_value(LOGIN_CONTEXT, &pending, &self.host)
+            .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        Ok(redirect(
+            url.as_str(),
+            &[set_named_cookie(LOGIN_COOKIE, &sealed, LOGIN_TTL)],
+        ))
+    }
+
+    /// `GET /.vigil/callback?code=…&state=…` on the authenticate host: the IdP's answer.
+    async fn callback(
+        &self,
+        index: &Index,
+        a: &Asked<'_>,
+    ) -> Result<Response<ProxyBody>, (StatusCode, String)> {
+        let q = params(a.query);
+        let unauthorized = |why: String| (StatusCode::UNAUTHORIZED, why);
+        let pending: Pending = cookie_value(a.headers, LOGIN_COOKIE)
+            .and_then(|v| self.keys.open_value(LOGIN_CONTEXT, v, &self.host).ok())
+            .filter(|p: &Pending| a.now - p.started < LOGIN_TTL)
+            .ok_or_else(|| {
+                (
+                    StatusCode::BAD_REQUEST,
+                    "no sign-in is in progress in this browser (it expired, or was started elsewhere); go back to the page you wanted".to_owned(),
+                )
+            })?;
+        if q.get("state") != Some(&pending.state) {
+            return Err((
+                StatusCode::BAD_REQUEST,
+                "the sign-in answer does not match the sign-in in progress (`state`)".into(),
+            ));
+        }
+        if let Some(error) = q.get("error") {
+            let detail = q.get("error_description").map_or("", String::as_str);
+            return Err(unauthorized(format!(
+                "the identity provider refused the sign-in: {error} {detail}"
+            )));
+        }
+        let code = q.get("code").ok_or_else(|| {
+            (
+                StatusCode::BAD_REQUEST,
+                "the answer has no `code`".to_owned(),
+            )
+        })?;
+        let target = self
+            .check_return(index, &pending.rd)
+            .map_err(|e| (StatusCode::BAD_REQUEST, e))?;
+        let provider = self
+            .provider(index, &pending.idp)
+            .await
+            .map_err(|e| (StatusCode::BAD_GATEWAY, e))?;
+        let tokens = provider
+            .client
+            .exchange_code(AuthorizationCode::new(code.clone()))
+            .map_err(|e| {
+                (
+                    StatusCode::BAD_GATEWAY,
+                    format!("the provider has no token endpoint: {e}"),
+                )
+            })?
+            .set_pkce_verifier(PkceCodeVerifier::new(pending.pkce.clone()))
+            .request_async(&self.http)
+            .await
+            .map_err(|e| {
+                (
+                    StatusCode::BAD_GATEWAY,
+                    format!("the code exchange failed: {e}"),
+                )
+            })?;
+        let id_token = tokens
+            .id_token()
+            .ok_or_else(|| unauthorized("the provider returned no ID token".into()))?;
+        let verifier = provider.client.id_token_verifier();
+        let claims = match id_token.claims(&verifier, &Nonce::new(pending.nonce.clone())) {
+            Ok(c) => c,
+            Err(e) => {
+                // Perhaps the provider rotated its keys: fetch them afresh next time.
+                self.providers.lock().await.remove(&pending.idp);
+                return Err(unauthorized(format!("the ID token is not valid: {e}")));
+            }
+        };
+        let issuer = claims.issuer().as_str().to_owned();
+        let subject = claims.subject().as_str().to_owned();
+        let email = claims.email().map(|e| e.as_str().to_ascii_lowercase());
+        let email_verified = claims.email_verified().unwrap_or(false);
+        let auth_time = claims.auth_time().map_or(a.now, |t| t.timestamp());
+        if pending.reauth && auth_time < pending.started - 5 {
+            return Err(unauthorized(
+                "the identity provider did not sign you in again, which this route requires".into(),
+            ));
+        }
+        let domains = &provider.source.allowed_domains;
+        if !domains.is_empty() {
+            let domain_ok = email_verified
+                && email
+                    .as_deref()
+                    .and_then(|e| e.rsplit_once('@'))
+                    .is_some_and(|(_, d)| domains.iter().any(|allowed| allowed == d));
+            if !domain_ok {
+                return Err((
+                    StatusCode::FORBIDDEN,
+                    "your account's verified email is not in a domain this identity provider admits".into(),
+                ));
+            }
+        }
+        let amr: Vec<String> = claims
+            .auth_method_refs()
+            .map(|v| v.iter().map(|m| m.as_str().to_owned()).collect())
+            .unwrap_or_default();
+        // Claims the library does not model, read from the token it just verified.
+        let extra = payload(&id_token.to_string()).unwrap_or_default();
+        let groups = claim_groups(&extra, &provider.groups_claim);
+        let display_name = extra
+            .get(&provider.name_claim)
+            .and_then(|v| v.as_str())
+            .map(str::to_owned);
+        let uid = find_user(index, &issuer, &subject)
+            .unwrap_or_else(|| vigil_snapshot::provisioned_user_id(&issuer, &subject));
+        if index.users.get(&uid).is_some_and(|u| u.suspended) {
+            return Err((StatusCode::FORBIDDEN, "your account is suspended".into()));
+        }
+        let sid = format!("ses_{}", random_hex(16));
+        if sid.len() != 36 {
+            return Err((
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "no randomness for a session id".into(),
+            ));
+        }
+        let session = SessionCookie {
+            sid,
+            uid,
+            did: None,
+            auth_time,
+            exp: a.now.saturating_add(self.lifetime_s),
+            amr,
+            idp: Some(pending.idp.clone()),
+            email: email.clone(),
+            ev: email_verified,
+            groups,
+        };
+        self.report(SessionReport {
+            session_id: session.sid.clone(),
+            user_id: session.uid.clone(),
+            device_id: None,
+            identity_provider: session.idp.clone(),
+            auth_time: session.auth_time,
+            expires_at: session.exp,
+            amr: session.amr.clone(),
+            last_seen_at: a.now,
+            issuer,
+            subject,
+            email,
+            email_verified,
+            display_name,
+            signed_out: false,
+        });
+        tracing::info!(request_id = %a.id, session = %session.sid, user = %session.uid, idp = %pending.idp, "Signed in");
+        let own = self
+            .keys
+            .seal(&session, &self.host)
+            .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        let cookies = vec![
+            cookie::set_cookie(&own, session.exp - a.now),
+            set_named_cookie(LOGIN_COOKIE, "", 0),
+        ];
+        self.hand_off(session, &target, &pending.bh, a.now, cookies)
+    }
+
+    /// Redirects to the route host's handoff with a code for `session`.
+    fn hand_off(
+        &self,
+        session: SessionCookie,
+        target: &Target,
+        bh: &str,
+        now: i64,
+        cookies: Vec<String>,
+    ) -> Result<Response<ProxyBody>, (StatusCode, String)> {
+        let handoff = Handoff {
+            s: session,
+            rd: target.url.clone(),
+            bh: bh.to_owned(),
+            jti: random_hex(16),
+            exp: now + HANDOFF_TTL,
+        };
+        let code = self
+            .keys
+            .seal_value(HANDOFF_CONTEXT, &handoff, &target.host)
+            .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        Ok(redirect(
+            &format!("{}/.vigil/handoff?code={code}", target.origin),
+            &cookies,
+        ))
+    }
+
+    /// `GET /.vigil/handoff?code=…` on a route host: the session arrives.
+    fn handoff(
+        &self,
+        index: &Index,
+        a: &Asked<'_>,
+    ) -> Result<Response<ProxyBody>, (StatusCode, String)> {
+        let bad = |why: &str| (StatusCode::BAD_REQUEST, why.to_owned());
+        let q = params(a.query);
+        let code = q
+            .get("code")
+            .ok_or_else(|| bad("the sign-in code is missing"))?;
+        let h: Handoff = self
+            .keys
+            .open_value(HANDOFF_CONTEXT, code, a.host)
+            .map_err(|_| bad("the sign-in code is not valid for this host"))?;
+        if h.exp <= a.now {
+            return Err(bad(
+                "the sign-in code has expired; go back to the page you wanted",
+            ));
+        }
+        let bound = cookie_value(a.headers, BIND_COOKIE).map(sha256_hex);
+        if bound.as_deref() != Some(h.bh.as_str()) {
+            return Err(bad("this sign-in was started in another browser"));
+        }
+        {
+            let mut redeemed = self.redeemed.lock();
+            redeemed.retain(|_, exp| *exp > a.now);
+            if redeemed.insert(h.jti.clone(), h.exp).is_some() {
+                return Err(bad("the sign-in code was used already"));
+            }
+        }
+        let target = self
+            .check_return(index, &h.rd)
+            .map_err(|e| (StatusCode::BAD_REQUEST, e))?;
+        if target.host != a.host {
+            return Err(bad("the sign-in code is not for this host"));
+        }
+        if index.snapshot.get(Kind::RevokedSession, &h.s.sid).is_some()
+            || self.is_signed_out(&h.s.sid)
+        {
+            return Err((StatusCode::UNAUTHORIZED, "the session was revoked".into()));
+        }
+        let value = self
+            .keys
+            .seal(&h.s, a.host)
+            .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        Ok(redirect(
+            &target.url,
+            &[
+                cookie::set_cookie(&value, h.s.exp - a.now),
+                set_named_cookie(BIND_COOKIE, "", 0),
+            ],
+        ))
+    }
+
+    /// `/.vigil/sign_out` on any host: the session ends everywhere.
+    fn sign_out(&self, a: &Asked<'_>) -> Response<ProxyBody> {
+        let cookies = a
+            .headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok());
+        if let Some(s) = cookie::find(cookies).and_then(|v| self.keys.open(v, a.host, a.now).ok()) {
+            let first = {
+                let mut out = self.signed_out.lock();
+                out.retain(|_, exp| *exp > a.now);
+                out.insert(s.sid.clone(), s.exp).is_none()
+            };
+            if first {
+                tracing::info!(request_id = %a.id, session = %s.sid, user = %s.uid, "Signed out");
+                self.report(SessionReport {
+                    session_id: s.sid.clone(),
+                    user_id: s.uid.clone(),
+                    device_id: s.did.clone(),
+                    identity_provider: s.idp.clone(),
+                    auth_time: s.auth_time,
+                    expires_at: s.exp,
+                    amr: s.amr.clone(),
+                    last_seen_at: a.now,
+                    signed_out: true,
+                    ..SessionReport::default()
+                });
+            }
+        }
+        let clear = cookie::clear_cookie();
+        if self.is_authenticate_host(a.host) {
+            let mut res = full(
+                StatusCode::OK,
+                "text/html; charset=utf-8",
+                "<!doctype html><html><head><meta charset=\"utf-8\"><title>Signed out</title></head>\
+                 <body><h1>Signed out</h1><p>Your session has ended on every site behind this proxy.</p></body></html>\n",
+            );
+            if let Ok(v) = HeaderValue::from_str(&clear) {
+                res.headers_mut().append(header::SET_COOKIE, v);
+            }
+            res
+        } else {
+            redirect(&format!("{}/.vigil/sign_out", self.base), &[clear])
+        }
+    }
+
+    fn report(&self, report: SessionReport) {
+        if let Err(e) = self.reports.try_send(report) {
+            tracing::warn!(error = %e, "Cannot queue a session report for the control plane");
+        }
+    }
+}
+
+/// The user the directory knows as `subject` at `issuer`.
+fn find_user(index: &Index, issuer: &str, subject: &str) -> Option<String> {
+    index
+        .snapshot
+        .of_kind(Kind::User)
+        .find_map(|e| match &e.body {
+            Some(Body::User(u)) if u.subject == subject && same_issuer(&u.issuer, issuer) => {
+                Some(e.id.clone())
+            }
+            _ => None,
+        })
+}
+
+/// Issuers compared as URLs are written, but for a trailing slash.
+fn same_issuer(a: &str, b: &str) -> bool {
+    a.trim_end_matches('/') == b.trim_end_matches('/')
+}
+
+/// A JWT's payload as JSON (the caller has verified the token already).
+fn payload(jwt: &str) -> Option<serde_json::Map<String, serde_json::Value>> {
+    let part = jwt.split('.').nth(1)?;
+    let bytes = URL_SAFE_NO_PAD.decode(part.trim_end_matches('=')).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// The groups a claim names (an array of strings, or one string), kept small
+/// enough for the session cookie.
+fn claim_groups(claims: &serde_json::Map<String, serde_json::Value>, name: &str) -> Vec<String> {
+    let all: Vec<String> = match claims.get(name) {
+        Some(serde_json::Value::Array(items)) => items
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect(),
+        Some(serde_json::Value::String(one)) => vec![one.clone()],
+        _ => Vec::new(),
+    };
+    let mut bytes = 0;
+    let kept: Vec<String> = all
+        .iter()
+        .take_while(|g| {
+            bytes += g.len() + 3;
+            bytes <= MAX_GROUPS_BYTES
+        })
+        .cloned()
+        .collect();
+    if kept.len() < all.len() {
+        tracing::warn!(
+            kept = kept.len(),
+            of = all.len(),
+            "Too many groups in the ID token for a session; kept the first ones"
+        );
+    }
+    kept
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_come_from_arrays_or_strings_and_stay_small() {
+        let claims: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(r#"{"groups":["a","b",3],"role":"admin","many":[]}"#).unwrap();
+        assert_eq!(claim_groups(&claims, "groups"), vec!["a", "b"]);
+        assert_eq!(claim_groups(&claims, "role"), vec!["admin"]);
+        assert!(claim_groups(&claims, "missing").is_empty());
+        let big: Vec<String> = (0..1000).map(|i| format!("group-{i:04}")).collect();
+        let mut claims = serde_json::Map::new();
+        claims.insert("groups".into(), serde_json::json!(big));
+        let kept = claim_groups(&claims, "groups");
+        assert!(!kept.is_empty() && kept.len() < 1000);
+        assert_eq!(kept[0], "group-0000");
+    }
+
+    #[test]
+    fn payloads_decode_and_issuers_compare_without_trailing_slash() {
+        let body = URL_SAFE_NO_PAD.encode(br#"{"sub":"x"}"#);
+        let p = payload(&format!("e30.{body}.sig")).unwrap();
+        assert_eq!(p.get("sub").and_then(|v| v.as_str()), Some("x"));
+        assert!(payload("nodots").is_none());
+        assert!(same_issuer("https://idp/", "https://idp"));
+        assert!(!same_issuer("https://idp/a", "https://idp"));
+    }
+
+    #[test]
+    fn bind_hashes_are_checked_for_shape() {
+        assert!(is_hex64(&sha256_hex("x")));
+        assert!(!is_hex64("ABC"));
+        assert!(!is_hex64(&"g".repeat(64)));
+    }
+}
