@@ -5,6 +5,7 @@ pub mod api;
 pub mod auth;
 pub mod body;
 pub mod crypto;
+mod jwks;
 pub mod openapi;
 pub mod problem;
 pub mod resources;
@@ -138,6 +139,7 @@ impl Control {
             tokio::spawn(stream::run_refresher(self.clone(), hub.clone()));
             tokio::spawn(stream::run_fleet_recorder(self.clone(), hub.clone()));
             tokio::spawn(sessions::run(self.clone(), reports));
+            tokio::spawn(jwks::run(self.clone()));
         }
         Ok(hub)
     }

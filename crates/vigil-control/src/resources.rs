@@ -971,6 +971,14 @@ pub struct IdentityProviderSpec {
     /// Only emails in these domains may sign in (empty: any).
     #[serde(default)]
     pub allowed_domains: Vec<String>,
+    /// Audiences accepted in bearer JWTs this provider issues, besides the client id.
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    /// The provider's signing keys (its JWKS), fetched by the control plane and
+    /// shipped to the proxies in the snapshot (read-only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub jwks: Option<serde_json::Value>,
 }
 
 fn default_scopes() -> Vec<String> {
@@ -985,7 +993,7 @@ impl Resource for IdentityProvider {
     const PATH: &'static str = "identity-providers";
     const TITLE: &'static str = "Identity providers";
     const SINGULAR: &'static str = "identity provider";
-    const READ_ONLY: &'static [&'static str] = &["client_secret_set"];
+    const READ_ONLY: &'static [&'static str] = &["client_secret_set", "jwks"];
     const SECRET: Option<WriteOnlySecret<IdentityProviderSpec>> = Some(WriteOnlySecret {
         take: |spec| spec.client_secret.take(),
         mark: |spec, stored| spec.client_secret_set = stored,

@@ -299,6 +299,12 @@ impl Builder {
             scopes: spec.scopes,
             claim_mapping_json: serde_json::to_string(&spec.claim_mapping).unwrap_or_default(),
             allowed_domains: domains,
+            jwks_json: spec
+                .jwks
+                .as_ref()
+                .map(|k| k.to_string())
+                .unwrap_or_default(),
+            audiences: spec.audiences,
         })
     }
 }

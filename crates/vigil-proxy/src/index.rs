@@ -88,6 +88,24 @@ pub struct Index {
     /// Service accounts by the SHA-256 of their bearer token; rebuilt only when
     /// service accounts change.
     pub tokens: Arc<HashMap<Vec<u8>, String>>,
+    /// Users by `issuer\nsubject` (issuer without a trailing slash), kept up to
+    /// date entry by entry.
+    pub subjects: imbl::HashMap<String, String>,
+    /// Identity providers whose bearer JWTs are accepted, by issuer; rebuilt only
+    /// when identity providers change.
+    pub issuers: Arc<crate::jwt::Issuers>,
+}
+
+/// The key of [`Index::subjects`].
+pub fn subject_key(issuer: &str, subject: &str) -> String {
+    format!("{}\n{subject}", issuer.trim_end_matches('/'))
+}
+
+fn subject_of(snapshot: &Snapshot, id: &str) -> Option<String> {
+    match snapshot.get(Kind::User, id).and_then(|e| e.body.as_ref()) {
+        Some(Body::User(u)) => Some(subject_key(&u.issuer, &u.subject)),
+        _ => None,
+    }
 }
 
 fn all_tokens(snapshot: &Snapshot) -> HashMap<Vec<u8>, String> {
@@ -276,6 +294,23 @@ impl Index {
         let full = update.full;
         let mut snapshot = (*self.snapshot).clone();
         snapshot.apply(update)?;
+        let subjects = if full {
+            snapshot
+                .of_kind(Kind::User)
+                .filter_map(|e| Some((subject_of(&snapshot, &e.id)?, e.id.clone())))
+                .collect()
+        } else {
+            let mut next = self.subjects.clone();
+            for (_, id) in touched.iter().filter(|(k, _)| *k == Kind::User) {
+                if let Some(old) = subject_of(&self.snapshot, id) {
+                    next.remove(&old);
+                }
+                if let Some(new) = subject_of(&snapshot, id) {
+                    next.insert(new, id.clone());
+                }
+            }
+            next
+        };
         let touches = |kind: Kind| full || touched.iter().any(|(k, _)| *k == kind);
         // Names new to the table can make groups, domains or posture attributes count
         // that did not before: then every user (or device) is derived again.
@@ -312,8 +347,15 @@ impl Index {
         } else {
             self.tokens.clone()
         };
+        let issuers = if touches(Kind::IdentityProvider) {
+            Arc::new(crate::jwt::issuers(&snapshot))
+        } else {
+            self.issuers.clone()
+        };
         Ok(Index {
             tokens,
+            subjects,
+            issuers,
             snapshot: Arc::new(snapshot),
             symbols,
             policies,

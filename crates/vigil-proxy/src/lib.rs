@@ -9,6 +9,7 @@ pub mod cookie;
 pub mod decide;
 pub mod edge;
 pub mod index;
+pub mod jwt;
 pub mod login;
 pub mod normalize;
 pub mod persist;

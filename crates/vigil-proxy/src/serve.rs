@@ -4,9 +4,11 @@
 //! Anything that cannot be decided is refused (fail closed).
 //!
 //! Authentication, in order: `Authorization: Bearer` (a service account's token,
-//! looked up by its SHA-256 in the snapshot), then the session cookie (sealed with
-//! the fleet's cookie keys), else anonymous. A bearer token that matches nothing is
-//! refused outright rather than treated as anonymous.
+//! looked up by its SHA-256 in the snapshot, else an identity provider's JWT
+//! verified against the keys in the snapshot), then the session cookie (sealed with
+//! the fleet's cookie keys), else anonymous. A bearer token that verifies as
+//! nothing is refused outright rather than treated as anonymous. A browser that
+//! must sign in is redirected to the authenticate host (see `login`).
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
@@ -98,6 +100,8 @@ enum Caller {
     Anonymous,
     ServiceAccount(String),
     User(cookie::SessionCookie, Amr),
+    /// A user by an identity provider's bearer JWT: the user's id, and the token.
+    Token(String, Box<crate::jwt::Verified>),
 }
 
 impl Caller {
@@ -118,6 +122,14 @@ impl Caller {
                 claim_groups: &s.groups,
                 claims: None,
             },
+            Caller::Token(id, t) => Principal::User {
+                id,
+                session: None,
+                email: t.email.as_deref(),
+                email_verified: t.email_verified,
+                claim_groups: &t.groups,
+                claims: Some(&t.claims),
+            },
         }
     }
 
@@ -127,6 +139,7 @@ impl Caller {
             Caller::Anonymous => "anonymous".into(),
             Caller::ServiceAccount(id) => format!("service-account:{id}"),
             Caller::User(s, _) => format!("user:{}", s.uid),
+            Caller::Token(id, t) => format!("user:{id} (token from {})", t.provider),
         }
     }
 }
@@ -438,10 +451,16 @@ impl Proxy {
         // The edge refused a repeated Authorization: `NotOne` means none.
         match sole_bearer(headers) {
             Ok(token) => {
-                return match index.service_account_by_token(token) {
-                    Some(sa) => Ok(Caller::ServiceAccount(sa.to_owned())),
-                    None => Err("the bearer token is not valid".into()),
+                if let Some(sa) = index.service_account_by_token(token) {
+                    return Ok(Caller::ServiceAccount(sa.to_owned()));
                 }
+                if !crate::jwt::looks_like_jwt(token) {
+                    return Err("the bearer token is not valid".into());
+                }
+                let t = crate::jwt::verify(&index.issuers, token)?;
+                let id = crate::login::find_user(index, &t.issuer, &t.subject)
+                    .unwrap_or_else(|| vigil_snapshot::provisioned_user_id(&t.issuer, &t.subject));
+                return Ok(Caller::Token(id, Box::new(t)));
             }
             Err(BearerError::NotOne) => {}
             Err(BearerError::Malformed) => {
@@ -540,6 +559,12 @@ impl Proxy {
             Caller::User(s, _) => {
                 set(h, "x-vigil-user", &s.uid);
                 if let Some(email) = index.users.get(&s.uid).and_then(|u| u.email.as_deref()) {
+                    set(h, "x-vigil-email", email);
+                }
+            }
+            Caller::Token(id, _) => {
+                set(h, "x-vigil-user", id);
+                if let Some(email) = index.users.get(id).and_then(|u| u.email.as_deref()) {
                     set(h, "x-vigil-email", email);
                 }
             }
