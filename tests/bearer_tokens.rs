@@ -119,10 +119,28 @@ async fn identity_provider_tokens_are_verified_offline_against_the_snapshot_keys
         let res = call(good.clone()).await;
         if res.status() == 200 {
             let body: Value = res.json().await.unwrap();
-            assert_eq!(
-                body["headers"]["x-vigil-user"],
-                vigil_snapshot::provisioned_user_id(&issuer, "ada")
-            );
+            let ada = vigil_snapshot::provisioned_user_id(&issuer, "ada");
+            assert_eq!(body["headers"]["x-vigil-user"], ada);
+            // The signed assertion verifies with the JWKS every proxy serves.
+            let assertion = body["headers"]["x-vigil-jwt-assertion"].as_str().unwrap();
+            let jwks: jsonwebtoken::jwk::JwkSet = reqwest::Client::new()
+                .get(format!("{}/.well-known/vigil/jwks.json", proxy.url))
+                .header("host", "api.test")
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let key = jsonwebtoken::DecodingKey::from_jwk(&jwks.keys[0]).unwrap();
+            let mut v = jsonwebtoken::Validation::new(Algorithm::ES256);
+            v.set_audience(&["api.test"]);
+            let claims = jsonwebtoken::decode::<Value>(assertion, &key, &v)
+                .unwrap()
+                .claims;
+            assert_eq!(claims["sub"], ada);
+            assert_eq!(claims["email"], "ada@example.com");
+            assert_eq!(claims["groups"], json!(["engineering"]));
             break;
         }
         assert!(

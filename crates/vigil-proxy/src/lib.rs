@@ -5,6 +5,7 @@
 //! route table, authentication, the decision and forwarding; and browser sign-in
 //! (`login`) through one authenticate host for the fleet.
 
+pub mod assertion;
 pub mod cookie;
 pub mod decide;
 pub mod edge;

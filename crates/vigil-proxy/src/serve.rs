@@ -50,6 +50,8 @@ pub struct ServeConfig {
     pub tls: bool,
     /// Browser sign-in; without it browsers get 401 like API clients.
     pub login: Option<Arc<Login>>,
+    /// Signs `X-Vigil-Jwt-Assertion` for upstreams; none sent without it.
+    pub assertions: Option<Arc<crate::assertion::Assertions>>,
 }
 
 /// The request handler, shared by every connection.
@@ -313,6 +315,18 @@ impl Proxy {
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
             return (res, log);
         }
+        // The assertion's public keys, on every host.
+        if path == crate::assertion::JWKS_PATH {
+            if let Some(a) = &self.config.assertions {
+                log.decision = "jwks";
+                let mut res = full(StatusCode::OK, "application/json", a.jwks().to_owned());
+                res.headers_mut().insert(
+                    header::CACHE_CONTROL,
+                    HeaderValue::from_static("public, max-age=300"),
+                );
+                return (res, log);
+            }
+        }
         // The proxy's own endpoints: sign-in on the authenticate host, the
         // handoff and sign-out on every host.
         let on_auth = self
@@ -569,6 +583,11 @@ impl Proxy {
                 }
             }
         }
+        if let Some(assertions) = &self.config.assertions {
+            if let Some(jwt) = assert_caller(assertions, index, caller, ask.host, now_s()) {
+                set(h, "x-vigil-jwt-assertion", &jwt);
+            }
+        }
         for name in &forwarding.remove_headers {
             h.remove(name);
         }
@@ -595,6 +614,74 @@ impl Proxy {
                 StatusCode::GATEWAY_TIMEOUT,
                 "the upstream did not answer in time",
             ),
+        }
+    }
+}
+
+/// The signed assertion of who `caller` is, for `host`.
+fn assert_caller(
+    assertions: &crate::assertion::Assertions,
+    index: &Index,
+    caller: &Caller,
+    host: &str,
+    now: i64,
+) -> Option<String> {
+    use crate::assertion::Subject;
+    let directory = |uid: &str| match index
+        .snapshot
+        .get(vigil_snapshot::Kind::User, uid)
+        .and_then(|e| e.body.as_ref())
+    {
+        Some(vigil_proto::v1::entry::Body::User(u)) => (u.email.clone(), u.groups.clone()),
+        _ => (None, Vec::new()),
+    };
+    let merged = |mut dir: Vec<String>, claims: &[String]| {
+        dir.extend(claims.iter().cloned());
+        dir.sort();
+        dir.dedup();
+        dir
+    };
+    match caller {
+        Caller::Anonymous => None,
+        Caller::ServiceAccount(id) => {
+            let sub = format!("service-account:{id}");
+            let groups = match index
+                .snapshot
+                .get(vigil_snapshot::Kind::ServiceAccount, id)
+                .and_then(|e| e.body.as_ref())
+            {
+                Some(vigil_proto::v1::entry::Body::ServiceAccount(sa)) => sa.groups.clone(),
+                _ => Vec::new(),
+            };
+            let who = Subject {
+                id: &sub,
+                session: None,
+                email: None,
+                groups: &groups,
+            };
+            assertions.assert(who, host, now)
+        }
+        Caller::User(s, _) => {
+            let (email, dir) = directory(&s.uid);
+            let groups = merged(dir, &s.groups);
+            let who = Subject {
+                id: &s.uid,
+                session: Some(&s.sid),
+                email: email.as_deref().or(s.email.as_deref()),
+                groups: &groups,
+            };
+            assertions.assert(who, host, now)
+        }
+        Caller::Token(id, t) => {
+            let (email, dir) = directory(id);
+            let groups = merged(dir, &t.groups);
+            let who = Subject {
+                id,
+                session: None,
+                email: email.as_deref().or(t.email.as_deref()),
+                groups: &groups,
+            };
+            assertions.assert(who, host, now)
         }
     }
 }

@@ -96,6 +96,11 @@ struct ProxyArgs {
     /// `--cookie-keys`.
     #[arg(long, env = "VIGIL_AUTHENTICATE_URL", requires = "cookie_keys")]
     authenticate_url: Option<String>,
+    /// The fleet's key for `X-Vigil-Jwt-Assertion` (P-256, PKCS#8 PEM file); every
+    /// proxy must have the same. Without it each proxy makes its own at start
+    /// (development only: upstreams then cannot verify across proxies).
+    #[arg(long, env = "VIGIL_ASSERTION_KEY_FILE")]
+    assertion_key_file: Option<std::path::PathBuf>,
     /// How long a session lasts after sign-in, in seconds (default 12 hours).
     #[arg(long, env = "VIGIL_SESSION_LIFETIME_S", default_value_t = 43_200)]
     session_lifetime_s: u64,
@@ -399,9 +404,23 @@ async fn proxy(args: ProxyArgs) -> anyhow::Result<()> {
         }
         _ => None,
     };
+    let issuer = args.authenticate_url.as_deref().unwrap_or("vigil");
+    let assertions = match &args.assertion_key_file {
+        Some(path) => {
+            let pem = std::fs::read_to_string(path)
+                .with_context(|| format!("VIGIL_ASSERTION_KEY_FILE: reading {}", path.display()))?;
+            vigil_proxy::assertion::Assertions::from_pem(&pem, issuer)
+                .map_err(|e| anyhow::anyhow!("VIGIL_ASSERTION_KEY_FILE: {e}"))?
+        }
+        None => {
+            tracing::warn!("No VIGIL_ASSERTION_KEY_FILE: signing identity assertions with a key made for this process only");
+            vigil_proxy::assertion::Assertions::generate(issuer).map_err(|e| anyhow::anyhow!(e))?
+        }
+    };
     let proxy = serve::Proxy::new(
         handle.index.clone(),
         serve::ServeConfig {
+            assertions: Some(std::sync::Arc::new(assertions)),
             trusted_proxies: vigil_proxy::edge::TrustedProxies(args.trusted_proxies.clone()),
             cookie_keys,
             tls: tls.is_some(),
