@@ -242,6 +242,29 @@ async fn the_proxy_authorizes_every_request_from_its_snapshot() {
     assert!(log.contains("decision"), "{log}");
     assert!(log.contains("service-account:robot"));
     assert!(!log.contains(&robot_token), "a token reached the log");
+
+    // And counted, by route and outcome, on the health listener.
+    let metrics = reqwest::get(format!("{}/metrics", proxy.health_url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        r#"vigil_proxy_decisions_total{route="app",outcome="allow"}"#,
+        r#"vigil_proxy_decisions_total{route="admin",outcome="deny"}"#,
+        r#"vigil_proxy_requests_total{decision="edge",status="4xx"}"#,
+        "vigil_proxy_stream_connected 1",
+        "vigil_proxy_request_duration_seconds_bucket",
+    ] {
+        assert!(metrics.contains(line), "{line} missing from:\n{metrics}");
+    }
+    let version = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("vigil_proxy_snapshot_version "))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap();
+    assert!(version > 0, "{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

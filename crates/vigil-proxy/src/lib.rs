@@ -12,6 +12,7 @@ pub mod edge;
 pub mod index;
 pub mod jwt;
 pub mod login;
+pub mod metrics;
 pub mod normalize;
 pub mod persist;
 pub mod routes;

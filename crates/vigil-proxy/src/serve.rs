@@ -52,6 +52,8 @@ pub struct ServeConfig {
     pub login: Option<Arc<Login>>,
     /// Signs `X-Vigil-Jwt-Assertion` for upstreams; none sent without it.
     pub assertions: Option<Arc<crate::assertion::Assertions>>,
+    /// Where requests and decisions are counted.
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 /// The request handler, shared by every connection.
@@ -256,7 +258,16 @@ impl Proxy {
         let started = Instant::now();
         let id = request_id();
         let (res, log) = self.decide_and_forward(req, peer, &id).await;
-        let elapsed_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let elapsed = started.elapsed();
+        let elapsed_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        if let Some(m) = &self.config.metrics {
+            m.request(
+                log.decision,
+                log.route.as_deref(),
+                res.status().as_u16(),
+                elapsed.as_secs_f64(),
+            );
+        }
         tracing::info!(
             target: "vigil::decision",
             request_id = %id,

@@ -331,10 +331,59 @@ async fn proxy(args: ProxyArgs) -> anyhow::Result<()> {
         labels: Vec::new(),
         snapshot_file: args.snapshot_file.clone(),
     });
+    let metrics = vigil_proxy::metrics::Metrics::new();
+    // When the snapshot last changed, for its age.
+    let changed_at = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    {
+        let mut version = handle.version.clone();
+        let changed_at = changed_at.clone();
+        tokio::spawn(async move {
+            loop {
+                if *version.borrow_and_update() > 0 {
+                    changed_at.store(unix_ms(), std::sync::atomic::Ordering::Relaxed);
+                }
+                if version.changed().await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
     let health = {
         let handle = handle.clone();
+        let (scrape_handle, metrics) = (handle.clone(), metrics.clone());
         axum::Router::new()
             .route("/healthz", axum::routing::get(|| async { "ok\n" }))
+            .route(
+                "/metrics",
+                axum::routing::get(move || {
+                    let (handle, metrics) = (scrape_handle.clone(), metrics.clone());
+                    let changed = changed_at.load(std::sync::atomic::Ordering::Relaxed);
+                    async move {
+                        let version = *handle.version.borrow();
+                        metrics
+                            .snapshot_version
+                            .set(i64::try_from(version).unwrap_or(i64::MAX));
+                        let age = if changed == 0 {
+                            0.0
+                        } else {
+                            unix_ms().saturating_sub(changed) as f64 / 1000.0
+                        };
+                        metrics.snapshot_age.set(age);
+                        let up = matches!(
+                            *handle.link.borrow(),
+                            vigil_proxy::subscriber::Link::Connected { .. }
+                        );
+                        metrics.stream_connected.set(i64::from(up));
+                        (
+                            [(
+                                axum::http::header::CONTENT_TYPE,
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            )],
+                            metrics.render(),
+                        )
+                    }
+                }),
+            )
             .route(
                 "/readyz",
                 axum::routing::get(move || {
@@ -421,6 +470,7 @@ async fn proxy(args: ProxyArgs) -> anyhow::Result<()> {
         handle.index.clone(),
         serve::ServeConfig {
             assertions: Some(std::sync::Arc::new(assertions)),
+            metrics: Some(metrics),
             trusted_proxies: vigil_proxy::edge::TrustedProxies(args.trusted_proxies.clone()),
             cookie_keys,
             tls: tls.is_some(),
@@ -433,6 +483,13 @@ async fn proxy(args: ProxyArgs) -> anyhow::Result<()> {
         t.abort();
     }
     Ok(())
+}
+
+/// Now, in Unix milliseconds.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 fn main() -> anyhow::Result<()> {
