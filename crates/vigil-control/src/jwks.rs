@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use vigil_store::ListQuery;
 
-use crate::resources::{IdentityProvider, IdentityProviderSpec, Resource as _};
+use crate::resources::{IdentityProvider, Resource as _};
 use crate::Control;
 
 /// How often the list of providers is looked at.
@@ -81,7 +81,10 @@ async fn refresh(
             continue;
         }
         spec.jwks = Some(keys);
-        let op = set_keys(control, &rec.id, spec, rec.version).await?;
+        let op =
+            crate::api::replace_op::<IdentityProvider>(control, &rec.id, spec, Some(rec.version))
+                .await
+                .map_err(|p| p.detail)?;
         match control.write("system:jwks", Some("keys"), vec![op]).await {
             Ok(_) => {
                 tracing::info!(provider = %rec.id, "Stored the identity provider's new signing keys")
@@ -94,17 +97,6 @@ async fn refresh(
         }
     }
     Ok(())
-}
-
-async fn set_keys(
-    control: &Control,
-    id: &str,
-    spec: IdentityProviderSpec,
-    version: i64,
-) -> Result<vigil_store::Op, String> {
-    crate::api::replace_op::<IdentityProvider>(control, id, spec, Some(version))
-        .await
-        .map_err(|p| p.detail)
 }
 
 async fn get_json(http: &reqwest::Client, url: &str) -> Result<Value, String> {

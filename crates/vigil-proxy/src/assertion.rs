@@ -28,7 +28,8 @@ pub struct Assertions {
     kid: String,
     jwks: String,
     issuer: String,
-    cache: parking_lot::Mutex<HashMap<(String, String), (String, i64)>>,
+    /// By `caller\naudience`: (token, expiry).
+    cache: parking_lot::Mutex<HashMap<String, (String, i64)>>,
 }
 
 impl std::fmt::Debug for Assertions {
@@ -40,16 +41,16 @@ impl std::fmt::Debug for Assertions {
 }
 
 /// Who an assertion is about.
-#[derive(Debug, Clone, Copy)]
-pub struct Subject<'a> {
+#[derive(Debug, Clone)]
+pub struct Subject {
     /// `sub`: the user's id, or `service-account:<id>`.
-    pub id: &'a str,
+    pub id: String,
     /// The session id, when the caller came through one.
-    pub session: Option<&'a str>,
+    pub session: Option<String>,
     /// The email, if known.
-    pub email: Option<&'a str>,
+    pub email: Option<String>,
     /// Groups (directory and claims).
-    pub groups: &'a [String],
+    pub groups: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -119,29 +120,35 @@ impl Assertions {
         &self.jwks
     }
 
-    /// The assertion for `who` on `audience` (the route's host) at `now`.
-    pub fn assert(&self, who: Subject<'_>, audience: &str, now: i64) -> Option<String> {
-        let cache_key = (
-            who.session.map_or_else(|| who.id.to_owned(), str::to_owned),
-            audience.to_owned(),
-        );
+    /// The assertion for `caller` (its session id, else its subject id) on
+    /// `audience` (the route's host) at `now`. `who` is asked only when no
+    /// assertion is cached, so a cached one costs a lookup and nothing else.
+    pub fn assert(
+        &self,
+        caller: &str,
+        audience: &str,
+        now: i64,
+        who: impl FnOnce() -> Subject,
+    ) -> Option<String> {
+        let cache_key = format!("{caller}\n{audience}");
         if let Some((token, exp)) = self.cache.lock().get(&cache_key) {
             if exp - RENEW_BEFORE > now {
                 return Some(token.clone());
             }
         }
+        let who = who();
         let mut header = Header::new(Algorithm::ES256);
         header.kid = Some(self.kid.clone());
         let exp = now + LIFETIME;
         let claims = Claims {
             iss: &self.issuer,
             aud: audience,
-            sub: who.id,
+            sub: &who.id,
             iat: now,
             exp,
-            sid: who.session,
-            email: who.email,
-            groups: who.groups,
+            sid: who.session.as_deref(),
+            email: who.email.as_deref(),
+            groups: &who.groups,
         };
         let token = match jsonwebtoken::encode(&header, &claims, &self.key) {
             Ok(t) => t,
@@ -171,18 +178,20 @@ mod tests {
     #[test]
     fn assertions_verify_with_the_served_jwks_and_are_cached() {
         let a = Assertions::generate("https://auth.example").unwrap();
-        let groups = vec!["eng".to_owned()];
-        let who = Subject {
-            id: "usr_1",
-            session: Some("ses_1"),
-            email: Some("ada@example.com"),
-            groups: &groups,
+        let who = || Subject {
+            id: "usr_1".into(),
+            session: Some("ses_1".into()),
+            email: Some("ada@example.com".into()),
+            groups: vec!["eng".to_owned()],
         };
         let now = 1_900_000_000;
-        let t = a.assert(who, "app.example", now).unwrap();
-        assert_eq!(a.assert(who, "app.example", now + 200), Some(t.clone()));
-        assert_ne!(a.assert(who, "app.example", now + 250).unwrap(), t);
-        assert_ne!(a.assert(who, "other.example", now).unwrap(), t);
+        let t = a.assert("ses_1", "app.example", now, who).unwrap();
+        assert_eq!(
+            a.assert("ses_1", "app.example", now + 200, who),
+            Some(t.clone())
+        );
+        assert_ne!(a.assert("ses_1", "app.example", now + 250, who).unwrap(), t);
+        assert_ne!(a.assert("ses_1", "other.example", now, who).unwrap(), t);
 
         let set: JwkSet = serde_json::from_str(a.jwks()).unwrap();
         let key = DecodingKey::from_jwk(&set.keys[0]).unwrap();

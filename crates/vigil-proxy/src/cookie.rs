@@ -203,25 +203,54 @@ impl CookieKeys {
 
 /// The `Set-Cookie` value that stores `value` until `max_age_s` from now.
 pub fn set_cookie(value: &str, max_age_s: i64) -> String {
-    format!(
-        "{NAME}={value}; Path=/; Secure; HttpOnly; SameSite=Lax; Max-Age={}",
-        max_age_s.max(0)
-    )
+    set_named(NAME, value, max_age_s)
 }
 
 /// The `Set-Cookie` value that deletes the session cookie.
 pub fn clear_cookie() -> String {
-    format!("{NAME}=; Path=/; Secure; HttpOnly; SameSite=Lax; Max-Age=0")
+    set_named(NAME, "", 0)
+}
+
+/// The `Set-Cookie` value for host-bound cookie `name` (every cookie of Vigil's is
+/// `Secure; HttpOnly; SameSite=Lax; Path=/` with no `Domain`).
+pub fn set_named(name: &str, value: &str, max_age_s: i64) -> String {
+    format!(
+        "{name}={value}; Path=/; Secure; HttpOnly; SameSite=Lax; Max-Age={}",
+        max_age_s.max(0)
+    )
 }
 
 /// The session cookie's value among `Cookie` header values; `None` when absent,
 /// and also when it was sent twice (which one to believe is ambiguous).
 pub fn find<'a>(cookie_headers: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    find_named(cookie_headers, NAME)
+}
+
+/// The session cookie's value in a request's headers (see [`find`]).
+pub fn session_value(headers: &http::HeaderMap) -> Option<&str> {
+    in_headers(headers, NAME)
+}
+
+/// Cookie `name`'s value in a request's headers (see [`find_named`]).
+pub fn in_headers<'a>(headers: &'a http::HeaderMap, name: &str) -> Option<&'a str> {
+    let values = headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok());
+    find_named(values, name)
+}
+
+/// Cookie `name`'s value among `Cookie` header values; `None` when absent or sent
+/// twice.
+pub fn find_named<'a>(
+    cookie_headers: impl IntoIterator<Item = &'a str>,
+    wanted: &str,
+) -> Option<&'a str> {
     let mut found = None;
     for header in cookie_headers {
         for pair in header.split(';') {
             if let Some((name, value)) = pair.trim().split_once('=') {
-                if name == NAME {
+                if name == wanted {
                     if found.is_some() {
                         return None;
                     }

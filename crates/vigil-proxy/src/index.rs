@@ -102,7 +102,11 @@ pub fn subject_key(issuer: &str, subject: &str) -> String {
 }
 
 fn subject_of(snapshot: &Snapshot, id: &str) -> Option<String> {
-    match snapshot.get(Kind::User, id).and_then(|e| e.body.as_ref()) {
+    user_subject(snapshot.get(Kind::User, id)?)
+}
+
+fn user_subject(entry: &vigil_proto::v1::Entry) -> Option<String> {
+    match &entry.body {
         Some(Body::User(u)) => Some(subject_key(&u.issuer, &u.subject)),
         _ => None,
     }
@@ -297,7 +301,7 @@ impl Index {
         let subjects = if full {
             snapshot
                 .of_kind(Kind::User)
-                .filter_map(|e| Some((subject_of(&snapshot, &e.id)?, e.id.clone())))
+                .filter_map(|e| Some((user_subject(e)?, e.id.clone())))
                 .collect()
         } else {
             let mut next = self.subjects.clone();

@@ -71,10 +71,7 @@ pub fn issuers(snapshot: &Snapshot) -> Issuers {
                 .filter_map(|k| serde_json::from_value::<Jwk>(k.clone()).ok())
                 .filter(|k| !matches!(k.common.public_key_use, Some(PublicKeyUse::Encryption)))
                 .collect();
-            let groups_claim = serde_json::from_str::<Value>(&p.claim_mapping_json)
-                .ok()
-                .and_then(|m| m.get("groups").and_then(Value::as_str).map(str::to_owned))
-                .unwrap_or_else(|| "groups".to_owned());
+            let groups_claim = mapped_claim(&p.claim_mapping_json, "groups");
             let mut audiences = vec![p.client_id.clone()];
             audiences.extend(p.audiences.iter().cloned());
             let issuer = TokenIssuer {
@@ -90,6 +87,27 @@ pub fn issuers(snapshot: &Snapshot) -> Issuers {
             ))
         })
         .collect()
+}
+
+/// The claim a provider's claim mapping (JSON, as in the snapshot) names for
+/// `key` (`groups`, `email`, `name`); the claim of that name when it names none.
+pub fn mapped_claim(mapping_json: &str, key: &str) -> String {
+    serde_json::from_str::<Value>(mapping_json)
+        .ok()
+        .and_then(|m| m.get(key).and_then(Value::as_str).map(str::to_owned))
+        .unwrap_or_else(|| key.to_owned())
+}
+
+/// The strings a claim holds: an array's strings, or the one string.
+pub fn claim_strings(claim: Option<&Value>) -> Vec<String> {
+    match claim {
+        Some(Value::Array(items)) => items
+            .iter()
+            .filter_map(|g| g.as_str().map(str::to_owned))
+            .collect(),
+        Some(Value::String(one)) => vec![one.clone()],
+        _ => Vec::new(),
+    }
 }
 
 /// Whether `token` has the shape of a JWS (three base64url parts).
@@ -164,14 +182,7 @@ pub fn verify(issuers: &Issuers, token: &str) -> Result<Verified, String> {
         .filter(|s| !s.is_empty())
         .ok_or("the bearer token has no subject")?
         .to_owned();
-    let groups = match claims.get(&issuer.groups_claim) {
-        Some(Value::Array(items)) => items
-            .iter()
-            .filter_map(|g| g.as_str().map(str::to_owned))
-            .collect(),
-        Some(Value::String(g)) => vec![g.clone()],
-        _ => Vec::new(),
-    };
+    let groups = claim_strings(claims.get(&issuer.groups_claim));
     Ok(Verified {
         provider: issuer.provider.clone(),
         issuer: issuer.issuer.clone(),

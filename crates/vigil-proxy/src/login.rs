@@ -188,31 +188,6 @@ fn params(query: Option<&str>) -> HashMap<String, String> {
         .collect()
 }
 
-fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    let mut found = None;
-    for v in headers.get_all(header::COOKIE).iter() {
-        let Ok(v) = v.to_str() else { continue };
-        for pair in v.split(';') {
-            if let Some((n, value)) = pair.trim().split_once('=') {
-                if n == name {
-                    if found.is_some() {
-                        return None;
-                    }
-                    found = Some(value);
-                }
-            }
-        }
-    }
-    found
-}
-
-fn set_named_cookie(name: &str, value: &str, max_age: i64) -> String {
-    format!(
-        "{name}={value}; Path=/; Secure; HttpOnly; SameSite=Lax; Max-Age={}",
-        max_age.max(0)
-    )
-}
-
 fn redirect(location: &str, cookies: &[String]) -> Response<ProxyBody> {
     let mut res = full(
         StatusCode::FOUND,
@@ -302,7 +277,7 @@ impl Login {
         }
         redirect(
             &location,
-            &[set_named_cookie(BIND_COOKIE, &bind, LOGIN_TTL)],
+            &[cookie::set_named(BIND_COOKIE, &bind, LOGIN_TTL)],
         )
     }
 
@@ -324,12 +299,10 @@ impl Login {
 
     /// The session this host's cookie holds, if it is still good here.
     fn session_on(&self, index: &Index, a: &Asked<'_>) -> Option<SessionCookie> {
-        let cookies = a
-            .headers
-            .get_all(header::COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok());
-        let s = self.keys.open(cookie::find(cookies)?, a.host, a.now).ok()?;
+        let s = self
+            .keys
+            .open(cookie::session_value(a.headers)?, a.host, a.now)
+            .ok()?;
         let revoked = index.snapshot.get(Kind::RevokedSession, &s.sid).is_some();
         (!revoked && !self.is_signed_out(&s.sid)).then_some(s)
     }
@@ -419,20 +392,11 @@ impl Login {
             secret,
         )
         .set_redirect_uri(redirect);
-        let mapping: serde_json::Value =
-            serde_json::from_str(&source.claim_mapping_json).unwrap_or_default();
-        let claim = |key: &str, default: &str| {
-            mapping
-                .get(key)
-                .and_then(|v| v.as_str())
-                .unwrap_or(default)
-                .to_owned()
-        };
         let provider = Arc::new(Provider {
             source: source.clone(),
             client,
-            groups_claim: claim("groups", "groups"),
-            name_claim: claim("name", "name"),
+            groups_claim: crate::jwt::mapped_claim(&source.claim_mapping_json, "groups"),
+            name_claim: crate::jwt::mapped_claim(&source.claim_mapping_json, "name"),
             fetched: Instant::now(),
         });
         cache.insert(name.to_owned(), provider.clone());
@@ -510,7 +474,7 @@ impl Login {
             .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
         Ok(redirect(
             url.as_str(),
-            &[set_named_cookie(LOGIN_COOKIE, &sealed, LOGIN_TTL)],
+            &[cookie::set_named(LOGIN_COOKIE, &sealed, LOGIN_TTL)],
         ))
     }
 
@@ -522,7 +486,7 @@ impl Login {
     ) -> Result<Response<ProxyBody>, (StatusCode, String)> {
         let q = params(a.query);
         let unauthorized = |why: String| (StatusCode::UNAUTHORIZED, why);
-        let pending: Pending = cookie_value(a.headers, LOGIN_COOKIE)
+        let pending: Pending = cookie::in_headers(a.headers, LOGIN_COOKIE)
             .and_then(|v| self.keys.open_value(LOGIN_CONTEXT, v, &self.host).ok())
             .filter(|p: &Pending| a.now - p.started < LOGIN_TTL)
             .ok_or_else(|| {
@@ -668,7 +632,7 @@ impl Login {
             .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
         let cookies = vec![
             cookie::set_cookie(&own, session.exp - a.now),
-            set_named_cookie(LOGIN_COOKIE, "", 0),
+            cookie::set_named(LOGIN_COOKIE, "", 0),
         ];
         self.hand_off(session, &target, &pending.bh, a.now, cookies)
     }
@@ -719,7 +683,7 @@ impl Login {
                 "the sign-in code has expired; go back to the page you wanted",
             ));
         }
-        let bound = cookie_value(a.headers, BIND_COOKIE).map(sha256_hex);
+        let bound = cookie::in_headers(a.headers, BIND_COOKIE).map(sha256_hex);
         if bound.as_deref() != Some(h.bh.as_str()) {
             return Err(bad("this sign-in was started in another browser"));
         }
@@ -749,19 +713,16 @@ impl Login {
             &target.url,
             &[
                 cookie::set_cookie(&value, h.s.exp - a.now),
-                set_named_cookie(BIND_COOKIE, "", 0),
+                cookie::set_named(BIND_COOKIE, "", 0),
             ],
         ))
     }
 
     /// `/.vigil/sign_out` on any host: the session ends everywhere.
     fn sign_out(&self, a: &Asked<'_>) -> Response<ProxyBody> {
-        let cookies = a
-            .headers
-            .get_all(header::COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok());
-        if let Some(s) = cookie::find(cookies).and_then(|v| self.keys.open(v, a.host, a.now).ok()) {
+        if let Some(s) =
+            cookie::session_value(a.headers).and_then(|v| self.keys.open(v, a.host, a.now).ok())
+        {
             let first = {
                 let mut out = self.signed_out.lock();
                 out.retain(|_, exp| *exp > a.now);
@@ -826,14 +787,7 @@ fn payload(jwt: &str) -> Option<serde_json::Map<String, serde_json::Value>> {
 /// The groups a claim names (an array of strings, or one string), kept small
 /// enough for the session cookie.
 fn claim_groups(claims: &serde_json::Map<String, serde_json::Value>, name: &str) -> Vec<String> {
-    let all: Vec<String> = match claims.get(name) {
-        Some(serde_json::Value::Array(items)) => items
-            .iter()
-            .filter_map(|v| v.as_str().map(str::to_owned))
-            .collect(),
-        Some(serde_json::Value::String(one)) => vec![one.clone()],
-        _ => Vec::new(),
-    };
+    let all = crate::jwt::claim_strings(claims.get(name));
     let mut bytes = 0;
     let kept: Vec<String> = all
         .iter()

@@ -77,6 +77,8 @@ struct Ask<'a> {
     route: &'a str,
     /// The client's address.
     peer: IpAddr,
+    /// Now (Unix seconds), read once per request.
+    now: i64,
 }
 
 impl Ask<'_> {
@@ -134,6 +136,15 @@ impl Caller {
                 claim_groups: &t.groups,
                 claims: Some(&t.claims),
             },
+        }
+    }
+
+    /// The user's id, for a user however authenticated.
+    fn user_id(&self) -> Option<&str> {
+        match self {
+            Caller::User(s, _) => Some(&s.uid),
+            Caller::Token(id, _) => Some(id),
+            Caller::Anonymous | Caller::ServiceAccount(_) => None,
         }
     }
 
@@ -389,13 +400,14 @@ impl Proxy {
             path: &path,
             route,
             peer: peer.ip(),
+            now: now_s(),
         };
         edge::strip_inbound(
             &mut parts.headers,
             self.config.trusted_proxies.trusts(ask.peer),
         );
         // 4. Who is asking.
-        let now = now_s();
+        let now = ask.now;
         let caller = match self.authenticate(&index, &parts.headers, &host, now) {
             Ok(c) => c,
             Err(reason) => {
@@ -494,11 +506,7 @@ impl Proxy {
             Err(BearerError::NotBearer) => return Err("use `Authorization: Bearer <token>`".into()),
         }
         if let Some(keys) = &self.config.cookie_keys {
-            let cookies = headers
-                .get_all(header::COOKIE)
-                .iter()
-                .filter_map(|v| v.to_str().ok());
-            if let Some(value) = cookie::find(cookies) {
+            if let Some(value) = cookie::session_value(headers) {
                 // A cookie that does not open is no credential: sign in again.
                 return match keys.open(value, host, now) {
                     Ok(s)
@@ -578,24 +586,17 @@ impl Proxy {
         );
         set(h, "x-forwarded-host", ask.host);
         set(h, "x-request-id", ask.id);
-        match caller {
-            Caller::Anonymous => {}
-            Caller::ServiceAccount(sa) => set(h, "x-vigil-service-account", sa),
-            Caller::User(s, _) => {
-                set(h, "x-vigil-user", &s.uid);
-                if let Some(email) = index.users.get(&s.uid).and_then(|u| u.email.as_deref()) {
-                    set(h, "x-vigil-email", email);
-                }
-            }
-            Caller::Token(id, _) => {
-                set(h, "x-vigil-user", id);
-                if let Some(email) = index.users.get(id).and_then(|u| u.email.as_deref()) {
-                    set(h, "x-vigil-email", email);
-                }
+        if let Caller::ServiceAccount(sa) = caller {
+            set(h, "x-vigil-service-account", sa);
+        }
+        if let Some(uid) = caller.user_id() {
+            set(h, "x-vigil-user", uid);
+            if let Some(email) = index.users.get(uid).and_then(|u| u.email.as_deref()) {
+                set(h, "x-vigil-email", email);
             }
         }
         if let Some(assertions) = &self.config.assertions {
-            if let Some(jwt) = assert_caller(assertions, index, caller, ask.host, now_s()) {
+            if let Some(jwt) = assert_caller(assertions, index, caller, ask.host, ask.now) {
                 set(h, "x-vigil-jwt-assertion", &jwt);
             }
         }
@@ -629,7 +630,8 @@ impl Proxy {
     }
 }
 
-/// The signed assertion of who `caller` is, for `host`.
+/// The signed assertion of who `caller` is, for `host`: from the cache when one
+/// is there, else built from the snapshot and the caller's credential.
 fn assert_caller(
     assertions: &crate::assertion::Assertions,
     index: &Index,
@@ -638,62 +640,47 @@ fn assert_caller(
     now: i64,
 ) -> Option<String> {
     use crate::assertion::Subject;
-    let directory = |uid: &str| match index
-        .snapshot
-        .get(vigil_snapshot::Kind::User, uid)
-        .and_then(|e| e.body.as_ref())
-    {
-        Some(vigil_proto::v1::entry::Body::User(u)) => (u.email.clone(), u.groups.clone()),
-        _ => (None, Vec::new()),
-    };
-    let merged = |mut dir: Vec<String>, claims: &[String]| {
-        dir.extend(claims.iter().cloned());
-        dir.sort();
-        dir.dedup();
-        dir
+    use vigil_proto::v1::entry::Body;
+    use vigil_snapshot::Kind;
+    let body = |kind: Kind, id: &str| index.snapshot.get(kind, id).and_then(|e| e.body.as_ref());
+    // A user's directory email and groups, with the credential's own added.
+    let user = |uid: &str, session: Option<&str>, email: Option<&str>, claimed: &[String]| {
+        let (dir_email, mut groups) = match body(Kind::User, uid) {
+            Some(Body::User(u)) => (u.email.clone(), u.groups.clone()),
+            _ => (None, Vec::new()),
+        };
+        groups.extend(claimed.iter().cloned());
+        groups.sort();
+        groups.dedup();
+        Subject {
+            id: uid.to_owned(),
+            session: session.map(str::to_owned),
+            email: dir_email.or_else(|| email.map(str::to_owned)),
+            groups,
+        }
     };
     match caller {
         Caller::Anonymous => None,
+        // Cached by session id (`ses_…`), user id (`usr_…`) or this `sub`: the
+        // three never collide.
         Caller::ServiceAccount(id) => {
             let sub = format!("service-account:{id}");
-            let groups = match index
-                .snapshot
-                .get(vigil_snapshot::Kind::ServiceAccount, id)
-                .and_then(|e| e.body.as_ref())
-            {
-                Some(vigil_proto::v1::entry::Body::ServiceAccount(sa)) => sa.groups.clone(),
-                _ => Vec::new(),
-            };
-            let who = Subject {
-                id: &sub,
+            assertions.assert(&sub, host, now, || Subject {
+                id: sub.clone(),
                 session: None,
                 email: None,
-                groups: &groups,
-            };
-            assertions.assert(who, host, now)
+                groups: match body(Kind::ServiceAccount, id) {
+                    Some(Body::ServiceAccount(sa)) => sa.groups.clone(),
+                    _ => Vec::new(),
+                },
+            })
         }
-        Caller::User(s, _) => {
-            let (email, dir) = directory(&s.uid);
-            let groups = merged(dir, &s.groups);
-            let who = Subject {
-                id: &s.uid,
-                session: Some(&s.sid),
-                email: email.as_deref().or(s.email.as_deref()),
-                groups: &groups,
-            };
-            assertions.assert(who, host, now)
-        }
-        Caller::Token(id, t) => {
-            let (email, dir) = directory(id);
-            let groups = merged(dir, &t.groups);
-            let who = Subject {
-                id,
-                session: None,
-                email: email.as_deref().or(t.email.as_deref()),
-                groups: &groups,
-            };
-            assertions.assert(who, host, now)
-        }
+        Caller::User(s, _) => assertions.assert(&s.sid, host, now, || {
+            user(&s.uid, Some(&s.sid), s.email.as_deref(), &s.groups)
+        }),
+        Caller::Token(id, t) => assertions.assert(id, host, now, || {
+            user(id, None, t.email.as_deref(), &t.groups)
+        }),
     }
 }
 
