@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 FUZZ_SECONDS ?= 20
 
-.PHONY: test deps lint fmt bench bench-policy bench-control bench-stream openapi fuzz-smoke clean
+.PHONY: test deps lint fmt bench bench-policy bench-control bench-stream bench-proxy openapi fuzz-smoke clean
 
 ## deps: installs what the tests need (PostgreSQL server binaries) when missing.
 deps:
@@ -22,7 +22,7 @@ fmt:
 	$(CARGO) fmt --all
 
 ## bench: every benchmark; figures go to docs/benchmarks.md by hand.
-bench: deps bench-policy bench-control bench-stream
+bench: deps bench-policy bench-control bench-stream bench-proxy
 
 ## bench-control: the store and REST API at 100,000 users and 10,000 routes on PostgreSQL.
 bench-control:
@@ -31,6 +31,13 @@ bench-control:
 ## bench-stream: snapshot build, delta size, propagation to 1/100/1,000 subscribers, memory per stream.
 bench-stream:
 	$(CARGO) bench -p vigil --bench stream
+
+## bench-proxy: wrk through Vigil against nginx proxy_pass and auth_request; proxy memory
+## holding 100,000 users and 10,000 routes (installs nginx and wrk when missing).
+bench-proxy:
+	@export PATH="$$PATH:/usr/sbin"; command -v nginx >/dev/null && command -v wrk >/dev/null || \
+	  { SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq nginx wrk; }
+	$(CARGO) bench -p vigil --bench proxy
 
 ## openapi: regenerates docs/api/openapi.json from the code.
 openapi:
