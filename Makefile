@@ -3,15 +3,22 @@ SHELL := /bin/bash
 CARGO ?= cargo
 FUZZ_SECONDS ?= 20
 
-.PHONY: test deps lint fmt bench bench-policy bench-control bench-stream bench-proxy openapi fuzz-smoke clean
+
+.PHONY: run test deps lint fmt bench bench-policy bench-control bench-stream bench-proxy openapi fuzz-smoke clean
 
 ## deps: installs what the tests need (PostgreSQL server binaries) when missing.
 deps:
 	@bash scripts/ensure-deps.sh
 
+## run: builds and starts `vigil all-in-one --demo`: the control plane on an embedded SQLite
+## file, one proxy, development keys in ./vigil-data, a demo route; prints what to try.
+run:
+	$(CARGO) run --release --locked -p vigil -- all-in-one --demo
+
 ## test: the whole test suite (unit, property, end-to-end with real PostgreSQL).
 test: deps
 	$(CARGO) test --workspace --locked
+	bash deploy/helm/test.sh
 
 ## lint: formatting and clippy, warnings are errors.
 lint:

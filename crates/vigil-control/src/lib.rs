@@ -50,6 +50,8 @@ struct Inner {
     secrets: Option<SecretBox>,
     revision: watch::Sender<i64>,
     hub: std::sync::OnceLock<Arc<stream::Hub>>,
+    /// The hash of a join token set in configuration rather than stored.
+    fleet_join_hash: std::sync::OnceLock<String>,
 }
 
 impl Control {
@@ -71,8 +73,26 @@ impl Control {
                 secrets,
                 revision,
                 hub: std::sync::OnceLock::new(),
+                fleet_join_hash: std::sync::OnceLock::new(),
             }),
         })
+    }
+
+    /// Also admits proxies presenting `token` (a join token from configuration,
+    /// e.g. a Kubernetes secret shared with the proxies' Deployment). It must be
+    /// at least 32 characters; it can be set once.
+    pub fn accept_fleet_join_token(&self, token: &str) -> Result<(), &'static str> {
+        if token.trim().len() < 32 {
+            return Err("a fleet join token is at least 32 characters");
+        }
+        self.inner
+            .fleet_join_hash
+            .set(token_hash(token.trim()))
+            .map_err(|_| "the fleet join token is already set")
+    }
+
+    pub(crate) fn fleet_join_hash(&self) -> Option<&str> {
+        self.inner.fleet_join_hash.get().map(String::as_str)
     }
 
     pub(crate) fn bootstrap_hash(&self) -> Option<&str> {

@@ -96,14 +96,18 @@ impl Assertions {
 
     /// From a PEM file's text (`-----BEGIN PRIVATE KEY-----`, PKCS#8).
     pub fn from_pem(pem: &str, issuer: &str) -> Result<Assertions, String> {
+        let sec1 = pem.contains("-----BEGIN EC PRIVATE KEY-----");
         let body: String = pem
             .lines()
-            .filter(|l| !l.starts_with("-----"))
             .map(str::trim)
+            .filter(|l| !l.starts_with("-----") && !l.contains(':') && !l.is_empty())
             .collect();
         let der = base64::engine::general_purpose::STANDARD
             .decode(body)
             .map_err(|_| "the assertion key file is not PEM".to_owned())?;
+        if sec1 {
+            return Assertions::from_pkcs8(&sec1_to_pkcs8(&der), issuer);
+        }
         Assertions::from_pkcs8(&der, issuer)
     }
 
@@ -169,11 +173,60 @@ impl Assertions {
     }
 }
 
+/// Wraps a SEC1 `ECPrivateKey` (`EC PRIVATE KEY` PEM, as OpenSSL's `ecparam`
+/// and Helm's `genPrivateKey "ecdsa"` write it) as PKCS#8 for P-256 (RFC 5915,
+/// RFC 5208); a key of another curve is then refused when the PKCS#8 is read.
+fn sec1_to_pkcs8(sec1: &[u8]) -> Vec<u8> {
+    fn der_len(n: usize, out: &mut Vec<u8>) {
+        if n < 0x80 {
+            out.push(n as u8);
+        } else if n <= 0xff {
+            out.extend_from_slice(&[0x81, n as u8]);
+        } else {
+            out.extend_from_slice(&[0x82, (n >> 8) as u8, n as u8]);
+        }
+    }
+    // version 0, then AlgorithmIdentifier { id-ecPublicKey, prime256v1 }.
+    const HEAD: &[u8] = &[
+        0x02, 0x01, 0x00, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06,
+        0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07,
+    ];
+    let mut octets = vec![0x04];
+    der_len(sec1.len(), &mut octets);
+    octets.extend_from_slice(sec1);
+    let mut out = vec![0x30];
+    der_len(HEAD.len() + octets.len(), &mut out);
+    out.extend_from_slice(HEAD);
+    out.extend_from_slice(&octets);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use jsonwebtoken::jwk::JwkSet;
     use jsonwebtoken::{DecodingKey, Validation};
+
+    /// A throwaway key from `openssl ecparam -name prime256v1 -genkey -noout`
+    /// (SEC1, with the curve and the public key).
+    const SEC1: &str = "-----BEGIN EC PRIVATE KEY-----
+MHcCAQEEIMA7rYa5BeAbM86gMlSOtsJ7vPYpirGKwnRAfJcKW6p1oAoGCCqGSM49
+AwEHoUQDQgAE182TQ6mYMXElEQkyyNmpRV39Kvkf14GrQVCEOxvCrC6mnbYaSZwP
+LS+z6kRt3jB01bWPEUMlln0Nii13FIQ0yA==
+-----END EC PRIVATE KEY-----
+";
+
+    #[test]
+    fn keys_in_sec1_and_pkcs8_pem() {
+        let a = Assertions::from_pem(SEC1, "https://auth.example").unwrap();
+        assert!(a.jwks().contains("\"crv\":\"P-256\""));
+        assert!(Assertions::from_pem(
+            "-----BEGIN EC PRIVATE KEY-----\nAAAA\n-----END EC PRIVATE KEY-----\n",
+            "x"
+        )
+        .is_err());
+        assert!(Assertions::from_pem("not a key", "x").is_err());
+    }
 
     #[test]
     fn assertions_verify_with_the_served_jwks_and_are_cached() {

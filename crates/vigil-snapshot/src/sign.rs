@@ -62,6 +62,28 @@ impl Signer {
         Ok(Signer { pair, key_id })
     }
 
+    /// From the text of a key file or variable: a base64 32-byte seed, or a PEM
+    /// `PRIVATE KEY` (PKCS#8 Ed25519, as `openssl genpkey -algorithm ed25519` or
+    /// Helm's `genPrivateKey "ed25519"` write it).
+    pub fn from_text(text: &str) -> Result<Signer, SnapshotError> {
+        let blocks = pem_blocks(text)?;
+        if blocks.is_empty() {
+            return Signer::from_seed_base64(text);
+        }
+        match blocks.as_slice() {
+            [(label, der)] if label == "PRIVATE KEY" => {
+                let pair = Ed25519KeyPair::from_pkcs8_maybe_unchecked(der).map_err(|e| {
+                    SnapshotError::Key(format!("not a PKCS#8 Ed25519 private key: {e}"))
+                })?;
+                let key_id = key_id(pair.public_key().as_ref());
+                Ok(Signer { pair, key_id })
+            }
+            _ => Err(SnapshotError::Key(
+                "expected one PEM `PRIVATE KEY` block (PKCS#8 Ed25519) or a base64 seed".into(),
+            )),
+        }
+    }
+
     /// A fresh random key, and its seed (base64) so it can be saved.
     pub fn generate() -> Result<(Signer, String), SnapshotError> {
         let mut seed = [0u8; 32];
@@ -119,6 +141,44 @@ impl Verifier {
         Ok(v)
     }
 
+    /// From the text of a key file or variable: base64 public keys separated by
+    /// commas or white space, or PEM blocks, each a `PUBLIC KEY` (SPKI) or a
+    /// `CERTIFICATE` whose subject key is Ed25519 (only the key is used: the
+    /// certificate's names, issuer and dates mean nothing here).
+    pub fn from_text(text: &str) -> Result<Verifier, SnapshotError> {
+        let blocks = pem_blocks(text)?;
+        if blocks.is_empty() {
+            let keys: Vec<&str> = text
+                .split(|c: char| c == ',' || c.is_whitespace())
+                .filter(|k| !k.is_empty())
+                .collect();
+            if keys.is_empty() {
+                return Err(SnapshotError::Key("no public key given".into()));
+            }
+            return Verifier::from_base64(keys);
+        }
+        let mut v = Verifier::default();
+        for (label, der) in blocks {
+            let key = match label.as_str() {
+                "PUBLIC KEY" => der
+                    .strip_prefix(ED25519_SPKI_PREFIX)
+                    .filter(|k| k.len() == 32)
+                    .map(<[u8]>::to_vec),
+                "CERTIFICATE" => certificate_ed25519_key(&der),
+                other => {
+                    return Err(SnapshotError::Key(format!(
+                        "a `{other}` PEM block is not a public key; expected `PUBLIC KEY` or `CERTIFICATE`"
+                    )))
+                }
+            }
+            .ok_or_else(|| {
+                SnapshotError::Key(format!("the `{label}` PEM block holds no Ed25519 public key"))
+            })?;
+            v.keys.insert(key_id(&key), key);
+        }
+        Ok(v)
+    }
+
     /// Checks the signature, then decodes the payload.
     pub fn open(&self, envelope: &Envelope) -> Result<Update, SnapshotError> {
         let key = self
@@ -130,6 +190,65 @@ impl Verifier {
             .map_err(|_| SnapshotError::BadSignature(envelope.key_id.clone()))?;
         Update::decode(&envelope.payload[..]).map_err(|e| SnapshotError::Decode(e.to_string()))
     }
+}
+
+/// The DER of an Ed25519 SubjectPublicKeyInfo up to the key (RFC 8410): a
+/// SEQUENCE of the algorithm (OID 1.3.101.112, no parameters) and a 33-byte
+/// BIT STRING holding the 32-byte key.
+const ED25519_SPKI_PREFIX: &[u8] = &[
+    0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+];
+
+/// The Ed25519 key of a DER certificate. The SPKI of an Ed25519 key has one
+/// fixed encoding, so it is found whole; a certificate holding it more than
+/// once (say, also in an extension) is ambiguous and refused.
+fn certificate_ed25519_key(der: &[u8]) -> Option<Vec<u8>> {
+    let span = ED25519_SPKI_PREFIX.len() + 32;
+    let mut found = der
+        .windows(span)
+        .filter(|w| w.starts_with(ED25519_SPKI_PREFIX))
+        .map(|w| w[ED25519_SPKI_PREFIX.len()..].to_vec());
+    let key = found.next()?;
+    found.next().is_none().then_some(key)
+}
+
+/// The PEM blocks of `text` as (label, DER); none when the text is not PEM.
+fn pem_blocks(text: &str) -> Result<Vec<(String, Vec<u8>)>, SnapshotError> {
+    let mut blocks = Vec::new();
+    let mut current: Option<(String, String)> = None;
+    for line in text.lines().map(str::trim) {
+        if let Some(label) = line
+            .strip_prefix("-----BEGIN ")
+            .and_then(|l| l.strip_suffix("-----"))
+        {
+            if current.is_some() {
+                return Err(SnapshotError::Key("a PEM block is not closed".into()));
+            }
+            current = Some((label.to_owned(), String::new()));
+        } else if let Some(label) = line
+            .strip_prefix("-----END ")
+            .and_then(|l| l.strip_suffix("-----"))
+        {
+            let (open, body) = current
+                .take()
+                .ok_or_else(|| SnapshotError::Key("a PEM END line without BEGIN".into()))?;
+            if open != label {
+                return Err(SnapshotError::Key(format!(
+                    "PEM block `{open}` ends as `{label}`"
+                )));
+            }
+            let der = STANDARD.decode(&body).map_err(|e| {
+                SnapshotError::Key(format!("PEM block `{open}` is not base64: {e}"))
+            })?;
+            blocks.push((open, der));
+        } else if let Some((_, body)) = current.as_mut() {
+            body.push_str(line);
+        }
+    }
+    if current.is_some() {
+        return Err(SnapshotError::Key("a PEM block is not closed".into()));
+    }
+    Ok(blocks)
 }
 
 #[cfg(test)]
@@ -191,5 +310,52 @@ mod tests {
         assert!(v.open(&next.seal(&update())).is_ok());
         assert!(Signer::from_seed(&[0; 31]).is_err());
         assert!(Verifier::from_base64(["AAAA"]).is_err());
+    }
+
+    /// PKCS#8 v1 (no public key), as Go and OpenSSL write an Ed25519 key, and
+    /// the SPKI and a certificate carrying its public key.
+    #[test]
+    fn pem_keys() {
+        let seed = [7u8; 32];
+        let mut pkcs8 = vec![
+            0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22,
+            0x04, 0x20,
+        ];
+        pkcs8.extend_from_slice(&seed);
+        let pem = |label: &str, der: &[u8]| {
+            format!(
+                "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
+                STANDARD.encode(der)
+            )
+        };
+        let signer = Signer::from_text(&pem("PRIVATE KEY", &pkcs8)).unwrap();
+        let by_seed = Signer::from_seed(&seed).unwrap();
+        assert_eq!(signer.key_id(), by_seed.key_id());
+        let public = STANDARD.decode(signer.public_key_base64()).unwrap();
+        let mut spki = ED25519_SPKI_PREFIX.to_vec();
+        spki.extend_from_slice(&public);
+        let v = Verifier::from_text(&pem("PUBLIC KEY", &spki)).unwrap();
+        assert!(v.open(&signer.seal(&update())).is_ok());
+        // A certificate is a SEQUENCE around the SPKI and more; only the key counts.
+        let mut cert = vec![0x30, 0x82, 0x00, 0x00, 0xa0, 0x03, 0x02, 0x01, 0x02];
+        cert.extend_from_slice(&spki);
+        cert.extend_from_slice(&[0x30, 0x00]);
+        let v = Verifier::from_text(&pem("CERTIFICATE", &cert)).unwrap();
+        assert!(v.open(&signer.seal(&update())).is_ok());
+        let mut twice = cert.clone();
+        twice.extend_from_slice(&spki);
+        assert!(Verifier::from_text(&pem("CERTIFICATE", &twice)).is_err());
+        // Lists of base64 keys, and the refusals.
+        let list = format!(
+            "{},\n{}",
+            signer.public_key_base64(),
+            by_seed.public_key_base64()
+        );
+        assert!(Verifier::from_text(&list).is_ok());
+        assert!(Verifier::from_text(" \n").is_err());
+        assert!(Verifier::from_text(&pem("PRIVATE KEY", &pkcs8)).is_err());
+        assert!(Signer::from_text(&pem("PUBLIC KEY", &spki)).is_err());
+        assert!(Signer::from_text("-----BEGIN PRIVATE KEY-----\nAAAA").is_err());
+        assert!(Signer::from_text(&STANDARD.encode(seed)).is_ok());
     }
 }

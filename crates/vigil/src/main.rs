@@ -1,10 +1,16 @@
-//! `vigil`: the control plane and the proxy (and, later, the all-in-one) in one binary.
+//! `vigil`: the control plane, the proxy and the all-in-one in one binary.
+
+mod allinone;
+mod config;
+mod keys;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
 use vigil_control::{Control, ControlConfig};
 use vigil_store::{Store, StoreOptions};
 
@@ -12,44 +18,72 @@ use vigil_store::{Store, StoreOptions};
 #[command(
     name = "vigil",
     version,
-    about = "Zero-trust access: control plane and identity-aware proxy"
+    about = "Zero-trust access: control plane and identity-aware proxy",
+    after_help = "Settings come from flags, then VIGIL_* environment variables, then the \
+                  YAML file given by --config (one section per subcommand, keys named as \
+                  the flags). Every secret can also be read from a file: --<name>-file or \
+                  VIGIL_<NAME>_FILE."
 )]
 struct Cli {
+    /// YAML configuration file: a section per subcommand (`control:`, `proxy:`,
+    /// `migrate:`, `all-in-one:`) whose keys are the flags' names.
+    #[arg(long, env = "VIGIL_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    /// Print the effective configuration (secrets redacted) and exit.
+    #[arg(long, global = true)]
+    print_config: bool,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the control plane: the admin REST API over the store.
+    /// Run the control plane: the admin REST API over the store, and the
+    /// snapshot stream proxies subscribe to.
     Control(ControlArgs),
     /// Run an identity-aware proxy: subscribe to the control plane's snapshots and
     /// authorize every request from the one held.
     Proxy(ProxyArgs),
+    /// The control plane on an embedded SQLite store and one proxy, in one
+    /// process, with development keys: for a first run and small sites.
+    AllInOne(allinone::AllInOneArgs),
     /// Apply pending database migrations and exit.
     Migrate(DatabaseArgs),
+    /// Key material.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Print the version and exit.
+    Version,
 }
 
-#[derive(Args)]
-struct ProxyArgs {
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Generate every key a deployment needs: the snapshot signing key (and the
+    /// public key proxies trust), the secret-at-rest key, a cookie key, the
+    /// assertion key, a bootstrap admin token and a fleet join token.
+    Generate(keys::GenerateArgs),
+}
+
+#[derive(Args, Serialize, Clone)]
+pub(crate) struct ProxyArgs {
     /// Address the proxy serves on: HTTPS with `--tls-dir`, else plain HTTP (for
     /// development, or behind a TLS-terminating load balancer).
     #[arg(long, env = "VIGIL_PROXY_LISTEN", default_value = "127.0.0.1:8000")]
-    listen: SocketAddr,
+    pub listen: SocketAddr,
     /// Directory of certificates chosen by SNI: `<host>.crt` + `<host>.key` (PEM),
     /// `_wildcard.<domain>.*` for `*.<domain>`, `default.*` for the rest; reloaded on change.
     #[arg(long, env = "VIGIL_PROXY_TLS_DIR")]
-    tls_dir: Option<std::path::PathBuf>,
+    pub tls_dir: Option<PathBuf>,
     /// A plain-HTTP address that only redirects to HTTPS (needs `--tls-dir`).
     #[arg(long, env = "VIGIL_PROXY_REDIRECT_LISTEN", requires = "tls_dir")]
-    redirect_listen: Option<SocketAddr>,
-    /// Address of `/healthz` and `/readyz`, apart from proxied traffic.
+    pub redirect_listen: Option<SocketAddr>,
+    /// Address of `/healthz`, `/readyz` and `/metrics`, apart from proxied traffic.
     #[arg(
         long,
         env = "VIGIL_PROXY_HEALTH_LISTEN",
         default_value = "127.0.0.1:9091"
     )]
-    health_listen: SocketAddr,
+    pub health_listen: SocketAddr,
     /// Control-plane gRPC addresses (`https://host:port`), comma-separated, tried in turn.
     #[arg(
         long,
@@ -57,28 +91,31 @@ struct ProxyArgs {
         value_delimiter = ',',
         required = true
     )]
-    control_plane: Vec<String>,
+    pub control_plane: Vec<String>,
     /// The join token that admits this proxy to the stream.
     #[arg(long, env = "VIGIL_JOIN_TOKEN", hide_env_values = true)]
-    join_token: String,
+    #[serde(serialize_with = "config::redact")]
+    pub join_token: Option<String>,
+    /// A file holding the join token.
+    #[arg(long, env = "VIGIL_JOIN_TOKEN_FILE")]
+    pub join_token_file: Option<PathBuf>,
     /// CA certificate (PEM file) of the control plane's gRPC certificate.
     #[arg(long, env = "VIGIL_CONTROL_PLANE_CA")]
-    control_plane_ca: Option<std::path::PathBuf>,
+    pub control_plane_ca: Option<PathBuf>,
     /// Base64 public keys that may sign snapshots, comma-separated.
-    #[arg(
-        long,
-        env = "VIGIL_SNAPSHOT_KEYS",
-        value_delimiter = ',',
-        required = true
-    )]
-    snapshot_keys: Vec<String>,
+    #[arg(long, env = "VIGIL_SNAPSHOT_KEYS", value_delimiter = ',')]
+    pub snapshot_keys: Vec<String>,
+    /// A file of the keys that may sign snapshots: base64 public keys, or PEM
+    /// `PUBLIC KEY` / `CERTIFICATE` blocks carrying Ed25519 keys.
+    #[arg(long, env = "VIGIL_SNAPSHOT_KEYS_FILE")]
+    pub snapshot_keys_file: Option<PathBuf>,
     /// This proxy's id in the fleet (default: the host name).
     #[arg(long, env = "VIGIL_PROXY_ID")]
-    proxy_id: Option<String>,
+    pub proxy_id: Option<String>,
     /// Where the last good snapshot is kept, to enforce across restarts while the
     /// control plane is away.
     #[arg(long, env = "VIGIL_SNAPSHOT_FILE")]
-    snapshot_file: Option<std::path::PathBuf>,
+    pub snapshot_file: Option<PathBuf>,
     /// Session cookie keys, `id:base64` (32 bytes), comma-separated, the sealing key first.
     #[arg(
         long,
@@ -86,65 +123,107 @@ struct ProxyArgs {
         value_delimiter = ',',
         hide_env_values = true
     )]
-    cookie_keys: Vec<String>,
+    #[serde(serialize_with = "config::redact_all")]
+    pub cookie_keys: Vec<String>,
+    /// A file holding the cookie keys (`id:base64`, comma- or line-separated).
+    #[arg(long, env = "VIGIL_COOKIE_KEYS_FILE")]
+    pub cookie_keys_file: Option<PathBuf>,
     /// Peers (CIDRs) whose X-Forwarded-* headers are believed; none by default.
     #[arg(long, env = "VIGIL_TRUSTED_PROXIES", value_delimiter = ',')]
-    trusted_proxies: Vec<ipnet::IpNet>,
+    #[serde(serialize_with = "config::display_all")]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     /// The authenticate host's public URL (`https://auth.example.com`), served by
     /// every proxy of the fleet; register `<it>/.vigil/callback` at each identity
     /// provider. Without it, browsers are not signed in (they get 401). Needs
-    /// `--cookie-keys`.
-    #[arg(long, env = "VIGIL_AUTHENTICATE_URL", requires = "cookie_keys")]
-    authenticate_url: Option<String>,
-    /// The fleet's key for `X-Vigil-Jwt-Assertion` (P-256, PKCS#8 PEM file); every
-    /// proxy must have the same. Without it each proxy makes its own at start
-    /// (development only: upstreams then cannot verify across proxies).
+    /// cookie keys.
+    #[arg(long, env = "VIGIL_AUTHENTICATE_URL")]
+    pub authenticate_url: Option<String>,
+    /// The fleet's key for `X-Vigil-Jwt-Assertion` (P-256 PEM file, PKCS#8 or
+    /// SEC1); every proxy must have the same. Without it each proxy makes its own
+    /// at start (development only: upstreams then cannot verify across proxies).
     #[arg(long, env = "VIGIL_ASSERTION_KEY_FILE")]
-    assertion_key_file: Option<std::path::PathBuf>,
+    pub assertion_key_file: Option<PathBuf>,
     /// How long a session lasts after sign-in, in seconds (default 12 hours).
     #[arg(long, env = "VIGIL_SESSION_LIFETIME_S", default_value_t = 43_200)]
-    session_lifetime_s: u64,
+    pub session_lifetime_s: u64,
 }
 
-#[derive(Args)]
-struct DatabaseArgs {
+#[derive(Args, Serialize, Clone)]
+pub(crate) struct DatabaseArgs {
     /// `postgres://...` or `sqlite://path?mode=rwc`.
-    #[arg(long, env = "VIGIL_DATABASE_URL")]
-    database_url: String,
+    #[arg(long, env = "VIGIL_DATABASE_URL", hide_env_values = true)]
+    #[serde(serialize_with = "config::redact_url")]
+    pub database_url: Option<String>,
+    /// A file holding the database URL.
+    #[arg(long, env = "VIGIL_DATABASE_URL_FILE")]
+    pub database_url_file: Option<PathBuf>,
 }
 
-#[derive(Args)]
-struct ControlArgs {
+impl DatabaseArgs {
+    fn url(&self) -> anyhow::Result<String> {
+        config::secret(
+            "VIGIL_DATABASE_URL",
+            &self.database_url,
+            &self.database_url_file,
+        )?
+        .context("set the database: --database-url, VIGIL_DATABASE_URL or VIGIL_DATABASE_URL_FILE")
+    }
+}
+
+#[derive(Args, Serialize, Clone)]
+pub(crate) struct ControlArgs {
     #[command(flatten)]
-    db: DatabaseArgs,
-    /// Address of the admin API.
+    #[serde(flatten)]
+    pub db: DatabaseArgs,
+    /// Address of the admin API (and `/healthz`, `/readyz`).
     #[arg(long, env = "VIGIL_ADMIN_LISTEN", default_value = "127.0.0.1:8080")]
-    admin_listen: SocketAddr,
+    pub admin_listen: SocketAddr,
     /// Apply pending migrations before serving (else refuse to start on a schema that is behind).
     #[arg(long, env = "VIGIL_MIGRATE")]
-    migrate: bool,
+    pub migrate: bool,
     /// An owner token accepted for the first start (create stored admin tokens with it).
     #[arg(long, env = "VIGIL_BOOTSTRAP_TOKEN", hide_env_values = true)]
-    bootstrap_token: Option<String>,
+    #[serde(serialize_with = "config::redact")]
+    pub bootstrap_token: Option<String>,
+    /// A file holding the bootstrap token.
+    #[arg(long, env = "VIGIL_BOOTSTRAP_TOKEN_FILE")]
+    pub bootstrap_token_file: Option<PathBuf>,
     /// Base64 32-byte key that encrypts secrets at rest (e.g. IdP client secrets).
     #[arg(long, env = "VIGIL_SECRET_KEY", hide_env_values = true)]
-    secret_key: Option<String>,
+    #[serde(serialize_with = "config::redact")]
+    pub secret_key: Option<String>,
+    /// A file holding the secret-at-rest key.
+    #[arg(long, env = "VIGIL_SECRET_KEY_FILE")]
+    pub secret_key_file: Option<PathBuf>,
     /// Address of the gRPC snapshot stream proxies subscribe to.
     #[arg(long, env = "VIGIL_GRPC_LISTEN", default_value = "127.0.0.1:8443")]
-    grpc_listen: SocketAddr,
+    pub grpc_listen: SocketAddr,
     /// Certificate chain (PEM) for the gRPC listener; without it the stream is plain HTTP/2.
     #[arg(long, env = "VIGIL_GRPC_TLS_CERT", requires = "grpc_tls_key")]
-    grpc_tls_cert: Option<std::path::PathBuf>,
+    pub grpc_tls_cert: Option<PathBuf>,
     /// Private key (PEM) for the gRPC listener.
     #[arg(long, env = "VIGIL_GRPC_TLS_KEY", requires = "grpc_tls_cert")]
-    grpc_tls_key: Option<std::path::PathBuf>,
-    /// Base64 32-byte Ed25519 seed that signs snapshots (the same on every replica).
-    /// Without it a key is generated for this run and its public key logged.
+    pub grpc_tls_key: Option<PathBuf>,
+    /// The key that signs snapshots (the same on every replica): a base64 32-byte
+    /// Ed25519 seed or a PKCS#8 PEM. Without it a key is generated for this run
+    /// and its public key logged.
     #[arg(long, env = "VIGIL_SIGNING_KEY", hide_env_values = true)]
-    signing_key: Option<String>,
+    #[serde(serialize_with = "config::redact")]
+    pub signing_key: Option<String>,
+    /// A file holding the signing key.
+    #[arg(long, env = "VIGIL_SIGNING_KEY_FILE")]
+    pub signing_key_file: Option<PathBuf>,
+    /// A join token (at least 32 characters) admitting proxies besides those
+    /// created through the API: for fleets configured from a shared secret.
+    #[arg(long, env = "VIGIL_FLEET_JOIN_TOKEN", hide_env_values = true)]
+    #[serde(serialize_with = "config::redact")]
+    pub fleet_join_token: Option<String>,
+    /// A file holding the fleet join token.
+    #[arg(long, env = "VIGIL_FLEET_JOIN_TOKEN_FILE")]
+    pub fleet_join_token_file: Option<PathBuf>,
     /// Database connections in the pool (default: four per core, 4 to 32).
     #[arg(long, env = "VIGIL_DATABASE_MAX_CONNECTIONS")]
-    database_max_connections: Option<u32>,
+    pub database_max_connections: Option<u32>,
 }
 
 fn init_tracing() {
@@ -190,15 +269,36 @@ async fn open_store(url: &str, max_connections: Option<u32>) -> anyhow::Result<S
 }
 
 async fn migrate(args: DatabaseArgs) -> anyhow::Result<()> {
-    let store = open_store(&args.database_url, Some(2)).await?;
+    let store = open_store(&args.url()?, Some(2)).await?;
     store.migrate().await.context("applying migrations")?;
     let status = store.schema_status().await?;
     println!("schema at version {:?}", status.applied.last());
     Ok(())
 }
 
-async fn control(args: ControlArgs) -> anyhow::Result<()> {
-    let store = open_store(&args.db.database_url, args.database_max_connections).await?;
+/// Runs the control plane until SIGTERM or Ctrl-C. `started` receives the
+/// control plane once its listeners are bound (the all-in-one seeds through it).
+async fn control(
+    args: ControlArgs,
+    started: Option<tokio::sync::oneshot::Sender<Control>>,
+) -> anyhow::Result<()> {
+    let bootstrap_token = config::secret(
+        "VIGIL_BOOTSTRAP_TOKEN",
+        &args.bootstrap_token,
+        &args.bootstrap_token_file,
+    )?;
+    let secret_key = config::secret("VIGIL_SECRET_KEY", &args.secret_key, &args.secret_key_file)?;
+    let signing_key = config::secret(
+        "VIGIL_SIGNING_KEY",
+        &args.signing_key,
+        &args.signing_key_file,
+    )?;
+    let fleet_join_token = config::secret(
+        "VIGIL_FLEET_JOIN_TOKEN",
+        &args.fleet_join_token,
+        &args.fleet_join_token_file,
+    )?;
+    let store = open_store(&args.db.url()?, args.database_max_connections).await?;
     // Wait for the database at start rather than failing on a transient outage.
     let mut delay = Duration::from_millis(200);
     loop {
@@ -223,18 +323,21 @@ async fn control(args: ControlArgs) -> anyhow::Result<()> {
     if !pending.is_empty() {
         bail!("the database schema is behind (pending migrations {pending:?}); run `vigil migrate` or start with --migrate");
     }
-    if args.bootstrap_token.is_none() {
+    if bootstrap_token.is_none() {
         tracing::warn!("No bootstrap token configured: only stored admin tokens can use the API");
     }
     let config = ControlConfig {
-        bootstrap_token: args.bootstrap_token,
-        secret_key: args.secret_key.map(|k| ("k1".to_owned(), k)),
+        bootstrap_token,
+        secret_key: secret_key.map(|k| ("k1".to_owned(), k)),
     };
     let control = Control::new(store.clone(), config).context("VIGIL_SECRET_KEY")?;
-    let signer = match &args.signing_key {
-        Some(seed) => {
-            vigil_snapshot::Signer::from_seed_base64(seed).context("VIGIL_SIGNING_KEY")?
-        }
+    if let Some(token) = &fleet_join_token {
+        control
+            .accept_fleet_join_token(token)
+            .map_err(|e| anyhow::anyhow!("VIGIL_FLEET_JOIN_TOKEN: {e}"))?;
+    }
+    let signer = match &signing_key {
+        Some(key) => vigil_snapshot::Signer::from_text(key).context("VIGIL_SIGNING_KEY")?,
         None => {
             let (signer, _) = vigil_snapshot::Signer::generate()?;
             tracing::warn!(
@@ -279,6 +382,9 @@ async fn control(args: ControlArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding the admin API to {}", args.admin_listen))?;
     tracing::info!(addr = %listener.local_addr()?, "Admin API listening");
+    if let Some(tx) = started {
+        let _ = tx.send(control.clone());
+    }
     axum::serve(listener, vigil_control::router(control))
         .with_graceful_shutdown(shutdown_signal())
         .await
@@ -288,22 +394,58 @@ async fn control(args: ControlArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn proxy(args: ProxyArgs) -> anyhow::Result<()> {
+/// Runs a proxy until SIGTERM or Ctrl-C. `started` receives the subscriber's
+/// handle once the listeners are bound.
+async fn proxy(
+    args: ProxyArgs,
+    started: Option<tokio::sync::oneshot::Sender<vigil_proxy::subscriber::Handle>>,
+) -> anyhow::Result<()> {
     use vigil_proxy::{serve, subscriber};
-    let verifier =
-        vigil_snapshot::Verifier::from_base64(args.snapshot_keys.iter().map(String::as_str))
-            .context("VIGIL_SNAPSHOT_KEYS")?;
+    let join_token = config::secret("VIGIL_JOIN_TOKEN", &args.join_token, &args.join_token_file)?
+        .context(
+        "set the join token: --join-token, VIGIL_JOIN_TOKEN or VIGIL_JOIN_TOKEN_FILE",
+    )?;
+    let verifier = match (&args.snapshot_keys_file, args.snapshot_keys.is_empty()) {
+        (Some(_), false) => bail!("set VIGIL_SNAPSHOT_KEYS or VIGIL_SNAPSHOT_KEYS_FILE, not both"),
+        (Some(path), true) => {
+            let text = std::fs::read_to_string(path).with_context(|| {
+                format!("VIGIL_SNAPSHOT_KEYS_FILE: reading {}", path.display())
+            })?;
+            vigil_snapshot::Verifier::from_text(&text).context("VIGIL_SNAPSHOT_KEYS_FILE")?
+        }
+        (None, false) => {
+            vigil_snapshot::Verifier::from_base64(args.snapshot_keys.iter().map(String::as_str))
+                .context("VIGIL_SNAPSHOT_KEYS")?
+        }
+        (None, true) => bail!(
+            "set the keys that may sign snapshots: --snapshot-keys, VIGIL_SNAPSHOT_KEYS or VIGIL_SNAPSHOT_KEYS_FILE"
+        ),
+    };
+    let mut cookie_key_list = args.cookie_keys.clone();
+    if let Some(text) = config::secret("VIGIL_COOKIE_KEYS", &None, &args.cookie_keys_file)? {
+        if !cookie_key_list.is_empty() {
+            bail!("set VIGIL_COOKIE_KEYS or VIGIL_COOKIE_KEYS_FILE, not both");
+        }
+        cookie_key_list = text
+            .split(|c: char| c == ',' || c.is_whitespace())
+            .filter(|k| !k.is_empty())
+            .map(str::to_owned)
+            .collect();
+    }
+    if args.authenticate_url.is_some() && cookie_key_list.is_empty() {
+        bail!("VIGIL_AUTHENTICATE_URL needs cookie keys (VIGIL_COOKIE_KEYS or VIGIL_COOKIE_KEYS_FILE)");
+    }
     let ca_pem = match &args.control_plane_ca {
         Some(p) => {
             Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)
         }
         None => None,
     };
-    let cookie_keys = if args.cookie_keys.is_empty() {
+    let cookie_keys = if cookie_key_list.is_empty() {
         None
     } else {
         let mut keys = Vec::new();
-        for k in &args.cookie_keys {
+        for k in &cookie_key_list {
             let (id, key) = k
                 .split_once(':')
                 .context("VIGIL_COOKIE_KEYS: each key is `id:base64`")?;
@@ -326,7 +468,7 @@ async fn proxy(args: ProxyArgs) -> anyhow::Result<()> {
     });
     let handle = subscriber::start(subscriber::Config {
         addresses: args.control_plane.clone(),
-        join_token: args.join_token.clone(),
+        join_token,
         ca_pem,
         verifier,
         proxy_id,
@@ -479,6 +621,9 @@ async fn proxy(args: ProxyArgs) -> anyhow::Result<()> {
             login,
         },
     );
+    if let Some(tx) = started {
+        let _ = tx.send(handle.clone());
+    }
     serve::serve(listener, proxy, tls, shutdown_signal()).await;
     health_task.abort();
     if let Some(t) = redirect_task {
@@ -495,16 +640,39 @@ fn unix_ms() -> u64 {
 }
 
 fn main() -> anyhow::Result<()> {
+    let cli: Cli = config::parse()?;
+    if cli.print_config {
+        let text = match &cli.command {
+            Command::Control(a) => config::print("control", a)?,
+            Command::Proxy(a) => config::print("proxy", a)?,
+            Command::AllInOne(a) => config::print("all-in-one", a)?,
+            Command::Migrate(a) => config::print("migrate", a)?,
+            Command::Keys(_) | Command::Version => {
+                bail!("--print-config applies to control, proxy, all-in-one and migrate")
+            }
+        };
+        print!("{text}");
+        return Ok(());
+    }
+    match cli.command {
+        Command::Version => {
+            println!("vigil {}", env!("CARGO_PKG_VERSION"));
+            return Ok(());
+        }
+        Command::Keys(KeysCommand::Generate(args)) => return keys::generate(&args),
+        _ => {}
+    }
     init_tracing();
-    let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     rt.block_on(async {
         match cli.command {
-            Command::Control(args) => control(args).await,
-            Command::Proxy(args) => proxy(args).await,
+            Command::Control(args) => control(args, None).await,
+            Command::Proxy(args) => proxy(args, None).await,
+            Command::AllInOne(args) => allinone::run(args).await,
             Command::Migrate(args) => migrate(args).await,
+            Command::Keys(_) | Command::Version => Ok(()),
         }
     })
 }
