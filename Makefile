@@ -3,7 +3,6 @@ SHELL := /bin/bash
 CARGO ?= cargo
 FUZZ_SECONDS ?= 20
 
-
 .PHONY: run test deps lint fmt bench bench-policy bench-control bench-stream bench-proxy openapi fuzz-smoke clean
 
 ## deps: installs what the tests need (PostgreSQL server binaries) when missing.
