@@ -564,3 +564,78 @@ pub async fn validate_policy(
     Policy::check(&mut spec, "", &lib)?;
     Ok(Json(serde_json::json!({ "valid": true })).into_response())
 }
+
+/// How long a posture report counts when the reporter gives no expiry.
+pub const DEFAULT_POSTURE_TTL_S: u64 = 3600;
+/// The longest a posture report may count.
+pub const MAX_POSTURE_TTL_S: u64 = 30 * 86_400;
+
+/// `PUT /v1/devices/{id}/posture`: a device-management integration reports a
+/// device's posture. Needs the `posture` role (a token that can do nothing
+/// else) or `editor`. The report replaces the previous one and always expires
+/// (`expires_at`, or `ttl_s` from now, default one hour): stale posture is not
+/// compliant, so a reporter that stops reporting stops vouching.
+pub async fn put_posture(
+    State(c): State<Control>,
+    admin: Admin,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, Problem> {
+    if admin.role != Role::Posture {
+        admin.require(Role::Editor)?;
+    }
+    let value = read_json(&headers, body, false).await?;
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Report {
+        #[serde(default)]
+        attributes: std::collections::BTreeMap<String, Value>,
+        #[serde(default)]
+        expires_at: Option<String>,
+        #[serde(default)]
+        ttl_s: Option<u64>,
+    }
+    let report: Report = typed(value)?;
+    let expires_at = match (report.expires_at, report.ttl_s) {
+        (Some(_), Some(_)) => {
+            return Err(Problem::invalid_field(
+                "/ttl_s",
+                "give expires_at or ttl_s, not both",
+            ))
+        }
+        (Some(at), None) => at,
+        (None, ttl) => {
+            let ttl = ttl.unwrap_or(DEFAULT_POSTURE_TTL_S);
+            if ttl == 0 || ttl > MAX_POSTURE_TTL_S {
+                return Err(Problem::invalid_field(
+                    "/ttl_s",
+                    format!("from 1 to {MAX_POSTURE_TTL_S} seconds"),
+                ));
+            }
+            time::secs(chrono::Utc::now() + chrono::Duration::seconds(ttl as i64))
+        }
+    };
+    let cur = current::<Device>(&c, &id).await?;
+    let mut spec = stored::<Device>(cur.body)?;
+    spec.posture = PostureSpec {
+        attributes: report.attributes,
+        expires_at: Some(expires_at),
+    };
+    if let Some(at) = spec.posture.expires_at.as_deref() {
+        if chrono::DateTime::parse_from_rfc3339(at).is_err() {
+            return Err(Problem::invalid_field(
+                "/expires_at",
+                "expected an RFC 3339 time, e.g. 2030-01-01T00:00:00Z",
+            ));
+        }
+        if is_past(at) {
+            return Err(Problem::invalid_field(
+                "/expires_at",
+                "is in the past: a report must count for some time",
+            ));
+        }
+    }
+    // Errors in the attributes come back located under /posture/attributes.
+    store_replace::<Device>(&c, &admin, &id, spec, Some(cur.version), Some("posture")).await
+}

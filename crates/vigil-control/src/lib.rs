@@ -251,6 +251,11 @@ fn routes() -> Routes {
         "/v1/users/{id}/revoke-sessions".into(),
         &["POST"],
         post(api::revoke_user_sessions),
+    )
+    .at(
+        "/v1/devices/{id}/posture".into(),
+        &["PUT"],
+        axum::routing::put(api::put_posture),
     );
     each_kind(r)
 }

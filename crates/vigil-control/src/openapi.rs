@@ -239,6 +239,20 @@ pub fn document() -> Value {
                 "properties": { "revoked": { "type": "integer" }, "revision": { "type": ["integer", "null"] } } } } } },
                            "401": problem_response("401"), "403": problem_response("403"), "404": problem_response("404") } } }),
         ),
+        (
+            "/v1/devices/{id}/posture",
+            json!({ "put": { "tags": ["Devices"], "operationId": "put_device_posture",
+            "summary": "Report a device's posture (role `posture` or `editor`); it always expires",
+            "parameters": [id_param()],
+            "requestBody": { "required": true, "content": { "application/json": { "schema": { "type": "object", "additionalProperties": false,
+                "properties": {
+                    "attributes": { "type": "object", "description": "Attribute values (booleans, numbers, strings), e.g. managed, disk_encrypted, os" },
+                    "expires_at": { "type": "string", "format": "date-time", "description": "When the report stops counting" },
+                    "ttl_s": { "type": "integer", "minimum": 1, "maximum": 2_592_000, "description": "Or: seconds from now (default 3600)" } } } } } },
+            "responses": { "200": { "description": "The device with its new posture", "content": { "application/json": { "schema": schema_ref("DeviceSpecResource") } } },
+                           "400": problem_response("400"), "401": problem_response("401"), "403": problem_response("403"), "404": problem_response("404"),
+                           "409": problem_response("409"), "422": problem_response("422") } } }),
+        ),
     ] {
         doc.paths.insert(path.into(), item);
     }
@@ -255,7 +269,7 @@ pub fn document() -> Value {
         "paths": Value::Object(doc.paths),
         "components": {
             "schemas": Value::Object(doc.schemas),
-            "securitySchemes": { "bearer": { "type": "http", "scheme": "bearer", "description": "An admin token (viewer, editor or owner)" } }
+            "securitySchemes": { "bearer": { "type": "http", "scheme": "bearer", "description": "An admin token (posture, viewer, editor or owner)" } }
         }
     })
 }

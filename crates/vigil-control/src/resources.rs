@@ -16,6 +16,9 @@ use crate::Control;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
+    /// Only reports device posture (`PUT /v1/devices/{id}/posture`): the token a
+    /// device-management integration holds; it reads nothing.
+    Posture,
     /// Reads everything but admin tokens.
     Viewer,
     /// Also writes everything but admin tokens.
@@ -25,9 +28,10 @@ pub enum Role {
 }
 
 impl Role {
-    /// The role as written in documents (`viewer`, `editor`, `owner`).
+    /// The role as written in documents (`posture`, `viewer`, `editor`, `owner`).
     pub fn name(self) -> &'static str {
         match self {
+            Role::Posture => "posture",
             Role::Viewer => "viewer",
             Role::Editor => "editor",
             Role::Owner => "owner",

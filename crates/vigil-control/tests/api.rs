@@ -71,6 +71,7 @@ api_tests!(
     audit_trail,
     audit_hides_admin_tokens_below_owner,
     session_revocation,
+    posture_reports,
     validate_policy_endpoint,
     health_and_fallbacks,
 );
@@ -3196,4 +3197,111 @@ async fn health_and_fallbacks(api: Api) {
     for m in ["GET", "POST"] {
         assert!(allow.contains(m), "{allow}");
     }
+}
+
+/// A device-management integration reports posture with a token that can do
+/// nothing else; every report expires.
+async fn posture_reports(api: Api) {
+    let device = api.create_id("devices", json!({"name": "laptop-1"})).await;
+    let mdm = api.with_token(&admin_token(&api, "mdm", "posture").await);
+    let before = chrono::Utc::now();
+    let res = mdm
+        .put(
+            &format!("/v1/devices/{device}/posture"),
+            None,
+            &json!({"attributes": {"managed": true, "os": "linux", "disk_encrypted": true}}),
+        )
+        .await
+        .status(200);
+    assert_eq!(res.json["posture"]["attributes"]["managed"], json!(true));
+    let at =
+        parse_time(res.json["posture"]["expires_at"].as_str().unwrap()).with_timezone(&chrono::Utc);
+    // The default: one hour from now.
+    assert!(
+        at > before + chrono::Duration::seconds(3590)
+            && at < chrono::Utc::now() + chrono::Duration::seconds(3610),
+        "{at}"
+    );
+    let res = mdm
+        .put(
+            &format!("/v1/devices/{device}/posture"),
+            None,
+            &json!({"attributes": {"managed": false}, "ttl_s": 60}),
+        )
+        .await
+        .status(200);
+    // A report replaces the last one whole.
+    assert_eq!(res.json["posture"]["attributes"], json!({"managed": false}));
+    let audit = api.audit(&format!("&entity_id={device}")).await;
+    assert!(
+        audit
+            .iter()
+            .any(|e| e["action"] == "posture" && e["actor"] == "admin-token:mdm"),
+        "{audit:?}"
+    );
+    // The posture token reads nothing and writes nothing else.
+    mdm.get("/v1/devices").await.problem(403, "forbidden");
+    mdm.get(&format!("/v1/devices/{device}"))
+        .await
+        .problem(403, "forbidden");
+    mdm.post("/v1/groups", &json!({"name": "g"}))
+        .await
+        .problem(403, "forbidden");
+    // A viewer may not report posture; an editor may.
+    let viewer = api.with_token(&admin_token(&api, "v", "viewer").await);
+    viewer
+        .put(
+            &format!("/v1/devices/{device}/posture"),
+            None,
+            &json!({"attributes": {}}),
+        )
+        .await
+        .problem(403, "forbidden");
+    api.put(
+        &format!("/v1/devices/{device}/posture"),
+        None,
+        &json!({"attributes": {}}),
+    )
+    .await
+    .status(200);
+    // Bad reports name the field and change nothing.
+    let uri = format!("/v1/devices/{device}/posture");
+    mdm.put(&uri, None, &json!({"attributes": {}, "ttl_s": 0}))
+        .await
+        .invalid(&["/ttl_s"]);
+    mdm.put(
+        &uri,
+        None,
+        &json!({"attributes": {}, "ttl_s": 60, "expires_at": "2030-01-01T00:00:00Z"}),
+    )
+    .await
+    .invalid(&["/ttl_s"]);
+    mdm.put(
+        &uri,
+        None,
+        &json!({"attributes": {}, "expires_at": "2001-01-01T00:00:00Z"}),
+    )
+    .await
+    .invalid(&["/expires_at"]);
+    mdm.put(
+        &uri,
+        None,
+        &json!({"attributes": {}, "expires_at": "tomorrow"}),
+    )
+    .await
+    .invalid(&["/expires_at"]);
+    mdm.put(&uri, None, &json!({"atributes": {}}))
+        .await
+        .problem(400, "invalid-field");
+    mdm.put(
+        "/v1/devices/no-such-device/posture",
+        None,
+        &json!({"attributes": {}}),
+    )
+    .await
+    .problem(404, "not-found");
+    mdm.anonymous()
+        .put(&uri, None, &json!({"attributes": {}}))
+        .await
+        .problem(401, "unauthorized");
 }
