@@ -465,3 +465,61 @@ async fn keys_from_files_as_the_chart_writes_them() {
     let outsider = Running::start(cmd, &dir.0.join("outsider.log"));
     outsider.wait_for("unknown join token");
 }
+
+/// Behind a load balancer mapping 443 to the proxy's port, the plain-HTTP
+/// listener sends browsers to the public HTTPS port, not the proxy's own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirect_to_the_public_https_port() {
+    let dir = Scratch::new("redirect");
+    let certs = dir.0.join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["app.test".to_owned()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    std::fs::write(certs.join("default.crt"), cert.pem()).unwrap();
+    std::fs::write(certs.join("default.key"), key.serialize_pem()).unwrap();
+    let (port, health, redirect) = (free_port(), free_port(), free_port());
+    let mut cmd = Command::new(VIGIL);
+    cmd.args([
+        "proxy",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--health-listen",
+        &format!("127.0.0.1:{health}"),
+        "--redirect-listen",
+        &format!("127.0.0.1:{redirect}"),
+        "--redirect-https-port",
+        "443",
+        "--tls-dir",
+        certs.to_str().unwrap(),
+        "--control-plane",
+        "http://127.0.0.1:9",
+        "--join-token",
+        "unused",
+        "--snapshot-keys",
+        &support::signer().public_key_base64(),
+    ]);
+    let proxy = Running::start(cmd, &dir.0.join("proxy.log"));
+    proxy.wait_for("Proxy listening (HTTPS)");
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let res = loop {
+        match client
+            .get(format!("http://127.0.0.1:{redirect}/a?b=c"))
+            .header("host", "app.test:80")
+            .send()
+            .await
+        {
+            Ok(r) => break r,
+            Err(e) => assert!(Instant::now() < deadline, "{e}\n{}", proxy.text()),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(res.status(), 308);
+    assert_eq!(res.headers()["location"], "https://app.test/a?b=c");
+}

@@ -116,6 +116,7 @@ pub async fn run(args: AllInOneArgs) -> anyhow::Result<()> {
         listen: args.listen,
         tls_dir: args.tls_dir.clone(),
         redirect_listen: None,
+        redirect_https_port: None,
         health_listen: args.health_listen,
         control_plane: vec![format!("http://{}", connectable(args.grpc_listen))],
         join_token: None,

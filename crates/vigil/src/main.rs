@@ -77,6 +77,14 @@ pub(crate) struct ProxyArgs {
     /// A plain-HTTP address that only redirects to HTTPS (needs `--tls-dir`).
     #[arg(long, env = "VIGIL_PROXY_REDIRECT_LISTEN", requires = "tls_dir")]
     pub redirect_listen: Option<SocketAddr>,
+    /// The HTTPS port the redirect sends browsers to, when it is not `--listen`'s
+    /// (behind a load balancer or a Kubernetes Service mapping 443 to 8443).
+    #[arg(
+        long,
+        env = "VIGIL_PROXY_REDIRECT_HTTPS_PORT",
+        requires = "redirect_listen"
+    )]
+    pub redirect_https_port: Option<u16>,
     /// Address of `/healthz`, `/readyz` and `/metrics`, apart from proxied traffic.
     #[arg(
         long,
@@ -572,7 +580,7 @@ async fn proxy(
             let l = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("binding the redirect listener to {addr}"))?;
-            let https_port = args.listen.port();
+            let https_port = args.redirect_https_port.unwrap_or(args.listen.port());
             Some(tokio::spawn(serve::serve_redirect(
                 l,
                 https_port,
