@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 FUZZ_SECONDS ?= 20
 
-.PHONY: run test deps lint fmt bench bench-policy bench-control bench-stream bench-proxy openapi fuzz-smoke clean
+.PHONY: run test deps lint fmt bench bench-policy bench-control bench-stream bench-proxy bench-revocation openapi fuzz-smoke clean
 
 ## deps: installs what the tests need (PostgreSQL server binaries) when missing.
 deps:
@@ -28,7 +28,7 @@ fmt:
 	$(CARGO) fmt --all
 
 ## bench: every benchmark; figures go to docs/benchmarks.md by hand.
-bench: deps bench-policy bench-control bench-stream bench-proxy
+bench: deps bench-policy bench-control bench-stream bench-proxy bench-revocation
 
 ## bench-control: the store and REST API at 100,000 users and 10,000 routes on PostgreSQL.
 bench-control:
@@ -44,6 +44,10 @@ bench-proxy:
 	@export PATH="$$PATH:/usr/sbin"; command -v nginx >/dev/null && command -v wrk >/dev/null || \
 	  { SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq nginx wrk; }
 	$(CARGO) bench -p vigil --bench proxy
+
+## bench-revocation: REST 2xx -> first refused request at each of two real proxies.
+bench-revocation:
+	$(CARGO) bench -p vigil --bench revocation
 
 ## openapi: regenerates docs/api/openapi.json from the code.
 openapi:
