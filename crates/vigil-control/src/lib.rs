@@ -13,6 +13,7 @@ mod sessions;
 pub mod snapshot;
 pub mod stream;
 mod time;
+pub mod verifier;
 
 use std::sync::Arc;
 
@@ -162,6 +163,12 @@ impl Control {
             tokio::spawn(jwks::run(self.clone()));
         }
         Ok(hub)
+    }
+
+    /// Starts re-verifying live sessions with their identity providers, each about
+    /// once per `interval` (zero: never); see [`verifier`].
+    pub fn start_verifier(&self, interval: std::time::Duration) {
+        tokio::spawn(verifier::run(self.clone(), interval));
     }
 
     /// The snapshot hub, once started.

@@ -379,9 +379,9 @@ pub struct RouteSettings {
     pub set_request_headers: BTreeMap<String, String>,
     /// Headers to remove from the forwarded request.
     pub remove_request_headers: Vec<String>,
-    /// Allow WebSocket upgrades.
+    /// Allow WebSocket upgrades (HTTP/1.1); when false they are refused with 403.
     pub allow_websockets: bool,
-    /// Answer CORS preflight requests without authentication.
+    /// Forward CORS preflights (`OPTIONS` with `Origin` and `Access-Control-Request-Method`) to the upstream without authentication.
     pub cors_preflight: bool,
     /// Send users back through login when their authentication is older (seconds).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -389,7 +389,7 @@ pub struct RouteSettings {
     /// Identity provider used to log in to this route (name).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub identity_provider: Option<String>,
-    /// PEM bundle of CAs trusted for HTTPS upstreams (default: the system roots).
+    /// PEM bundle of CAs trusted for HTTPS upstreams (default: the Mozilla roots of webpki-roots).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upstream_ca_pem: Option<String>,
 }

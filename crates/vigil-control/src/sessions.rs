@@ -103,6 +103,20 @@ async fn provision(control: &Control, r: &SessionReport) -> Result<Option<Op>, S
     Ok(Some(Op::Create(entity)))
 }
 
+/// The session's refresh token as stored: sealed with the secret-at-rest key (in
+/// the entity's secret column, never in its document). `None` without a key: the
+/// session is then never re-verified, which is said once in the log.
+fn keep_refresh_token(control: &Control, token: &str, at: i64) -> Option<String> {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let sealed = crate::verifier::Held::new(token.to_owned(), at).seal(control);
+    if sealed.is_none() && !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::warn!(
+            "No secret key configured (VIGIL_SECRET_KEY): refresh tokens from sign-ins are not stored, so sessions are not re-verified with their identity provider"
+        );
+    }
+    sealed
+}
+
 /// Creates the session (and its user, when new), records its activity, or its
 /// sign-out; never undoes a revocation.
 async fn record(control: &Control, proxy: &str, r: &SessionReport) -> Result<(), String> {
@@ -128,9 +142,13 @@ async fn record(control: &Control, proxy: &str, r: &SessionReport) -> Result<(),
                 last_seen_at: last_seen,
             };
             ops.extend(provision(control, r).await?);
-            let (entity, _) = crate::api::prepare::<Session>(control, spec, &r.session_id, false)
-                .await
-                .map_err(|p| p.detail)?;
+            let (mut entity, _) =
+                crate::api::prepare::<Session>(control, spec, &r.session_id, false)
+                    .await
+                    .map_err(|p| p.detail)?;
+            if !r.refresh_token.is_empty() && !r.signed_out {
+                entity.secret = keep_refresh_token(control, &r.refresh_token, r.auth_time);
+            }
             Op::Create(entity)
         }
         Some(rec) => {

@@ -19,4 +19,5 @@ pub mod routes;
 pub mod serve;
 pub mod subscriber;
 pub mod tls;
+pub mod tunnel;
 pub mod upstream;

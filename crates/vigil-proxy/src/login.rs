@@ -34,8 +34,8 @@ use openidconnect::core::{
 use openidconnect::url::{form_urlencoded, Url};
 use openidconnect::{
     AuthorizationCode, ClientId, ClientSecret, CsrfToken, EndpointMaybeSet, EndpointNotSet,
-    EndpointSet, IssuerUrl, Nonce, PkceCodeChallenge, PkceCodeVerifier, RedirectUrl, Scope,
-    TokenResponse as _,
+    EndpointSet, IssuerUrl, Nonce, OAuth2TokenResponse as _, PkceCodeChallenge, PkceCodeVerifier,
+    RedirectUrl, Scope, TokenResponse as _,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -624,6 +624,11 @@ impl Login {
             email_verified,
             display_name,
             signed_out: false,
+            // Only for the control plane's re-verification; nowhere else.
+            refresh_token: tokens
+                .refresh_token()
+                .map(|t| t.secret().clone())
+                .unwrap_or_default(),
         });
         tracing::info!(request_id = %a.id, session = %session.sid, user = %session.uid, idp = %pending.idp, "Signed in");
         let own = self

@@ -8,6 +8,8 @@
 //! | `vigil_proxy_snapshot_version` | gauge | |
 //! | `vigil_proxy_snapshot_age_seconds` | gauge | seconds since the snapshot last changed |
 //! | `vigil_proxy_stream_connected` | gauge | 1 while the stream to the control plane is up |
+//! | `vigil_proxy_tunnels_open` | gauge | WebSocket tunnels open |
+//! | `vigil_proxy_tunnels_closed_total` | counter | `by` (peer: either side ended it; verification: no longer allowed) |
 //!
 //! Route labels only ever name routes of the snapshot (and `-` for none), so the
 //! series are bounded by the routes configured.
@@ -35,6 +37,11 @@ struct DecisionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClosedBy {
+    by: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DecisionOnly {
     decision: &'static str,
 }
@@ -52,6 +59,9 @@ pub struct Metrics {
     pub snapshot_age: Gauge<f64, AtomicU64>,
     /// 1 while the stream is up.
     pub stream_connected: Gauge<i64, AtomicI64>,
+    /// WebSocket tunnels open.
+    pub tunnels_open: Gauge<i64, AtomicI64>,
+    tunnels_closed: Family<ClosedBy, Counter>,
 }
 
 fn status_class(status: u16) -> &'static str {
@@ -77,6 +87,8 @@ impl Metrics {
         let snapshot_version = Gauge::<i64, AtomicI64>::default();
         let snapshot_age = Gauge::<f64, AtomicU64>::default();
         let stream_connected = Gauge::<i64, AtomicI64>::default();
+        let tunnels_open = Gauge::<i64, AtomicI64>::default();
+        let tunnels_closed = Family::<ClosedBy, Counter>::default();
         registry.register("requests", "Requests answered", requests.clone());
         registry.register(
             "decisions",
@@ -103,6 +115,16 @@ impl Metrics {
             "1 while the snapshot stream to the control plane is up",
             stream_connected.clone(),
         );
+        registry.register(
+            "tunnels_open",
+            "WebSocket tunnels open",
+            tunnels_open.clone(),
+        );
+        registry.register(
+            "tunnels_closed",
+            "WebSocket tunnels closed, by who closed them",
+            tunnels_closed.clone(),
+        );
         Arc::new(Metrics {
             registry,
             requests,
@@ -111,7 +133,20 @@ impl Metrics {
             snapshot_version,
             snapshot_age,
             stream_connected,
+            tunnels_open,
+            tunnels_closed,
         })
+    }
+
+    /// Counts a closed tunnel: `verification` when the proxy closed it because it
+    /// was no longer allowed, else `peer`.
+    pub fn tunnel_closed(&self, by_verification: bool) {
+        let by = if by_verification {
+            "verification"
+        } else {
+            "peer"
+        };
+        self.tunnels_closed.get_or_create(&ClosedBy { by }).inc();
     }
 
     /// Counts one answered request.
@@ -157,6 +192,8 @@ mod tests {
         m.request("deny", Some("app"), 403, 0.0001);
         m.request("edge", None, 400, 0.00001);
         m.snapshot_version.set(42);
+        m.tunnels_open.set(2);
+        m.tunnel_closed(true);
         let text = m.render();
         assert!(
             text.contains(r#"vigil_proxy_decisions_total{route="app",outcome="allow"} 2"#),
@@ -167,6 +204,11 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("vigil_proxy_snapshot_version 42"), "{text}");
+        assert!(text.contains("vigil_proxy_tunnels_open 2"), "{text}");
+        assert!(
+            text.contains(r#"vigil_proxy_tunnels_closed_total{by="verification"} 1"#),
+            "{text}"
+        );
         assert!(
             text.contains("vigil_proxy_request_duration_seconds_bucket"),
             "{text}"

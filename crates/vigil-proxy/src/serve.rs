@@ -9,6 +9,11 @@
 //! the fleet's cookie keys), else anonymous. A bearer token that verifies as
 //! nothing is refused outright rather than treated as anonymous. A browser that
 //! must sign in is redirected to the authenticate host (see `login`).
+//!
+//! A WebSocket upgrade (HTTP/1.1) is decided like any request; once allowed, it is
+//! sent to the upstream on a connection of its own, and only an upstream's real
+//! `101 Switching Protocols` opens a tunnel, which is registered in [`Tunnels`] and
+//! decided again on every new snapshot until it ends.
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
@@ -19,10 +24,8 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt as _, Full};
+use http_body_util::{BodyExt as _, Empty, Full};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
 use vigil_policy::request::{HeaderValue as PolicyHeader, Headers};
 use vigil_policy::Amr;
 use vigil_proto::{sole_bearer, BearerError};
@@ -34,7 +37,8 @@ use crate::index::Index;
 use crate::login::{self, Login};
 use crate::normalize::normalize_path;
 use crate::subscriber::Shared;
-use crate::upstream::Forwarding;
+use crate::tunnel::{Recheck, TunnelInfo, Tunnels};
+use crate::upstream::{certificate_error, Forwarding, Pools, Trust, Upstream};
 
 /// What every response body is: an upstream's streamed body or one of ours.
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
@@ -61,7 +65,10 @@ pub struct ServeConfig {
 pub struct Proxy {
     index: Shared,
     config: Arc<ServeConfig>,
-    client: Client<HttpConnector, Incoming>,
+    /// Pooled upstream connections, per trusted CA.
+    pools: Arc<Pools>,
+    /// Open WebSocket tunnels.
+    tunnels: Arc<Tunnels>,
 }
 
 /// What every step of one request's handling needs to answer it.
@@ -251,17 +258,18 @@ pub(crate) fn refusal(
 impl Proxy {
     /// A handler reading the index that `index` holds (the subscriber swaps it).
     pub fn new(index: Shared, config: ServeConfig) -> Proxy {
-        let mut http = HttpConnector::new();
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(Duration::from_secs(5)));
-        let client = Client::builder(hyper_util::rt::TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build(http);
         Proxy {
             index,
+            tunnels: Tunnels::new(config.metrics.clone()),
             config: Arc::new(config),
-            client,
+            pools: Arc::new(Pools::new()),
         }
+    }
+
+    /// The WebSocket tunnels this proxy holds open (to list or close them, or to
+    /// [`Tunnels::follow`] the subscriber's version watch).
+    pub fn tunnels(&self) -> &Arc<Tunnels> {
+        &self.tunnels
     }
 
     /// Handles one request from `peer`; never fails (errors become responses).
@@ -303,6 +311,9 @@ impl Proxy {
         let mut log = DecisionLog::default();
         let (mut parts, body) = req.into_parts();
         let html = wants_html(&parts.headers);
+        // Only HTTP/1.1 upgrades (HTTP/2's extended CONNECT is not served).
+        let websocket =
+            parts.version == http::Version::HTTP_11 && edge::is_websocket_upgrade(&parts.headers);
         // 1. The edge: a malformed request is refused before anything reads it.
         let host = match edge::check(&parts) {
             Ok(h) => h,
@@ -406,6 +417,25 @@ impl Proxy {
             &mut parts.headers,
             self.config.trusted_proxies.trusts(ask.peer),
         );
+        if !websocket {
+            parts.headers.remove(header::UPGRADE);
+        }
+        // A CORS preflight, on a route that opted in, goes on unauthenticated: the
+        // upstream answers it (browsers send no credentials on a preflight).
+        if let Some(forwarding) = index
+            .policies
+            .get(route)
+            .map(|r| &r.forwarding)
+            .filter(|f| f.cors_preflight && is_cors_preflight(&parts))
+        {
+            log.decision = "allow";
+            log.rule = Some("cors-preflight".into());
+            parts.headers.remove(header::AUTHORIZATION);
+            let res = self
+                .forward(&index, forwarding, parts, body, &ask, &Caller::Anonymous)
+                .await;
+            return (res, log);
+        }
         // 4. Who is asking.
         let now = ask.now;
         let caller = match self.authenticate(&index, &parts.headers, &host, now) {
@@ -471,6 +501,19 @@ impl Proxy {
                 log,
             );
         };
+        if websocket {
+            if !forwarding.allow_websockets {
+                let reason =
+                    "WebSocket upgrades are off for this route (settings.allow_websockets)";
+                log.decision = "deny";
+                log.reason = Some(reason.into());
+                return (ask.refuse(StatusCode::FORBIDDEN, reason), log);
+            }
+            let res = self
+                .forward_websocket(&index, forwarding, parts, body, &ask, caller)
+                .await;
+            return (res, log);
+        }
         let res = self
             .forward(&index, forwarding, parts, body, &ask, &caller)
             .await;
@@ -561,13 +604,167 @@ impl Proxy {
         ask: &Ask<'_>,
         caller: &Caller,
     ) -> Response<ProxyBody> {
-        let upstream = match forwarding.pick() {
+        let upstream = match self.outbound(index, forwarding, &mut parts, ask, caller) {
             Ok(u) => u,
-            Err(reason) => return ask.refuse(StatusCode::BAD_GATEWAY, reason),
+            Err((status, reason)) => return ask.refuse(status, reason),
         };
+        let pool = match self.pools.get(trust_for(forwarding, upstream)) {
+            Ok(p) => p,
+            Err(reason) => return ask.refuse(StatusCode::BAD_GATEWAY, &reason),
+        };
+        let req = Request::from_parts(parts, body);
+        match tokio::time::timeout(forwarding.timeout, pool.client.request(req)).await {
+            Ok(Ok(res)) => {
+                let (mut parts, body) = res.into_parts();
+                edge::strip_inbound(&mut parts.headers, true);
+                Response::from_parts(parts, body.boxed())
+            }
+            Ok(Err(e)) => upstream_failed(ask, &e),
+            Err(_) => ask.refuse(
+                StatusCode::GATEWAY_TIMEOUT,
+                "the upstream did not answer in time",
+            ),
+        }
+    }
+
+    /// Sends an allowed WebSocket upgrade to one of the route's upstreams on a
+    /// connection of its own (HTTP/1.1, whatever the pool negotiates), and opens a
+    /// tunnel only when the upstream answers `101 Switching Protocols`; any other
+    /// answer goes back as a plain response. The tunnel is registered with what
+    /// decides `caller`'s request again, and closed when that no longer allows it.
+    async fn forward_websocket(
+        &self,
+        index: &Index,
+        forwarding: &Forwarding,
+        mut parts: http::request::Parts,
+        body: Incoming,
+        ask: &Ask<'_>,
+        caller: Caller,
+    ) -> Response<ProxyBody> {
+        let Some(from_client) = parts.extensions.remove::<hyper::upgrade::OnUpgrade>() else {
+            return ask.refuse(
+                StatusCode::BAD_REQUEST,
+                "this connection cannot be upgraded",
+            );
+        };
+        // The request as the policy saw it, to decide it again later.
+        let method = parts.method.clone();
+        let headers = parts.headers.clone();
+        let token_sha256 = match (&caller, sole_bearer(&headers)) {
+            (Caller::ServiceAccount(_), Ok(token)) => Some(
+                ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
+                    .as_ref()
+                    .to_vec(),
+            ),
+            _ => None,
+        };
+        let upstream = match self.outbound(index, forwarding, &mut parts, ask, &caller) {
+            Ok(u) => u,
+            Err((status, reason)) => return ask.refuse(status, reason),
+        };
+        let pool = match self.pools.get(trust_for(forwarding, upstream)) {
+            Ok(p) => p,
+            Err(reason) => return ask.refuse(StatusCode::BAD_GATEWAY, &reason),
+        };
+        // A connection of our own speaks origin-form.
+        let Ok(origin) = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .parse::<Uri>()
+        else {
+            return ask.refuse(StatusCode::BAD_REQUEST, "the request target is not valid");
+        };
+        parts.uri = origin;
+        let req = Request::from_parts(parts, body);
+        let sent = tokio::time::timeout(
+            forwarding.timeout,
+            send_upgrade(upstream, pool.websocket_tls.clone(), req),
+        )
+        .await;
+        let mut res = match sent {
+            Ok(Ok(res)) => res,
+            Ok(Err(e)) => return upstream_failed(ask, e.as_ref()),
+            Err(_) => {
+                return ask.refuse(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "the upstream did not answer in time",
+                )
+            }
+        };
+        if res.status() != StatusCode::SWITCHING_PROTOCOLS {
+            // No switch, no tunnel: an ordinary response.
+            let (mut parts, body) = res.into_parts();
+            edge::strip_inbound(&mut parts.headers, true);
+            parts.headers.remove(header::UPGRADE);
+            return Response::from_parts(parts, body.boxed());
+        }
+        let from_upstream = hyper::upgrade::on(&mut res);
+        let (mut head, _) = res.into_parts();
+        edge::strip_inbound(&mut head.headers, true);
+        let info = TunnelInfo {
+            request_id: ask.id.to_owned(),
+            route: ask.route.to_owned(),
+            principal: caller.describe(),
+            session: match &caller {
+                Caller::User(s, _) => Some(s.sid.clone()),
+                _ => None,
+            },
+            user: caller.user_id().map(str::to_owned),
+            service_account: match &caller {
+                Caller::ServiceAccount(id) => Some(id.clone()),
+                _ => None,
+            },
+            device: match &caller {
+                Caller::User(s, _) => s.did.clone(),
+                _ => None,
+            },
+        };
+        let recheck = Again {
+            caller,
+            token_sha256,
+            signed_out: self.config.login.clone(),
+            route: ask.route.to_owned(),
+            host: ask.host.to_owned(),
+            path: ask.path.to_owned(),
+            method,
+            headers,
+            peer: ask.peer,
+        }
+        .into_recheck();
+        let registration = self
+            .tunnels
+            .open(info.clone(), recheck, &self.index, index.version());
+        tokio::spawn(tunnel(
+            from_client,
+            from_upstream,
+            registration,
+            info,
+            self.config.metrics.clone(),
+        ));
+        let empty = Empty::<Bytes>::new()
+            .map_err(|never: Infallible| match never {})
+            .boxed();
+        Response::from_parts(head, empty)
+    }
+
+    /// Readies an allowed request for its upstream (picked here): the target, the
+    /// identity headers, the route's header settings and `Host`. Returns the
+    /// upstream, or the status and reason to refuse with.
+    fn outbound<'f>(
+        &self,
+        index: &Index,
+        forwarding: &'f Forwarding,
+        parts: &mut http::request::Parts,
+        ask: &Ask<'_>,
+        caller: &Caller,
+    ) -> Result<&'f Upstream, (StatusCode, &'static str)> {
+        let upstream = forwarding
+            .pick()
+            .map_err(|reason| (StatusCode::BAD_GATEWAY, reason))?;
         let target = forwarding.target(upstream, ask.path, parts.uri.query());
         let Ok(uri) = target.parse::<Uri>() else {
-            return ask.refuse(StatusCode::BAD_REQUEST, "the request target is not valid");
+            return Err((StatusCode::BAD_REQUEST, "the request target is not valid"));
         };
         parts.uri = uri;
         parts.version = http::Version::HTTP_11;
@@ -611,23 +808,239 @@ impl Proxy {
                 h.insert(header::HOST, v);
             }
         }
-        let req = Request::from_parts(parts, body);
-        match tokio::time::timeout(forwarding.timeout, self.client.request(req)).await {
-            Ok(Ok(res)) => {
-                let (mut parts, body) = res.into_parts();
-                edge::strip_inbound(&mut parts.headers, true);
-                Response::from_parts(parts, body.boxed())
-            }
-            Ok(Err(e)) => {
-                tracing::warn!(request_id = %ask.id, route = ask.route, error = %e, "Upstream failed");
-                ask.refuse(StatusCode::BAD_GATEWAY, "the upstream did not answer")
-            }
-            Err(_) => ask.refuse(
-                StatusCode::GATEWAY_TIMEOUT,
-                "the upstream did not answer in time",
-            ),
+        Ok(upstream)
+    }
+}
+
+/// Whether the request is a CORS preflight: `OPTIONS` with `Origin` and
+/// `Access-Control-Request-Method`.
+fn is_cors_preflight(parts: &http::request::Parts) -> bool {
+    parts.method == http::Method::OPTIONS
+        && parts.headers.contains_key(header::ORIGIN)
+        && parts
+            .headers
+            .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
+}
+
+/// The roots `upstream` is verified against: the route's, for `https://` only.
+fn trust_for<'f>(forwarding: &'f Forwarding, upstream: &Upstream) -> &'f Trust {
+    if upstream.tls {
+        &forwarding.trust
+    } else {
+        &Trust::Default
+    }
+}
+
+/// 502 for an upstream that failed, saying so clearly when its TLS certificate
+/// was refused.
+fn upstream_failed(ask: &Ask<'_>, e: &(dyn std::error::Error + 'static)) -> Response<ProxyBody> {
+    match certificate_error(e) {
+        Some(why) => {
+            tracing::warn!(request_id = %ask.id, route = ask.route, error = %why, "Upstream certificate refused");
+            ask.refuse(
+                StatusCode::BAD_GATEWAY,
+                &format!("the upstream's TLS certificate was not accepted: {why}"),
+            )
+        }
+        None => {
+            tracing::warn!(request_id = %ask.id, route = ask.route, error = %e, "Upstream failed");
+            ask.refuse(StatusCode::BAD_GATEWAY, "the upstream did not answer")
         }
     }
+}
+
+/// What a WebSocket's upstream connection runs over: TCP, or TLS over it.
+trait UpstreamIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> UpstreamIo for T {}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Connects to `upstream` (TLS with `tls` for `https://`; SNI is its host) and
+/// sends `req` on an HTTP/1.1 connection that can be upgraded.
+async fn send_upgrade(
+    upstream: &Upstream,
+    tls: Arc<rustls::ClientConfig>,
+    req: Request<Incoming>,
+) -> Result<Response<Incoming>, BoxError> {
+    let host = upstream
+        .authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let port = upstream
+        .authority
+        .port_u16()
+        .unwrap_or(if upstream.tls { 443 } else { 80 });
+    let tcp = tokio::time::timeout(
+        crate::upstream::CONNECT_TIMEOUT,
+        tokio::net::TcpStream::connect((host, port)),
+    )
+    .await
+    .map_err(|_| "connecting to the upstream timed out")??;
+    let _ = tcp.set_nodelay(true);
+    let io: Box<dyn UpstreamIo> = if upstream.tls {
+        let name = rustls::pki_types::ServerName::try_from(host.to_owned())?;
+        Box::new(
+            tokio_rustls::TlsConnector::from(tls)
+                .connect(name, tcp)
+                .await?,
+        )
+    } else {
+        Box::new(tcp)
+    };
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io)).await?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(error = %e, "WebSocket upstream connection ended with an error");
+        }
+    });
+    Ok(sender.send_request(req).await?)
+}
+
+/// Everything needed to decide a tunnel's original request again.
+struct Again {
+    caller: Caller,
+    /// A service account's token, hashed: it must still be that account's.
+    token_sha256: Option<Vec<u8>>,
+    signed_out: Option<Arc<Login>>,
+    route: String,
+    host: String,
+    path: String,
+    method: http::Method,
+    headers: HeaderMap,
+    peer: IpAddr,
+}
+
+impl Again {
+    /// Decides the request again as it was decided when the tunnel opened: the
+    /// credential's standing, the route that serves the address and its settings,
+    /// then the route's policy at `now`.
+    fn check(&self, index: &Index, now: i64) -> Result<(), String> {
+        match &self.caller {
+            Caller::ServiceAccount(id) => {
+                let holder = self
+                    .token_sha256
+                    .as_deref()
+                    .and_then(|h| index.tokens.get(h));
+                if holder != Some(id) {
+                    return Err("the service account's token is no longer valid".into());
+                }
+            }
+            Caller::User(s, _) => {
+                if self
+                    .signed_out
+                    .as_ref()
+                    .is_some_and(|l| l.is_signed_out(&s.sid))
+                {
+                    return Err("the session was signed out".into());
+                }
+            }
+            Caller::Token(_, t) => {
+                let exp = t.claims.get("exp").and_then(serde_json::Value::as_i64);
+                if exp.is_some_and(|e| e <= now) {
+                    return Err("the bearer token has expired".into());
+                }
+            }
+            Caller::Anonymous => {}
+        }
+        if index.routes.find(&self.host, &self.path) != Some(self.route.as_str()) {
+            return Err("the route no longer serves this address".into());
+        }
+        match index.policies.get(&self.route) {
+            Some(r) if r.forwarding.allow_websockets => {}
+            Some(_) => return Err("the route no longer allows WebSockets".into()),
+            None => return Err("the route is gone".into()),
+        }
+        let device_id = match &self.caller {
+            Caller::User(s, _) => s.did.as_deref(),
+            _ => None,
+        };
+        let verdict = decide(
+            index,
+            &self.route,
+            self.caller.principal(),
+            Facts {
+                method: self.method.as_str(),
+                path: &self.path,
+                headers: &RequestHeaders(&self.headers),
+                source_ip: Some(self.peer),
+                now,
+                device_id,
+                client_certificate: None,
+            },
+        );
+        match verdict {
+            Verdict::Allow { .. } => Ok(()),
+            Verdict::Deny { reason, .. } | Verdict::Unauthenticated { reason, .. } => Err(reason),
+        }
+    }
+
+    fn into_recheck(self) -> Recheck {
+        Box::new(move |index, now| self.check(index, now))
+    }
+}
+
+/// Carries bytes both ways once both sides have switched, until either side ends
+/// or the registry closes the tunnel (logged as a decision, `closed`).
+async fn tunnel(
+    from_client: hyper::upgrade::OnUpgrade,
+    from_upstream: hyper::upgrade::OnUpgrade,
+    mut registration: crate::tunnel::Registration,
+    info: TunnelInfo,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
+) {
+    use hyper_util::rt::TokioIo;
+    use tokio::io::AsyncWriteExt as _;
+    let opened = Instant::now();
+    let (client, upstream) = match tokio::try_join!(from_client, from_upstream) {
+        Ok(both) => both,
+        Err(e) => {
+            tracing::debug!(request_id = %info.request_id, error = %e, "WebSocket upgrade did not complete");
+            return;
+        }
+    };
+    let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+    let closed = registration.closed.take();
+    let closed_by_proxy = async move {
+        match closed {
+            Some(rx) => rx.await.ok(),
+            None => None,
+        }
+    };
+    let closed = tokio::select! {
+        r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
+            if let Err(e) = r {
+                tracing::debug!(request_id = %info.request_id, error = %e, "WebSocket tunnel ended with an error");
+            }
+            None
+        }
+        Some(why) = closed_by_proxy => Some(why),
+    };
+    if let Some(m) = &metrics {
+        m.tunnel_closed(closed.is_some());
+    }
+    let Some(reason) = closed else { return };
+    // Both sides see the connection end (the streams are not at a frame
+    // boundary, so no close frame can be added).
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let _ = client.shutdown().await;
+        let _ = upstream.shutdown().await;
+    })
+    .await;
+    drop(registration);
+    tracing::info!(
+        target: "vigil::decision",
+        request_id = %info.request_id,
+        route = info.route.as_str(),
+        principal = %info.principal,
+        decision = "closed",
+        rule = "-",
+        reason = reason.as_str(),
+        status = 101,
+        open_ms = u64::try_from(opened.elapsed().as_millis()).unwrap_or(u64::MAX),
+        "decision"
+    );
 }
 
 /// The signed assertion of who `caller` is, for `host`: from the cache when one

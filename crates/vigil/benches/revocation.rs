@@ -14,7 +14,7 @@
 //! The same propagation at 1,000 simulated subscribers is measured by the
 //! stream bench (`make bench-stream`: a user suspended through the REST API,
 //! applied by every subscriber).
-#![allow(missing_docs)]
+#![allow(missing_docs, clippy::unwrap_used)]
 
 #[path = "../../../tests/support.rs"]
 mod support;

@@ -232,6 +232,10 @@ pub(crate) struct ControlArgs {
     /// Database connections in the pool (default: four per core, 4 to 32).
     #[arg(long, env = "VIGIL_DATABASE_MAX_CONNECTIONS")]
     pub database_max_connections: Option<u32>,
+    /// Seconds between re-verifications of each browser session with its identity
+    /// provider (refresh token, userinfo); 0 disables them.
+    #[arg(long, env = "VIGIL_REVERIFY_INTERVAL_S", default_value_t = 300)]
+    pub reverify_interval_s: u64,
 }
 
 fn init_tracing() {
@@ -360,6 +364,7 @@ async fn control(
         .start_snapshots(signer)
         .await
         .context("building the first snapshot")?;
+    control.start_verifier(Duration::from_secs(args.reverify_interval_s));
     let mut grpc = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)));
@@ -629,6 +634,8 @@ async fn proxy(
             login,
         },
     );
+    // Open tunnels are checked again as soon as a new snapshot is in.
+    proxy.tunnels().follow(handle.version.clone());
     if let Some(tx) = started {
         let _ = tx.send(handle.clone());
     }
