@@ -562,6 +562,11 @@ impl Resource for Route {
                 "must be between 1 and 3600000",
             ));
         }
+        if let Some(pem) = &s.upstream_ca_pem {
+            if let Err(e) = check_ca_pem(pem) {
+                errors.push(FieldError::new("/settings/upstream_ca_pem", e));
+            }
+        }
         if let Some(p) = &s.prefix_rewrite {
             if !p.starts_with('/') {
                 errors.push(FieldError::new(
@@ -717,6 +722,47 @@ impl Resource for Group {
     fn check(_: &mut GroupSpec, _: &str, _: &()) -> Result<Checked, Problem> {
         Ok(Checked::default())
     }
+}
+
+/// A PEM bundle of one or more CA certificates, and nothing else: a mistake here
+/// would otherwise surface only as 502s at every proxy.
+fn check_ca_pem(pem: &str) -> Result<(), String> {
+    use base64::Engine as _;
+    let mut count = 0;
+    let mut body: Option<String> = None;
+    for line in pem.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        match (&mut body, line) {
+            (None, "-----BEGIN CERTIFICATE-----") => body = Some(String::new()),
+            (None, l) if l.starts_with("-----BEGIN ") => {
+                return Err(format!("`{l}`: only CERTIFICATE blocks belong here"))
+            }
+            (None, _) => return Err("text outside a PEM block".into()),
+            (Some(b), "-----END CERTIFICATE-----") => {
+                let der = base64::engine::general_purpose::STANDARD
+                    .decode(b.as_bytes())
+                    .map_err(|_| format!("certificate {} is not valid base64", count + 1))?;
+                if der.first() != Some(&0x30) || der.len() < 64 {
+                    return Err(format!(
+                        "certificate {} is not a DER certificate",
+                        count + 1
+                    ));
+                }
+                count += 1;
+                body = None;
+            }
+            (Some(_), l) if l.starts_with("-----") => {
+                return Err(format!("certificate {} is not closed", count + 1))
+            }
+            (Some(b), l) => b.push_str(l),
+        }
+    }
+    if body.is_some() {
+        return Err(format!("certificate {} is not closed", count + 1));
+    }
+    if count == 0 {
+        return Err("expected at least one `-----BEGIN CERTIFICATE-----` block".into());
+    }
+    Ok(())
 }
 
 // ---------- devices ----------

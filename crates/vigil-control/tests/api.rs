@@ -72,6 +72,7 @@ api_tests!(
     audit_hides_admin_tokens_below_owner,
     session_revocation,
     posture_reports,
+    upstream_ca_is_checked,
     validate_policy_endpoint,
     health_and_fallbacks,
 );
@@ -3304,4 +3305,32 @@ async fn posture_reports(api: Api) {
         .put(&uri, None, &json!({"attributes": {}}))
         .await
         .problem(401, "unauthorized");
+}
+
+/// A route's upstream CA bundle is checked when written, not at every proxy's
+/// first request.
+async fn upstream_ca_is_checked(api: Api) {
+    let route = |pem: &str| {
+        json!({"name": "r", "host": "r.example", "upstreams": ["https://10.0.0.1"],
+               "policy": accept_all(), "settings": {"upstream_ca_pem": pem}})
+    };
+    for bad in [
+        "",
+        "not pem at all",
+        "-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n",
+        "-----BEGIN CERTIFICATE-----\nMIIB\n",
+        "-----BEGIN PRIVATE KEY-----\nMIIB\n-----END PRIVATE KEY-----\n",
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+    ] {
+        api.post("/v1/routes", &route(bad))
+            .await
+            .invalid(&["/settings/upstream_ca_pem"]);
+    }
+    // A real certificate (any DER SEQUENCE of certificate size passes this check;
+    // the proxy verifies chains).
+    let der = [vec![0x30, 0x82, 0x01, 0x00], vec![0u8; 256]].concat();
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let pem = format!("-----BEGIN CERTIFICATE-----\n{b64}\n-----END CERTIFICATE-----\n");
+    api.post("/v1/routes", &route(&pem)).await.status(201);
 }
