@@ -5,6 +5,7 @@ pub mod api;
 pub mod auth;
 pub mod body;
 pub mod crypto;
+pub mod idle;
 mod jwks;
 pub mod openapi;
 pub mod problem;
@@ -169,6 +170,14 @@ impl Control {
     /// once per `interval` (zero: never); see [`verifier`].
     pub fn start_verifier(&self, interval: std::time::Duration) {
         tokio::spawn(verifier::run(self.clone(), interval));
+    }
+
+    /// Starts revoking sessions unused for longer than `idle` (zero: never);
+    /// see [`idle`].
+    pub fn start_idle_timeout(&self, idle: std::time::Duration) {
+        if !idle.is_zero() {
+            tokio::spawn(idle::run(self.clone(), idle));
+        }
     }
 
     /// The snapshot hub, once started.

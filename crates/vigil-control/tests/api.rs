@@ -73,6 +73,7 @@ api_tests!(
     session_revocation,
     posture_reports,
     upstream_ca_is_checked,
+    idle_sessions_are_revoked,
     validate_policy_endpoint,
     health_and_fallbacks,
 );
@@ -3333,4 +3334,39 @@ async fn upstream_ca_is_checked(api: Api) {
     let b64 = base64::engine::general_purpose::STANDARD.encode(der);
     let pem = format!("-----BEGIN CERTIFICATE-----\n{b64}\n-----END CERTIFICATE-----\n");
     api.post("/v1/routes", &route(&pem)).await.status(201);
+}
+
+/// Sessions unused for longer than the idle timeout are revoked by the sweep,
+/// once; live, recent and already revoked ones are left alone.
+async fn idle_sessions_are_revoked(api: Api) {
+    let user = new_user(&api, "idle").await;
+    let now = chrono::Utc::now();
+    let at =
+        |t: chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let session = |auth: String| json!({"user_id": user, "auth_time": auth, "expires_at": "2099-01-01T00:00:00Z"});
+    let idle = api
+        .create_id("sessions", session(at(now - chrono::Duration::hours(3))))
+        .await;
+    let recent = api
+        .create_id("sessions", session(at(now - chrono::Duration::minutes(10))))
+        .await;
+    let hour = std::time::Duration::from_secs(3600);
+    assert_eq!(vigil_control::idle::sweep(&api.control, hour).await, 1);
+    let got = api.get(&format!("/v1/sessions/{idle}")).await.status(200);
+    assert!(got.json["revoked_at"].is_string(), "{}", got.text);
+    let got = api.get(&format!("/v1/sessions/{recent}")).await.status(200);
+    assert!(
+        got.json.get("revoked_at").is_none_or(Value::is_null),
+        "{}",
+        got.text
+    );
+    // Once revoked, never again.
+    assert_eq!(vigil_control::idle::sweep(&api.control, hour).await, 0);
+    let audit = api.audit(&format!("&entity_id={idle}")).await;
+    assert!(
+        audit
+            .iter()
+            .any(|e| e["actor"] == "idle-timeout" && e["action"] == "idle"),
+        "{audit:?}"
+    );
 }

@@ -236,6 +236,10 @@ pub(crate) struct ControlArgs {
     /// provider (refresh token, userinfo); 0 disables them.
     #[arg(long, env = "VIGIL_REVERIFY_INTERVAL_S", default_value_t = 300)]
     pub reverify_interval_s: u64,
+    /// Seconds a session may go unused before it is revoked (default 8 hours; at
+    /// least 300, since proxies report use once a minute); 0 disables.
+    #[arg(long, env = "VIGIL_SESSION_IDLE_TIMEOUT_S", default_value_t = 28_800)]
+    pub session_idle_timeout_s: u64,
 }
 
 fn init_tracing() {
@@ -365,6 +369,7 @@ async fn control(
         .await
         .context("building the first snapshot")?;
     control.start_verifier(Duration::from_secs(args.reverify_interval_s));
+    control.start_idle_timeout(Duration::from_secs(args.session_idle_timeout_s));
     let mut grpc = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)));
