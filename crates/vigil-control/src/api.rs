@@ -629,6 +629,13 @@ pub async fn put_posture(
                 "expected an RFC 3339 time, e.g. 2030-01-01T00:00:00Z",
             ));
         }
+        let latest = chrono::Utc::now() + chrono::Duration::seconds(MAX_POSTURE_TTL_S as i64);
+        if crate::time::parse(at).is_some_and(|t| t > latest) {
+            return Err(Problem::invalid_field(
+                "/expires_at",
+                format!("at most {MAX_POSTURE_TTL_S} seconds from now"),
+            ));
+        }
         if is_past(at) {
             return Err(Problem::invalid_field(
                 "/expires_at",

@@ -229,8 +229,16 @@ pub const IDP_GROUPS: &str = "idp_groups";
 /// `user` with `claims` applied; `None` when nothing changed.
 pub(crate) fn updated_user(user: &UserSpec, claims: &Claims) -> Option<UserSpec> {
     let mut next = user.clone();
-    next.email.clone_from(&claims.email);
-    next.email_verified = claims.email_verified;
+    // An address is taken only when the provider vouches for it; one it stops
+    // vouching for loses its `email_verified`; a missing claim changes nothing.
+    match &claims.email {
+        Some(e) if claims.email_verified => {
+            next.email = Some(e.clone());
+            next.email_verified = true;
+        }
+        Some(e) if user.email.as_deref() == Some(e.as_str()) => next.email_verified = false,
+        _ => {}
+    }
     if claims.display_name.is_some() {
         next.display_name.clone_from(&claims.display_name);
     }
@@ -514,6 +522,17 @@ async fn discover(
         .get("userinfo_endpoint")
         .and_then(Value::as_str)
         .map(str::to_owned);
+    // Refresh tokens and the client secret never leave over plain HTTP when the
+    // issuer itself is HTTPS.
+    if issuer.starts_with("https://") {
+        for endpoint in std::iter::once(token).chain(userinfo.as_deref()) {
+            if !endpoint.starts_with("https://") {
+                return Err(format!(
+                    "the discovery document's endpoint `{endpoint}` is not HTTPS"
+                ));
+            }
+        }
+    }
     Ok((token.to_owned(), userinfo))
 }
 

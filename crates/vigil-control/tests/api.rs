@@ -3288,6 +3288,13 @@ async fn posture_reports(api: Api) {
     mdm.put(
         &uri,
         None,
+        &json!({"attributes": {}, "expires_at": "9999-12-31T00:00:00Z"}),
+    )
+    .await
+    .invalid(&["/expires_at"]);
+    mdm.put(
+        &uri,
+        None,
         &json!({"attributes": {}, "expires_at": "tomorrow"}),
     )
     .await

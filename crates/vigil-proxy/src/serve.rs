@@ -430,9 +430,8 @@ impl Proxy {
         {
             log.decision = "allow";
             log.rule = Some("cors-preflight".into());
-            parts.headers.remove(header::AUTHORIZATION);
             let res = self
-                .forward(&index, forwarding, parts, body, &ask, &Caller::Anonymous)
+                .forward_preflight(&index, forwarding, parts, body, &ask)
                 .await;
             return (res, log);
         }
@@ -618,6 +617,73 @@ impl Proxy {
                 let (mut parts, body) = res.into_parts();
                 edge::strip_inbound(&mut parts.headers, true);
                 Response::from_parts(parts, body.boxed())
+            }
+            Ok(Err(e)) => upstream_failed(ask, &e),
+            Err(_) => ask.refuse(
+                StatusCode::GATEWAY_TIMEOUT,
+                "the upstream did not answer in time",
+            ),
+        }
+    }
+
+    /// Forwards an unauthenticated CORS preflight as a preflight and nothing more:
+    /// only the preflight's own headers go (no cookies, no credentials, none of the
+    /// route's `set_request_headers`, no body), and only the status and the
+    /// `Access-Control-*` and `Vary` headers come back, so the route's content can
+    /// never be read or changed through it.
+    async fn forward_preflight(
+        &self,
+        index: &Index,
+        forwarding: &Forwarding,
+        mut parts: http::request::Parts,
+        body: Incoming,
+        ask: &Ask<'_>,
+    ) -> Response<ProxyBody> {
+        const KEEP: &[&str] = &[
+            "host",
+            "origin",
+            "access-control-request-method",
+            "access-control-request-headers",
+            "access-control-request-private-network",
+            "user-agent",
+            "accept",
+            "x-forwarded-for",
+            "x-forwarded-proto",
+            "x-forwarded-host",
+        ];
+        let upstream = match self.outbound(index, forwarding, &mut parts, ask, &Caller::Anonymous) {
+            Ok(u) => u,
+            Err((status, reason)) => return ask.refuse(status, reason),
+        };
+        let drop: Vec<header::HeaderName> = parts
+            .headers
+            .keys()
+            .filter(|k| !KEEP.contains(&k.as_str()))
+            .cloned()
+            .collect();
+        for name in drop {
+            parts.headers.remove(name);
+        }
+        let pool = match self.pools.get(trust_for(forwarding, upstream)) {
+            Ok(p) => p,
+            Err(reason) => return ask.refuse(StatusCode::BAD_GATEWAY, &reason),
+        };
+        let req = Request::from_parts(parts, body);
+        match tokio::time::timeout(forwarding.timeout, pool.client.request(req)).await {
+            Ok(Ok(res)) => {
+                let mut out = Response::new(
+                    Empty::<Bytes>::new()
+                        .map_err(|never: Infallible| match never {})
+                        .boxed(),
+                );
+                *out.status_mut() = res.status();
+                for (name, value) in res.headers() {
+                    let n = name.as_str();
+                    if n.starts_with("access-control-") || n == "vary" {
+                        out.headers_mut().append(name.clone(), value.clone());
+                    }
+                }
+                out
             }
             Ok(Err(e)) => upstream_failed(ask, &e),
             Err(_) => ask.refuse(
@@ -815,7 +881,14 @@ impl Proxy {
 /// Whether the request is a CORS preflight: `OPTIONS` with `Origin` and
 /// `Access-Control-Request-Method`.
 fn is_cors_preflight(parts: &http::request::Parts) -> bool {
+    // A preflight has no body; anything with one takes the authenticated path.
+    let bodiless = !parts.headers.contains_key(header::TRANSFER_ENCODING)
+        && parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .is_none_or(|v| v.as_bytes() == b"0");
     parts.method == http::Method::OPTIONS
+        && bodiless
         && parts.headers.contains_key(header::ORIGIN)
         && parts
             .headers
