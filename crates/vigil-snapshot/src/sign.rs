@@ -199,17 +199,56 @@ const ED25519_SPKI_PREFIX: &[u8] = &[
     0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
 ];
 
-/// The Ed25519 key of a DER certificate. The SPKI of an Ed25519 key has one
-/// fixed encoding, so it is found whole; a certificate holding it more than
-/// once (say, also in an extension) is ambiguous and refused.
+/// One DER element at the start of `der`: (tag, contents, the rest). Definite
+/// lengths only (DER has no other kind).
+fn der_element(der: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = der.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (usize::from(first), rest)
+    } else {
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        let len = rest[..n]
+            .iter()
+            .fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
+        (len, &rest[n..])
+    };
+    (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
+}
+
+/// The Ed25519 key of a DER certificate, taken from the certificate's own
+/// `subjectPublicKeyInfo` (RFC 5280: the seventh field of the TBSCertificate,
+/// after the optional `[0]` version): the same bytes anywhere else (an
+/// extension, a name) mean nothing. `None` when that key is not Ed25519.
 fn certificate_ed25519_key(der: &[u8]) -> Option<Vec<u8>> {
-    let span = ED25519_SPKI_PREFIX.len() + 32;
-    let mut found = der
-        .windows(span)
-        .filter(|w| w.starts_with(ED25519_SPKI_PREFIX))
-        .map(|w| w[ED25519_SPKI_PREFIX.len()..].to_vec());
-    let key = found.next()?;
-    found.next().is_none().then_some(key)
+    const SEQUENCE: u8 = 0x30;
+    let (tag, cert, _) = der_element(der)?;
+    if tag != SEQUENCE {
+        return None;
+    }
+    let (tag, mut tbs, _) = der_element(cert)?;
+    if tag != SEQUENCE {
+        return None;
+    }
+    // [0] EXPLICIT version, when present.
+    if tbs.first() == Some(&0xa0) {
+        tbs = der_element(tbs)?.2;
+    }
+    // serialNumber, signature, issuer, validity, subject.
+    for _ in 0..5 {
+        tbs = der_element(tbs)?.2;
+    }
+    let (tag, _, rest) = der_element(tbs)?;
+    if tag != SEQUENCE {
+        return None;
+    }
+    tbs[..tbs.len() - rest.len()]
+        .strip_prefix(ED25519_SPKI_PREFIX)
+        .filter(|k| k.len() == 32)
+        .map(<[u8]>::to_vec)
 }
 
 /// The PEM blocks of `text` as (label, DER); none when the text is not PEM.
@@ -336,15 +375,34 @@ mod tests {
         spki.extend_from_slice(&public);
         let v = Verifier::from_text(&pem("PUBLIC KEY", &spki)).unwrap();
         assert!(v.open(&signer.seal(&update())).is_ok());
-        // A certificate is a SEQUENCE around the SPKI and more; only the key counts.
-        let mut cert = vec![0x30, 0x82, 0x00, 0x00, 0xa0, 0x03, 0x02, 0x01, 0x02];
-        cert.extend_from_slice(&spki);
-        cert.extend_from_slice(&[0x30, 0x00]);
-        let v = Verifier::from_text(&pem("CERTIFICATE", &cert)).unwrap();
+        // A certificate: only its subjectPublicKeyInfo counts, found by position.
+        let cert = |spki: &[u8], extra: &[u8]| {
+            let mut tbs = vec![0xa0, 0x03, 0x02, 0x01, 0x02]; // version
+            tbs.extend_from_slice(&[0x02, 0x01, 0x01]); // serial
+            tbs.extend_from_slice(&[0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70]); // signature
+            tbs.extend_from_slice(&[0x30, 0x00]); // issuer
+            tbs.extend_from_slice(&[0x30, 0x00]); // validity
+            tbs.extend_from_slice(&[0x30, 0x00]); // subject
+            tbs.extend_from_slice(spki);
+            tbs.extend_from_slice(extra);
+            let mut t = vec![0x30, 0x81, tbs.len() as u8];
+            t.extend_from_slice(&tbs);
+            let mut c = vec![0x30, 0x81, (t.len() + 2) as u8];
+            c.extend_from_slice(&t);
+            c.extend_from_slice(&[0x30, 0x00]); // signatureAlgorithm, shortened
+            c
+        };
+        let v = Verifier::from_text(&pem("CERTIFICATE", &cert(&spki, &[]))).unwrap();
         assert!(v.open(&signer.seal(&update())).is_ok());
-        let mut twice = cert.clone();
-        twice.extend_from_slice(&spki);
-        assert!(Verifier::from_text(&pem("CERTIFICATE", &twice)).is_err());
+        // The Ed25519 SPKI bytes elsewhere (here after a P-256 key) are not the key.
+        let p256 = [
+            0x30, 0x13, 0x30, 0x09, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x03,
+            0x06, 0x00, 0x04, 0x01, 0x02, 0x03, 0x04,
+        ];
+        let mut smuggled = vec![0x04, spki.len() as u8];
+        smuggled.extend_from_slice(&spki);
+        assert!(Verifier::from_text(&pem("CERTIFICATE", &cert(&p256, &smuggled))).is_err());
+        assert!(Verifier::from_text(&pem("CERTIFICATE", &[0x30, 0x03, 0x02, 0x01])).is_err());
         // Lists of base64 keys, and the refusals.
         let list = format!(
             "{},\n{}",
