@@ -4,7 +4,7 @@
 //!
 //! The control plane decides, not the proxies: a user active on one proxy and
 //! idle on another is active, and only the control plane sees the activity of
-//! the whole fleet (proxies are meant to report a session's use at most once a minute, so
+//! the whole fleet (proxies report a session's use at most once a minute, so
 //! the timeout is at least [`MIN_IDLE`]). Several replicas may sweep at once:
 //! each revocation is a conditional write, so one wins and the others skip.
 

@@ -111,7 +111,16 @@ pub struct Login {
     /// Sessions signed out here (id → expiry), denied before the revocation
     /// comes back in a snapshot.
     signed_out: parking_lot::Mutex<HashMap<String, i64>>,
+    /// When each session's use was last reported from here (id → Unix seconds).
+    reported_use: parking_lot::Mutex<HashMap<String, i64>>,
 }
+
+/// A session's use is reported at most this often (seconds), per proxy; the
+/// control plane records it at the same pace.
+pub const USE_EVERY_S: i64 = 60;
+/// Sessions whose last report is remembered; beyond, the memory starts again
+/// (at worst, one extra report per session).
+const USE_TRACKED: usize = 100_000;
 
 impl fmt::Debug for Login {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -247,12 +256,40 @@ impl Login {
             providers: tokio::sync::Mutex::new(HashMap::new()),
             redeemed: parking_lot::Mutex::new(HashMap::new()),
             signed_out: parking_lot::Mutex::new(HashMap::new()),
+            reported_use: parking_lot::Mutex::new(HashMap::new()),
         })
     }
 
     /// Whether `host` (canonical) is the authenticate host.
     pub fn is_authenticate_host(&self, host: &str) -> bool {
         host == self.host
+    }
+
+    /// Notes that session `s` was used (an allowed request) at `now`: reported to
+    /// the control plane at most once a minute per session, for its idle timeout
+    /// and the sessions' `last_seen_at`.
+    pub fn note_use(&self, s: &cookie::SessionCookie, now: i64) {
+        {
+            let mut seen = self.reported_use.lock();
+            if seen.get(&s.sid).is_some_and(|&t| now - t < USE_EVERY_S) {
+                return;
+            }
+            if seen.len() >= USE_TRACKED {
+                seen.clear();
+            }
+            seen.insert(s.sid.clone(), now);
+        }
+        self.report(SessionReport {
+            session_id: s.sid.clone(),
+            user_id: s.uid.clone(),
+            device_id: s.did.clone(),
+            identity_provider: s.idp.clone(),
+            auth_time: s.auth_time,
+            expires_at: s.exp,
+            amr: s.amr.clone(),
+            last_seen_at: now,
+            ..SessionReport::default()
+        });
     }
 
     /// Whether session `sid` was signed out at this proxy.
@@ -815,6 +852,45 @@ fn claim_groups(claims: &serde_json::Map<String, serde_json::Value>, name: &str)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn use_is_reported_once_a_minute_per_session() {
+        let keys = Arc::new(
+            CookieKeys::new([(1u8, "QkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkI=")]).unwrap(),
+        );
+        let (tx, mut rx) = mpsc::channel(16);
+        let login = Login::new(
+            LoginConfig {
+                authenticate_url: "https://auth.example.com".into(),
+                session_lifetime: Duration::from_secs(3600),
+            },
+            keys,
+            tx,
+        )
+        .unwrap();
+        let s = |sid: &str| cookie::SessionCookie {
+            sid: sid.into(),
+            uid: "usr_1".into(),
+            auth_time: 1_000,
+            exp: 9_000,
+            ..Default::default()
+        };
+        login.note_use(&s("ses_a"), 2_000);
+        login.note_use(&s("ses_a"), 2_030);
+        login.note_use(&s("ses_b"), 2_030);
+        login.note_use(&s("ses_a"), 2_060);
+        let seen: Vec<(String, i64)> = std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|r| (r.session_id, r.last_seen_at))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("ses_a".into(), 2_000),
+                ("ses_b".into(), 2_030),
+                ("ses_a".into(), 2_060)
+            ]
+        );
+    }
 
     #[test]
     fn groups_come_from_arrays_or_strings_and_stay_small() {

@@ -471,6 +471,9 @@ impl Proxy {
             Verdict::Allow { rule } => {
                 log.decision = "allow";
                 log.rule = Some(rule);
+                if let (Caller::User(s, _), Some(login)) = (&caller, &self.config.login) {
+                    login.note_use(s, ask.now);
+                }
             }
             Verdict::Deny { reason, rule } => {
                 log.decision = "deny";

@@ -113,7 +113,7 @@ pub async fn run(args: AllInOneArgs) -> anyhow::Result<()> {
         database_max_connections: None,
         // `vigil control`'s default.
         reverify_interval_s: 300,
-        session_idle_timeout_s: 0,
+        session_idle_timeout_s: 28_800,
     };
     let proxy_args = ProxyArgs {
         listen: args.listen,

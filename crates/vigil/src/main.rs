@@ -236,10 +236,10 @@ pub(crate) struct ControlArgs {
     /// provider (refresh token, userinfo); 0 disables them.
     #[arg(long, env = "VIGIL_REVERIFY_INTERVAL_S", default_value_t = 300)]
     pub reverify_interval_s: u64,
-    /// Seconds a session may go unused before it is revoked (at least 300); 0, the
-    /// default, disables it: proxies report a session's use at sign-in and sign-out
-    /// only, so for now the timeout counts from sign-in, like a shorter lifetime.
-    #[arg(long, env = "VIGIL_SESSION_IDLE_TIMEOUT_S", default_value_t = 0)]
+    /// Seconds a session may go unused anywhere in the fleet before it is revoked
+    /// (default 8 hours; at least 300, since proxies report use once a minute);
+    /// 0 disables it.
+    #[arg(long, env = "VIGIL_SESSION_IDLE_TIMEOUT_S", default_value_t = 28_800)]
     pub session_idle_timeout_s: u64,
 }
 
