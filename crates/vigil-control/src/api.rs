@@ -181,8 +181,23 @@ pub(crate) async fn prepare<R: Resource>(
             sealed = Some(control.seal(&plain)?);
         }
         // Without a new secret, one stored earlier is kept.
-        let stored =
-            sealed.is_some() || (exists && control.store.secret(R::KIND, id).await?.is_some());
+        let kept = sealed.is_none() && exists && control.store.secret(R::KIND, id).await?.is_some();
+        // ...but never for another identity provider: the verifier and sign-in send
+        // it to whatever `issuer_url` names.
+        if kept && R::KIND == IdentityProvider::KIND {
+            let new_issuer = serde_json::to_value(&spec)
+                .ok()
+                .and_then(|v| v.get("issuer_url").cloned());
+            if let Some(old) = control.store.get(R::KIND, id).await? {
+                if old.body.get("issuer_url") != new_issuer.as_ref() {
+                    return Err(Problem::invalid_field(
+                        "/client_secret",
+                        "changing issuer_url needs the client secret again: the stored one is never sent to another issuer",
+                    ));
+                }
+            }
+        }
+        let stored = sealed.is_some() || kept;
         (secret.mark)(&mut spec, stored);
     }
     let entity = Entity {

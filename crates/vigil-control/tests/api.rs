@@ -2142,6 +2142,27 @@ async fn identity_provider_secret_is_write_only(api: Api) {
     let resealed = api.secret("identity_provider", "corp").await.unwrap();
     assert_eq!(api.control.open(&resealed).as_deref(), Some(SECRET));
 
+    // The stored secret is never carried over to another issuer: pointing the
+    // provider elsewhere needs the secret again.
+    api.patch(
+        "/v1/identity-providers/corp",
+        Some("*"),
+        &json!({"issuer_url": "https://elsewhere.example"}),
+    )
+    .await
+    .invalid(&["/client_secret"]);
+    let moved = api
+        .patch(
+            "/v1/identity-providers/corp",
+            Some("*"),
+            &json!({"issuer_url": "https://elsewhere.example", "client_secret": SECRET2}),
+        )
+        .await
+        .status(200);
+    assert_eq!(moved.json["client_secret_set"], json!(true));
+    let resealed = api.secret("identity_provider", "corp").await.unwrap();
+    assert_eq!(api.control.open(&resealed).as_deref(), Some(SECRET2));
+
     // Without a secret, `client_secret_set` is false whatever the client says.
     let bare = api
         .post(
@@ -2158,7 +2179,7 @@ async fn identity_provider_secret_is_write_only(api: Api) {
         .get("/v1/audit?kind=identity_provider")
         .await
         .status(200);
-    assert_eq!(audit.json["items"].as_array().unwrap().len(), 6);
+    assert_eq!(audit.json["items"].as_array().unwrap().len(), 7);
     for s in [SECRET, SECRET2, sealed.as_str(), "\"client_secret\""] {
         assert!(!audit.text.contains(s), "audit holds {s}: {}", audit.text);
     }
