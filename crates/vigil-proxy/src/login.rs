@@ -279,17 +279,7 @@ impl Login {
             }
             seen.insert(s.sid.clone(), now);
         }
-        self.report(SessionReport {
-            session_id: s.sid.clone(),
-            user_id: s.uid.clone(),
-            device_id: s.did.clone(),
-            identity_provider: s.idp.clone(),
-            auth_time: s.auth_time,
-            expires_at: s.exp,
-            amr: s.amr.clone(),
-            last_seen_at: now,
-            ..SessionReport::default()
-        });
+        self.report(session_report(s, now));
     }
 
     /// Whether session `sid` was signed out at this proxy.
@@ -773,16 +763,8 @@ impl Login {
             if first {
                 tracing::info!(request_id = %a.id, session = %s.sid, user = %s.uid, "Signed out");
                 self.report(SessionReport {
-                    session_id: s.sid.clone(),
-                    user_id: s.uid.clone(),
-                    device_id: s.did.clone(),
-                    identity_provider: s.idp.clone(),
-                    auth_time: s.auth_time,
-                    expires_at: s.exp,
-                    amr: s.amr.clone(),
-                    last_seen_at: a.now,
                     signed_out: true,
-                    ..SessionReport::default()
+                    ..session_report(&s, a.now)
                 });
             }
         }
@@ -807,6 +789,22 @@ impl Login {
         if let Err(e) = self.reports.try_send(report) {
             tracing::warn!(error = %e, "Cannot queue a session report for the control plane");
         }
+    }
+}
+
+/// What the control plane is told of session `s`, seen at `now` (its use, or with
+/// `signed_out`, its end).
+fn session_report(s: &cookie::SessionCookie, now: i64) -> SessionReport {
+    SessionReport {
+        session_id: s.sid.clone(),
+        user_id: s.uid.clone(),
+        device_id: s.did.clone(),
+        identity_provider: s.idp.clone(),
+        auth_time: s.auth_time,
+        expires_at: s.exp,
+        amr: s.amr.clone(),
+        last_seen_at: now,
+        ..SessionReport::default()
     }
 }
 

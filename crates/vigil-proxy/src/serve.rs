@@ -422,11 +422,10 @@ impl Proxy {
         }
         // A CORS preflight, on a route that opted in, goes on unauthenticated: the
         // upstream answers it (browsers send no credentials on a preflight).
-        if let Some(forwarding) = index
-            .policies
-            .get(route)
-            .map(|r| &r.forwarding)
-            .filter(|f| f.cors_preflight && is_cors_preflight(&parts))
+        // The route's forwarding, looked up once for the preflight and for step 6.
+        let route_forwarding = index.policies.get(route).map(|r| &r.forwarding);
+        if let Some(forwarding) =
+            route_forwarding.filter(|f| f.cors_preflight && is_cors_preflight(&parts))
         {
             log.decision = "allow";
             log.rule = Some("cors-preflight".into());
@@ -497,7 +496,7 @@ impl Proxy {
             }
         }
         // 6. Forward (`decide` allowed only a route it has a policy for).
-        let Some(forwarding) = index.policies.get(route).map(|r| &r.forwarding) else {
+        let Some(forwarding) = route_forwarding else {
             return (
                 ask.refuse(StatusCode::BAD_GATEWAY, "the route is gone"),
                 log,
@@ -610,22 +609,38 @@ impl Proxy {
             Ok(u) => u,
             Err((status, reason)) => return ask.refuse(status, reason),
         };
-        let pool = match self.pools.get(trust_for(forwarding, upstream)) {
-            Ok(p) => p,
-            Err(reason) => return ask.refuse(StatusCode::BAD_GATEWAY, &reason),
-        };
-        let req = Request::from_parts(parts, body);
-        match tokio::time::timeout(forwarding.timeout, pool.client.request(req)).await {
-            Ok(Ok(res)) => {
+        match self.send(forwarding, upstream, parts, body, ask).await {
+            Ok(res) => {
                 let (mut parts, body) = res.into_parts();
                 edge::strip_inbound(&mut parts.headers, true);
                 Response::from_parts(parts, body.boxed())
             }
-            Ok(Err(e)) => upstream_failed(ask, &e),
-            Err(_) => ask.refuse(
+            Err(refused) => refused,
+        }
+    }
+
+    /// Sends a readied request to `upstream` through the pool for its trust, within
+    /// the route's timeout; a failure comes back as the response to give instead.
+    async fn send(
+        &self,
+        forwarding: &Forwarding,
+        upstream: &Upstream,
+        parts: http::request::Parts,
+        body: Incoming,
+        ask: &Ask<'_>,
+    ) -> Result<Response<Incoming>, Response<ProxyBody>> {
+        let pool = self
+            .pools
+            .get(trust_for(forwarding, upstream))
+            .map_err(|reason| ask.refuse(StatusCode::BAD_GATEWAY, &reason))?;
+        let req = Request::from_parts(parts, body);
+        match tokio::time::timeout(forwarding.timeout, pool.client.request(req)).await {
+            Ok(Ok(res)) => Ok(res),
+            Ok(Err(e)) => Err(upstream_failed(ask, &e)),
+            Err(_) => Err(ask.refuse(
                 StatusCode::GATEWAY_TIMEOUT,
                 "the upstream did not answer in time",
-            ),
+            )),
         }
     }
 
@@ -667,33 +682,23 @@ impl Proxy {
         for name in drop {
             parts.headers.remove(name);
         }
-        let pool = match self.pools.get(trust_for(forwarding, upstream)) {
-            Ok(p) => p,
-            Err(reason) => return ask.refuse(StatusCode::BAD_GATEWAY, &reason),
+        let res = match self.send(forwarding, upstream, parts, body, ask).await {
+            Ok(res) => res,
+            Err(refused) => return refused,
         };
-        let req = Request::from_parts(parts, body);
-        match tokio::time::timeout(forwarding.timeout, pool.client.request(req)).await {
-            Ok(Ok(res)) => {
-                let mut out = Response::new(
-                    Empty::<Bytes>::new()
-                        .map_err(|never: Infallible| match never {})
-                        .boxed(),
-                );
-                *out.status_mut() = res.status();
-                for (name, value) in res.headers() {
-                    let n = name.as_str();
-                    if n.starts_with("access-control-") || n == "vary" {
-                        out.headers_mut().append(name.clone(), value.clone());
-                    }
-                }
-                out
+        let mut out = Response::new(
+            Empty::<Bytes>::new()
+                .map_err(|never: Infallible| match never {})
+                .boxed(),
+        );
+        *out.status_mut() = res.status();
+        for (name, value) in res.headers() {
+            let n = name.as_str();
+            if n.starts_with("access-control-") || n == "vary" {
+                out.headers_mut().append(name.clone(), value.clone());
             }
-            Ok(Err(e)) => upstream_failed(ask, &e),
-            Err(_) => ask.refuse(
-                StatusCode::GATEWAY_TIMEOUT,
-                "the upstream did not answer in time",
-            ),
         }
+        out
     }
 
     /// Sends an allowed WebSocket upgrade to one of the route's upstreams on a
