@@ -11,7 +11,7 @@ use vigil_store::{Entity, ListQuery, Op, Record, SecretChange, StoreError};
 
 use crate::auth::Admin;
 use crate::body::{read_json, typed};
-use crate::crypto::{new_token, token_hash};
+use crate::crypto::{new_token, service_account_token, token_hash};
 use crate::problem::Problem;
 use crate::resources::*;
 use crate::time;
@@ -233,8 +233,9 @@ pub async fn create<R: Resource>(
     let spec = read_spec::<R>(&headers, body, None).await?;
     let id = new_id::<R>(&spec)?;
     let (mut entity, sealed) = prepare::<R>(&c, spec, &id, false).await?;
-    let token = R::TOKEN_PREFIX.map(new_token);
-    entity.secret = token.as_deref().map(token_hash).or(sealed);
+    let issued = issue_token::<R>(&c, &id);
+    let token = issued.as_ref().map(|(t, _)| t.clone());
+    entity.secret = issued.map(|(_, stored)| stored).or(sealed);
     let rec = commit_one(&c, &admin, None, Op::Create(entity)).await?;
     Ok(respond(
         StatusCode::CREATED,
@@ -242,6 +243,20 @@ pub async fn create<R: Resource>(
         token,
         Some(format!("/v1/{}/{}", R::PATH, rec.id)),
     ))
+}
+
+/// A new token for entity `id` of a kind that has tokens, and what the store
+/// keeps of it. Service accounts' tokens are signed by the control plane
+/// ([`vigil_snapshot::satoken`]); admin and join tokens are random.
+fn issue_token<R: Resource>(c: &Control, id: &str) -> Option<(String, String)> {
+    let prefix = R::TOKEN_PREFIX?;
+    Some(if R::KIND == ServiceAccount::KIND {
+        service_account_token(&c.token_signer(), id)
+    } else {
+        let token = new_token(prefix);
+        let stored = token_hash(&token);
+        (token, stored)
+    })
 }
 
 /// A stored document as its kind's spec (the store only holds checked documents).
@@ -496,10 +511,10 @@ pub async fn rotate_token<R: Resource>(
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
     admin.require(R::WRITE_ROLE)?;
-    let prefix = R::TOKEN_PREFIX.ok_or_else(|| Problem::not_found("this kind has no token"))?;
     let cur = current::<R>(&c, &id).await?;
     let version = if_match(&headers)?.flatten();
-    let token = new_token(prefix);
+    let (token, kept) =
+        issue_token::<R>(&c, &id).ok_or_else(|| Problem::not_found("this kind has no token"))?;
     // The document is written again as it is, with only the token changed.
     let spec = stored::<R>(cur.body)?;
     let (entity, _) = prepare::<R>(&c, spec, &id, true).await?;
@@ -507,7 +522,7 @@ pub async fn rotate_token<R: Resource>(
         entity,
         // The document read is written back: a write in between must not be undone.
         if_version: Some(version.unwrap_or(cur.version)),
-        secret: SecretChange::Set(Some(token_hash(&token))),
+        secret: SecretChange::Set(Some(kept)),
     };
     let rec = commit_one(&c, &admin, Some("rotate-token"), op).await?;
     Ok(respond(StatusCode::OK, &rec, Some(token), None))

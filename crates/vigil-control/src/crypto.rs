@@ -21,6 +21,27 @@ pub fn new_token(prefix: &str) -> String {
     format!("vgl_{prefix}_{}", B64.encode(random::<32>()))
 }
 
+/// A new service-account token for `id`, signed by `signer`
+/// ([`vigil_snapshot::satoken`]), and what the store keeps of it: its SHA-256
+/// (hex), a space, and the signer's public key (base64url).
+pub fn service_account_token(signer: &vigil_snapshot::Signer, id: &str) -> (String, String) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    let token = vigil_snapshot::satoken::issue(signer, id, now, random::<16>());
+    let stored = format!("{} {}", token_hash(&token), B64.encode(signer.public_key()));
+    (token, stored)
+}
+
+/// The parts of a stored service-account secret: the token's SHA-256 (hex) and
+/// the public key that signed it (raw bytes; empty for an unsigned token).
+pub fn service_account_secret(stored: &str) -> (&str, Vec<u8>) {
+    match stored.split_once(' ') {
+        Some((hash, key)) => (hash, B64.decode(key).unwrap_or_default()),
+        None => (stored, Vec::new()),
+    }
+}
+
 /// How a token is stored: SHA-256, hex. Tokens carry 256 random bits, so a fast
 /// hash is enough; no password hashing needed.
 pub fn token_hash(token: &str) -> String {

@@ -54,6 +54,8 @@ struct Inner {
     hub: std::sync::OnceLock<Arc<stream::Hub>>,
     /// The hash of a join token set in configuration rather than stored.
     fleet_join_hash: std::sync::OnceLock<String>,
+    /// Signs service-account tokens: the snapshot signer once snapshots start.
+    token_signer: std::sync::OnceLock<Arc<vigil_snapshot::Signer>>,
 }
 
 impl Control {
@@ -76,6 +78,7 @@ impl Control {
                 revision,
                 hub: std::sync::OnceLock::new(),
                 fleet_join_hash: std::sync::OnceLock::new(),
+                token_signer: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -154,6 +157,10 @@ impl Control {
         if let Some(h) = self.inner.hub.get() {
             return Ok(h.clone());
         }
+        let signer = Arc::new(signer);
+        if self.inner.token_signer.set(signer.clone()).is_err() {
+            tracing::warn!("Service-account tokens were issued before snapshots started, with a key made for this run");
+        }
         let (built, reports) = stream::Hub::start(self, signer).await?;
         let hub = self.inner.hub.get_or_init(|| built.clone()).clone();
         // Only the call whose hub was kept starts its tasks.
@@ -164,6 +171,19 @@ impl Control {
             tokio::spawn(jwks::run(self.clone()));
         }
         Ok(hub)
+    }
+
+    /// The key that signs service-account tokens: the snapshot signing key. A
+    /// control plane whose snapshots have not started (the REST API alone, in
+    /// tests) signs with a key made for the process.
+    pub(crate) fn token_signer(&self) -> Arc<vigil_snapshot::Signer> {
+        self.inner
+            .token_signer
+            .get_or_init(|| match vigil_snapshot::Signer::generate() {
+                Ok((s, _)) => Arc::new(s),
+                Err(e) => panic!("no key for service-account tokens: {e}"),
+            })
+            .clone()
     }
 
     /// Starts re-verifying live sessions with their identity providers, each about

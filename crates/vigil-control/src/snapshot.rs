@@ -396,11 +396,16 @@ fn device(r: &RawRecord) -> Option<pb::Device> {
 
 fn service_account(r: &RawRecord) -> Option<pb::ServiceAccount> {
     let spec: ServiceAccountSpec = decode(r)?;
+    let secret = r
+        .secret
+        .as_deref()
+        .map(crate::crypto::service_account_secret);
     Some(pb::ServiceAccount {
         groups: sorted(spec.groups),
         expires_at: spec.expires_at.as_deref().and_then(unix),
         disabled: spec.disabled,
-        token_sha256: sha256(r.secret.as_deref()),
+        token_sha256: sha256(secret.as_ref().map(|s| s.0)),
+        token_key: secret.map(|s| s.1).unwrap_or_default(),
     })
 }
 

@@ -100,7 +100,7 @@ pub struct Nack {
 pub struct Hub {
     builder: Mutex<Builder>,
     version: watch::Sender<u64>,
-    signer: Signer,
+    signer: Arc<Signer>,
     /// Signed updates for the current version, by base ([`vigil_snapshot::History::base_for`]:
     /// every holder that needs the full snapshot shares one entry).
     cache: Mutex<(u64, HashMap<u64, Envelope>)>,
@@ -122,7 +122,7 @@ impl Hub {
     /// session reports for [`crate::sessions::run`] to drain.
     pub(crate) async fn start(
         control: &Control,
-        signer: Signer,
+        signer: Arc<Signer>,
     ) -> Result<(Arc<Hub>, mpsc::Receiver<crate::sessions::Report>), vigil_store::StoreError> {
         let (revision, records) = control.store.load_all().await?;
         let c = control.clone();

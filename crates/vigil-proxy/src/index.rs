@@ -87,7 +87,7 @@ pub struct Index {
     pub routes: Arc<RouteTable>,
     /// Service accounts by the SHA-256 of their bearer token; rebuilt only when
     /// service accounts change.
-    pub tokens: Arc<HashMap<Vec<u8>, String>>,
+    pub tokens: Arc<HashMap<Vec<u8>, TokenHolder>>,
     /// Users by `issuer\nsubject` (issuer without a trailing slash), kept up to
     /// date entry by entry.
     pub subjects: imbl::HashMap<String, String>,
@@ -112,13 +112,31 @@ fn user_subject(entry: &vigil_proto::v1::Entry) -> Option<String> {
     }
 }
 
-fn all_tokens(snapshot: &Snapshot) -> HashMap<Vec<u8>, String> {
+/// The service account a token hash belongs to, with the key its token must be
+/// signed with ([`vigil_snapshot::satoken`]).
+#[derive(Debug)]
+pub struct TokenHolder {
+    /// The service account's id.
+    pub id: String,
+    /// The raw Ed25519 key that signed its token (empty: never signed).
+    key: Vec<u8>,
+    /// Whether the token verified: checked once, at its first use, since one
+    /// hash is one token.
+    verified: std::sync::OnceLock<bool>,
+}
+
+fn all_tokens(snapshot: &Snapshot) -> HashMap<Vec<u8>, TokenHolder> {
     snapshot
         .of_kind(Kind::ServiceAccount)
         .filter_map(|e| match &e.body {
-            Some(Body::ServiceAccount(sa)) if !sa.token_sha256.is_empty() => {
-                Some((sa.token_sha256.clone(), e.id.clone()))
-            }
+            Some(Body::ServiceAccount(sa)) if !sa.token_sha256.is_empty() => Some((
+                sa.token_sha256.clone(),
+                TokenHolder {
+                    id: e.id.clone(),
+                    key: sa.token_key.clone(),
+                    verified: std::sync::OnceLock::new(),
+                },
+            )),
             _ => None,
         })
         .collect()
@@ -243,10 +261,20 @@ impl Index {
         self.policies.get(route).map(|p| &p.policy)
     }
 
-    /// The service account whose bearer token is `token`.
+    /// The service account whose bearer token is `token`: its hash is the
+    /// account's current one and it is signed, for that account, by the key the
+    /// snapshot names (verified at the token's first use).
     pub fn service_account_by_token(&self, token: &str) -> Option<&str> {
         let hash = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
-        self.tokens.get(hash.as_ref()).map(String::as_str)
+        let holder = self.tokens.get(hash.as_ref())?;
+        let verified = *holder.verified.get_or_init(|| {
+            vigil_snapshot::satoken::verify(token, &holder.id, &holder.key)
+                .inspect_err(|e| {
+                    tracing::warn!(service_account = %holder.id, "Refusing the service account's token ({e}); rotate it");
+                })
+                .is_ok()
+        });
+        verified.then_some(holder.id.as_str())
     }
 
     /// The index after `update`, leaving `self` untouched: everything it holds is
@@ -368,5 +396,67 @@ impl Index {
             grants,
             routes,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vigil_proto::v1::{Entry, ServiceAccount};
+    use vigil_snapshot::{satoken, Signer};
+
+    fn sha256(token: &str) -> Vec<u8> {
+        ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
+            .as_ref()
+            .to_vec()
+    }
+
+    fn with_accounts(accounts: Vec<(&str, &str, Vec<u8>)>) -> Index {
+        let upserts = accounts
+            .into_iter()
+            .map(|(id, token, key)| Entry {
+                id: id.into(),
+                body: Some(Body::ServiceAccount(ServiceAccount {
+                    token_sha256: sha256(token),
+                    token_key: key,
+                    ..ServiceAccount::default()
+                })),
+            })
+            .collect();
+        Index::default()
+            .apply(Update {
+                version: 1,
+                base_version: 0,
+                full: true,
+                upserts,
+                removals: vec![],
+            })
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn a_service_account_token_needs_its_hash_and_its_signature() {
+        let control = Signer::from_seed(&[1; 32]).unwrap();
+        let other = Signer::from_seed(&[2; 32]).unwrap();
+        let good = satoken::issue(&control, "ci", 1_900_000_000, [1; 16]);
+        // Hash registered, but signed by a key the snapshot does not name for it.
+        let foreign = satoken::issue(&other, "deploy", 1_900_000_000, [2; 16]);
+        // Hash registered under another account than the one it names.
+        let swapped = satoken::issue(&control, "ci", 1_900_000_000, [3; 16]);
+        let unsigned = "vgl_sa_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+        let key = control.public_key().to_vec();
+        let index = with_accounts(vec![
+            ("ci", &good, key.clone()),
+            ("deploy", &foreign, key.clone()),
+            ("legacy", unsigned, Vec::new()),
+            ("ops", &swapped, key.clone()),
+        ]);
+        assert_eq!(index.service_account_by_token(&good), Some("ci"));
+        // Again, from the cached check.
+        assert_eq!(index.service_account_by_token(&good), Some("ci"));
+        assert_eq!(index.service_account_by_token(&foreign), None);
+        assert_eq!(index.service_account_by_token(&swapped), None);
+        assert_eq!(index.service_account_by_token(unsigned), None);
+        assert_eq!(index.service_account_by_token("vgl_sa_unknown"), None);
     }
 }

@@ -1003,7 +1003,8 @@ impl Again {
                 let holder = self
                     .token_sha256
                     .as_deref()
-                    .and_then(|h| index.tokens.get(h));
+                    .and_then(|h| index.tokens.get(h))
+                    .map(|t| &t.id);
                 if holder != Some(id) {
                     return Err("the service account's token is no longer valid".into());
                 }

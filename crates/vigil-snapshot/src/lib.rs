@@ -7,6 +7,7 @@
 
 mod history;
 mod policy;
+pub mod satoken;
 mod sign;
 mod snapshot;
 

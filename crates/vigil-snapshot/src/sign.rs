@@ -102,6 +102,19 @@ impl Signer {
         STANDARD.encode(self.pair.public_key().as_ref())
     }
 
+    /// The raw 32-byte public key.
+    pub fn public_key(&self) -> &[u8] {
+        self.pair.public_key().as_ref()
+    }
+
+    /// Signs a JWS signing input (`base64url(header).base64url(claims)`), for
+    /// service-account tokens ([`crate::satoken`]). Such an input starts with
+    /// `eyJ`, never with the update context, so the two cannot be confused.
+    pub(crate) fn sign_jws(&self, input: &[u8]) -> Vec<u8> {
+        debug_assert!(input.starts_with(b"eyJ"));
+        self.pair.sign(input).as_ref().to_vec()
+    }
+
     /// Encodes and signs an update.
     pub fn seal(&self, update: &Update) -> Envelope {
         let payload = update.encode_to_vec();
