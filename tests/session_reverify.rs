@@ -301,6 +301,35 @@ async fn sessions_the_identity_provider_refuses_are_revoked_on_every_proxy() {
         t.elapsed().as_millis()
     );
 
+    // The IdP drops alice from engineering: the groups sealed in her cookies at
+    // sign-in no longer count, and both proxies deny her; added back, allowed.
+    for (set, want) in [("oncall", 403), ("engineering", 200)] {
+        let res = c
+            .put(format!("{issuer}/test/accounts/alice/groups?set={set}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 204);
+        let t = Instant::now();
+        let mut statuses = [0, 0];
+        while statuses != [want, want] {
+            assert!(
+                t.elapsed() < Duration::from_secs(15),
+                "groups set to {set}: proxies answer {statuses:?}, not {want}\n{}",
+                logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            statuses = [
+                status_with(&h, &page1, &cookie1).await,
+                status_with(&h, &page2, &cookie2).await,
+            ];
+        }
+        println!(
+            "groups set to {set} at the IdP: both proxies answer {want} after {} ms",
+            t.elapsed().as_millis()
+        );
+    }
+
     // The IdP deletes the account: its refresh token gets `invalid_grant`, and
     // both proxies refuse the session within an interval plus propagation.
     let res = c

@@ -349,6 +349,21 @@ fn user(r: &RawRecord) -> Option<pb::User> {
         suspended: spec.status == UserStatus::Suspended,
         groups: sorted(spec.groups),
         attributes_json: serde_json::to_string(&spec.attributes).unwrap_or_default(),
+        idp_groups: sorted(
+            spec.attributes
+                .get(crate::verifier::IDP_GROUPS)
+                .and_then(|g| g.as_array())
+                .map(|g| {
+                    g.iter()
+                        .filter_map(|v| v.as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        ),
+        idp_groups_at: spec
+            .attributes
+            .get(crate::verifier::IDP_GROUPS_AT)
+            .and_then(serde_json::Value::as_i64),
     })
 }
 

@@ -226,8 +226,13 @@ pub(crate) fn userinfo_answer(
 /// (local `groups` name directory groups, which must exist).
 pub const IDP_GROUPS: &str = "idp_groups";
 
-/// `user` with `claims` applied; `None` when nothing changed.
-pub(crate) fn updated_user(user: &UserSpec, claims: &Claims) -> Option<UserSpec> {
+/// When (Unix seconds) [`IDP_GROUPS`] last changed: proxies prefer these groups
+/// to the ones a session cookie carries from an earlier sign-in.
+pub const IDP_GROUPS_AT: &str = "idp_groups_at";
+
+/// `user` with `claims`, seen at `now` (Unix seconds), applied; `None` when
+/// nothing changed.
+pub(crate) fn updated_user(user: &UserSpec, claims: &Claims, now: i64) -> Option<UserSpec> {
     let mut next = user.clone();
     // An address is taken only when the provider vouches for it; one it stops
     // vouching for loses its `email_verified`; a missing claim changes nothing.
@@ -247,6 +252,10 @@ pub(crate) fn updated_user(user: &UserSpec, claims: &Claims) -> Option<UserSpec>
         next.attributes.remove(IDP_GROUPS);
     } else {
         next.attributes.insert(IDP_GROUPS.into(), groups);
+    }
+    if next.attributes.get(IDP_GROUPS) != user.attributes.get(IDP_GROUPS) {
+        next.attributes
+            .insert(IDP_GROUPS_AT.into(), Value::from(now));
     }
     let same = next.email == user.email
         && next.email_verified == user.email_verified
@@ -860,7 +869,7 @@ async fn user_update(
         return Ok(None);
     };
     let user = crate::api::stored::<User>(rec.body).map_err(|p| p.detail)?;
-    let Some(next) = updated_user(&user, claims) else {
+    let Some(next) = updated_user(&user, claims, chrono::Utc::now().timestamp()) else {
         return Ok(None);
     };
     crate::api::replace_op::<User>(control, user_id, next, Some(rec.version))
@@ -987,15 +996,24 @@ mod tests {
             display_name: Some("Alice".into()),
             groups: Vec::new(),
         };
-        assert!(updated_user(&user, &claims).is_none());
+        assert!(updated_user(&user, &claims, 100).is_none());
         claims.groups = vec!["eng".into()];
-        let next = updated_user(&user, &claims).unwrap();
+        let next = updated_user(&user, &claims, 100).unwrap();
         assert_eq!(next.attributes[IDP_GROUPS], serde_json::json!(["eng"]));
+        assert_eq!(next.attributes[IDP_GROUPS_AT], serde_json::json!(100));
         assert_eq!(next.groups, ["local"], "directory groups are the admins'");
-        assert!(updated_user(&next, &claims).is_none());
+        assert!(updated_user(&next, &claims, 200).is_none());
+        // Losing every group is a change too, and is dated.
+        let none = Claims {
+            groups: Vec::new(),
+            ..claims.clone()
+        };
+        let emptied = updated_user(&next, &none, 300).unwrap();
+        assert!(emptied.attributes.get(IDP_GROUPS).is_none());
+        assert_eq!(emptied.attributes[IDP_GROUPS_AT], serde_json::json!(300));
         claims.email = Some("alice@new.example".into());
         assert_eq!(
-            updated_user(&next, &claims).unwrap().email.as_deref(),
+            updated_user(&next, &claims, 400).unwrap().email.as_deref(),
             Some("alice@new.example")
         );
     }

@@ -52,6 +52,11 @@ pub struct SessionCookie {
     /// Groups named in the identity provider's claims at sign-in.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub groups: Vec<String>,
+    /// When the session was made (Unix seconds; 0 in cookies from before this
+    /// field): `groups` are as of then, and a user record whose provider groups
+    /// changed later wins over them.
+    #[serde(default)]
+    pub iat: i64,
 }
 
 /// Why a cookie was refused: the request is then unauthenticated.

@@ -55,6 +55,9 @@ pub enum Principal<'a> {
         email_verified: bool,
         /// Groups named in the IdP's claims.
         claim_groups: &'a [String],
+        /// When those claims were asserted (Unix seconds): the user's record
+        /// wins with provider groups that changed later.
+        claims_at: i64,
         /// The IdP's claims.
         claims: Option<&'a serde_json::Value>,
     },
@@ -173,6 +176,7 @@ pub fn decide(index: &Index, route: &str, principal: Principal<'_>, facts: Facts
             email,
             email_verified,
             claim_groups,
+            claims_at,
             claims,
         } => {
             if let Some(s) = user_session {
@@ -202,15 +206,31 @@ pub fn decide(index: &Index, route: &str, principal: Principal<'_>, facts: Facts
                 return deny("the user is suspended");
             }
             let directory: &[Sym] = known.map_or(&[], |u| &u.groups);
-            let groups: &[Sym] = if claim_groups.is_empty() {
-                directory
-            } else {
-                let mut all = directory.to_vec();
-                all.extend(claim_groups.iter().filter_map(|g| symbols.groups.get(g)));
-                all.sort_unstable();
-                all.dedup();
-                merged = all;
-                &merged
+            // The provider's groups: the record's when re-verification changed
+            // them after the claims were asserted, else the claims'.
+            let recorded = known
+                .and_then(|u| u.idp_groups.as_ref())
+                .filter(|(at, _)| *at > claims_at)
+                .map(|(_, g)| &**g);
+            let groups: &[Sym] = match recorded {
+                Some([]) => directory,
+                Some(g) => {
+                    let mut all = directory.to_vec();
+                    all.extend_from_slice(g);
+                    all.sort_unstable();
+                    all.dedup();
+                    merged = all;
+                    &merged
+                }
+                None if claim_groups.is_empty() => directory,
+                None => {
+                    let mut all = directory.to_vec();
+                    all.extend(claim_groups.iter().filter_map(|g| symbols.groups.get(g)));
+                    all.sort_unstable();
+                    all.dedup();
+                    merged = all;
+                    &merged
+                }
             };
             let (email, email_verified, domain) = match known {
                 Some(u) if u.email.is_some() => (u.email.as_deref(), u.email_verified, u.domain),
@@ -351,6 +371,43 @@ mod tests {
         )
     }
 
+    fn with_idp_groups(mut e: Entry, groups: &[&str], at: i64) -> Entry {
+        if let Some(Body::User(u)) = &mut e.body {
+            u.idp_groups = groups.iter().map(|g| g.to_string()).collect();
+            u.idp_groups_at = Some(at);
+        }
+        e
+    }
+
+    #[test]
+    fn provider_groups_changed_after_sign_in_replace_the_sessions() {
+        let ix = index();
+        let claimed = ["eng".to_owned()];
+        let as_claimed = |id, groups: &'static [String], claims_at| Principal::User {
+            id,
+            session: None,
+            email: None,
+            email_verified: false,
+            claim_groups: groups,
+            claims_at,
+            claims: None,
+        };
+        let claimed: &'static [String] = Box::leak(Box::new(claimed));
+        let decide_eng = |p| decide(&ix, "eng", p, facts("GET", None));
+        // Signed in (claims sealed) before the change: the record wins.
+        assert_eq!(
+            decide_eng(as_claimed("erin", claimed, NOW - 200)),
+            deny("no rule allows this request")
+        );
+        assert!(allowed(&decide_eng(as_claimed("frank", &[], NOW - 200))));
+        // Signed in after it: the session's claims are the newer word.
+        assert!(allowed(&decide_eng(as_claimed("erin", claimed, NOW - 50))));
+        assert_eq!(
+            decide_eng(as_claimed("frank", &[], NOW - 50)),
+            deny("no rule allows this request")
+        );
+    }
+
     fn index() -> Index {
         let upserts = vec![
             route_entry(
@@ -382,6 +439,9 @@ mod tests {
             user("alice", &["eng"], false),
             user("bob", &["sales"], false),
             user("mallory", &["eng"], true),
+            // Re-verified: the provider dropped erin from eng and added frank.
+            with_idp_groups(user("erin", &[], false), &[], NOW - 100),
+            with_idp_groups(user("frank", &[], false), &["eng"], NOW - 100),
             entry(
                 "laptop",
                 Body::Device(Device {
@@ -472,6 +532,7 @@ mod tests {
             email: None,
             email_verified: false,
             claim_groups: &[],
+            claims_at: 0,
             claims: None,
         }
     }
@@ -507,6 +568,7 @@ mod tests {
             email: None,
             email_verified: false,
             claim_groups: &claimed,
+            claims_at: 0,
             claims: None,
         };
         assert!(

@@ -45,6 +45,10 @@ pub struct UserFacts {
     pub domain: Sym,
     /// The directory groups that some policy names, interned and sorted.
     pub groups: Box<[Sym]>,
+    /// The groups the identity provider last asserted (those some policy names,
+    /// interned and sorted), with when they last changed (Unix seconds): they
+    /// replace the groups of a session sealed before that time.
+    pub idp_groups: Option<(i64, Box<[Sym]>)>,
 }
 
 /// A device as authorization reads it.
@@ -157,7 +161,17 @@ fn user_facts(body: &Body, symbols: &Symbols) -> Option<UserFacts> {
         .filter_map(|g| symbols.groups.get(g))
         .collect();
     groups.sort_unstable();
+    let idp_groups = u.idp_groups_at.map(|at| {
+        let mut g: Vec<Sym> = u
+            .idp_groups
+            .iter()
+            .filter_map(|g| symbols.groups.get(g))
+            .collect();
+        g.sort_unstable();
+        (at, g.into_boxed_slice())
+    });
     Some(UserFacts {
+        idp_groups,
         suspended: u.suspended,
         domain: u
             .email

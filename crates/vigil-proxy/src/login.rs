@@ -635,6 +635,7 @@ impl Login {
             email: email.clone(),
             ev: email_verified,
             groups,
+            iat: a.now,
         };
         self.report(SessionReport {
             session_id: session.sid.clone(),

@@ -133,6 +133,7 @@ impl Caller {
                 email: s.email.as_deref(),
                 email_verified: s.ev,
                 claim_groups: &s.groups,
+                claims_at: s.iat,
                 claims: None,
             },
             Caller::Token(id, t) => Principal::User {
@@ -141,6 +142,8 @@ impl Caller {
                 email: t.email.as_deref(),
                 email_verified: t.email_verified,
                 claim_groups: &t.groups,
+                // A token's own claims stand for its (short) lifetime.
+                claims_at: i64::MAX,
                 claims: Some(&t.claims),
             },
         }
