@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use support::{
-    client, echo_upstream, free_port, get_json, join_token, post_json, ControlProcess, Helper,
-    ProxyProcess, TestCa,
+    client, echo_upstream, free_port, get_json, join_token, patch_json, post_json, ControlProcess,
+    Helper, ProxyProcess, TestCa,
 };
 use vigil_test_postgres::TestPostgres;
 
@@ -401,6 +401,68 @@ async fn sessions_the_identity_provider_refuses_are_revoked_on_every_proxy() {
             .contains("Revoked a session its identity provider no longer vouches for"),
         "{}",
         cp.log_text()
+    );
+
+    // A session is bound to the issuer it signed in at: after the provider is
+    // pointed at another issuer (another real oidc-provider), bob's session is
+    // revoked, and his refresh token never reaches the new issuer.
+    let out = Command::new("node")
+        .arg(e2e_dir().join("signin.mjs"))
+        .env("APP1", format!("{app1}/"))
+        .env("APP2", format!("{app2}/"))
+        .env("ISSUER", &issuer)
+        .env("USER", "bob")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "bob's sign-in failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        logs()
+    );
+    let cookies: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let bob1 = cookies["app1"].as_str().unwrap().to_owned();
+    assert_eq!(status_with(&h, &page1, &bob1).await, 200, "{}", logs());
+    let other_port = free_port();
+    let other_issuer = format!("http://127.0.0.1:{other_port}");
+    let mut other_cmd = Command::new("node");
+    other_cmd
+        .arg(e2e_dir().join("idp.mjs"))
+        .env("PORT", other_port.to_string())
+        .env("ISSUER", &other_issuer)
+        .env("REDIRECT_URI", format!("{auth}/.vigil/callback"))
+        .env("CLIENT_ID", "vigil")
+        .env("CLIENT_SECRET", CLIENT_SECRET);
+    let other_idp = Helper::start("other-idp", other_cmd, other_port);
+    patch_json(
+        &c,
+        &url,
+        "/v1/identity-providers/test-idp",
+        json!({"issuer_url": other_issuer, "client_secret": CLIENT_SECRET}),
+    )
+    .await;
+    let t = Instant::now();
+    while status_with(&h, &page1, &bob1).await == 200 {
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "bob's session outlived its issuer:\n{}",
+            logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        cp.log_text().contains("now names another issuer"),
+        "{}",
+        cp.log_text()
+    );
+    assert!(
+        !other_idp.log_text().contains("refresh grant"),
+        "a refresh token went to the new issuer:\n{}",
+        other_idp.log_text()
+    );
+    println!(
+        "provider re-pointed -> bob's session refused after {} ms",
+        t.elapsed().as_millis()
     );
     std::fs::remove_dir_all(&tls_dir).ok();
 }

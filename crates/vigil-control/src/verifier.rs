@@ -301,6 +301,8 @@ impl Pace {
 /// What the verifier needs of a provider.
 struct Provider {
     name: String,
+    /// The provider's issuer now; a session signed in at another is never sent.
+    issuer: String,
     client_id: String,
     client_secret: Option<String>,
     token_endpoint: String,
@@ -479,6 +481,7 @@ impl Verifier {
         };
         Ok(Provider {
             name: spec.name,
+            issuer: spec.issuer_url.clone(),
             client_id: spec.client_id,
             client_secret,
             token_endpoint,
@@ -684,7 +687,19 @@ async fn verify_once(
         // Verified since this replica looked (by another one).
         return Ok(due);
     }
-    let subject = subject_of(control, &spec.user_id).await?;
+    let (issuer, subject) = subject_of(control, &spec.user_id).await?;
+    if issuer.trim_end_matches('/') != p.issuer.trim_end_matches('/') {
+        // The provider was pointed at another issuer since this sign-in: the
+        // refresh token is not that issuer's to see, and the session cannot be
+        // verified any more.
+        revoke(
+            control,
+            id,
+            "the identity provider now names another issuer than the one the session signed in with",
+        )
+        .await?;
+        return Ok(NEVER);
+    }
     // Claim it: only the replica whose conditional write lands uses the token.
     let claim = Held {
         rt: held.rt,
@@ -736,16 +751,16 @@ fn with_secret(op: Op, sealed: String) -> Op {
     }
 }
 
-async fn subject_of(control: &Control, user_id: &str) -> Result<String, String> {
+/// The issuer and subject of user `user_id`.
+async fn subject_of(control: &Control, user_id: &str) -> Result<(String, String), String> {
     let rec = control
         .store
         .get(User::KIND, user_id)
         .await
         .map_err(|e| e.to_string())?
         .ok_or_else(|| format!("user `{user_id}` does not exist"))?;
-    Ok(crate::api::stored::<User>(rec.body)
-        .map_err(|p| p.detail)?
-        .subject)
+    let user = crate::api::stored::<User>(rec.body).map_err(|p| p.detail)?;
+    Ok((user.issuer, user.subject))
 }
 
 /// Ends the session (and forgets its token), audited as the verifier's `reverify`.
