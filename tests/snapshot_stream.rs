@@ -694,3 +694,63 @@ async fn the_stream_runs_over_tls_and_refuses_an_untrusted_server() {
     assert_eq!(plain.index.load().version(), 0);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Writes that change no snapshot entry (here join tokens, which never leave the
+/// control plane; in production the verifier's and activity reports' session
+/// bookkeeping) are announced to proxies at most about once a second, not once
+/// each; a write that changes an entry still goes at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn versions_that_change_nothing_are_announced_together() {
+    let pg = TestPostgres::start().unwrap();
+    let db = pg.create_database("quiet").unwrap();
+    let cp = ControlProcess::start(&db);
+    let c = client();
+    let url = cp.url.clone();
+    let join = post_json(&c, &url, "/v1/join-tokens", json!({"name": "fleet"})).await;
+    let token = join["token"].as_str().unwrap().to_owned();
+    let group = post_json(&c, &url, "/v1/groups", json!({"name": "eng"})).await;
+    let proxy = subscribe(&cp, &token, "proxy-q", trusted(), None);
+    let rev = revision_of(&group);
+    until("the first snapshot", || proxy.index.load().version() >= rev).await;
+
+    let mut seen = proxy.version.clone();
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let counting = count.clone();
+    let counter = tokio::spawn(async move {
+        while seen.changed().await.is_ok() {
+            counting.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    let mut last = 0;
+    for i in 0..30 {
+        let t = post_json(
+            &c,
+            &url,
+            "/v1/join-tokens",
+            json!({"name": format!("t{i}")}),
+        )
+        .await;
+        last = revision_of(&t);
+    }
+    until("the last quiet version", || {
+        proxy.index.load().version() == last
+    })
+    .await;
+    // An entry change after them still arrives promptly, as its own version.
+    let user = post_json(
+        &c,
+        &url,
+        "/v1/users",
+        json!({"issuer": "https://idp.example", "subject": "q", "groups": ["eng"]}),
+    )
+    .await;
+    let user_rev = revision_of(&user);
+    until("the user", || proxy.index.load().version() == user_rev).await;
+    counter.abort();
+    let updates = count.load(std::sync::atomic::Ordering::SeqCst);
+    println!("31 writes reached the proxy as {updates} versions");
+    assert!(
+        updates <= 8,
+        "31 writes, 30 of them changing nothing, reached the proxy as {updates} versions"
+    );
+}

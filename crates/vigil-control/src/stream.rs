@@ -27,6 +27,11 @@ use vigil_proto::{sole_bearer, BearerError};
 /// LISTEN/NOTIFY (SQLite, or while the listener reconnects), rarely as a safety net.
 const POLL: Duration = Duration::from_secs(1);
 const POLL_LISTENING: Duration = Duration::from_secs(30);
+/// A version that changed no snapshot entry (a write to sessions' bookkeeping,
+/// admin or join tokens) is announced to streams at most this often: the
+/// verifier and proxies' activity reports write many such versions, and each
+/// would otherwise wake every proxy. Versions that change entries go at once.
+const QUIET_EVERY: Duration = Duration::from_secs(1);
 
 /// How often each replica records the fleet it serves in the store.
 const RECORD_FLEET: Duration = Duration::from_secs(2);
@@ -107,6 +112,12 @@ pub struct Hub {
     proxies: Mutex<BTreeMap<String, ProxyStatus>>,
     /// Session reports on their way to the store.
     reports: mpsc::Sender<crate::sessions::Report>,
+    /// When the hub began, the base of `announced_ms`.
+    born: std::time::Instant,
+    /// When (ms after `born`) a version was last announced to streams.
+    announced_ms: std::sync::atomic::AtomicU64,
+    /// A version built but not yet announced (0: none), see [`QUIET_EVERY`].
+    quiet: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Hub {
@@ -138,13 +149,17 @@ impl Hub {
             cache: Mutex::new((version, HashMap::new())),
             proxies: Mutex::new(BTreeMap::new()),
             reports,
+            born: std::time::Instant::now(),
+            announced_ms: std::sync::atomic::AtomicU64::new(0),
+            quiet: std::sync::atomic::AtomicU64::new(0),
         };
         Ok((Arc::new(hub), queued))
     }
 
-    /// The version of the current snapshot.
+    /// The version of the current snapshot (announced to streams, or about to
+    /// be: see [`QUIET_EVERY`]).
     pub fn version(&self) -> u64 {
-        *self.version.borrow()
+        (*self.version.borrow()).max(self.quiet.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// The whole fleet: what every replica recorded, with this replica's own
@@ -179,8 +194,35 @@ impl Hub {
         Ok(fleet.into_values().collect())
     }
 
+    /// Announces `version` to every stream.
+    fn announce(&self, version: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.quiet.store(0, Relaxed);
+        let now = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.announced_ms.store(now, Relaxed);
+        self.version.send_replace(version);
+    }
+
+    /// How long until a version held back by [`QUIET_EVERY`] is due (zero: now);
+    /// `None` when none is held back.
+    pub(crate) fn quiet_due_in(&self) -> Option<Duration> {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.quiet.load(Relaxed) == 0 {
+            return None;
+        }
+        let since = self
+            .born
+            .elapsed()
+            .saturating_sub(Duration::from_millis(self.announced_ms.load(Relaxed)));
+        Some(QUIET_EVERY.saturating_sub(since))
+    }
+
     /// Catches up with the store; returns the new version.
     pub async fn refresh(&self, control: &Control) -> Result<u64, vigil_store::StoreError> {
+        let held = self.quiet.load(std::sync::atomic::Ordering::Relaxed);
+        if held != 0 && self.quiet_due_in() == Some(Duration::ZERO) {
+            self.announce(held);
+        }
         let from = self.version();
         let (revision, changes, records) = control
             .store
@@ -205,8 +247,20 @@ impl Hub {
             changed = changed.len(),
             "Snapshot advanced"
         );
-        self.version.send_replace(target);
+        if changed.is_empty() && self.recently_announced() {
+            self.quiet
+                .store(target, std::sync::atomic::Ordering::Relaxed);
+        } else {
+            self.announce(target);
+        }
         Ok(target)
+    }
+
+    /// Whether a version was announced less than [`QUIET_EVERY`] ago.
+    fn recently_announced(&self) -> bool {
+        let at =
+            Duration::from_millis(self.announced_ms.load(std::sync::atomic::Ordering::Relaxed));
+        self.born.elapsed().saturating_sub(at) < QUIET_EVERY
     }
 
     /// The signed update taking a holder of `from` to the current version. One
@@ -318,6 +372,8 @@ pub async fn run_refresher(control: Control, hub: Arc<Hub>) {
                 listener = None;
             },
             () = tokio::time::sleep(poll) => {},
+            // A quiet version held back comes out when it is due.
+            () = tokio::time::sleep(hub.quiet_due_in().unwrap_or(poll)) => {},
         }
         match hub.refresh(&control).await {
             Ok(_) => {
