@@ -34,6 +34,8 @@ const provider = new Provider(ISSUER, {
       client_id: CLIENT_ID,
       client_secret: CLIENT_SECRET,
       redirect_uris: [REDIRECT_URI],
+      // Where Vigil's sign-out comes back to after ending the session here.
+      post_logout_redirect_uris: [REDIRECT_URI.replace(/\/\.vigil\/callback$/, '/.vigil/signed_out')],
       grant_types: ['authorization_code', 'refresh_token'],
       response_types: ['code'],
     },

@@ -84,8 +84,22 @@ try {
   // 4. Sign out on app 1: the authenticate host's page.
   const kept = (await context.cookies(APP1)).find((c) => c.name === '__Host-vigil_session');
   check(Boolean(kept), 'app 1 holds a session cookie');
+  // The authenticate host ends the session at the IdP too (RP-Initiated
+  // Logout): the IdP asks, and sends the browser back to Vigil's page.
+  seen.length = 0;
   await page.goto(`${APP1}.vigil/sign_out`);
-  await page.waitForURL((u) => u.href.startsWith(`${AUTH}/.vigil/sign_out`));
+  await page.waitForURL((u) => u.href.startsWith(ISSUER));
+  check(
+    seen.some((u) => u.startsWith(`${AUTH}/.vigil/sign_out`)),
+    'app 1 sent the browser to the authenticate host to sign out',
+  );
+  const endSession = seen.find((u) => u.startsWith(ISSUER));
+  check(
+    endSession.includes('post_logout_redirect_uri=') && endSession.includes('client_id='),
+    `the IdP was asked to end its session: ${endSession}`,
+  );
+  await page.click('button[name=logout][value=yes]');
+  await page.waitForURL((u) => u.href.startsWith(`${AUTH}/.vigil/signed_out`));
   check((await page.textContent('h1')) === 'Signed out', 'signed out');
 
   // 5. Neither app accepts the session any more: each sends the browser to sign
@@ -107,6 +121,10 @@ try {
   seen.length = 0;
   await page.goto(`${APP1}hello`).catch(() => {});
   check(sentToSignIn(), "app 1 refuses the signed-out session's cookie");
+  // 6. The IdP's own session ended too: signing in again asks for the password.
+  // (Without that, the IdP would sign the browser straight back into app 1.)
+  await page.waitForSelector('input[name=login]', { timeout: 10000 });
+  check(page.url().startsWith(ISSUER), `the IdP asks for the password again (${page.url()})`);
   log('PASS');
 } finally {
   await browser.close();

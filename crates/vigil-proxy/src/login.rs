@@ -28,13 +28,12 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Response, StatusCode};
-use openidconnect::core::{
-    CoreAuthPrompt, CoreAuthenticationFlow, CoreClient, CoreProviderMetadata,
-};
+use openidconnect::core::{CoreAuthPrompt, CoreAuthenticationFlow, CoreClient};
 use openidconnect::url::{form_urlencoded, Url};
 use openidconnect::{
-    AuthorizationCode, ClientId, ClientSecret, CsrfToken, EndpointMaybeSet, EndpointNotSet,
-    EndpointSet, IssuerUrl, Nonce, OAuth2TokenResponse as _, PkceCodeChallenge, PkceCodeVerifier,
+    AuthorizationCode, ClientId, ClientSecret, CsrfToken, EndSessionUrl, EndpointMaybeSet,
+    EndpointNotSet, EndpointSet, IssuerUrl, LogoutRequest, Nonce, OAuth2TokenResponse as _,
+    PkceCodeChallenge, PkceCodeVerifier, PostLogoutRedirectUrl, ProviderMetadataWithLogout,
     RedirectUrl, Scope, TokenResponse as _,
 };
 use serde::{Deserialize, Serialize};
@@ -90,6 +89,9 @@ struct Provider {
     /// What it was built from: rebuilt when the snapshot's entry changes.
     source: vigil_proto::v1::IdentityProvider,
     client: Client,
+    /// Where to end the user's session at the provider too (OpenID Connect
+    /// RP-Initiated Logout), when its discovery document names one.
+    end_session: Option<EndSessionUrl>,
     groups_claim: String,
     name_claim: String,
     fetched: Instant,
@@ -315,7 +317,8 @@ impl Login {
             "sign_in" if on_auth => self.sign_in(index, a).await,
             "callback" if on_auth => self.callback(index, a).await,
             "handoff" if !on_auth => self.handoff(index, a),
-            "sign_out" => Ok(self.sign_out(a)),
+            "sign_out" => Ok(self.sign_out(index, a).await),
+            "signed_out" if on_auth => Ok(signed_out_page(None)),
             _ => Err((StatusCode::NOT_FOUND, "no such sign-in endpoint".to_owned())),
         };
         result.unwrap_or_else(|(status, reason)| {
@@ -406,9 +409,10 @@ impl Login {
         }
         let issuer = IssuerUrl::new(source.issuer_url.clone())
             .map_err(|e| format!("identity provider `{name}`: bad issuer URL: {e}"))?;
-        let metadata = CoreProviderMetadata::discover_async(issuer, &self.http)
+        let metadata = ProviderMetadataWithLogout::discover_async(issuer, &self.http)
             .await
             .map_err(|e| format!("identity provider `{name}`: discovery failed: {e}"))?;
+        let end_session = metadata.additional_metadata().end_session_endpoint.clone();
         let secret = (!source.client_secret.is_empty())
             .then(|| ClientSecret::new(source.client_secret.clone()));
         let redirect = RedirectUrl::new(format!("{}/.vigil/callback", self.base))
@@ -422,6 +426,7 @@ impl Login {
         let provider = Arc::new(Provider {
             source: source.clone(),
             client,
+            end_session,
             groups_claim: crate::jwt::mapped_claim(&source.claim_mapping_json, "groups"),
             name_claim: crate::jwt::mapped_claim(&source.claim_mapping_json, "name"),
             fetched: Instant::now(),
@@ -751,11 +756,15 @@ impl Login {
         ))
     }
 
-    /// `/.vigil/sign_out` on any host: the session ends everywhere.
-    fn sign_out(&self, a: &Asked<'_>) -> Response<ProxyBody> {
-        if let Some(s) =
-            cookie::session_value(a.headers).and_then(|v| self.keys.open(v, a.host, a.now).ok())
-        {
+    /// `/.vigil/sign_out` on any host: the session ends everywhere. A route host
+    /// sends the browser on to the authenticate host, which then ends the user's
+    /// session at the identity provider too when the provider supports
+    /// RP-Initiated Logout (it comes back to `/.vigil/signed_out`).
+    async fn sign_out(&self, index: &Index, a: &Asked<'_>) -> Response<ProxyBody> {
+        let session =
+            cookie::session_value(a.headers).and_then(|v| self.keys.open(v, a.host, a.now).ok());
+        let idp = session.as_ref().and_then(|s| s.idp.clone());
+        if let Some(s) = session {
             let first = {
                 let mut out = self.signed_out.lock();
                 out.retain(|_, exp| *exp > a.now);
@@ -770,20 +779,37 @@ impl Login {
             }
         }
         let clear = cookie::clear_cookie();
-        if self.is_authenticate_host(a.host) {
-            let mut res = full(
-                StatusCode::OK,
-                "text/html; charset=utf-8",
-                "<!doctype html><html><head><meta charset=\"utf-8\"><title>Signed out</title></head>\
-                 <body><h1>Signed out</h1><p>Your session has ended on every site behind this proxy.</p></body></html>\n",
-            );
-            if let Ok(v) = HeaderValue::from_str(&clear) {
-                res.headers_mut().append(header::SET_COOKIE, v);
-            }
-            res
-        } else {
-            redirect(&format!("{}/.vigil/sign_out", self.base), &[clear])
+        if !self.is_authenticate_host(a.host) {
+            return redirect(&format!("{}/.vigil/sign_out", self.base), &[clear]);
         }
+        if let Some(name) = idp {
+            match self.provider_logout(index, &name).await {
+                Ok(Some(url)) => return redirect(&url, &[clear]),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(request_id = %a.id, provider = %name, error = %e, "Cannot end the session at the identity provider");
+                }
+            }
+        }
+        signed_out_page(Some(&clear))
+    }
+
+    /// Where to send the browser to end its session at provider `name`, if the
+    /// provider has an end-session endpoint.
+    async fn provider_logout(&self, index: &Index, name: &str) -> Result<Option<String>, String> {
+        let provider = self.provider(index, name).await?;
+        let Some(end) = provider.end_session.clone() else {
+            return Ok(None);
+        };
+        let back = PostLogoutRedirectUrl::new(format!("{}/.vigil/signed_out", self.base))
+            .map_err(|e| format!("bad post-logout URL: {e}"))?;
+        Ok(Some(
+            LogoutRequest::from(end)
+                .set_client_id(ClientId::new(provider.source.client_id.clone()))
+                .set_post_logout_redirect_uri(back)
+                .http_get_url()
+                .to_string(),
+        ))
     }
 
     fn report(&self, report: SessionReport) {
@@ -791,6 +817,21 @@ impl Login {
             tracing::warn!(error = %e, "Cannot queue a session report for the control plane");
         }
     }
+}
+
+/// The authenticate host's page after sign-out, clearing its cookie when `clear`
+/// is given.
+fn signed_out_page(clear: Option<&str>) -> Response<ProxyBody> {
+    let mut res = full(
+        StatusCode::OK,
+        "text/html; charset=utf-8",
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>Signed out</title></head>\
+         <body><h1>Signed out</h1><p>Your session has ended on every site behind this proxy.</p></body></html>\n",
+    );
+    if let Some(v) = clear.and_then(|c| HeaderValue::from_str(c).ok()) {
+        res.headers_mut().append(header::SET_COOKIE, v);
+    }
+    res
 }
 
 /// What the control plane is told of session `s`, seen at `now` (its use, or with
