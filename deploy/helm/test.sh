@@ -287,6 +287,18 @@ for values in "$chart"/ci/*-values.yaml; do
   render_and_validate "$name" "${ext[@]}" -- -f "$values"
 done
 
+# The redirect sends browsers to the Service's port (443), while the proxy listens
+# on unprivileged ports and needs no sysctl.
+lb="$work/loadbalancer-tls.yaml"
+if grep -A1 'name: VIGIL_PROXY_REDIRECT_HTTPS_PORT' "$lb" | grep -q 'value: "443"' &&
+  grep -A1 'name: VIGIL_PROXY_LISTEN$' "$lb" | grep -q '0.0.0.0:8443' &&
+  ! grep -q 'ip_unprivileged_port_start' "$lb"; then
+  pass "redirect-to-service-port: ok (listens on 8443, redirects to 443, no sysctl)"
+else
+  grep -n -A1 'VIGIL_PROXY_REDIRECT\|VIGIL_PROXY_LISTEN\|sysctl' "$lb" >&2
+  fail "redirect-to-service-port: the TLS proxy must redirect to the Service's port 443"
+fi
+
 # --- value sets that must be refused, each for its own reason ------------------
 refuse() { # name, expected error (extended regexp), values (YAML)
   local name=$1 expected=$2
@@ -306,7 +318,6 @@ refuse bad-service-type 'type.*must be one of' 'proxy: {service: {type: Ingress}
 refuse http-authenticate-url 'authenticateUrl.*not match pattern' 'proxy: {authenticateUrl: "http://auth.example.com"}'
 refuse half-existing-secrets 'set both control.existingSecret and proxy.existingSecret' 'control: {existingSecret: mine}'
 refuse grpc-secret-without-name 'control.grpcTls.secretName is required' 'control: {grpcTls: {mode: secret}}'
-refuse redirect-to-unreachable-port 'redirect listener sends browsers' 'proxy: {tls: {secrets: [{name: certs}]}, containerPorts: {https: 8443}}'
 refuse proxy-only-without-keys 'proxy.existingSecret is required' 'control: {enabled: false}'
 
 # --- docs/helm.md documents every value the schema knows -----------------------

@@ -249,9 +249,6 @@ topologySpreadConstraints:
 {{- if or (eq $listen 9091) (and (include "vigil.proxy.redirectEnabled" .) (has (int .Values.proxy.containerPorts.redirect) (list 9091 $listen))) }}
 {{- fail "proxy.containerPorts: the proxy's listeners need distinct ports, and 9091 is its health port" }}
 {{- end }}
-{{- if and (include "vigil.proxy.redirectEnabled" .) (ne (int (include "vigil.proxy.servicePort" .)) (int .Values.proxy.containerPorts.https)) }}
-{{- fail "proxy.service.port differs from proxy.containerPorts.https: the redirect listener sends browsers to the proxy's own port, which clients would not reach; make them equal or set proxy.redirect.enabled=false" }}
-{{- end }}
 {{- if and .Values.proxy.enabled .Values.proxy.autoscaling.enabled (lt (int .Values.proxy.autoscaling.maxReplicas) (int .Values.proxy.autoscaling.minReplicas)) }}
 {{- fail "proxy.autoscaling.maxReplicas is below proxy.autoscaling.minReplicas" }}
 {{- end }}
