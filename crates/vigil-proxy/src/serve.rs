@@ -167,9 +167,7 @@ impl Caller {
 }
 
 fn now_s() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+    crate::clock::now()
 }
 
 /// A fresh request id: 16 random bytes, hex.
@@ -1018,8 +1016,7 @@ impl Again {
                 }
             }
             Caller::Token(_, t) => {
-                let exp = t.claims.get("exp").and_then(serde_json::Value::as_i64);
-                if exp.is_some_and(|e| e <= now) {
+                if crate::jwt::expired(&t.claims, now) {
                     return Err("the bearer token has expired".into());
                 }
             }

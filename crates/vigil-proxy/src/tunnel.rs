@@ -209,9 +209,7 @@ impl Tunnels {
 }
 
 fn now_s() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+    crate::clock::now()
 }
 
 /// Runs while the registry lives: verifies every tunnel when the index swapped in
