@@ -18,6 +18,7 @@ pub mod normalize;
 pub mod persist;
 pub mod routes;
 pub mod serve;
+pub mod streams;
 pub mod subscriber;
 pub mod tls;
 pub mod tunnel;

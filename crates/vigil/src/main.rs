@@ -652,6 +652,7 @@ async fn proxy(
     );
     // Open tunnels are checked again as soon as a new snapshot is in.
     proxy.tunnels().follow(handle.version.clone());
+    proxy.streams().follow(handle.version.clone());
     if let Some(tx) = started {
         let _ = tx.send(handle.clone());
     }
