@@ -420,7 +420,7 @@ async fn long_streaming_responses_end_when_their_caller_is_revoked() {
     }
     eventually("both streams watched", || async {
         match proxy.metric("vigil_proxy_streams_watched").await {
-            Some(n) if n == 2.0 => Ok(()),
+            Some(2.0) => Ok(()),
             other => Err(format!("{other:?}")),
         }
     })

@@ -95,7 +95,7 @@ pub fn follow_file(path: PathBuf) -> tokio::task::JoinHandle<()> {
 }
 
 fn follow(clock: &Clock, path: &Path) {
-    let text = match std::fs::read_to_string(&path) {
+    let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
         Err(e) => {
