@@ -18,7 +18,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::{Body, Frame, SizeHint};
 use tokio::sync::oneshot;
 
 use crate::index::Index;
@@ -79,8 +79,8 @@ struct Watching {
 }
 
 /// An upstream's body, re-verified while it lasts (see the module's doc).
-pub struct Watched<L: Later> {
-    inner: Incoming,
+pub struct Watched<B, L: Later> {
+    inner: B,
     streams: Arc<Streams>,
     /// Until registered.
     later: Option<L>,
@@ -91,16 +91,16 @@ pub struct Watched<L: Later> {
     done: bool,
 }
 
-impl<L: Later> Watched<L> {
+impl<B, L: Later> Watched<B, L> {
     /// Wraps `inner`, the body of a response to a request decided on snapshot
     /// version `decided`; `event_stream` when it is `text/event-stream`.
     pub fn new(
-        inner: Incoming,
+        inner: B,
         streams: Arc<Streams>,
         later: L,
         decided: u64,
         event_stream: bool,
-    ) -> Watched<L> {
+    ) -> Watched<B, L> {
         Watched {
             inner,
             streams,
@@ -187,7 +187,12 @@ impl<L: Later> Watched<L> {
     }
 }
 
-impl<L: Later> Body for Watched<L> {
+impl<B, L> Body for Watched<B, L>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BodyError>,
+    L: Later,
+{
     type Data = Bytes;
     type Error = BodyError;
 
@@ -208,7 +213,7 @@ impl<L: Later> Body for Watched<L> {
             Poll::Pending => true,
             Poll::Ready(_) => {
                 this.done = true;
-                return polled.map(|f| f.map(|r| r.map_err(|e| Box::new(e) as BodyError)));
+                return polled.map(|f| f.map(|r| r.map_err(Into::into)));
             }
         };
         if this.later.is_some() {
@@ -220,7 +225,7 @@ impl<L: Later> Body for Watched<L> {
                 return this.end(why);
             }
         }
-        polled.map(|f| f.map(|r| r.map_err(|e| Box::new(e) as BodyError)))
+        polled.map(|f| f.map(|r| r.map_err(Into::into)))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -232,7 +237,7 @@ impl<L: Later> Body for Watched<L> {
     }
 }
 
-impl<L: Later> Drop for Watched<L> {
+impl<B, L: Later> Drop for Watched<B, L> {
     fn drop(&mut self) {
         if let Some(w) = self.watching.take() {
             drop(w.registration);
@@ -243,11 +248,149 @@ impl<L: Later> Drop for Watched<L> {
     }
 }
 
-impl<L: Later> std::fmt::Debug for Watched<L> {
+impl<B, L: Later> std::fmt::Debug for Watched<B, L> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Watched")
             .field("decided", &self.decided)
             .field("registered", &self.watching.is_some())
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::sync::mpsc;
+
+    /// A body fed by the test, chunk by chunk.
+    struct Fed(mpsc::Receiver<Bytes>);
+
+    impl Body for Fed {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            self.0.poll_recv(cx).map(|c| c.map(|c| Ok(Frame::data(c))))
+        }
+    }
+
+    /// Allowed while `allowed` holds.
+    struct Gate(Arc<AtomicBool>);
+
+    impl Later for Gate {
+        fn check(&mut self, _: &Index, _: i64) -> Result<(), String> {
+            if self.0.load(Ordering::SeqCst) {
+                Ok(())
+            } else {
+                Err("revoked".into())
+            }
+        }
+
+        fn into_watch(self) -> (TunnelInfo, Recheck) {
+            let allowed = self.0;
+            let recheck: Recheck = Box::new(move |_, _| {
+                if allowed.load(Ordering::SeqCst) {
+                    Ok(())
+                } else {
+                    Err("revoked".into())
+                }
+            });
+            (TunnelInfo::default(), recheck)
+        }
+    }
+
+    fn index_at(version: u64) -> Arc<Index> {
+        let mut index = Index::default();
+        let mut snapshot = (*index.snapshot).clone();
+        snapshot.version = version;
+        index.snapshot = Arc::new(snapshot);
+        Arc::new(index)
+    }
+
+    async fn next(
+        body: &mut (impl Body<Data = Bytes, Error = BodyError> + Unpin),
+    ) -> Option<Result<Bytes, String>> {
+        use http_body_util::BodyExt as _;
+        match body.frame().await? {
+            Ok(f) => Some(Ok(f.into_data().unwrap())),
+            Err(e) => Some(Err(e.to_string())),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_short_body_is_never_registered() {
+        let shared: Shared = Arc::new(arc_swap::ArcSwap::new(index_at(1)));
+        let streams = Streams::new(shared, None);
+        let (tx, rx) = mpsc::channel(4);
+        let allowed = Arc::new(AtomicBool::new(true));
+        let mut body = Watched::new(Fed(rx), streams.clone(), Gate(allowed), 1, false);
+        tx.send(Bytes::from_static(b"a")).await.unwrap();
+        drop(tx);
+        assert_eq!(next(&mut body).await, Some(Ok(Bytes::from_static(b"a"))));
+        assert!(streams.registry.is_empty());
+        assert_eq!(next(&mut body).await, None);
+        assert!(streams.registry.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_newer_snapshot_mid_body_decides_again_before_sending() {
+        let shared: Shared = Arc::new(arc_swap::ArcSwap::new(index_at(1)));
+        let streams = Streams::new(shared.clone(), None);
+        let (tx, rx) = mpsc::channel(4);
+        let allowed = Arc::new(AtomicBool::new(true));
+        let mut body = Watched::new(Fed(rx), streams.clone(), Gate(allowed.clone()), 1, false);
+        tx.send(Bytes::from_static(b"a")).await.unwrap();
+        assert_eq!(next(&mut body).await, Some(Ok(Bytes::from_static(b"a"))));
+        // Revoked, and the snapshot saying so swapped in: the next chunk is not sent.
+        allowed.store(false, Ordering::SeqCst);
+        shared.store(index_at(2));
+        tx.send(Bytes::from_static(b"b")).await.unwrap();
+        let cut = next(&mut body).await;
+        assert!(
+            matches!(&cut, Some(Err(e)) if e.contains("revoked")),
+            "{cut:?}"
+        );
+        assert_eq!(next(&mut body).await, None);
+        assert!(streams.registry.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_registered_event_stream_is_cut_when_verification_refuses_it() {
+        let shared: Shared = Arc::new(arc_swap::ArcSwap::new(index_at(1)));
+        let streams = Streams::new(shared, None);
+        let (tx, rx) = mpsc::channel(4);
+        let allowed = Arc::new(AtomicBool::new(true));
+        let mut body = Watched::new(Fed(rx), streams.clone(), Gate(allowed.clone()), 1, true);
+        // Waiting on its upstream, an event stream registers at once.
+        let waiting = tokio::time::timeout(Duration::from_millis(50), next(&mut body)).await;
+        assert!(waiting.is_err());
+        assert_eq!(streams.registry.len(), 1);
+        tx.send(Bytes::from_static(b"data: 1\n\n")).await.unwrap();
+        assert!(matches!(next(&mut body).await, Some(Ok(_))));
+        // The registry decides again (as on a new snapshot) and refuses it: the
+        // waiting body wakes and ends with an error, unregistered.
+        allowed.store(false, Ordering::SeqCst);
+        let refuse = async {
+            // Once the body waits again.
+            tokio::task::yield_now().await;
+            streams.registry.verify(&index_at(1), 0)
+        };
+        let (cut, refused) = tokio::join!(
+            tokio::time::timeout(Duration::from_secs(5), next(&mut body)),
+            refuse
+        );
+        assert_eq!(refused, 1);
+        let cut = cut.unwrap();
+        assert!(
+            matches!(&cut, Some(Err(e)) if e.contains("revoked")),
+            "{cut:?}"
+        );
+        assert!(streams.registry.is_empty());
+        drop(tx);
     }
 }
