@@ -538,10 +538,6 @@ impl Proxy {
             Ok(res) => res,
             Err(refused) => return (refused, log),
         };
-        let event_stream = res
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
         let (head, body) = res.into_parts();
         let decided = index.version();
         let peer = ask.peer;
@@ -561,8 +557,7 @@ impl Proxy {
             request_id: RequestId::of(id),
             index: Some(index),
         };
-        let body =
-            crate::streams::Watched::new(body, self.streams.clone(), later, decided, event_stream);
+        let body = crate::streams::Watched::new(body, &head, self.streams.clone(), later, decided);
         (Response::from_parts(head, body.boxed()), log)
     }
 

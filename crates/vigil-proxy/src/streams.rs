@@ -85,6 +85,8 @@ pub struct Watched<B, L: Later> {
     /// Until registered.
     later: Option<L>,
     decided: u64,
+    /// The response's status, for the log.
+    status: u16,
     started: Instant,
     eager: bool,
     watching: Option<Watching>,
@@ -92,20 +94,25 @@ pub struct Watched<B, L: Later> {
 }
 
 impl<B, L: Later> Watched<B, L> {
-    /// Wraps `inner`, the body of a response to a request decided on snapshot
-    /// version `decided`; `event_stream` when it is `text/event-stream`.
+    /// Wraps `inner`, the body of a response (`head`) to a request decided on
+    /// snapshot version `decided`.
     pub fn new(
         inner: B,
+        head: &http::response::Parts,
         streams: Arc<Streams>,
         later: L,
         decided: u64,
-        event_stream: bool,
     ) -> Watched<B, L> {
+        let event_stream = head
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
         Watched {
             inner,
             streams,
             later: Some(later),
             decided,
+            status: head.status.as_u16(),
             started: Instant::now(),
             eager: event_stream,
             watching: None,
@@ -157,7 +164,7 @@ impl<B, L: Later> Watched<B, L> {
             decision = "closed",
             rule = "-",
             reason,
-            status = 200,
+            status = self.status,
             open_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
             "decision"
         );
@@ -304,6 +311,19 @@ mod tests {
         }
     }
 
+    fn head(event_stream: bool) -> http::response::Parts {
+        let kind = if event_stream {
+            "text/event-stream"
+        } else {
+            "application/octet-stream"
+        };
+        let res = http::Response::builder()
+            .header("content-type", kind)
+            .body(())
+            .unwrap();
+        res.into_parts().0
+    }
+
     fn index_at(version: u64) -> Arc<Index> {
         let mut index = Index::default();
         let mut snapshot = (*index.snapshot).clone();
@@ -328,7 +348,7 @@ mod tests {
         let streams = Streams::new(shared, None);
         let (tx, rx) = mpsc::channel(4);
         let allowed = Arc::new(AtomicBool::new(true));
-        let mut body = Watched::new(Fed(rx), streams.clone(), Gate(allowed), 1, false);
+        let mut body = Watched::new(Fed(rx), &head(false), streams.clone(), Gate(allowed), 1);
         tx.send(Bytes::from_static(b"a")).await.unwrap();
         drop(tx);
         assert_eq!(next(&mut body).await, Some(Ok(Bytes::from_static(b"a"))));
@@ -343,7 +363,13 @@ mod tests {
         let streams = Streams::new(shared.clone(), None);
         let (tx, rx) = mpsc::channel(4);
         let allowed = Arc::new(AtomicBool::new(true));
-        let mut body = Watched::new(Fed(rx), streams.clone(), Gate(allowed.clone()), 1, false);
+        let mut body = Watched::new(
+            Fed(rx),
+            &head(false),
+            streams.clone(),
+            Gate(allowed.clone()),
+            1,
+        );
         tx.send(Bytes::from_static(b"a")).await.unwrap();
         assert_eq!(next(&mut body).await, Some(Ok(Bytes::from_static(b"a"))));
         // Revoked, and the snapshot saying so swapped in: the next chunk is not sent.
@@ -365,7 +391,13 @@ mod tests {
         let streams = Streams::new(shared, None);
         let (tx, rx) = mpsc::channel(4);
         let allowed = Arc::new(AtomicBool::new(true));
-        let mut body = Watched::new(Fed(rx), streams.clone(), Gate(allowed.clone()), 1, true);
+        let mut body = Watched::new(
+            Fed(rx),
+            &head(true),
+            streams.clone(),
+            Gate(allowed.clone()),
+            1,
+        );
         // Waiting on its upstream, an event stream registers at once.
         let waiting = tokio::time::timeout(Duration::from_millis(50), next(&mut body)).await;
         assert!(waiting.is_err());
