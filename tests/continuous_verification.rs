@@ -6,8 +6,8 @@
 //! its end with nothing pushed at expiry; a service account expires the same way;
 //! a route's `max_auth_age_s` refuses a session signed in too long ago; and a
 //! suspended user is refused at both proxies until unsuspended. And long streaming
-//! responses (server-sent events, a chunked download) are cut when their caller
-//! is revoked, like WebSocket tunnels.
+//! responses (server-sent events over HTTP/1.1 and HTTP/2, a chunked download)
+//! are cut when their caller is revoked, like WebSocket tunnels.
 //!
 //! Users authenticate with the identity provider's bearer JWTs (the step-up case
 //! with a session cookie sealed with the fleet's cookie key): the proxies verify
@@ -410,6 +410,24 @@ async fn long_streaming_responses_end_when_their_caller_is_revoked() {
     };
     let mut events = open("/events").await;
     let mut download = open("/download").await;
+    // And events over HTTP/2 (prior knowledge on the plain listener).
+    let tcp = tokio::net::TcpStream::connect(proxy.url.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let (mut h2, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = hyper::Request::get("http://feed.test/events")
+        .header("authorization", format!("Bearer {token}"))
+        .body(http_body_util::Empty::<hyper::body::Bytes>::new())
+        .unwrap();
+    let res = h2.send_request(req).await.unwrap();
+    assert_eq!(res.status(), 200);
+    let mut over_h2 = res.into_body();
     // Both stream for well over a second (so both are registered, the download
     // lazily, the events at once).
     for _ in 0..15 {
@@ -417,10 +435,15 @@ async fn long_streaming_responses_end_when_their_caller_is_revoked() {
             let chunk = res.chunk().await.unwrap().unwrap();
             assert!(chunk.starts_with(b"data: "), "{chunk:?}");
         }
+        let frame = http_body_util::BodyExt::frame(&mut over_h2)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(frame.into_data().unwrap().starts_with(b"data: "));
     }
     eventually("both streams watched", || async {
         match proxy.metric("vigil_proxy_streams_watched").await {
-            Some(2.0) => Ok(()),
+            Some(3.0) => Ok(()),
             other => Err(format!("{other:?}")),
         }
     })
@@ -454,11 +477,23 @@ async fn long_streaming_responses_end_when_their_caller_is_revoked() {
             revoked.elapsed().as_millis()
         );
     }
+    // Over HTTP/2 the stream is reset (an error, not an end).
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match http_body_util::BodyExt::frame(&mut over_h2).await {
+                Some(Ok(_)) => {}
+                None => return "clean end",
+                Some(Err(_)) => return "reset",
+            }
+        }
+    })
+    .await;
+    assert_eq!(ended, Ok("reset"), "HTTP/2 events after the revocation");
     assert_eq!(
         proxy
             .metric(r#"vigil_proxy_streams_closed_total{by="verification"}"#)
             .await,
-        Some(2.0)
+        Some(3.0)
     );
     assert_eq!(proxy.metric("vigil_proxy_streams_watched").await, Some(0.0));
     let log = proxy.log_text();
@@ -466,7 +501,7 @@ async fn long_streaming_responses_end_when_their_caller_is_revoked() {
         .lines()
         .filter(|l| l.contains("decision=\"closed\"") || l.contains("decision=closed"))
         .collect();
-    assert_eq!(closed.len(), 2, "closed decisions:\n{log}");
+    assert_eq!(closed.len(), 3, "closed decisions:\n{log}");
     for line in closed {
         assert!(line.contains("the service account is disabled"), "{line}");
         assert!(line.contains("service-account:feeder"), "{line}");
