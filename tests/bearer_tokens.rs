@@ -1,7 +1,8 @@
 //! Bearer JWTs from an identity provider, end to end: the control plane fetches the
 //! provider's keys (discovery, then JWKS) into the snapshot, and the proxy verifies
 //! tokens against them with no call to anyone. The provider here is a key server
-//! the test runs (discovery document and JWKS over HTTP) with an ES256 key.
+//! the test runs (`support::JwtIssuer`: discovery document and JWKS over HTTP) with
+//! an ES256 key.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 mod support;
@@ -10,11 +11,10 @@ use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
-use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
-use ring::signature::{EcdsaKeyPair, KeyPair as _, ECDSA_P256_SHA256_FIXED_SIGNING};
+use jsonwebtoken::{Algorithm, EncodingKey};
 use serde_json::{json, Value};
 use support::{
-    client, echo_upstream, get_json, join_token, post_json, ControlProcess, ProxyProcess,
+    client, echo_upstream, get_json, join_token, post_json, ControlProcess, JwtIssuer, ProxyProcess,
 };
 use vigil_test_postgres::TestPostgres;
 
@@ -23,26 +23,6 @@ fn now() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs() as i64
-}
-
-/// Serves `/.well-known/openid-configuration` and `/jwks` for `jwk`; returns the issuer.
-async fn key_server(jwk: Value) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let issuer = format!("http://{}", listener.local_addr().unwrap());
-    let discovery = json!({"issuer": issuer, "jwks_uri": format!("{issuer}/jwks"),
-        "authorization_endpoint": format!("{issuer}/auth"), "token_endpoint": format!("{issuer}/token")});
-    let keys = json!({"keys": [jwk]});
-    let app = axum::Router::new()
-        .route(
-            "/.well-known/openid-configuration",
-            axum::routing::get(move || async move { axum::Json(discovery) }),
-        )
-        .route(
-            "/jwks",
-            axum::routing::get(move || async move { axum::Json(keys) }),
-        );
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    issuer
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -54,15 +34,9 @@ async fn identity_provider_tokens_are_verified_offline_against_the_snapshot_keys
     let url = cp.url.clone();
     let upstream = echo_upstream().await;
 
-    let rng = ring::rand::SystemRandom::new();
-    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
-    let pair =
-        EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng).unwrap();
-    let public = pair.public_key().as_ref().to_vec();
-    let jwk = json!({"kty": "EC", "crv": "P-256", "kid": "k1", "alg": "ES256", "use": "sig",
-        "x": URL_SAFE_NO_PAD.encode(&public[1..33]), "y": URL_SAFE_NO_PAD.encode(&public[33..65])});
-    let key = EncodingKey::from_ec_der(pkcs8.as_ref());
-    let issuer = key_server(jwk).await;
+    let idp = JwtIssuer::start().await;
+    let issuer = idp.issuer.clone();
+    let public = idp.public.clone();
 
     post_json(
         &c,
@@ -89,11 +63,8 @@ async fn identity_provider_tokens_are_verified_offline_against_the_snapshot_keys
     let proxy = ProxyProcess::start(&cp.grpc_url, &token, "proxy-a");
     proxy.wait_ready().await;
 
-    let sign = |claims: Value, alg: Algorithm, key: &EncodingKey| {
-        let mut h = Header::new(alg);
-        h.kid = Some("k1".into());
-        encode(&h, &claims, key).unwrap()
-    };
+    let sign =
+        |claims: Value, alg: Algorithm, key: Option<&EncodingKey>| idp.sign_with(&claims, alg, key);
     let claims = |sub: &str, aud: &str, exp: i64| {
         json!({"iss": issuer, "sub": sub, "aud": aud, "exp": exp, "iat": now(),
                "email": format!("{sub}@example.com"), "email_verified": true, "groups": ["engineering"]})
@@ -113,7 +84,7 @@ async fn identity_provider_tokens_are_verified_offline_against_the_snapshot_keys
     };
 
     // The keys reach the store (fetched at once), then the proxy (the next delta).
-    let good = sign(claims("ada", "vigil", now() + 300), Algorithm::ES256, &key);
+    let good = sign(claims("ada", "vigil", now() + 300), Algorithm::ES256, None);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let res = call(good.clone()).await;
@@ -156,14 +127,14 @@ async fn identity_provider_tokens_are_verified_offline_against_the_snapshot_keys
     let res = call(sign(
         claims("ada", "api", now() + 300),
         Algorithm::ES256,
-        &key,
+        None,
     ))
     .await;
     assert_eq!(res.status(), 200);
     // Not in the group the policy wants: 403.
     let mut outsider = claims("eve", "vigil", now() + 300);
     outsider["groups"] = json!(["sales"]);
-    let res = call(sign(outsider, Algorithm::ES256, &key)).await;
+    let res = call(sign(outsider, Algorithm::ES256, None)).await;
     assert_eq!(res.status(), 403);
 
     // Refused outright: 401 with `invalid_token`.
@@ -174,20 +145,20 @@ async fn identity_provider_tokens_are_verified_offline_against_the_snapshot_keys
     let bad = [
         (
             "wrong audience",
-            sign(claims("ada", "other", now() + 300), Algorithm::ES256, &key),
+            sign(claims("ada", "other", now() + 300), Algorithm::ES256, None),
         ),
         (
             "expired",
-            sign(claims("ada", "vigil", now() - 120), Algorithm::ES256, &key),
+            sign(claims("ada", "vigil", now() - 120), Algorithm::ES256, None),
         ),
-        ("wrong issuer", sign(wrong_iss, Algorithm::ES256, &key)),
+        ("wrong issuer", sign(wrong_iss, Algorithm::ES256, None)),
         ("alg none", format!("{none}.{body}.")),
         (
             "HS256 keyed with the public key",
             sign(
                 claims("ada", "vigil", now() + 300),
                 Algorithm::HS256,
-                &EncodingKey::from_secret(&public),
+                Some(&EncodingKey::from_secret(&public)),
             ),
         ),
         ("tampered", format!("{}x", &good[..good.len() - 1])),
@@ -208,7 +179,7 @@ async fn identity_provider_tokens_are_verified_offline_against_the_snapshot_keys
         json!({"issuer": issuer, "subject": "bob", "status": "suspended"}),
     )
     .await;
-    let bobs = sign(claims("bob", "vigil", now() + 300), Algorithm::ES256, &key);
+    let bobs = sign(claims("bob", "vigil", now() + 300), Algorithm::ES256, None);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let res = call(bobs.clone()).await;

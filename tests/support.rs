@@ -356,6 +356,20 @@ impl ProxyProcess {
     pub fn log_text(&self) -> String {
         self.process.log_text()
     }
+
+    /// The value of the series `series` (name and labels, as `/metrics` prints
+    /// them), if it is there.
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        let text = reqwest::get(format!("{}/metrics", self.health_url))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+    }
 }
 
 /// A certificate authority for tests, and certificates it issues.
@@ -440,4 +454,93 @@ pub async fn echo_upstream() -> String {
             .unwrap()
     });
     format!("http://{addr}")
+}
+
+/// An identity provider for bearer JWTs: an ES256 key, whose discovery document and
+/// JWKS are served over HTTP (what the control plane fetches into the snapshot).
+pub struct JwtIssuer {
+    /// Its issuer URL (`http://127.0.0.1:port`).
+    pub issuer: String,
+    key: jsonwebtoken::EncodingKey,
+    /// The public key, SEC1 uncompressed.
+    pub public: Vec<u8>,
+}
+
+impl JwtIssuer {
+    /// A fresh key (id `k1`), served at once.
+    pub async fn start() -> JwtIssuer {
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        use base64::Engine as _;
+        use ring::signature::{EcdsaKeyPair, KeyPair as _, ECDSA_P256_SHA256_FIXED_SIGNING};
+        use serde_json::json;
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng)
+            .unwrap();
+        let public = pair.public_key().as_ref().to_vec();
+        let jwk = json!({"kty": "EC", "crv": "P-256", "kid": "k1", "alg": "ES256", "use": "sig",
+            "x": URL_SAFE_NO_PAD.encode(&public[1..33]), "y": URL_SAFE_NO_PAD.encode(&public[33..65])});
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let issuer = format!("http://{}", listener.local_addr().unwrap());
+        let discovery = json!({"issuer": issuer, "jwks_uri": format!("{issuer}/jwks"),
+            "authorization_endpoint": format!("{issuer}/auth"), "token_endpoint": format!("{issuer}/token")});
+        let keys = json!({"keys": [jwk]});
+        let app = axum::Router::new()
+            .route(
+                "/.well-known/openid-configuration",
+                axum::routing::get(move || async move { axum::Json(discovery) }),
+            )
+            .route(
+                "/jwks",
+                axum::routing::get(move || async move { axum::Json(keys) }),
+            );
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        JwtIssuer {
+            issuer,
+            key: jsonwebtoken::EncodingKey::from_ec_der(pkcs8.as_ref()),
+            public,
+        }
+    }
+
+    /// `claims` signed with `alg` and `key` (the issuer's own when `None`), key id `k1`.
+    pub fn sign_with(
+        &self,
+        claims: &serde_json::Value,
+        alg: jsonwebtoken::Algorithm,
+        key: Option<&jsonwebtoken::EncodingKey>,
+    ) -> String {
+        let mut h = jsonwebtoken::Header::new(alg);
+        h.kid = Some("k1".into());
+        jsonwebtoken::encode(&h, claims, key.unwrap_or(&self.key)).unwrap()
+    }
+
+    /// `claims` signed by the issuer (ES256).
+    pub fn sign(&self, claims: &serde_json::Value) -> String {
+        self.sign_with(claims, jsonwebtoken::Algorithm::ES256, None)
+    }
+}
+
+/// Now, in Unix seconds (the test's own clock: the system's).
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// Polls `probe` every 50 ms until it returns `Some`, for at most 30 s; panics
+/// with `what` (and the last probe's description) otherwise.
+pub async fn eventually<T, F, Fut>(what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match probe().await {
+            Ok(v) => return v,
+            Err(last) => assert!(Instant::now() < deadline, "{what}: {last}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -441,6 +441,20 @@ impl CompiledPolicy {
         self.program.rules.get(index as usize)
     }
 
+    /// Whether any check reads a request header (a caller that decides a request
+    /// again later needs to keep its headers only then).
+    pub fn reads_headers(&self) -> bool {
+        self.program.checks.iter().any(|c| {
+            matches!(
+                c,
+                Check::Str {
+                    field: StrField::Header(_),
+                    ..
+                }
+            )
+        })
+    }
+
     /// Decides one request: the first deny rule that holds — or cannot be ruled out
     /// because the input is ambiguous — denies; else the first allow rule that
     /// certainly holds allows; else deny.

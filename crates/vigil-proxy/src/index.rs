@@ -28,6 +28,9 @@ pub struct RoutePolicy {
     pub max_auth_age_s: Option<u64>,
     /// Where allowed requests go.
     pub forwarding: Forwarding,
+    /// Whether the policy reads request headers (so a request decided again later
+    /// must keep them).
+    pub reads_headers: bool,
     /// The identity provider users of this route sign in with (else the only one).
     pub identity_provider: Option<String>,
 }
@@ -329,6 +332,7 @@ impl Index {
                 policies.insert(
                     entry.id.clone(),
                     Arc::new(RoutePolicy {
+                        reads_headers: policy.reads_headers(),
                         policy,
                         max_auth_age_s,
                         forwarding: Forwarding::new(route),

@@ -130,7 +130,23 @@ fn key_fits(alg: Algorithm, key: &Jwk) -> bool {
     family && named
 }
 
-/// Verifies `token` against `issuers`; why not, otherwise (for the 401).
+/// Clock skew allowed for `exp` and `nbf` when a token is first verified.
+const LEEWAY_S: i64 = 30;
+
+/// A NumericDate claim (RFC 7519 §2: seconds since the epoch, not necessarily a
+/// whole number, so `1.9e9` and `1900000000.5` count as much as `1900000000`).
+pub fn numeric_date(claim: Option<&Value>) -> Option<f64> {
+    claim?.as_f64().filter(|t| t.is_finite())
+}
+
+/// Whether `claims` are past their `exp` at `now` (Unix seconds); claims without
+/// a numeric `exp` count as expired, since verification requires one.
+pub fn expired(claims: &Value, now: i64) -> bool {
+    numeric_date(claims.get("exp")).is_none_or(|exp| exp <= now as f64)
+}
+
+/// Verifies `token` against `issuers`, at the proxy's clock; why not, otherwise
+/// (for the 401).
 pub fn verify(issuers: &Issuers, token: &str) -> Result<Verified, String> {
     let header = jsonwebtoken::decode_header(token)
         .map_err(|e| format!("the bearer token is not a valid JWT ({e})"))?;
@@ -168,14 +184,24 @@ pub fn verify(issuers: &Issuers, token: &str) -> Result<Verified, String> {
         DecodingKey::from_jwk(key).map_err(|e| format!("the signing key is not usable: {e}"))?;
     let mut v = Validation::new(alg);
     v.algorithms = vec![alg];
-    v.leeway = 30;
-    v.validate_nbf = true;
+    // `exp` and `nbf` are checked below, by the proxy's clock.
+    v.validate_exp = false;
+    v.validate_nbf = false;
     v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
     v.set_issuer(&[iss]);
     v.set_audience(&issuer.audiences);
     let data = jsonwebtoken::decode::<Value>(token, &decoding, &v)
         .map_err(|e| format!("the bearer token is not valid ({e})"))?;
     let claims = data.claims;
+    let now = crate::clock::now();
+    if expired(&claims, now.saturating_sub(LEEWAY_S)) {
+        return Err("the bearer token has expired".into());
+    }
+    if numeric_date(claims.get("nbf"))
+        .is_some_and(|nbf| nbf > (now.saturating_add(LEEWAY_S)) as f64)
+    {
+        return Err("the bearer token is not valid yet".into());
+    }
     let subject = claims
         .get("sub")
         .and_then(Value::as_str)
@@ -338,5 +364,36 @@ mod tests {
         );
         assert!(refused(&rs));
         assert!(refused("not.a.jwt"));
+    }
+
+    #[test]
+    fn expiry_is_any_numeric_date() {
+        let at = |exp: Value| serde_json::json!({ "exp": exp });
+        let now = 1_900_000_000;
+        // Integers, fractions and exponents alike.
+        for exp in [
+            serde_json::json!(1_900_000_001),
+            serde_json::json!(1_900_000_000.5),
+            serde_json::json!(1.9000000005e9),
+        ] {
+            assert!(!expired(&at(exp.clone()), now), "{exp}");
+            assert!(expired(&at(exp.clone()), now + 1), "{exp}");
+        }
+        assert!(expired(&at(serde_json::json!(1.9e9)), now));
+        assert!(!expired(&at(serde_json::json!(1.9e9)), now - 1));
+        // Absent or not a number: expired.
+        assert!(expired(&serde_json::json!({}), now));
+        assert!(expired(&at(serde_json::json!("1900000001")), now));
+    }
+
+    #[test]
+    fn fractional_expiry_verifies() {
+        let (key, jwk, _) = es256("k1");
+        let iss = issuers_with(&jwk);
+        let mut c = claims(ISS, "vigil", 0, None);
+        c["exp"] = serde_json::json!(now() as f64 + 300.5);
+        assert!(verify(&iss, &sign(&key, "k1", &c)).is_ok());
+        c["exp"] = serde_json::json!(now() as f64 - 120.5);
+        assert!(verify(&iss, &sign(&key, "k1", &c)).is_err());
     }
 }

@@ -6,6 +6,7 @@
 //! (`login`) through one authenticate host for the fleet.
 
 pub mod assertion;
+pub mod clock;
 pub mod cookie;
 pub mod decide;
 pub mod edge;
@@ -17,6 +18,7 @@ pub mod normalize;
 pub mod persist;
 pub mod routes;
 pub mod serve;
+pub mod streams;
 pub mod subscriber;
 pub mod tls;
 pub mod tunnel;

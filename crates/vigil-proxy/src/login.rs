@@ -573,7 +573,10 @@ impl Login {
         let id_token = tokens
             .id_token()
             .ok_or_else(|| unauthorized("the provider returned no ID token".into()))?;
-        let verifier = provider.client.id_token_verifier();
+        // The ID token's expiry by the proxy's clock, like every other time check.
+        let verifier = provider.client.id_token_verifier().set_time_fn(|| {
+            chrono::DateTime::from_timestamp(crate::clock::now(), 0).unwrap_or_default()
+        });
         let claims = match id_token.claims(&verifier, &Nonce::new(pending.nonce.clone())) {
             Ok(c) => c,
             Err(e) => {

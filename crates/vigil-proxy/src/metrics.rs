@@ -10,6 +10,8 @@
 //! | `vigil_proxy_stream_connected` | gauge | 1 while the stream to the control plane is up |
 //! | `vigil_proxy_tunnels_open` | gauge | WebSocket tunnels open |
 //! | `vigil_proxy_tunnels_closed_total` | counter | `by` (peer: either side ended it; verification: no longer allowed) |
+//! | `vigil_proxy_streams_watched` | gauge | long streaming responses being re-verified |
+//! | `vigil_proxy_streams_closed_total` | counter | `by` (peer: the body ended or the client left; verification: no longer allowed) |
 //!
 //! Route labels only ever name routes of the snapshot (and `-` for none), so the
 //! series are bounded by the routes configured.
@@ -62,6 +64,9 @@ pub struct Metrics {
     /// WebSocket tunnels open.
     pub tunnels_open: Gauge<i64, AtomicI64>,
     tunnels_closed: Family<ClosedBy, Counter>,
+    /// Long streaming responses being re-verified (registered once they last).
+    pub streams_watched: Gauge<i64, AtomicI64>,
+    streams_closed: Family<ClosedBy, Counter>,
 }
 
 fn status_class(status: u16) -> &'static str {
@@ -89,6 +94,8 @@ impl Metrics {
         let stream_connected = Gauge::<i64, AtomicI64>::default();
         let tunnels_open = Gauge::<i64, AtomicI64>::default();
         let tunnels_closed = Family::<ClosedBy, Counter>::default();
+        let streams_watched = Gauge::<i64, AtomicI64>::default();
+        let streams_closed = Family::<ClosedBy, Counter>::default();
         registry.register("requests", "Requests answered", requests.clone());
         registry.register(
             "decisions",
@@ -125,6 +132,16 @@ impl Metrics {
             "WebSocket tunnels closed, by who closed them",
             tunnels_closed.clone(),
         );
+        registry.register(
+            "streams_watched",
+            "Long streaming responses being re-verified",
+            streams_watched.clone(),
+        );
+        registry.register(
+            "streams_closed",
+            "Re-verified streaming responses ended, by who ended them",
+            streams_closed.clone(),
+        );
         Arc::new(Metrics {
             registry,
             requests,
@@ -135,6 +152,8 @@ impl Metrics {
             stream_connected,
             tunnels_open,
             tunnels_closed,
+            streams_watched,
+            streams_closed,
         })
     }
 
@@ -147,6 +166,17 @@ impl Metrics {
             "peer"
         };
         self.tunnels_closed.get_or_create(&ClosedBy { by }).inc();
+    }
+
+    /// Counts a re-verified streaming response that ended: `verification` when the
+    /// proxy ended it because it was no longer allowed, else `peer`.
+    pub fn stream_closed(&self, by_verification: bool) {
+        let by = if by_verification {
+            "verification"
+        } else {
+            "peer"
+        };
+        self.streams_closed.get_or_create(&ClosedBy { by }).inc();
     }
 
     /// Counts one answered request.

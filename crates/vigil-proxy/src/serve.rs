@@ -41,7 +41,7 @@ use crate::tunnel::{Recheck, TunnelInfo, Tunnels};
 use crate::upstream::{certificate_error, Forwarding, Pools, Trust, Upstream};
 
 /// What every response body is: an upstream's streamed body or one of ours.
-pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+pub type ProxyBody = BoxBody<Bytes, crate::streams::BodyError>;
 
 /// How the proxy serves requests.
 #[derive(Debug, Clone, Default)]
@@ -69,6 +69,8 @@ pub struct Proxy {
     pools: Arc<Pools>,
     /// Open WebSocket tunnels.
     tunnels: Arc<Tunnels>,
+    /// Long streaming responses, re-verified like tunnels.
+    streams: Arc<crate::streams::Streams>,
 }
 
 /// What every step of one request's handling needs to answer it.
@@ -170,9 +172,7 @@ impl Caller {
 }
 
 fn now_s() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+    crate::clock::now()
 }
 
 /// A fresh request id: 16 random bytes, hex.
@@ -262,6 +262,7 @@ impl Proxy {
     /// A handler reading the index that `index` holds (the subscriber swaps it).
     pub fn new(index: Shared, config: ServeConfig) -> Proxy {
         Proxy {
+            streams: crate::streams::Streams::new(index.clone(), config.metrics.clone()),
             index,
             tunnels: Tunnels::new(config.metrics.clone()),
             config: Arc::new(config),
@@ -273,6 +274,12 @@ impl Proxy {
     /// [`Tunnels::follow`] the subscriber's version watch).
     pub fn tunnels(&self) -> &Arc<Tunnels> {
         &self.tunnels
+    }
+
+    /// The long streaming responses being re-verified (to list them, or to
+    /// [`Tunnels::follow`] the subscriber's version watch).
+    pub fn streams(&self) -> &Arc<Tunnels> {
+        &self.streams.registry
     }
 
     /// Handles one request from `peer`; never fails (errors become responses).
@@ -518,10 +525,43 @@ impl Proxy {
                 .await;
             return (res, log);
         }
-        let res = self
+        // What deciding this request again takes, should its response last: kept
+        // by value (the headers only when the policy reads them).
+        let method = parts.method.clone();
+        let headers = if index.policies.get(route).is_some_and(|r| r.reads_headers) {
+            parts.headers.clone()
+        } else {
+            HeaderMap::new()
+        };
+        let token_sha256 = service_token_sha256(&caller, &parts.headers);
+        let res = match self
             .forward(&index, forwarding, parts, body, &ask, &caller)
-            .await;
-        (res, log)
+            .await
+        {
+            Ok(res) => res,
+            Err(refused) => return (refused, log),
+        };
+        let (head, body) = res.into_parts();
+        let decided = index.version();
+        let peer = ask.peer;
+        let later = Decided {
+            again: Again {
+                caller,
+                token_sha256,
+                signed_out: self.config.login.clone(),
+                route: String::new(),
+                host,
+                path,
+                method,
+                headers,
+                peer,
+                websocket: false,
+            },
+            request_id: RequestId::of(id),
+            index: Some(index),
+        };
+        let body = crate::streams::Watched::new(body, &head, self.streams.clone(), later, decided);
+        (Response::from_parts(head, body.boxed()), log)
     }
 
     /// The caller, or why its credential is refused.
@@ -598,7 +638,8 @@ impl Proxy {
         Some(login.redirect_to_sign_in(&format!("{scheme}://{authority}{path}"), reauth))
     }
 
-    /// Sends an allowed request on to one of the route's upstreams.
+    /// Sends an allowed request on to one of the route's upstreams; its response, or
+    /// the refusal to give instead.
     async fn forward(
         &self,
         index: &Index,
@@ -607,19 +648,14 @@ impl Proxy {
         body: Incoming,
         ask: &Ask<'_>,
         caller: &Caller,
-    ) -> Response<ProxyBody> {
+    ) -> Result<Response<Incoming>, Response<ProxyBody>> {
         let upstream = match self.outbound(index, forwarding, &mut parts, ask, caller) {
             Ok(u) => u,
-            Err((status, reason)) => return ask.refuse(status, reason),
+            Err((status, reason)) => return Err(ask.refuse(status, reason)),
         };
-        match self.send(forwarding, upstream, parts, body, ask).await {
-            Ok(res) => {
-                let (mut parts, body) = res.into_parts();
-                edge::strip_inbound(&mut parts.headers, true);
-                Response::from_parts(parts, body.boxed())
-            }
-            Err(refused) => refused,
-        }
+        let mut res = self.send(forwarding, upstream, parts, body, ask).await?;
+        edge::strip_inbound(res.headers_mut(), true);
+        Ok(res)
     }
 
     /// Sends a readied request to `upstream` through the pool for its trust, within
@@ -727,14 +763,7 @@ impl Proxy {
         // The request as the policy saw it, to decide it again later.
         let method = parts.method.clone();
         let headers = parts.headers.clone();
-        let token_sha256 = match (&caller, sole_bearer(&headers)) {
-            (Caller::ServiceAccount(_), Ok(token)) => Some(
-                ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
-                    .as_ref()
-                    .to_vec(),
-            ),
-            _ => None,
-        };
+        let token_sha256 = service_token_sha256(&caller, &headers);
         let upstream = match self.outbound(index, forwarding, &mut parts, ask, &caller) {
             Ok(u) => u,
             Err((status, reason)) => return ask.refuse(status, reason),
@@ -774,7 +803,10 @@ impl Proxy {
             let (mut parts, body) = res.into_parts();
             edge::strip_inbound(&mut parts.headers, true);
             parts.headers.remove(header::UPGRADE);
-            return Response::from_parts(parts, body.boxed());
+            return Response::from_parts(
+                parts,
+                body.map_err(crate::streams::BodyError::from).boxed(),
+            );
         }
         let from_upstream = hyper::upgrade::on(&mut res);
         let (mut head, _) = res.into_parts();
@@ -807,6 +839,7 @@ impl Proxy {
             method,
             headers,
             peer: ask.peer,
+            websocket: true,
         }
         .into_recheck();
         let registration = self
@@ -982,11 +1015,90 @@ async fn send_upgrade(
     Ok(sender.send_request(req).await?)
 }
 
-/// Everything needed to decide a tunnel's original request again.
+/// A service account's token, hashed, to check later that it is still that
+/// account's.
+fn service_token_sha256(caller: &Caller, headers: &HeaderMap) -> Option<[u8; 32]> {
+    match (caller, sole_bearer(headers)) {
+        (Caller::ServiceAccount(_), Ok(token)) => <[u8; 32]>::try_from(
+            ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref(),
+        )
+        .ok(),
+        _ => None,
+    }
+}
+
+/// A request id kept by value (it is 32 hex digits).
+struct RequestId([u8; 32], usize);
+
+impl RequestId {
+    fn of(id: &str) -> RequestId {
+        let mut b = [0u8; 32];
+        let n = id.len().min(32);
+        b[..n].copy_from_slice(&id.as_bytes()[..n]);
+        RequestId(b, n)
+    }
+
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0[..self.1]).unwrap_or("-")
+    }
+}
+
+/// A forwarded request, kept with its response's body to be decided again should
+/// the body last (`streams`). Holds the index it was decided on until then, to
+/// name its route without copying the name for every response.
+struct Decided {
+    again: Again,
+    request_id: RequestId,
+    index: Option<Arc<Index>>,
+}
+
+impl Decided {
+    /// Names the route from the index the request was decided on (once).
+    fn settle(&mut self) {
+        if let Some(index) = self.index.take() {
+            if let Some(route) = index.routes.find(&self.again.host, &self.again.path) {
+                route.clone_into(&mut self.again.route);
+            }
+        }
+    }
+}
+
+impl crate::streams::Later for Decided {
+    fn check(&mut self, index: &Index, now: i64) -> Result<(), String> {
+        self.settle();
+        self.again.check(index, now)
+    }
+
+    fn into_watch(mut self) -> (TunnelInfo, crate::tunnel::Recheck) {
+        self.settle();
+        let caller = &self.again.caller;
+        let info = TunnelInfo {
+            request_id: self.request_id.as_str().to_owned(),
+            route: self.again.route.clone(),
+            principal: caller.describe(),
+            session: match caller {
+                Caller::User(s, _) => Some(s.sid.clone()),
+                _ => None,
+            },
+            user: caller.user_id().map(str::to_owned),
+            service_account: match caller {
+                Caller::ServiceAccount(id) => Some(id.clone()),
+                _ => None,
+            },
+            device: match caller {
+                Caller::User(s, _) => s.did.clone(),
+                _ => None,
+            },
+        };
+        (info, self.again.into_recheck())
+    }
+}
+
+/// Everything needed to decide a tunnel's or a long response's request again.
 struct Again {
     caller: Caller,
     /// A service account's token, hashed: it must still be that account's.
-    token_sha256: Option<Vec<u8>>,
+    token_sha256: Option<[u8; 32]>,
     signed_out: Option<Arc<Login>>,
     route: String,
     host: String,
@@ -994,6 +1106,8 @@ struct Again {
     method: http::Method,
     headers: HeaderMap,
     peer: IpAddr,
+    /// A WebSocket tunnel (its route must still allow WebSockets).
+    websocket: bool,
 }
 
 impl Again {
@@ -1005,8 +1119,8 @@ impl Again {
             Caller::ServiceAccount(id) => {
                 let holder = self
                     .token_sha256
-                    .as_deref()
-                    .and_then(|h| index.tokens.get(h))
+                    .as_ref()
+                    .and_then(|h| index.tokens.get(&h[..]))
                     .map(|t| &t.id);
                 if holder != Some(id) {
                     return Err("the service account's token is no longer valid".into());
@@ -1022,8 +1136,7 @@ impl Again {
                 }
             }
             Caller::Token(_, t) => {
-                let exp = t.claims.get("exp").and_then(serde_json::Value::as_i64);
-                if exp.is_some_and(|e| e <= now) {
+                if crate::jwt::expired(&t.claims, now) {
                     return Err("the bearer token has expired".into());
                 }
             }
@@ -1033,7 +1146,7 @@ impl Again {
             return Err("the route no longer serves this address".into());
         }
         match index.policies.get(&self.route) {
-            Some(r) if r.forwarding.allow_websockets => {}
+            Some(r) if r.forwarding.allow_websockets || !self.websocket => {}
             Some(_) => return Err("the route no longer allows WebSockets".into()),
             None => return Err("the route is gone".into()),
         }

@@ -55,7 +55,8 @@ pub struct Tunnels {
     next: AtomicU64,
     verifier: AtomicBool,
     wake: Notify,
-    metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// Where the number open is shown.
+    gauge: Option<prometheus_client::metrics::gauge::Gauge<i64, std::sync::atomic::AtomicI64>>,
 }
 
 impl std::fmt::Debug for Tunnels {
@@ -88,19 +89,31 @@ impl Drop for Registration {
 impl Tunnels {
     /// An empty registry, counting open tunnels in `metrics` when given.
     pub fn new(metrics: Option<Arc<crate::metrics::Metrics>>) -> Arc<Tunnels> {
+        Tunnels::counted(metrics.map(|m| m.tunnels_open.clone()))
+    }
+
+    /// An empty registry of long streaming responses (same verification as
+    /// tunnels), counted in `vigil_proxy_streams_watched`.
+    pub fn for_streams(metrics: Option<Arc<crate::metrics::Metrics>>) -> Arc<Tunnels> {
+        Tunnels::counted(metrics.map(|m| m.streams_watched.clone()))
+    }
+
+    fn counted(
+        gauge: Option<prometheus_client::metrics::gauge::Gauge<i64, std::sync::atomic::AtomicI64>>,
+    ) -> Arc<Tunnels> {
         Arc::new(Tunnels {
             open: parking_lot::Mutex::new(HashMap::new()),
             next: AtomicU64::new(1),
             verifier: AtomicBool::new(false),
             wake: Notify::new(),
-            metrics,
+            gauge,
         })
     }
 
     fn count(&self) {
-        if let Some(m) = &self.metrics {
+        if let Some(g) = &self.gauge {
             let n = self.open.lock().len();
-            m.tunnels_open.set(i64::try_from(n).unwrap_or(i64::MAX));
+            g.set(i64::try_from(n).unwrap_or(i64::MAX));
         }
     }
 
@@ -209,9 +222,7 @@ impl Tunnels {
 }
 
 fn now_s() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+    crate::clock::now()
 }
 
 /// Runs while the registry lives: verifies every tunnel when the index swapped in

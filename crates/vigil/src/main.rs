@@ -154,6 +154,12 @@ pub(crate) struct ProxyArgs {
     /// How long a session lasts after sign-in, in seconds (default 12 hours).
     #[arg(long, env = "VIGIL_SESSION_LIFETIME_S", default_value_t = 43_200)]
     pub session_lifetime_s: u64,
+    /// For tests only: a file holding an offset in seconds that moves the proxy's
+    /// clock for every policy, session, grant and token time check (re-read every
+    /// 100 ms). Hidden from --help.
+    #[arg(long, env = "VIGIL_TEST_CLOCK_FILE", hide = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub test_clock_file: Option<PathBuf>,
 }
 
 #[derive(Args, Serialize, Clone)]
@@ -420,6 +426,10 @@ async fn proxy(
     started: Option<tokio::sync::oneshot::Sender<vigil_proxy::subscriber::Handle>>,
 ) -> anyhow::Result<()> {
     use vigil_proxy::{serve, subscriber};
+    let clock_task = args
+        .test_clock_file
+        .clone()
+        .map(vigil_proxy::clock::follow_file);
     let join_token = config::secret("VIGIL_JOIN_TOKEN", &args.join_token, &args.join_token_file)?
         .context(
         "set the join token: --join-token, VIGIL_JOIN_TOKEN or VIGIL_JOIN_TOKEN_FILE",
@@ -642,12 +652,16 @@ async fn proxy(
     );
     // Open tunnels are checked again as soon as a new snapshot is in.
     proxy.tunnels().follow(handle.version.clone());
+    proxy.streams().follow(handle.version.clone());
     if let Some(tx) = started {
         let _ = tx.send(handle.clone());
     }
     serve::serve(listener, proxy, tls, shutdown_signal()).await;
     health_task.abort();
     if let Some(t) = redirect_task {
+        t.abort();
+    }
+    if let Some(t) = clock_task {
         t.abort();
     }
     Ok(())
