@@ -401,6 +401,7 @@ fn service_account(r: &RawRecord) -> Option<pb::ServiceAccount> {
         expires_at: spec.expires_at.as_deref().and_then(unix),
         disabled: spec.disabled,
         token_sha256: sha256(r.secret.as_deref()),
+        client_certificate_sha256: sha256(spec.client_certificate_sha256.as_deref()),
     })
 }
 
