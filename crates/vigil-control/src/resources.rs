@@ -873,7 +873,7 @@ impl Resource for Device {
 
 // ---------- service accounts ----------
 
-/// A non-human principal that authenticates with a bearer token.
+/// A non-human principal that authenticates with a bearer token or a client certificate.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceAccountSpec {
