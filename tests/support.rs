@@ -381,12 +381,43 @@ pub struct TestCa {
     issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
 }
 
+/// A client certificate a [`TestCa`] issued.
+pub struct ClientCertificate {
+    /// The certificate then the key, PEM (what `reqwest::Identity::from_pem` reads).
+    pub pem: String,
+    /// The certificate, DER.
+    pub der: rustls::pki_types::CertificateDer<'static>,
+    /// The key, PKCS#8 DER.
+    pub key_der: Vec<u8>,
+    /// SHA-256 of its SubjectPublicKeyInfo, 64 lowercase hex digits.
+    pub fingerprint: String,
+}
+
 impl TestCa {
     /// A new CA with a fresh key.
     pub fn new() -> TestCa {
-        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        TestCa::named(&[])
+    }
+
+    /// A new CA whose subject is `dn`, as (type, value) pairs in the certificate's
+    /// order (RFC 4514 writes them last first), e.g. `[("O", "Tests"), ("CN", "CA")]`.
+    pub fn named(dn: &[(&str, &str)]) -> TestCa {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        if !dn.is_empty() {
+            params.distinguished_name = rcgen::DistinguishedName::new();
+            for (ty, value) in dn {
+                let ty = match *ty {
+                    "CN" => DnType::CommonName,
+                    "O" => DnType::OrganizationName,
+                    "OU" => DnType::OrganizationalUnitName,
+                    "C" => DnType::CountryName,
+                    other => panic!("no DN type {other} in TestCa"),
+                };
+                params.distinguished_name.push(ty, *value);
+            }
+        }
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         let cert = params.self_signed(&key).unwrap();
         TestCa {
@@ -404,6 +435,32 @@ impl TestCa {
             .signed_by(&key, &self.issuer)
             .unwrap();
         (cert.pem(), key.serialize_pem(), cert.der().to_vec())
+    }
+
+    /// A client certificate (extended key usage `clientAuth`) for `name` with a
+    /// fresh key; `expired` makes one whose validity ended in 2001.
+    pub fn issue_client(&self, name: &str, expired: bool) -> ClientCertificate {
+        use rcgen::PublicKeyData as _;
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec![name.to_owned()]).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        if expired {
+            params.not_before = rcgen::date_time_ymd(2000, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2001, 1, 1);
+        }
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let spki = key.subject_public_key_info();
+        let digest = ring::digest::digest(&ring::digest::SHA256, &spki);
+        let fingerprint: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        ClientCertificate {
+            pem: format!("{}{}", cert.pem(), key.serialize_pem()),
+            der: cert.der().clone(),
+            key_der: key.serialize_der(),
+            fingerprint,
+        }
     }
 }
 

@@ -175,6 +175,20 @@ pub(crate) async fn prepare<R: Resource>(
     }
     let ctx = R::context(control).await?;
     let checked = R::check(&mut spec, id, &ctx)?;
+    // One certificate, one identity: the store keeps a fingerprint unique within a
+    // kind (409); across devices and service accounts it is checked here.
+    if let (Some((other, singular)), Some(fingerprint)) = (R::CERTIFICATE_SHARED_WITH, &checked.key)
+    {
+        if let Some(holder) = control.store.get_by_key(other, fingerprint).await? {
+            return Err(Problem::invalid_field(
+                crate::resources::CERTIFICATE_FIELD,
+                format!(
+                    "already the client certificate of {singular} `{}`",
+                    holder.id
+                ),
+            ));
+        }
+    }
     let mut sealed = None;
     if let Some(secret) = R::SECRET {
         if let Some(plain) = (secret.take)(&mut spec) {

@@ -94,6 +94,9 @@ pub trait Resource: Send + Sync + 'static {
     const SECRET: Option<WriteOnlySecret<Self::Spec>> = None;
     /// Fields the server owns that clients may echo back but never set.
     const READ_ONLY: &'static [&'static str] = &[];
+    /// For kinds whose natural key is a client certificate's fingerprint: the
+    /// other kind (store kind, in words) that must not hold the same fingerprint.
+    const CERTIFICATE_SHARED_WITH: Option<(&'static str, &'static str)> = None;
     /// The document.
     type Spec: Serialize + DeserializeOwned + ToSchema + Send + Sync + 'static;
     /// What validation needs from the store (e.g. the named policies).
@@ -765,6 +768,28 @@ fn check_ca_pem(pem: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Normalises a client certificate's SPKI fingerprint to 64 lowercase hex digits,
+/// which is then the entity's natural key (unique within its kind).
+fn check_fingerprint(fp: &mut Option<String>, errors: &mut Vec<FieldError>) -> Option<String> {
+    let text = fp.as_mut()?;
+    match vigil_policy::parse_fingerprint(text) {
+        Some(bytes) => {
+            *text = vigil_policy::to_hex(&bytes);
+            Some(text.clone())
+        }
+        None => {
+            errors.push(FieldError::new(
+                CERTIFICATE_FIELD,
+                "expected a SHA-256 fingerprint: 64 hex digits, colons allowed",
+            ));
+            None
+        }
+    }
+}
+
+/// Where devices and service accounts name their client certificate.
+pub(crate) const CERTIFICATE_FIELD: &str = "/client_certificate_sha256";
+
 // ---------- devices ----------
 
 /// A device's reported posture.
@@ -813,6 +838,8 @@ impl Resource for Device {
     const SINGULAR: &'static str = "device";
     const ID_PREFIX: &'static str = "dev";
     const FILTERS: &'static [&'static str] = &["owner", "name"];
+    const CERTIFICATE_SHARED_WITH: Option<(&'static str, &'static str)> =
+        Some((ServiceAccount::KIND, ServiceAccount::SINGULAR));
     type Spec = DeviceSpec;
     type Context = ();
 
@@ -838,19 +865,7 @@ impl Resource for Device {
             &mut spec.posture.expires_at,
             &mut errors,
         );
-        let mut key = None;
-        if let Some(fp) = &mut spec.client_certificate_sha256 {
-            match vigil_policy::parse_fingerprint(fp) {
-                Some(bytes) => {
-                    *fp = vigil_policy::to_hex(&bytes);
-                    key = Some(fp.clone());
-                }
-                None => errors.push(FieldError::new(
-                    "/client_certificate_sha256",
-                    "expected a SHA-256 fingerprint: 64 hex digits, colons allowed",
-                )),
-            }
-        }
+        let key = check_fingerprint(&mut spec.client_certificate_sha256, &mut errors);
         let refs = spec.owner.iter().map(|o| restrict(User::KIND, o)).collect();
         done(errors, Checked { key, refs })
     }
@@ -858,7 +873,7 @@ impl Resource for Device {
 
 // ---------- service accounts ----------
 
-/// A non-human principal that authenticates with a bearer token.
+/// A non-human principal that authenticates with a bearer token or a client certificate.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceAccountSpec {
@@ -876,6 +891,11 @@ pub struct ServiceAccountSpec {
     /// Disabled accounts are denied everywhere.
     #[serde(default)]
     pub disabled: bool,
+    /// SHA-256 of the SubjectPublicKeyInfo of a client certificate that
+    /// authenticates the account at the proxy (hex), unique among service accounts
+    /// and devices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_certificate_sha256: Option<String>,
 }
 
 /// `/v1/service-accounts`.
@@ -887,6 +907,8 @@ impl Resource for ServiceAccount {
     const TITLE: &'static str = "Service accounts";
     const SINGULAR: &'static str = "service account";
     const TOKEN_PREFIX: Option<&'static str> = Some("sa");
+    const CERTIFICATE_SHARED_WITH: Option<(&'static str, &'static str)> =
+        Some((Device::KIND, Device::SINGULAR));
     type Spec = ServiceAccountSpec;
     type Context = ();
 
@@ -896,8 +918,9 @@ impl Resource for ServiceAccount {
     fn check(spec: &mut ServiceAccountSpec, _: &str, _: &()) -> Result<Checked, Problem> {
         let mut errors = Vec::new();
         check_optional_time("/expires_at", &mut spec.expires_at, &mut errors);
+        let key = check_fingerprint(&mut spec.client_certificate_sha256, &mut errors);
         let refs = group_refs(&mut spec.groups);
-        done(errors, Checked { key: None, refs })
+        done(errors, Checked { key, refs })
     }
 }
 

@@ -421,6 +421,7 @@ fn service_account(r: &RawRecord) -> Option<pb::ServiceAccount> {
         disabled: spec.disabled,
         token_sha256: sha256(secret.as_ref().map(|s| s.0)),
         token_key: secret.map(|s| s.1).unwrap_or_default(),
+        client_certificate_sha256: sha256(spec.client_certificate_sha256.as_deref()),
     })
 }
 

@@ -101,6 +101,21 @@ pub struct Index {
     /// Identity providers whose bearer JWTs are accepted, by issuer; rebuilt only
     /// when identity providers change.
     pub issuers: Arc<crate::jwt::Issuers>,
+    /// Client certificates (SHA-256 of the SubjectPublicKeyInfo) that identify a
+    /// device, by device id; kept up to date entry by entry.
+    pub device_certificates: imbl::HashMap<[u8; 32], String>,
+    /// Client certificates that authenticate a service account, by its id; kept
+    /// up to date entry by entry.
+    pub service_account_certificates: imbl::HashMap<[u8; 32], String>,
+}
+
+/// Who a client certificate names (see [`Index::certificate_holder`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CertificateHolder<'a> {
+    /// A device: it identifies the device, the caller authenticates otherwise.
+    Device(&'a str),
+    /// A service account: it authenticates as the account.
+    ServiceAccount(&'a str),
 }
 
 /// The key of [`Index::subjects`].
@@ -147,6 +162,47 @@ fn all_tokens(snapshot: &Snapshot) -> HashMap<Vec<u8>, TokenHolder> {
             _ => None,
         })
         .collect()
+}
+
+/// The fingerprint entry `entry` registers, when it is of `kind` and names one.
+fn certificate_of(entry: &vigil_proto::v1::Entry, kind: Kind) -> Option<[u8; 32]> {
+    let bytes = match (&entry.body, kind) {
+        (Some(Body::Device(d)), Kind::Device) => &d.client_certificate_sha256,
+        (Some(Body::ServiceAccount(sa)), Kind::ServiceAccount) => &sa.client_certificate_sha256,
+        _ => return None,
+    };
+    bytes.as_slice().try_into().ok()
+}
+
+/// `prev` (fingerprint → id, for entries of `kind`) after the entries named in
+/// `touched` went from `before` to `after`, or built afresh when `full`.
+fn recertify(
+    prev: &imbl::HashMap<[u8; 32], String>,
+    before: &Snapshot,
+    after: &Snapshot,
+    kind: Kind,
+    touched: &[(Kind, String)],
+    full: bool,
+) -> imbl::HashMap<[u8; 32], String> {
+    if full {
+        return after
+            .of_kind(kind)
+            .filter_map(|e| Some((certificate_of(e, kind)?, e.id.clone())))
+            .collect();
+    }
+    let mut next = prev.clone();
+    for (_, id) in touched.iter().filter(|(k, _)| *k == kind) {
+        if let Some(old) = before.get(kind, id).and_then(|e| certificate_of(e, kind)) {
+            // Fingerprints are unique within a kind; remove only this entry's.
+            if next.get(&old) == Some(id) {
+                next.remove(&old);
+            }
+        }
+        if let Some(new) = after.get(kind, id).and_then(|e| certificate_of(e, kind)) {
+            next.insert(new, id.clone());
+        }
+    }
+    next
 }
 
 /// How many names each derivation reads from the table: users read groups and
@@ -278,6 +334,19 @@ impl Index {
         self.policies.get(route).map(|p| &p.policy)
     }
 
+    /// Who the client certificate with SubjectPublicKeyInfo hash `spki_sha256`
+    /// belongs to. The control plane keeps a fingerprint to one device or service
+    /// account; should both hold one, the device wins and the certificate
+    /// authenticates no service account.
+    pub fn certificate_holder(&self, spki_sha256: &[u8; 32]) -> Option<CertificateHolder<'_>> {
+        if let Some(device) = self.device_certificates.get(spki_sha256) {
+            return Some(CertificateHolder::Device(device));
+        }
+        self.service_account_certificates
+            .get(spki_sha256)
+            .map(|sa| CertificateHolder::ServiceAccount(sa))
+    }
+
     /// The service account whose bearer token is `token`: its hash is the
     /// account's current one and it is signed, for that account, by the key the
     /// snapshot names (verified at the token's first use).
@@ -402,7 +471,25 @@ impl Index {
         } else {
             self.issuers.clone()
         };
+        let device_certificates = recertify(
+            &self.device_certificates,
+            &self.snapshot,
+            &snapshot,
+            Kind::Device,
+            &touched,
+            full,
+        );
+        let service_account_certificates = recertify(
+            &self.service_account_certificates,
+            &self.snapshot,
+            &snapshot,
+            Kind::ServiceAccount,
+            &touched,
+            full,
+        );
         Ok(Index {
+            device_certificates,
+            service_account_certificates,
             tokens,
             subjects,
             issuers,
@@ -419,9 +506,103 @@ impl Index {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
-    use vigil_proto::v1::{Entry, ServiceAccount};
+    use vigil_proto::v1::{Device, Entry, EntryKey, ServiceAccount};
     use vigil_snapshot::{satoken, Signer};
+
+    fn device(id: &str, fp: u8) -> Entry {
+        Entry {
+            id: id.into(),
+            body: Some(Body::Device(Device {
+                name: id.into(),
+                client_certificate_sha256: vec![fp; 32],
+                ..Device::default()
+            })),
+        }
+    }
+
+    fn service_account(id: &str, fp: u8) -> Entry {
+        Entry {
+            id: id.into(),
+            body: Some(Body::ServiceAccount(ServiceAccount {
+                client_certificate_sha256: vec![fp; 32],
+                ..ServiceAccount::default()
+            })),
+        }
+    }
+
+    fn update(
+        version: u64,
+        full: bool,
+        mut upserts: Vec<Entry>,
+        removals: Vec<EntryKey>,
+    ) -> Update {
+        upserts.sort_by_key(vigil_snapshot::Key::of);
+        Update {
+            version,
+            base_version: if full { 0 } else { version - 1 },
+            full,
+            upserts,
+            removals,
+        }
+    }
+
+    #[test]
+    fn client_certificates_follow_their_holders() {
+        let index = Index::default()
+            .apply(update(
+                1,
+                true,
+                vec![
+                    device("laptop", 1),
+                    device("phone", 2),
+                    service_account("ci", 3),
+                ],
+                vec![],
+            ))
+            .unwrap();
+        assert_eq!(
+            index.certificate_holder(&[1; 32]),
+            Some(CertificateHolder::Device("laptop"))
+        );
+        assert_eq!(
+            index.certificate_holder(&[3; 32]),
+            Some(CertificateHolder::ServiceAccount("ci"))
+        );
+        assert_eq!(index.certificate_holder(&[9; 32]), None);
+        // A new key for the laptop, the phone's key moved to a tablet in the same
+        // delta, the service account gone: only current keys name anyone.
+        let index = index
+            .apply(update(
+                2,
+                false,
+                vec![device("laptop", 4), device("phone", 0), device("tablet", 2)],
+                vec![EntryKey {
+                    kind: Kind::ServiceAccount as i32,
+                    id: "ci".into(),
+                }],
+            ))
+            .unwrap();
+        assert_eq!(index.certificate_holder(&[1; 32]), None);
+        assert_eq!(
+            index.certificate_holder(&[4; 32]),
+            Some(CertificateHolder::Device("laptop"))
+        );
+        assert_eq!(
+            index.certificate_holder(&[2; 32]),
+            Some(CertificateHolder::Device("tablet"))
+        );
+        assert_eq!(index.certificate_holder(&[3; 32]), None);
+        // Should a device and a service account share a key, the device wins.
+        let index = index
+            .apply(update(3, false, vec![service_account("ci", 4)], vec![]))
+            .unwrap();
+        assert_eq!(
+            index.certificate_holder(&[4; 32]),
+            Some(CertificateHolder::Device("laptop"))
+        );
+    }
 
     fn sha256(token: &str) -> Vec<u8> {
         ring::digest::digest(&ring::digest::SHA256, token.as_bytes())

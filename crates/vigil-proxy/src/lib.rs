@@ -6,6 +6,7 @@
 //! (`login`) through one authenticate host for the fleet.
 
 pub mod assertion;
+pub mod clientcert;
 pub mod clock;
 pub mod cookie;
 pub mod decide;

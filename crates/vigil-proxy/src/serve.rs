@@ -3,12 +3,16 @@
 //! snapshot held, with no call to the control plane; only then is it forwarded.
 //! Anything that cannot be decided is refused (fail closed).
 //!
-//! Authentication, in order: `Authorization: Bearer` (a service account's token,
-//! looked up by its SHA-256 in the snapshot, else an identity provider's JWT
-//! verified against the keys in the snapshot), then the session cookie (sealed with
-//! the fleet's cookie keys), else anonymous. A bearer token that verifies as
-//! nothing is refused outright rather than treated as anonymous. A browser that
-//! must sign in is redirected to the authenticate host (see `login`).
+//! Authentication, in order: the connection's verified client certificate (by the
+//! SHA-256 of its public key: a service account's authenticates as that account, a
+//! device's identifies the device while the caller authenticates otherwise), then
+//! `Authorization: Bearer` (a service account's token, looked up by its SHA-256 in
+//! the snapshot, else an identity provider's JWT verified against the keys in the
+//! snapshot), then the session cookie (sealed with the fleet's cookie keys), else
+//! anonymous. A bearer token that verifies as nothing, or that names another
+//! principal than a service account's certificate, is refused outright rather than
+//! treated as anonymous. A browser that must sign in is redirected to the
+//! authenticate host (see `login`).
 //!
 //! A WebSocket upgrade (HTTP/1.1) is decided like any request; once allowed, it is
 //! sent to the upstream on a connection of its own, and only an upstream's real
@@ -30,10 +34,11 @@ use vigil_policy::request::{HeaderValue as PolicyHeader, Headers};
 use vigil_policy::Amr;
 use vigil_proto::{sole_bearer, BearerError};
 
+use crate::clientcert::ClientCert;
 use crate::cookie::{self, CookieKeys};
 use crate::decide::{decide, Facts, Principal, SessionFacts, Verdict};
 use crate::edge::{self, TrustedProxies};
-use crate::index::Index;
+use crate::index::{CertificateHolder, Index};
 use crate::login::{self, Login};
 use crate::normalize::normalize_path;
 use crate::subscriber::Shared;
@@ -88,6 +93,10 @@ struct Ask<'a> {
     peer: IpAddr,
     /// Now (Unix seconds), read once per request.
     now: i64,
+    /// The connection's verified client certificate.
+    client: Option<&'a ClientCert>,
+    /// The device the request comes from, once authentication knows it.
+    device: Option<&'a str>,
 }
 
 impl Ask<'_> {
@@ -282,11 +291,17 @@ impl Proxy {
         &self.streams.registry
     }
 
-    /// Handles one request from `peer`; never fails (errors become responses).
-    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+    /// Handles one request from `peer`, whose connection presented the verified
+    /// client certificate `client` (if any); never fails (errors become responses).
+    pub async fn handle(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        client: Option<&ClientCert>,
+    ) -> Response<ProxyBody> {
         let started = Instant::now();
         let id = request_id();
-        let (res, log) = self.decide_and_forward(req, peer, &id).await;
+        let (res, log) = self.decide_and_forward(req, peer, client, &id).await;
         let elapsed = started.elapsed();
         let elapsed_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
         if let Some(m) = &self.config.metrics {
@@ -302,6 +317,7 @@ impl Proxy {
             request_id = %id,
             route = log.route.as_deref().unwrap_or("-"),
             principal = %log.principal,
+            device = log.device.as_deref().unwrap_or("-"),
             decision = log.decision,
             rule = log.rule.as_deref().unwrap_or("-"),
             reason = log.reason.as_deref().unwrap_or("-"),
@@ -316,6 +332,7 @@ impl Proxy {
         &self,
         req: Request<Incoming>,
         peer: SocketAddr,
+        client: Option<&ClientCert>,
         id: &str,
     ) -> (Response<ProxyBody>, DecisionLog) {
         let mut log = DecisionLog::default();
@@ -422,6 +439,8 @@ impl Proxy {
             route,
             peer: peer.ip(),
             now: now_s(),
+            client,
+            device: None,
         };
         edge::strip_inbound(
             &mut parts.headers,
@@ -444,9 +463,10 @@ impl Proxy {
                 .await;
             return (res, log);
         }
-        // 4. Who is asking.
+        // 4. Who is asking: the certificate's holder first.
         let now = ask.now;
-        let caller = match self.authenticate(&index, &parts.headers, &host, now) {
+        let holder = client.and_then(|c| index.certificate_holder(&c.spki_sha256));
+        let caller = match self.authenticate(&index, &parts.headers, &host, now, holder) {
             Ok(c) => c,
             Err(reason) => {
                 let res = self
@@ -457,11 +477,19 @@ impl Proxy {
             }
         };
         log.principal = caller.describe();
-        // 5. The route's policy, with everything the request says.
-        let device_id = match &caller {
-            Caller::User(s, _) => s.did.as_deref(),
+        // A device's certificate, proven on this connection, names the device over a
+        // session's sign-in record.
+        let device_id: Option<String> = match (holder, &caller) {
+            (Some(CertificateHolder::Device(d)), _) => Some(d.to_owned()),
+            (_, Caller::User(s, _)) => s.did.clone(),
             _ => None,
         };
+        log.device.clone_from(&device_id);
+        let ask = Ask {
+            device: device_id.as_deref(),
+            ..ask
+        };
+        // 5. The route's policy, with everything the request says.
         let verdict = decide(
             &index,
             route,
@@ -472,8 +500,8 @@ impl Proxy {
                 headers: &RequestHeaders(&parts.headers),
                 source_ip: Some(ask.peer),
                 now,
-                device_id,
-                client_certificate: None,
+                device_id: ask.device,
+                client_certificate: client.map(ClientCert::facts),
             },
         );
         match verdict {
@@ -548,6 +576,7 @@ impl Proxy {
             again: Again {
                 caller,
                 token_sha256,
+                client_certificate: ask.client.cloned(),
                 signed_out: self.config.login.clone(),
                 route: String::new(),
                 host,
@@ -564,18 +593,34 @@ impl Proxy {
         (Response::from_parts(head, body.boxed()), log)
     }
 
-    /// The caller, or why its credential is refused.
+    /// The caller, or why its credential is refused. `holder` is whom the
+    /// connection's client certificate names: a service account's certificate
+    /// authenticates as that account (a bearer token alongside must be the same
+    /// account's; a session cookie, which browsers send unasked, is not read).
     fn authenticate(
         &self,
         index: &Index,
         headers: &HeaderMap,
         host: &str,
         now: i64,
+        holder: Option<CertificateHolder<'_>>,
     ) -> Result<Caller, String> {
+        let by_certificate = match holder {
+            Some(CertificateHolder::ServiceAccount(sa)) => Some(sa),
+            _ => None,
+        };
         // The edge refused a repeated Authorization: `NotOne` means none.
         match sole_bearer(headers) {
             Ok(token) => {
-                if let Some(sa) = index.service_account_by_token(token) {
+                let by_token = index.service_account_by_token(token);
+                if let Some(sa) = by_certificate {
+                    if by_token != Some(sa) {
+                        return Err(format!(
+                            "the client certificate authenticates service account `{sa}`; the bearer token is not that account's"
+                        ));
+                    }
+                }
+                if let Some(sa) = by_token {
                     return Ok(Caller::ServiceAccount(sa.to_owned()));
                 }
                 if !crate::jwt::looks_like_jwt(token) {
@@ -591,6 +636,9 @@ impl Proxy {
                 return Err("the Authorization header is not text".into())
             }
             Err(BearerError::NotBearer) => return Err("use `Authorization: Bearer <token>`".into()),
+        }
+        if let Some(sa) = by_certificate {
+            return Ok(Caller::ServiceAccount(sa.to_owned()));
         }
         if let Some(keys) = &self.config.cookie_keys {
             if let Some(value) = cookie::session_value(headers) {
@@ -824,14 +872,12 @@ impl Proxy {
                 Caller::ServiceAccount(id) => Some(id.clone()),
                 _ => None,
             },
-            device: match &caller {
-                Caller::User(s, _) => s.did.clone(),
-                _ => None,
-            },
+            device: ask.device.map(str::to_owned),
         };
         let recheck = Again {
             caller,
             token_sha256,
+            client_certificate: ask.client.cloned(),
             signed_out: self.config.login.clone(),
             route: ask.route.to_owned(),
             host: ask.host.to_owned(),
@@ -895,6 +941,9 @@ impl Proxy {
         set(h, "x-request-id", ask.id);
         if let Caller::ServiceAccount(sa) = caller {
             set(h, "x-vigil-service-account", sa);
+        }
+        if let Some(device) = ask.device {
+            set(h, "x-vigil-device", device);
         }
         if let Some(uid) = caller.user_id() {
             set(h, "x-vigil-user", uid);
@@ -1099,6 +1148,9 @@ struct Again {
     caller: Caller,
     /// A service account's token, hashed: it must still be that account's.
     token_sha256: Option<[u8; 32]>,
+    /// The connection's client certificate: a service account's (without a token)
+    /// must still be that account's, a device's still names the device.
+    client_certificate: Option<ClientCert>,
     signed_out: Option<Arc<Login>>,
     route: String,
     host: String,
@@ -1115,15 +1167,23 @@ impl Again {
     /// credential's standing, the route that serves the address and its settings,
     /// then the route's policy at `now`.
     fn check(&self, index: &Index, now: i64) -> Result<(), String> {
+        let holder = self
+            .client_certificate
+            .as_ref()
+            .and_then(|c| index.certificate_holder(&c.spki_sha256));
         match &self.caller {
             Caller::ServiceAccount(id) => {
-                let holder = self
-                    .token_sha256
-                    .as_ref()
-                    .and_then(|h| index.tokens.get(&h[..]))
-                    .map(|t| &t.id);
-                if holder != Some(id) {
-                    return Err("the service account's token is no longer valid".into());
+                let (holder, credential) = match self.token_sha256.as_ref() {
+                    Some(h) => (index.tokens.get(&h[..]).map(|t| t.id.as_str()), "token"),
+                    None => match holder {
+                        Some(CertificateHolder::ServiceAccount(sa)) => (Some(sa), "certificate"),
+                        _ => (None, "certificate"),
+                    },
+                };
+                if holder != Some(id.as_str()) {
+                    return Err(format!(
+                        "the service account's {credential} is no longer valid"
+                    ));
                 }
             }
             Caller::User(s, _) => {
@@ -1150,8 +1210,9 @@ impl Again {
             Some(_) => return Err("the route no longer allows WebSockets".into()),
             None => return Err("the route is gone".into()),
         }
-        let device_id = match &self.caller {
-            Caller::User(s, _) => s.did.as_deref(),
+        let device_id = match (holder, &self.caller) {
+            (Some(CertificateHolder::Device(d)), _) => Some(d),
+            (_, Caller::User(s, _)) => s.did.as_deref(),
             _ => None,
         };
         let verdict = decide(
@@ -1165,7 +1226,7 @@ impl Again {
                 source_ip: Some(self.peer),
                 now,
                 device_id,
-                client_certificate: None,
+                client_certificate: self.client_certificate.as_ref().map(ClientCert::facts),
             },
         );
         match verdict {
@@ -1337,6 +1398,8 @@ fn unauthorized(ask: &Ask<'_>, reason: &str, invalid: bool) -> Response<ProxyBod
 struct DecisionLog {
     route: Option<String>,
     principal: String,
+    /// The device, when a client certificate or the session names one.
+    device: Option<String>,
     decision: &'static str,
     rule: Option<String>,
     reason: Option<String>,
@@ -1347,6 +1410,7 @@ impl Default for DecisionLog {
         DecisionLog {
             route: None,
             principal: "anonymous".into(),
+            device: None,
             decision: "refuse",
             rule: None,
             reason: None,
@@ -1370,11 +1434,11 @@ pub async fn serve(
     tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    serve_with(listener, tls, shutdown, move |peer| {
+    serve_with(listener, tls, shutdown, move |peer, client| {
         let proxy = proxy.clone();
         hyper::service::service_fn(move |req: Request<Incoming>| {
-            let proxy = proxy.clone();
-            async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
+            let (proxy, client) = (proxy.clone(), client.clone());
+            async move { Ok::<_, Infallible>(proxy.handle(req, peer, client.as_deref()).await) }
         })
     })
     .await;
@@ -1387,7 +1451,7 @@ pub async fn serve_redirect(
     https_port: u16,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    serve_with(listener, None, shutdown, move |_| {
+    serve_with(listener, None, shutdown, move |_, _| {
         hyper::service::service_fn(move |req: Request<Incoming>| async move {
             Ok::<_, Infallible>(redirect_to_https(&req, https_port))
         })
@@ -1399,13 +1463,15 @@ pub async fn serve_redirect(
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The accept loop both listeners share: each connection (after its TLS handshake,
-/// when `tls` is given) is served by the service `service_for(peer)` makes, with
-/// upgrades, until `shutdown`; then in-flight requests get up to 30 s.
+/// when `tls` is given) is served by the service `service_for(peer, client)` makes,
+/// `client` being the certificate the client presented and the handshake verified,
+/// read once here for every request on the connection; with upgrades, until
+/// `shutdown`; then in-flight requests get up to 30 s.
 async fn serve_with<S>(
     listener: tokio::net::TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: impl std::future::Future<Output = ()>,
-    service_for: impl Fn(SocketAddr) -> S,
+    service_for: impl Fn(SocketAddr, Option<Arc<ClientCert>>) -> S + Send + Sync + 'static,
 ) where
     S: hyper::service::Service<
             Request<Incoming>,
@@ -1417,6 +1483,7 @@ async fn serve_with<S>(
     S::Future: Send + 'static,
 {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let service_for = Arc::new(service_for);
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -1431,15 +1498,27 @@ async fn serve_with<S>(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let service = service_for(peer);
+        let service_for = service_for.clone();
         let watcher = graceful.watcher();
         let tls = tls.clone();
         tokio::spawn(async move {
             let result = match tls {
-                None => serve_connection(stream, service, watcher).await,
+                None => serve_connection(stream, service_for(peer, None), watcher).await,
                 Some(acceptor) => {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                        Ok(Ok(stream)) => serve_connection(stream, service, watcher).await,
+                        Ok(Ok(stream)) => {
+                            let client = match stream.get_ref().1.peer_certificates() {
+                                Some([leaf, ..]) => match ClientCert::from_der(leaf) {
+                                    Ok(c) => Some(Arc::new(c)),
+                                    Err(e) => {
+                                        tracing::debug!(%peer, error = %e, "Client certificate unreadable; connection closed");
+                                        return;
+                                    }
+                                },
+                                _ => None,
+                            };
+                            serve_connection(stream, service_for(peer, client), watcher).await
+                        }
                         Ok(Err(e)) => {
                             tracing::debug!(%peer, error = %e, "TLS handshake failed");
                             return;

@@ -6,6 +6,11 @@
 //! (and `.key`) serves `*.example.com`; `default.crt` (and `.key`) serves clients
 //! that send no SNI or a name with no certificate of its own. Without a default,
 //! such handshakes fail.
+//!
+//! With client CAs ([`ClientCas`], a PEM bundle, also reloaded on change) the
+//! listener asks every client for a certificate. A client may send none (it then
+//! authenticates some other way), but one that does not chain to a client CA, or
+//! is expired, fails the handshake.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -13,10 +18,13 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
+use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
 /// The certificates of one reading of the directory.
 #[derive(Debug, Default)]
@@ -173,15 +181,169 @@ impl ResolvesServerCert for CertStore {
     }
 }
 
-/// A rustls server configuration over `store`, offering HTTP/2 and HTTP/1.1.
-pub fn server_config(store: Arc<CertStore>) -> Result<rustls::ServerConfig, String> {
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+/// The CAs client certificates must chain to, read from a PEM bundle and reloaded
+/// when the file changes. Verifies like rustls's `WebPkiClientVerifier` with
+/// unauthenticated clients allowed, over the bundle of the moment.
+#[derive(Debug)]
+pub struct ClientCas {
+    path: PathBuf,
+    current: ArcSwap<CaBundle>,
+}
+
+#[derive(Debug)]
+struct CaBundle {
+    verifier: Arc<dyn ClientCertVerifier>,
+    /// The file's modification time and length when read.
+    stamp: (Option<SystemTime>, u64),
+}
+
+fn file_stamp(path: &Path) -> Result<(Option<SystemTime>, u64), String> {
+    let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok((meta.modified().ok(), meta.len()))
+}
+
+fn load_cas(path: &Path) -> Result<CaBundle, String> {
+    let stamp = file_stamp(path)?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in
+        CertificateDer::pem_file_iter(path).map_err(|e| format!("{}: {e}", path.display()))?
+    {
+        let cert = cert.map_err(|e| format!("{}: {e}", path.display()))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("{}: a CA certificate is not usable: {e}", path.display()))?;
+    }
+    if roots.is_empty() {
+        return Err(format!("{}: no CA certificate in it", path.display()));
+    }
+    let verifier = WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        Arc::new(rustls::crypto::ring::default_provider()),
+    )
+    // The CAs are not named to clients: the names would have to follow reloads.
+    // A client offers whatever certificate it has.
+    .clear_root_hint_subjects()
+    .allow_unauthenticated()
+    .build()
+    .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(CaBundle { verifier, stamp })
+}
+
+impl ClientCas {
+    /// Reads the bundle at `path`; fails when it holds no usable CA certificate.
+    pub fn open(path: impl Into<PathBuf>) -> Result<Arc<ClientCas>, String> {
+        let path = path.into();
+        let bundle = load_cas(&path)?;
+        Ok(Arc::new(ClientCas {
+            path,
+            current: ArcSwap::from_pointee(bundle),
+        }))
+    }
+
+    /// Reads the bundle again if the file changed; a reading that fails keeps the
+    /// CAs in use (and says why).
+    pub fn reload_if_changed(&self) -> Result<bool, String> {
+        if file_stamp(&self.path)? == self.current.load().stamp {
+            return Ok(false);
+        }
+        self.current.store(Arc::new(load_cas(&self.path)?));
+        Ok(true)
+    }
+
+    /// Checks the file every `every` for changes, for as long as the runtime runs.
+    pub fn watch(self: &Arc<Self>, every: Duration) {
+        let cas = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let c = cas.clone();
+                match tokio::task::spawn_blocking(move || c.reload_if_changed()).await {
+                    Ok(Ok(true)) => {
+                        tracing::info!(file = %cas.path.display(), "Reloaded the client CAs")
+                    }
+                    Ok(Ok(false)) => {}
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "Client CAs not reloaded; the ones in use stay")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "Client CA reload task failed"),
+                }
+            }
+        });
+    }
+}
+
+impl ClientCertVerifier for ClientCas {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.current
+            .load()
+            .verifier
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.current
+            .load()
+            .verifier
+            .verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.current
+            .load()
+            .verifier
+            .verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.current.load().verifier.supported_verify_schemes()
+    }
+}
+
+/// A rustls server configuration over `store`, offering HTTP/2 and HTTP/1.1; with
+/// `client_cas`, asking clients for a certificate (see [`ClientCas`]).
+pub fn server_config(
+    store: Arc<CertStore>,
+    client_cas: Option<Arc<ClientCas>>,
+) -> Result<rustls::ServerConfig, String> {
+    let builder = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
-    .with_no_client_auth()
-    .with_cert_resolver(store);
+    .map_err(|e| e.to_string())?;
+    let builder = match client_cas {
+        Some(cas) => builder.with_client_cert_verifier(cas),
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_cert_resolver(store);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(config)
 }

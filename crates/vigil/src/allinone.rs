@@ -118,6 +118,7 @@ pub async fn run(args: AllInOneArgs) -> anyhow::Result<()> {
     let proxy_args = ProxyArgs {
         listen: args.listen,
         tls_dir: args.tls_dir.clone(),
+        client_ca_file: None,
         redirect_listen: None,
         redirect_https_port: None,
         health_listen: args.health_listen,

@@ -74,6 +74,12 @@ pub(crate) struct ProxyArgs {
     /// `_wildcard.<domain>.*` for `*.<domain>`, `default.*` for the rest; reloaded on change.
     #[arg(long, env = "VIGIL_PROXY_TLS_DIR")]
     pub tls_dir: Option<PathBuf>,
+    /// CA certificates (PEM bundle) that client certificates must chain to, reloaded
+    /// on change (needs `--tls-dir`). Clients are then asked for a certificate: one
+    /// without may still use a bearer token or cookie; an untrusted or expired one
+    /// fails the handshake.
+    #[arg(long, env = "VIGIL_CLIENT_CA_FILE", requires = "tls_dir")]
+    pub client_ca_file: Option<PathBuf>,
     /// A plain-HTTP address that only redirects to HTTPS (needs `--tls-dir`).
     #[arg(long, env = "VIGIL_PROXY_REDIRECT_LISTEN", requires = "tls_dir")]
     pub redirect_listen: Option<SocketAddr>,
@@ -586,7 +592,17 @@ async fn proxy(
             let store = vigil_proxy::tls::CertStore::open(dir)
                 .map_err(|e| anyhow::anyhow!("VIGIL_PROXY_TLS_DIR: {e}"))?;
             store.watch(Duration::from_secs(5));
-            let config = vigil_proxy::tls::server_config(store)
+            let client_cas = match &args.client_ca_file {
+                Some(path) => {
+                    let cas = vigil_proxy::tls::ClientCas::open(path)
+                        .map_err(|e| anyhow::anyhow!("VIGIL_CLIENT_CA_FILE: {e}"))?;
+                    cas.watch(Duration::from_secs(5));
+                    tracing::info!(file = %path.display(), "Client certificates accepted");
+                    Some(cas)
+                }
+                None => None,
+            };
+            let config = vigil_proxy::tls::server_config(store, client_cas)
                 .map_err(|e| anyhow::anyhow!("TLS configuration: {e}"))?;
             tracing::info!(addr = %listener.local_addr()?, dir = %dir.display(), "Proxy listening (HTTPS)");
             Some(tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config)))
