@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use support::{
     client, echo_upstream, join_token, patch_json, post_json, ClientCertificate, ControlProcess,
-    ProxyProcess, TestCa,
+    ProxyProcess, TestCa, TestClock,
 };
 use vigil_test_postgres::TestPostgres;
 
@@ -80,7 +80,16 @@ async fn until_status(
 ) -> Value {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let (status, body) = fetch(c, port, host, bearer).await.unwrap();
+        // A pooled connection the proxy closed as it was reused is asked again.
+        let (status, body) = match fetch(c, port, host, bearer).await {
+            Ok(answer) => answer,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("{host}: {e}; asking again");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            Err(e) => panic!("{host}: {e}"),
+        };
         if status == want {
             return body;
         }
@@ -279,6 +288,7 @@ async fn client_certificates_identify_devices_and_service_accounts() {
     let bundle = dir.join("client-cas.pem");
     std::fs::write(&bundle, format!("{}{}", device_ca.pem, service_ca.pem)).unwrap();
     let token = join_token(&c, &url, "mtls").await;
+    let clock = TestClock::at(dir.join("clock"));
     let proxy = ProxyProcess::start_with(
         &cp.grpc_url,
         &token,
@@ -288,6 +298,8 @@ async fn client_certificates_identify_devices_and_service_accounts() {
             dir.display().to_string(),
             "--client-ca-file".into(),
             bundle.display().to_string(),
+            "--test-clock-file".into(),
+            clock.path(),
         ],
     );
     proxy.wait_ready().await;
@@ -433,6 +445,26 @@ async fn client_certificates_identify_devices_and_service_accounts() {
         .await
         .unwrap();
     assert!(res.status().is_success());
+    until_status(
+        &with_laptop,
+        port,
+        "managed.vigil.test",
+        Some(&robot_token),
+        200,
+    )
+    .await;
+    // The report expires (ttl_s 3600) by the proxy's own clock, with nothing
+    // pushed: stale posture is not compliant. (The robot's token has no expiry.)
+    clock.set(3700);
+    until_status(
+        &with_laptop,
+        port,
+        "managed.vigil.test",
+        Some(&robot_token),
+        403,
+    )
+    .await;
+    clock.set(0);
     until_status(
         &with_laptop,
         port,

@@ -17,12 +17,11 @@
 
 mod support;
 
-use std::path::PathBuf;
 
 use serde_json::{json, Value};
 use support::{
     client, echo_upstream, eventually, get_json, join_token, patch_json, post_json, unix_now,
-    ControlProcess, JwtIssuer, ProxyProcess,
+    ControlProcess, JwtIssuer, ProxyProcess, TestClock,
 };
 use vigil_test_postgres::TestPostgres;
 
@@ -76,17 +75,6 @@ async fn both(
 /// The snapshot version a proxy holds, from its metrics.
 async fn version(p: &ProxyProcess) -> u64 {
     p.metric("vigil_proxy_snapshot_version").await.unwrap() as u64
-}
-
-struct TestClock(PathBuf);
-
-impl TestClock {
-    /// Moves both proxies' clocks `offset` seconds ahead of real time.
-    fn set(&self, offset: i64) {
-        let tmp = self.0.with_extension("tmp");
-        std::fs::write(&tmp, offset.to_string()).unwrap();
-        std::fs::rename(&tmp, &self.0).unwrap();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -165,12 +153,12 @@ async fn grants_expiry_step_up_and_suspension_by_the_proxies_own_clock() {
 
     let dir = std::env::temp_dir().join(format!("vigil-clock-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let clock = TestClock(dir.join("offset"));
+    let clock = TestClock::at(dir.join("offset"));
     clock.set(0);
     let token = join_token(&c, &url, "fleet").await;
     let extra = [
         "--test-clock-file".to_owned(),
-        clock.0.display().to_string(),
+        clock.path(),
         "--cookie-keys".to_owned(),
         format!("1:{COOKIE_KEY}"),
     ];

@@ -601,3 +601,29 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A proxy's test clock (`vigil proxy --test-clock-file`): a file holding how
+/// many seconds the proxies that read it run ahead of real time.
+pub struct TestClock(PathBuf);
+
+impl TestClock {
+    /// A clock kept in `file`, at real time.
+    pub fn at(file: PathBuf) -> TestClock {
+        let clock = TestClock(file);
+        clock.set(0);
+        clock
+    }
+
+    /// The file, for `--test-clock-file`.
+    pub fn path(&self) -> String {
+        self.0.display().to_string()
+    }
+
+    /// Moves the clock `offset` seconds ahead of real time (atomically: the
+    /// proxies re-read the file every 100 ms).
+    pub fn set(&self, offset: i64) {
+        let tmp = self.0.with_extension("tmp");
+        std::fs::write(&tmp, offset.to_string()).unwrap();
+        std::fs::rename(&tmp, &self.0).unwrap();
+    }
+}
