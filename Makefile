@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 FUZZ_SECONDS ?= 20
 
-.PHONY: run test deps lint fmt bench bench-policy bench-control bench-stream bench-proxy bench-revocation openapi fuzz-smoke clean
+.PHONY: run test deps lint fmt bench bench-policy bench-control bench-stream bench-proxy bench-revocation bench-verifier openapi fuzz-smoke clean
 
 ## deps: installs what the tests need (PostgreSQL server binaries) when missing.
 deps:
@@ -28,7 +28,7 @@ fmt:
 	$(CARGO) fmt --all
 
 ## bench: every benchmark; figures go to docs/benchmarks.md by hand.
-bench: deps bench-policy bench-control bench-stream bench-proxy bench-revocation
+bench: deps bench-policy bench-control bench-stream bench-proxy bench-revocation bench-verifier
 
 ## bench-control: the store and REST API at 100,000 users and 10,000 routes on PostgreSQL.
 bench-control:
@@ -48,6 +48,11 @@ bench-proxy:
 ## bench-revocation: REST 2xx -> first refused request at each of two real proxies.
 bench-revocation:
 	$(CARGO) bench -p vigil --bench revocation
+
+## bench-verifier: sessions re-verified per second per core against the real oidc-provider
+## (control plane, IdP and PostgreSQL CPU per verification; needs `make deps` for Node).
+bench-verifier: deps
+	$(CARGO) bench -p vigil --bench verifier
 
 ## openapi: regenerates docs/api/openapi.json from the code.
 openapi:

@@ -278,6 +278,29 @@ fn configuration_layers_and_print_config() {
         &env,
     );
     assert!(out.contains("admin_listen: 127.0.0.1:3333"), "{out}");
+    // The verifier's limits per identity provider: 10 a second, 4 at once, unless
+    // raised; never zero.
+    assert!(
+        out.contains("reverify_rate: 10") && out.contains("reverify_concurrency: 4"),
+        "{out}"
+    );
+    let (_, out, _) = vigil(
+        &["--config", f, "control", "--print-config"],
+        &[("VIGIL_REVERIFY_RATE", "50")],
+    );
+    assert!(out.contains("reverify_rate: 50"), "{out}");
+    let (ok, _, err) = vigil(
+        &[
+            "--config",
+            f,
+            "control",
+            "--reverify-concurrency",
+            "0",
+            "--print-config",
+        ],
+        &[],
+    );
+    assert!(!ok && err.contains("--reverify-concurrency"), "{err}");
     // The same file serves the proxy's section.
     let (ok, out, err) = vigil(
         &["proxy", "--print-config", "--join-token", "t"],

@@ -28,15 +28,18 @@ impl Logged {
         }
     }
 
-    /// Starts `cmd` with its output appended to the log.
+    /// Starts `cmd` with its output appended to the log (`VIGIL_LOG=info` unless
+    /// `cmd` sets it).
     fn spawn(&mut self, mut cmd: Command) {
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log)
             .unwrap();
+        if !cmd.get_envs().any(|(k, _)| k == "VIGIL_LOG") {
+            cmd.env("VIGIL_LOG", "info");
+        }
         let child = cmd
-            .env("VIGIL_LOG", "info")
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out)
@@ -91,6 +94,7 @@ pub struct ControlProcess {
     port: u16,
     grpc_port: u16,
     extra: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 /// The Ed25519 seed every test control plane signs snapshots with (bytes 1..=32).
@@ -135,6 +139,7 @@ impl ControlProcess {
             port,
             grpc_port,
             extra: extra.to_vec(),
+            env: Vec::new(),
         };
         p.launch(true);
         p
@@ -159,6 +164,7 @@ impl ControlProcess {
             cmd.arg("--migrate");
         }
         cmd.args(&self.extra);
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         self.process.spawn(cmd);
         self.process
             .wait_listening(&[self.port, self.grpc_port], "control plane");
@@ -173,6 +179,18 @@ impl ControlProcess {
     /// Kills the process at once (SIGKILL) and leaves it down.
     pub fn kill(&mut self) {
         self.process.kill();
+    }
+
+    /// Kills the process (SIGKILL) and starts it again on the same ports and
+    /// database with other extra arguments and environment (e.g. `VIGIL_LOG`).
+    pub fn relaunch_with(&mut self, extra: &[String], env: &[(&str, &str)]) {
+        self.kill();
+        self.extra = extra.to_vec();
+        self.env = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        self.launch(false);
     }
 
     /// Starts a killed process again on the same ports and database.
@@ -479,6 +497,11 @@ impl Helper {
     /// Its output so far.
     pub fn log_text(&self) -> String {
         self.0.log_text()
+    }
+
+    /// The operating system's id of the process.
+    pub fn pid(&self) -> u32 {
+        self.0.child.as_ref().unwrap().id()
     }
 }
 

@@ -11,17 +11,107 @@
 //   GET    /test/accounts/<id>/refresh-tokens   every refresh token issued to it, so
 //                                         that the test can look for them where
 //                                         they must not be.
+// And for the verifier's bench (`make bench-verifier`), which needs thousands of
+// sessions without a browser:
+//   POST   /test/mint?prefix=u&count=N    for accounts u0 … u<N-1>, a grant and a
+//                                         refresh token each, made through the
+//                                         provider's own Grant and RefreshToken
+//                                         models as its code exchange makes them
+//                                         (not bound to a browser session at the
+//                                         IdP); answers [{account, refresh_token}].
 //
 // Environment: PORT, ISSUER (http://127.0.0.1:PORT), REDIRECT_URI (Vigil's
-// callback), CLIENT_ID, CLIENT_SECRET. Prints "READY" once it listens.
+// callback), CLIENT_ID, CLIENT_SECRET; UNBOUNDED=1 keeps every artifact in
+// memory (the provider's default store keeps the last 1,000 only, fewer than the
+// bench's grants and tokens). Prints "READY" once it listens.
 import Provider from 'oidc-provider';
 
-const { PORT, ISSUER, REDIRECT_URI, CLIENT_ID, CLIENT_SECRET } = process.env;
+const { PORT, ISSUER, REDIRECT_URI, CLIENT_ID, CLIENT_SECRET, UNBOUNDED } = process.env;
 for (const [k, v] of Object.entries({ PORT, ISSUER, REDIRECT_URI, CLIENT_ID, CLIENT_SECRET })) {
   if (!v) {
     console.error(`idp: ${k} is not set`);
     process.exit(2);
   }
+}
+
+// Artifacts by `Model:id`, with when they expire (ms); secondary indexes for
+// what the provider looks up other than by id.
+function unboundedStore() {
+  const entries = new Map();
+  const grants = new Map();
+  const sessionUids = new Map();
+  const userCodes = new Map();
+  return class UnboundedAdapter {
+    constructor(model) {
+      this.model = model;
+    }
+
+    key(id) {
+      return `${this.model}:${id}`;
+    }
+
+    async upsert(id, payload, expiresIn) {
+      const key = this.key(id);
+      const expires = typeof expiresIn === 'number' ? Date.now() + expiresIn * 1000 : Infinity;
+      entries.set(key, { payload, expires });
+      if (payload.grantId) {
+        if (!grants.has(payload.grantId)) {
+          grants.set(payload.grantId, new Set());
+        }
+        grants.get(payload.grantId).add(key);
+      }
+      if (this.model === 'Session' && payload.uid) {
+        sessionUids.set(payload.uid, id);
+      }
+      if (payload.userCode) {
+        userCodes.set(payload.userCode, id);
+      }
+    }
+
+    async find(id) {
+      const key = this.key(id);
+      const entry = entries.get(key);
+      if (!entry) {
+        return undefined;
+      }
+      if (entry.expires <= Date.now()) {
+        entries.delete(key);
+        return undefined;
+      }
+      return entry.payload;
+    }
+
+    async findByUid(uid) {
+      const id = sessionUids.get(uid);
+      return id === undefined ? undefined : this.find(id);
+    }
+
+    async findByUserCode(userCode) {
+      const id = userCodes.get(userCode);
+      return id === undefined ? undefined : this.find(id);
+    }
+
+    async consume(id) {
+      const entry = entries.get(this.key(id));
+      if (entry) {
+        entry.payload.consumed = Math.floor(Date.now() / 1000);
+      }
+    }
+
+    async destroy(id) {
+      const key = this.key(id);
+      const grantId = entries.get(key)?.payload.grantId;
+      entries.delete(key);
+      grants.get(grantId)?.delete(key);
+    }
+
+    async revokeByGrantId(grantId) {
+      for (const key of grants.get(grantId) ?? []) {
+        entries.delete(key);
+      }
+      grants.delete(grantId);
+    }
+  };
 }
 
 const deleted = new Set();
@@ -41,6 +131,7 @@ const provider = new Provider(ISSUER, {
     },
   ],
   cookies: { keys: ['vigil-e2e-idp-cookie-key'] },
+  ...(UNBOUNDED === '1' ? { adapter: unboundedStore() } : {}),
   claims: {
     openid: ['sub'],
     email: ['email', 'email_verified'],
@@ -87,7 +178,43 @@ const provider = new Provider(ISSUER, {
   },
 });
 
+const SCOPE = 'openid email profile groups';
+
+// A grant and a refresh token for each of `count` accounts, as a code exchange
+// would leave them.
+async function mint(prefix, count) {
+  const client = await provider.Client.find(CLIENT_ID);
+  const authTime = Math.floor(Date.now() / 1000);
+  const minted = [];
+  for (let i = 0; i < count; i += 1) {
+    const accountId = `${prefix}${i}`;
+    const grant = new provider.Grant({ clientId: CLIENT_ID, accountId });
+    grant.addOIDCScope(SCOPE);
+    const grantId = await grant.save();
+    const token = new provider.RefreshToken({
+      accountId,
+      authTime,
+      client,
+      grantId,
+      gty: 'authorization_code',
+      scope: SCOPE,
+    });
+    minted.push({ account: accountId, refresh_token: await token.save() });
+  }
+  return minted;
+}
+
 provider.use(async (ctx, next) => {
+  if (ctx.path === '/test/mint' && ctx.method === 'POST') {
+    const count = Number(ctx.query.count);
+    if (!ctx.query.prefix || !Number.isInteger(count) || count < 1) {
+      ctx.status = 400;
+      return undefined;
+    }
+    ctx.body = await mint(ctx.query.prefix, count);
+    console.log(`idp: minted ${count} grants and refresh tokens`);
+    return undefined;
+  }
   const m = ctx.path.match(/^\/test\/accounts\/([^/]+)(\/groups|\/refresh-tokens)?$/);
   if (!m) {
     return next();

@@ -188,8 +188,8 @@ impl Control {
 
     /// Starts re-verifying live sessions with their identity providers, each about
     /// once per `interval` (zero: never); see [`verifier`].
-    pub fn start_verifier(&self, interval: std::time::Duration) {
-        tokio::spawn(verifier::run(self.clone(), interval));
+    pub fn start_verifier(&self, interval: std::time::Duration, limits: verifier::Limits) {
+        tokio::spawn(verifier::run(self.clone(), interval, limits));
     }
 
     /// Starts revoking sessions unused for longer than `idle` (zero: never);

@@ -25,12 +25,12 @@ use crate::resources::{
 use crate::time;
 use crate::Control;
 
-/// Verifications started per second at most, per identity provider. Beyond
-/// `PER_PROVIDER_PER_SECOND × interval` sessions of one provider, each is checked
-/// less often than once per interval.
+/// Verifications started per second at most, per identity provider, by default.
+/// Beyond `PER_PROVIDER_PER_SECOND × interval` sessions of one provider, each is
+/// checked less often than once per interval.
 pub const PER_PROVIDER_PER_SECOND: u32 = 10;
-/// Verifications in flight at once, per provider.
-const IN_FLIGHT: usize = 4;
+/// Verifications in flight at once, per provider, by default.
+pub const IN_FLIGHT: u32 = 4;
 /// How long a claim keeps other replicas away from a session's refresh token.
 const CLAIM: Duration = Duration::from_secs(60);
 /// Each request to a provider.
@@ -298,6 +298,24 @@ impl Pace {
     }
 }
 
+/// How hard the verifier may press each identity provider.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Verifications started per second at most (at least 1).
+    pub per_second: u32,
+    /// Verifications in flight at once (at least 1).
+    pub in_flight: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            per_second: PER_PROVIDER_PER_SECOND,
+            in_flight: IN_FLIGHT,
+        }
+    }
+}
+
 /// What the verifier needs of a provider.
 struct Provider {
     name: String,
@@ -315,6 +333,7 @@ struct Verifier {
     control: Control,
     http: reqwest::Client,
     interval: Duration,
+    limits: Limits,
     /// Session id → when it is due (Unix ms).
     due: HashMap<String, i64>,
     paces: HashMap<String, Pace>,
@@ -322,8 +341,9 @@ struct Verifier {
     endpoints: HashMap<String, ((String, Option<String>), Instant)>,
 }
 
-/// Verifies sessions until the process ends; `interval` zero disables it.
-pub(crate) async fn run(control: Control, interval: Duration) {
+/// Verifies sessions until the process ends, within `limits` per provider;
+/// `interval` zero disables it.
+pub(crate) async fn run(control: Control, interval: Duration, limits: Limits) {
     if interval.is_zero() {
         tracing::info!("Session re-verification is disabled");
         return;
@@ -341,7 +361,8 @@ pub(crate) async fn run(control: Control, interval: Duration) {
     };
     tracing::info!(
         interval_s = interval.as_secs_f64(),
-        per_provider_per_s = PER_PROVIDER_PER_SECOND,
+        per_provider_per_s = limits.per_second,
+        per_provider_in_flight = limits.in_flight,
         "Re-verifying sessions with their identity providers"
     );
     let tick = (interval / 4).clamp(Duration::from_millis(250), Duration::from_secs(30));
@@ -349,6 +370,7 @@ pub(crate) async fn run(control: Control, interval: Duration) {
         control,
         http,
         interval,
+        limits,
         due: HashMap::new(),
         paces: HashMap::new(),
         endpoints: HashMap::new(),
@@ -416,8 +438,8 @@ impl Verifier {
             let pace = self
                 .paces
                 .entry(idp)
-                .or_insert_with(|| Pace::new(PER_PROVIDER_PER_SECOND, started));
-            let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+                .or_insert_with(|| Pace::new(self.limits.per_second, started));
+            let slots = Arc::new(Semaphore::new(self.limits.in_flight.max(1) as usize));
             for id in ids {
                 let at = pace.reserve(Instant::now());
                 let (control, http, provider, slots) = (
@@ -651,6 +673,7 @@ async fn verify_once(
     id: &str,
     interval: Duration,
 ) -> Result<i64, String> {
+    let started = Instant::now();
     let store = &control.store;
     let Some(rec) = store
         .get(Session::KIND, id)
@@ -717,15 +740,19 @@ async fn verify_once(
         Err(StoreError::VersionMismatch { .. }) => return Ok(now.saturating_add(1000)),
         Err(e) => return Err(e.to_string()),
     };
+    let asked = Instant::now();
     let outcome = ask(http, p, &claim.rt, &subject).await;
+    let idp = asked.elapsed();
     match outcome {
         Outcome::Refused(reason) => {
             revoke(control, id, &reason).await?;
+            timed(id, "refused", started, idp);
             Ok(NEVER)
         }
         Outcome::Unknown(why) => {
             tracing::warn!(session = %id, provider = %p.name, why, "The identity provider gave no answer; the session is kept and tried again next interval");
             release(control, id, &claim, claimed, None, None).await?;
+            timed(id, "unknown", started, idp);
             Ok(next_due(id, claim.at.saturating_mul(1000), interval))
         }
         Outcome::Valid {
@@ -733,9 +760,22 @@ async fn verify_once(
             claims,
         } => {
             release(control, id, &claim, claimed, refresh_token, claims).await?;
+            timed(id, "valid", started, idp);
             Ok(next_due(id, claim.at.saturating_mul(1000), interval))
         }
     }
+}
+
+/// Logs (at debug) how long one verification took, end to end and at the provider,
+/// in milliseconds: `make bench-verifier` reads these lines.
+fn timed(id: &str, outcome: &str, started: Instant, idp: Duration) {
+    tracing::debug!(
+        session = %id,
+        outcome,
+        ms = started.elapsed().as_secs_f64() * 1000.0,
+        idp_ms = idp.as_secs_f64() * 1000.0,
+        "Verified a session"
+    );
 }
 
 fn with_secret(op: Op, sealed: String) -> Op {

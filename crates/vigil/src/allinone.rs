@@ -113,6 +113,8 @@ pub async fn run(args: AllInOneArgs) -> anyhow::Result<()> {
         database_max_connections: None,
         // `vigil control`'s default.
         reverify_interval_s: 300,
+        reverify_rate: vigil_control::verifier::PER_PROVIDER_PER_SECOND,
+        reverify_concurrency: vigil_control::verifier::IN_FLIGHT,
         session_idle_timeout_s: 28_800,
     };
     let proxy_args = ProxyArgs {

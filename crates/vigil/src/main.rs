@@ -248,6 +248,14 @@ pub(crate) struct ControlArgs {
     /// provider (refresh token, userinfo); 0 disables them.
     #[arg(long, env = "VIGIL_REVERIFY_INTERVAL_S", default_value_t = 300)]
     pub reverify_interval_s: u64,
+    /// Re-verifications started per second at most, per identity provider.
+    #[arg(long, env = "VIGIL_REVERIFY_RATE", default_value_t = vigil_control::verifier::PER_PROVIDER_PER_SECOND,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub reverify_rate: u32,
+    /// Re-verifications in flight at once, per identity provider.
+    #[arg(long, env = "VIGIL_REVERIFY_CONCURRENCY", default_value_t = vigil_control::verifier::IN_FLIGHT,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub reverify_concurrency: u32,
     /// Seconds a session may go unused anywhere in the fleet before it is revoked
     /// (default 8 hours; at least 300, since proxies report use once a minute);
     /// 0 disables it.
@@ -381,7 +389,13 @@ async fn control(
         .start_snapshots(signer)
         .await
         .context("building the first snapshot")?;
-    control.start_verifier(Duration::from_secs(args.reverify_interval_s));
+    control.start_verifier(
+        Duration::from_secs(args.reverify_interval_s),
+        vigil_control::verifier::Limits {
+            per_second: args.reverify_rate,
+            in_flight: args.reverify_concurrency,
+        },
+    );
     control.start_idle_timeout(Duration::from_secs(args.session_idle_timeout_s));
     let mut grpc = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
