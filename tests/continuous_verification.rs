@@ -17,7 +17,6 @@
 
 mod support;
 
-
 use serde_json::{json, Value};
 use support::{
     client, echo_upstream, eventually, get_json, join_token, patch_json, post_json, unix_now,

@@ -13,7 +13,6 @@ use support::{
     client, get_json, join_token, patch_json, post_json, trusted, ControlProcess, TestCa,
 };
 use vigil_proto::v1::control_plane_client::ControlPlaneClient;
-use vigil_proto::v1::entry::Body;
 use vigil_proto::v1::{
     control_message, proxy_message, ControlMessage, Hello, Nack, ProxyMessage, Update,
 };
@@ -91,10 +90,7 @@ async fn until(what: &str, mut f: impl FnMut() -> bool) {
 }
 
 fn user_suspended(h: &Handle, id: &str) -> Option<bool> {
-    match h.index.load().snapshot.get(Kind::User, id)?.body.as_ref()? {
-        Body::User(u) => Some(u.suspended),
-        _ => None,
-    }
+    h.index.load().users.get(id).map(|u| u.suspended)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -35,9 +35,14 @@ pub struct RoutePolicy {
     pub identity_provider: Option<String>,
 }
 
-/// A user as authorization reads it.
+/// A user as the proxy reads it. Users live here only: the index's snapshot keeps
+/// no user entries (see [`Index::snapshot`]), so a hundred thousand users are held
+/// once, compactly, rather than as decoded protobuf beside their derived form.
 #[derive(Debug, Clone, PartialEq)]
 pub struct UserFacts {
+    /// Who the identity provider says the user is ([`subject_key`]), the key of
+    /// [`Index::subjects`].
+    pub subject: Arc<str>,
     /// Suspended users are denied everywhere.
     pub suspended: bool,
     /// The directory's email for the user.
@@ -48,10 +53,46 @@ pub struct UserFacts {
     pub domain: Sym,
     /// The directory groups that some policy names, interned and sorted.
     pub groups: Box<[Sym]>,
-    /// The groups the identity provider last asserted (those some policy names,
-    /// interned and sorted), with when they last changed (Unix seconds): they
-    /// replace the groups of a session sealed before that time.
+    /// All the user's directory groups, as ids in [`Index::group_names`], in the
+    /// order the control plane sent them (sorted by name).
+    pub directory_groups: Box<[u32]>,
+    /// The groups the identity provider last asserted, as ids in
+    /// [`Index::group_names`].
+    pub idp_group_ids: Box<[u32]>,
+    /// Those of them some policy names (interned and sorted), with when they last
+    /// changed (Unix seconds): they replace the groups of a session sealed before
+    /// that time. `None`: never recorded.
     pub idp_groups: Option<(i64, Box<[Sym]>)>,
+}
+
+/// Every directory group name some user holds, stored once for the whole index: a
+/// hundred thousand users in a few thousand groups hold four bytes per membership
+/// rather than a string each. Names are only added (like the policies' symbol
+/// table), and a full snapshot starts a new table.
+#[derive(Debug, Clone, Default)]
+pub struct GroupNames {
+    names: Vec<Arc<str>>,
+    ids: HashMap<Arc<str>, u32>,
+}
+
+impl GroupNames {
+    /// The id of `name`, added when new.
+    fn intern(&mut self, name: &str) -> u32 {
+        if let Some(id) = self.ids.get(name) {
+            return *id;
+        }
+        // More than 2^32 distinct group names cannot fit in a snapshot.
+        let id = u32::try_from(self.names.len()).unwrap_or(u32::MAX);
+        let name: Arc<str> = Arc::from(name);
+        self.names.push(name.clone());
+        self.ids.insert(name, id);
+        id
+    }
+
+    /// The name of `id` (empty for an id this table never gave out).
+    pub fn name(&self, id: u32) -> &str {
+        self.names.get(id as usize).map_or("", |n| n)
+    }
 }
 
 /// A device as authorization reads it.
@@ -77,8 +118,12 @@ pub struct RouteGrants {
 /// One version of everything the proxy enforces.
 #[derive(Debug, Clone, Default)]
 pub struct Index {
-    /// The entries, as the control plane sent them.
+    /// The entries, as the control plane sent them, except users (held in
+    /// [`Index::users`] alone) and routes' compiled policies (held loaded in
+    /// [`Index::policies`]).
     pub snapshot: Arc<Snapshot>,
+    /// The names of users' directory groups ([`UserFacts::directory_groups`]).
+    pub group_names: Arc<GroupNames>,
     /// Names the policies mention, shared by every route's policy.
     pub symbols: Arc<Symbols>,
     /// Each route's loaded policy, by route id (a persistent map: an update copies
@@ -97,7 +142,7 @@ pub struct Index {
     pub tokens: Arc<HashMap<Vec<u8>, TokenHolder>>,
     /// Users by `issuer\nsubject` (issuer without a trailing slash), kept up to
     /// date entry by entry.
-    pub subjects: imbl::HashMap<String, String>,
+    pub subjects: imbl::OrdMap<Arc<str>, String>,
     /// Identity providers whose bearer JWTs are accepted, by issuer; rebuilt only
     /// when identity providers change.
     pub issuers: Arc<crate::jwt::Issuers>,
@@ -121,17 +166,6 @@ pub enum CertificateHolder<'a> {
 /// The key of [`Index::subjects`].
 pub fn subject_key(issuer: &str, subject: &str) -> String {
     format!("{}\n{subject}", issuer.trim_end_matches('/'))
-}
-
-fn subject_of(snapshot: &Snapshot, id: &str) -> Option<String> {
-    user_subject(snapshot.get(Kind::User, id)?)
-}
-
-fn user_subject(entry: &vigil_proto::v1::Entry) -> Option<String> {
-    match &entry.body {
-        Some(Body::User(u)) => Some(subject_key(&u.issuer, &u.subject)),
-        _ => None,
-    }
 }
 
 /// The service account a token hash belongs to, with the key its token must be
@@ -212,34 +246,70 @@ fn user_names(s: &Symbols) -> (usize, usize) {
     (s.groups.len(), s.domains.len())
 }
 
-fn user_facts(body: &Body, symbols: &Symbols) -> Option<UserFacts> {
-    let Body::User(u) = body else { return None };
-    let mut groups: Vec<Sym> = u
+/// A user's facts from its entry, its directory groups interned into `names`.
+fn user_facts(
+    u: vigil_proto::v1::User,
+    names: &mut Arc<GroupNames>,
+    symbols: &Symbols,
+) -> UserFacts {
+    let directory_groups: Box<[u32]> = u
         .groups
         .iter()
-        .filter_map(|g| symbols.groups.get(g))
+        .map(|g| match names.ids.get(g.as_str()) {
+            Some(id) => *id,
+            // Copies a shared table once, and only when a name is new.
+            None => Arc::make_mut(names).intern(g),
+        })
+        .collect();
+    let idp_group_ids: Box<[u32]> = u
+        .idp_groups
+        .iter()
+        .map(|g| match names.ids.get(g.as_str()) {
+            Some(id) => *id,
+            None => Arc::make_mut(names).intern(g),
+        })
+        .collect();
+    relink_user(
+        UserFacts {
+            subject: Arc::from(subject_key(&u.issuer, &u.subject)),
+            suspended: u.suspended,
+            email: u.email,
+            email_verified: u.email_verified,
+            domain: Sym::NONE,
+            groups: Box::new([]),
+            directory_groups,
+            idp_group_ids,
+            idp_groups: u.idp_groups_at.map(|at| (at, Box::default())),
+        },
+        names,
+        symbols,
+    )
+}
+
+/// `user` with what it reads from the policies' symbol table (groups, domain)
+/// looked up again.
+fn relink_user(mut user: UserFacts, names: &GroupNames, symbols: &Symbols) -> UserFacts {
+    let mut groups: Vec<Sym> = user
+        .directory_groups
+        .iter()
+        .filter_map(|g| symbols.groups.get(names.name(*g)))
         .collect();
     groups.sort_unstable();
-    let idp_groups = u.idp_groups_at.map(|at| {
-        let mut g: Vec<Sym> = u
-            .idp_groups
+    user.groups = groups.into();
+    if let Some((at, _)) = user.idp_groups {
+        let mut idp: Vec<Sym> = user
+            .idp_group_ids
             .iter()
-            .filter_map(|g| symbols.groups.get(g))
+            .filter_map(|g| symbols.groups.get(names.name(*g)))
             .collect();
-        g.sort_unstable();
-        (at, g.into_boxed_slice())
-    });
-    Some(UserFacts {
-        idp_groups,
-        suspended: u.suspended,
-        domain: u
-            .email
-            .as_deref()
-            .map_or(Sym::NONE, |e| symbols.domain_of(e)),
-        email: u.email.clone(),
-        email_verified: u.email_verified,
-        groups: groups.into(),
-    })
+        idp.sort_unstable();
+        user.idp_groups = Some((at, idp.into()));
+    }
+    user.domain = user
+        .email
+        .as_deref()
+        .map_or(Sym::NONE, |e| symbols.domain_of(e));
+    user
 }
 
 fn device_facts(body: &Body, symbols: &Symbols) -> Option<DeviceFacts> {
@@ -329,6 +399,14 @@ impl Index {
         Some((id, self.policy(id)?))
     }
 
+    /// A user's directory groups, by name.
+    pub fn group_names_of(&self, user: &UserFacts) -> Vec<String> {
+        user.directory_groups
+            .iter()
+            .map(|g| self.group_names.name(*g).to_owned())
+            .collect()
+    }
+
     /// The policy of a route.
     pub fn policy(&self, route: &str) -> Option<&CompiledPolicy> {
         self.policies.get(route).map(|p| &p.policy)
@@ -367,8 +445,9 @@ impl Index {
     /// persistent or shared, so only what the update touches is copied. Every check
     /// (each changed route's policy, the update's shape and base version) passes
     /// before the result exists, so a bad update changes nothing.
-    pub fn apply(&self, update: Update) -> Result<Index, SnapshotError> {
-        let (mut symbols, mut policies) = if update.full {
+    pub fn apply(&self, mut update: Update) -> Result<Index, SnapshotError> {
+        let full = update.full;
+        let (mut symbols, mut policies) = if full {
             (Arc::new(Symbols::default()), imbl::OrdMap::new())
         } else {
             (self.symbols.clone(), self.policies.clone())
@@ -383,66 +462,83 @@ impl Index {
             }
             touched.push((kind, removed.id.clone()));
         }
-        for entry in &update.upserts {
-            let Some(body) = &entry.body else { continue };
+        // Users are taken out of their entries (which stay, empty, for the update's
+        // checks): the snapshot keeps none.
+        let mut upserted_users = Vec::new();
+        for entry in &mut update.upserts {
+            let Some(body) = &mut entry.body else {
+                continue;
+            };
             touched.push((vigil_snapshot::kind_of(body), entry.id.clone()));
-            if let Body::Route(route) = body {
-                // Copies the symbol table only when a route changes (and then once).
-                let policy =
-                    vigil_snapshot::decode_policy(&route.policy, Arc::make_mut(&mut symbols))
-                        .map_err(|e| {
+            match body {
+                Body::User(user) => {
+                    upserted_users.push((entry.id.clone(), std::mem::take(user)));
+                }
+                Body::Route(route) => {
+                    // Copies the symbol table only when a route changes (and then once).
+                    let policy =
+                        vigil_snapshot::decode_policy(&route.policy, Arc::make_mut(&mut symbols))
+                            .map_err(|e| {
                             SnapshotError::Invalid(format!("route `{}`: {e}", entry.id))
                         })?;
-                let max_auth_age_s = route.settings.as_ref().and_then(|s| s.max_auth_age_s);
-                let identity_provider = route
-                    .settings
-                    .as_ref()
-                    .and_then(|s| s.identity_provider.clone());
-                policies.insert(
-                    entry.id.clone(),
-                    Arc::new(RoutePolicy {
-                        reads_headers: policy.reads_headers(),
-                        policy,
-                        max_auth_age_s,
-                        forwarding: Forwarding::new(route),
-                        identity_provider,
-                    }),
-                );
+                    // Loaded once; its bytes are not read again.
+                    route.policy = Vec::new();
+                    let max_auth_age_s = route.settings.as_ref().and_then(|s| s.max_auth_age_s);
+                    let identity_provider = route
+                        .settings
+                        .as_ref()
+                        .and_then(|s| s.identity_provider.clone());
+                    policies.insert(
+                        entry.id.clone(),
+                        Arc::new(RoutePolicy {
+                            reads_headers: policy.reads_headers(),
+                            policy,
+                            max_auth_age_s,
+                            forwarding: Forwarding::new(route),
+                            identity_provider,
+                        }),
+                    );
+                }
+                _ => {}
             }
         }
-        let full = update.full;
         let mut snapshot = (*self.snapshot).clone();
-        snapshot.apply(update)?;
-        let subjects = if full {
-            snapshot
-                .of_kind(Kind::User)
-                .filter_map(|e| Some((user_subject(e)?, e.id.clone())))
-                .collect()
-        } else {
-            let mut next = self.subjects.clone();
-            for (_, id) in touched.iter().filter(|(k, _)| *k == Kind::User) {
-                if let Some(old) = subject_of(&self.snapshot, id) {
-                    next.remove(&old);
-                }
-                if let Some(new) = subject_of(&snapshot, id) {
-                    next.insert(new, id.clone());
-                }
-            }
-            next
-        };
-        let touches = |kind: Kind| full || touched.iter().any(|(k, _)| *k == kind);
+        snapshot.apply_except(update, Kind::User)?;
         // Names new to the table can make groups, domains or posture attributes count
         // that did not before: then every user (or device) is derived again.
-        let all_users = full || user_names(&symbols) != user_names_before;
+        let all_users = !full && user_names(&symbols) != user_names_before;
         let all_devices = full || symbols.attributes.len() != attributes_before;
-        let users = rederive(
-            &self.users,
-            &snapshot,
-            Kind::User,
-            &touched,
-            all_users,
-            |b| user_facts(b, &symbols),
-        );
+        let (mut users, mut subjects, mut group_names) = if full {
+            Default::default()
+        } else {
+            (
+                self.users.clone(),
+                self.subjects.clone(),
+                self.group_names.clone(),
+            )
+        };
+        for (_, id) in touched.iter().filter(|(k, _)| *k == Kind::User) {
+            if let Some(old) = users.remove(id) {
+                subjects.remove(&old.subject);
+            }
+        }
+        for (id, user) in upserted_users {
+            let facts = user_facts(user, &mut group_names, &symbols);
+            subjects.insert(facts.subject.clone(), id.clone());
+            users.insert(id, Arc::new(facts));
+        }
+        if all_users {
+            users = users
+                .iter()
+                .map(|(id, u)| {
+                    (
+                        id.clone(),
+                        Arc::new(relink_user((**u).clone(), &group_names, &symbols)),
+                    )
+                })
+                .collect();
+        }
+        let touches = |kind: Kind| full || touched.iter().any(|(k, _)| *k == kind);
         let devices = rederive(
             &self.devices,
             &snapshot,
@@ -494,6 +590,7 @@ impl Index {
             subjects,
             issuers,
             snapshot: Arc::new(snapshot),
+            group_names,
             symbols,
             policies,
             users,

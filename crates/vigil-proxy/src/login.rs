@@ -858,7 +858,7 @@ fn session_report(s: &cookie::SessionCookie, now: i64) -> SessionReport {
 pub fn find_user(index: &Index, issuer: &str, subject: &str) -> Option<String> {
     index
         .subjects
-        .get(&crate::index::subject_key(issuer, subject))
+        .get(crate::index::subject_key(issuer, subject).as_str())
         .cloned()
 }
 

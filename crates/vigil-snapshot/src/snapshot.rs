@@ -160,10 +160,18 @@ impl Snapshot {
     /// Applies a full update or a delta. Everything is checked before anything
     /// changes: on error the snapshot is exactly what it was.
     pub fn apply(&mut self, update: Update) -> Result<(), SnapshotError> {
+        self.apply_except(update, Kind::Unspecified)
+    }
+
+    /// [`Snapshot::apply`], keeping no entry of kind `left_out`: for a holder that
+    /// keeps those entries in a form of its own (the proxy's users). The whole
+    /// update is checked all the same.
+    pub fn apply_except(&mut self, update: Update, left_out: Kind) -> Result<(), SnapshotError> {
         let (upserts, removals) = validate(&update)?;
         let entries = upserts
             .into_iter()
             .zip(update.upserts)
+            .filter(|(k, _)| k.kind != left_out)
             .map(|(k, e)| (k, Arc::new(e)));
         if update.full {
             *self = Snapshot {
@@ -306,6 +314,26 @@ pub(crate) mod tests {
             s.apply(delta),
             Err(SnapshotError::WrongBase { base: 3, held: 5 })
         ));
+    }
+
+    #[test]
+    fn a_kind_can_be_left_out() {
+        let mut s = Snapshot::default();
+        let full = Snapshot::new(3, [user("a", "a@x"), grant("g")]).full_update();
+        s.apply_except(full, Kind::User).unwrap();
+        assert_eq!(s.version, 3);
+        assert!(s.get(Kind::User, "a").is_none());
+        assert!(s.get(Kind::Grant, "g").is_some());
+        // Still checked whole: a user out of order is refused.
+        let bad = Update {
+            version: 4,
+            base_version: 3,
+            full: false,
+            upserts: vec![user("b", ""), user("a", "")],
+            removals: vec![],
+        };
+        assert!(s.apply_except(bad, Kind::User).is_err());
+        assert_eq!(s.version, 3);
     }
 
     #[test]

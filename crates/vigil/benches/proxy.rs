@@ -626,6 +626,35 @@ async fn round(wrk: &Wrk, t: &Targets) -> Round {
     Round { rows, half_load }
 }
 
+/// `--quick`: the two nginx proxies and Vigil (default runtime) taking turns, twice,
+/// and nothing else; for before/after pairs and profiles (the proxy's pid is
+/// printed, to attach `perf` to), not for the record.
+async fn quick(wrk: &Wrk, t: &Targets, proxy_url: &str) {
+    let port = proxy_url.rsplit(':').next().unwrap_or_default();
+    println!(
+        "\n## Quick turns (vigil proxy pid {})\n",
+        proxy_pid(port).map_or_else(|| "?".to_owned(), |p| p.to_string())
+    );
+    for _ in 0..2 {
+        for target in [
+            &t.nginx_pass,
+            &t.nginx_auth,
+            &t.vigil_bearer,
+            &t.vigil_cookie,
+        ] {
+            let m = wrk.measure(target).await;
+            println!(
+                "- {}: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms{}",
+                target.name,
+                m.rps,
+                m.p50_us / 1e3,
+                m.p99_us / 1e3,
+                if m.clean() { "" } else { " (errors)" }
+            );
+        }
+    }
+}
+
 /// p99 at about half of Vigil's peak: paced connections (wrk2's constant rate is not
 /// available), their number calibrated against Vigil, then the same load on the
 /// direct upstream and on Vigil.
@@ -818,10 +847,14 @@ async fn throughput(pg: &TestPostgres, nginx: &Path, wrk: &Wrk, root: &Path) {
         expect_status(t, &wrong, 401, "with a wrong token");
     }
 
-    for n in 1..=ROUNDS {
-        eprintln!("round {n} of {ROUNDS}...");
-        let r = round(wrk, &t).await;
-        r.print(n);
+    if std::env::args().any(|a| a == "--quick") {
+        quick(wrk, &t, &proxy.url).await;
+    } else {
+        for n in 1..=ROUNDS {
+            eprintln!("round {n} of {ROUNDS}...");
+            let r = round(wrk, &t).await;
+            r.print(n);
+        }
     }
 
     let port = proxy.url.rsplit(':').next().unwrap_or_default().to_owned();
@@ -993,7 +1026,12 @@ async fn memory(pg: &TestPostgres, wrk: &Wrk) {
     let c = client();
     let join = join_token(&c, &cp.url, "rss").await;
     let started = Instant::now();
-    let proxy = ProxyProcess::start(&cp.grpc_url, &join, "rss-proxy");
+    // VIGIL_BENCH_SNAPSHOT_FILE=path keeps the proxy's snapshot file there, to study
+    // the same snapshot again without PostgreSQL or a control plane.
+    let extra: Vec<String> = std::env::var("VIGIL_BENCH_SNAPSHOT_FILE")
+        .map(|path| vec!["--snapshot-file".to_owned(), path])
+        .unwrap_or_default();
+    let proxy = ProxyProcess::start_with(&cp.grpc_url, &join, "rss-proxy", &extra);
     let deadline = Instant::now() + Duration::from_secs(120);
     let version = loop {
         match ready_version(&proxy.health_url).await {
@@ -1098,7 +1136,13 @@ fn main() {
             "- Vigil's route policy: service account `bench-robot`, or group `staff` and domain `corp.example`"
         );
         let pg = TestPostgres::start().expect("starting PostgreSQL");
-        throughput(&pg, &nginx, &wrk, &root).await;
+        // `--rss-only`: the memory part alone (deterministic, so worth running on its own).
+        if !std::env::args().any(|a| a == "--rss-only") {
+            throughput(&pg, &nginx, &wrk, &root).await;
+        }
+        if std::env::args().any(|a| a == "--quick") {
+            return;
+        }
         memory(&pg, &wrk).await;
     });
     println!("\n(whole bench: {:.0} s)", started.elapsed().as_secs_f64());

@@ -14,6 +14,10 @@ use serde::Serialize;
 use vigil_control::{Control, ControlConfig};
 use vigil_store::{Store, StoreOptions};
 
+/// jemalloc rather than glibc's malloc: see its entry in Cargo.toml.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     name = "vigil",
@@ -263,15 +267,95 @@ pub(crate) struct ControlArgs {
     pub session_idle_timeout_s: u64,
 }
 
-fn init_tracing() {
+/// Lines waiting for the log thread; past this, logging waits for it (as a direct
+/// write would wait for a slow stdout).
+const LOG_QUEUE: usize = 16 * 1024;
+
+/// One log line on its way to the log thread (tracing-subscriber writes each event
+/// with a single `write_all`).
+struct LogLine(std::sync::mpsc::SyncSender<Vec<u8>>);
+
+impl std::io::Write for LogLine {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // An empty line is the flush marker; there is nothing to send for it anyway.
+        if !buf.is_empty() {
+            self.0
+                .send(buf.to_vec())
+                .map_err(|_| std::io::Error::other("the log thread is gone"))?;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Waits, when dropped at the end of `main`, until every line logged before is
+/// written.
+struct LogFlush {
+    lines: std::sync::mpsc::SyncSender<Vec<u8>>,
+    written: std::sync::mpsc::Receiver<()>,
+}
+
+impl Drop for LogFlush {
+    fn drop(&mut self) {
+        if self.lines.send(Vec::new()).is_ok() {
+            let _ = self.written.recv_timeout(Duration::from_secs(5));
+        }
+    }
+}
+
+/// Logs to stdout through a thread of its own, so that a request (one decision line
+/// each) never waits for a write: the thread writes what has gathered since its last
+/// write in one `write`, at once when it was idle, else within a millisecond.
+fn init_tracing() -> LogFlush {
+    use std::io::Write as _;
     let filter =
         tracing_subscriber::EnvFilter::try_from_env("VIGIL_LOG").unwrap_or_else(|_| "info".into());
-    tracing_subscriber::fmt()
+    let (lines, queued) = std::sync::mpsc::sync_channel::<Vec<u8>>(LOG_QUEUE);
+    let (flushed, written) = std::sync::mpsc::channel();
+    let spawned = std::thread::Builder::new()
+        .name("vigil-log".into())
+        .spawn(move || {
+            let mut batch = Vec::with_capacity(64 * 1024);
+            while let Ok(first) = queued.recv() {
+                let mut flush_asked = first.is_empty();
+                batch.extend_from_slice(&first);
+                while batch.len() < 64 * 1024 {
+                    match queued.try_recv() {
+                        Ok(line) if line.is_empty() => flush_asked = true,
+                        Ok(line) => batch.extend_from_slice(&line),
+                        Err(_) => break,
+                    }
+                }
+                let mut out = std::io::stdout().lock();
+                // Nowhere to report a failing stdout; the lines are dropped.
+                let _ = out.write_all(&batch).and_then(|()| out.flush());
+                batch.clear();
+                if flush_asked {
+                    let _ = flushed.send(());
+                } else {
+                    // Under load, lines gather meanwhile and their senders need not
+                    // wake this thread: at most a thousand writes a second.
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        });
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
         // Colour only for a terminal: log files and collectors get plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .init();
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
+    match spawned {
+        Ok(_) => {
+            let sender = lines.clone();
+            builder.with_writer(move || LogLine(sender.clone())).init();
+        }
+        // No thread: write directly, as before.
+        Err(_) => builder.init(),
+    }
+    LogFlush { lines, written }
 }
 
 async fn shutdown_signal() {
@@ -727,7 +811,8 @@ fn main() -> anyhow::Result<()> {
         Command::Keys(KeysCommand::Generate(args)) => return keys::generate(&args),
         _ => {}
     }
-    init_tracing();
+    // Dropped last: every line is written before the process ends.
+    let _log = init_tracing();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
