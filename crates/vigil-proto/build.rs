@@ -1,7 +1,9 @@
 //! Compiles proto/vigil/v1 with protox (pure Rust: no system `protoc`).
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    // Read when the script runs, not when it was compiled: a build script binary
+    // reused from another checkout must not compile that checkout's files.
+    let root = std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
     let files = [
         root.join("vigil/v1/snapshot.proto"),
         root.join("vigil/v1/control.proto"),
