@@ -310,6 +310,20 @@ async fn grants_expiry_step_up_and_suspension_by_the_proxies_own_clock() {
         "jit back at the start",
     )
     .await;
+
+    // Inside the window again, then the grant deleted through the REST API: both
+    // proxies deny Ada's next request.
+    clock.set(5400);
+    both(&proxies, "jit.test", &ada_auth, 200, "jit inside again").await;
+    let gid = grant["id"].as_str().unwrap();
+    let res = c
+        .delete(format!("{url}/v1/grants/{gid}"))
+        .header("if-match", "*")
+        .send()
+        .await
+        .unwrap();
+    assert!(res.status().is_success(), "DELETE grant: {}", res.status());
+    both(&proxies, "jit.test", &ada_auth, 403, "jit grant deleted").await;
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -7,10 +7,12 @@
 //!
 //! Ordinary responses pay nothing for this: the body wrapper holds what it needs by
 //! value (inside the response's one boxed body) and registers only once the body
-//! has been streaming for [`REGISTER_AFTER`], or at once when it sees a snapshot
-//! newer than the one its request was decided on; `text/event-stream` registers as
+//! has been streaming for [`REGISTER_AFTER`]; `text/event-stream` registers as
 //! soon as it waits for the upstream. At registration the request is decided again
-//! on the spot, so nothing is sent after a refusal the proxy already knows of.
+//! on the spot, so nothing is sent after a refusal the proxy already knows of. A
+//! response shorter than [`REGISTER_AFTER`] is delivered as it was decided, even
+//! when a snapshot revoking its caller lands while it is sent: cutting it would
+//! only turn a response already on its way into a broken one.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -120,17 +122,15 @@ impl<B, L: Later> Watched<B, L> {
         }
     }
 
-    /// Registers the response once it lasts (or a newer snapshot is in), deciding
-    /// it again first; the reason when that refuses it.
+    /// Registers the response once it lasts, deciding it again first; the reason
+    /// when that refuses it.
     fn register_if_due(&mut self, waiting: bool) -> Option<String> {
         let later = self.later.as_mut()?;
-        let current = self.streams.index.load();
-        let due = current.version() != self.decided
-            || (waiting && self.eager)
-            || self.started.elapsed() >= REGISTER_AFTER;
+        let due = (waiting && self.eager) || self.started.elapsed() >= REGISTER_AFTER;
         if !due {
             return None;
         }
+        let current = self.streams.index.load();
         if let Err(why) = later.check(&current, crate::clock::now()) {
             let (info, _) = self.later.take()?.into_watch();
             self.log_closed(&info, &why);
@@ -358,7 +358,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_newer_snapshot_mid_body_decides_again_before_sending() {
+    async fn a_short_body_is_delivered_as_decided_and_a_long_one_decided_again() {
         let shared: Shared = Arc::new(arc_swap::ArcSwap::new(index_at(1)));
         let streams = Streams::new(shared.clone(), None);
         let (tx, rx) = mpsc::channel(4);
@@ -372,10 +372,16 @@ mod tests {
         );
         tx.send(Bytes::from_static(b"a")).await.unwrap();
         assert_eq!(next(&mut body).await, Some(Ok(Bytes::from_static(b"a"))));
-        // Revoked, and the snapshot saying so swapped in: the next chunk is not sent.
+        // Revoked, and the snapshot saying so swapped in: a body younger than
+        // REGISTER_AFTER still goes out whole.
         allowed.store(false, Ordering::SeqCst);
         shared.store(index_at(2));
         tx.send(Bytes::from_static(b"b")).await.unwrap();
+        assert_eq!(next(&mut body).await, Some(Ok(Bytes::from_static(b"b"))));
+        assert!(streams.registry.is_empty());
+        // Once it has lasted, it is decided again before its next bytes: cut.
+        tokio::time::sleep(REGISTER_AFTER + Duration::from_millis(50)).await;
+        tx.send(Bytes::from_static(b"c")).await.unwrap();
         let cut = next(&mut body).await;
         assert!(
             matches!(&cut, Some(Err(e)) if e.contains("revoked")),
