@@ -183,19 +183,6 @@ async fn next_text(ws: &mut Ws) -> String {
     m.to_text().unwrap().to_owned()
 }
 
-/// The value of an unlabelled metric on `proxy`'s `/metrics`.
-async fn metric(proxy: &ProxyProcess, name: &str) -> Option<f64> {
-    let text = reqwest::get(format!("{}/metrics", proxy.health_url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
-}
-
 /// Starts PostgreSQL, the control plane with a `robot` service account and a
 /// `robots` policy allowing it, and returns them with the robot's token.
 async fn control() -> (TestPostgres, ControlProcess, String) {
@@ -262,7 +249,7 @@ async fn websockets_are_decided_tunnelled_and_closed_on_revocation() {
         ws.send(Message::text(text)).await.unwrap();
         assert_eq!(next_text(&mut ws).await, text);
     }
-    assert_eq!(metric(&proxy, "vigil_proxy_tunnels_open").await, Some(1.0));
+    assert_eq!(proxy.metric("vigil_proxy_tunnels_open").await, Some(1.0));
 
     // No credential: 401, like any request; no upgrade on a route that turns
     // them off: 403 naming the setting.
@@ -279,7 +266,7 @@ async fn websockets_are_decided_tunnelled_and_closed_on_revocation() {
     assert_eq!(status, 200, "{body}");
     let seen: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(seen["headers"]["x-vigil-service-account"], "robot");
-    assert_eq!(metric(&proxy, "vigil_proxy_tunnels_open").await, Some(1.0));
+    assert_eq!(proxy.metric("vigil_proxy_tunnels_open").await, Some(1.0));
 
     // Revoked through the REST API: the proxy closes the open tunnel.
     patch_json(
@@ -306,7 +293,7 @@ async fn websockets_are_decided_tunnelled_and_closed_on_revocation() {
         "WebSocket closed {} ms after the revocation's 2xx",
         took.as_millis()
     );
-    assert_eq!(metric(&proxy, "vigil_proxy_tunnels_open").await, Some(0.0));
+    assert_eq!(proxy.metric("vigil_proxy_tunnels_open").await, Some(0.0));
     let log = proxy.log_text();
     let closed = log
         .lines()

@@ -429,8 +429,15 @@ impl Index {
     /// account's current one and it is signed, for that account, by the key the
     /// snapshot names (verified at the token's first use).
     pub fn service_account_by_token(&self, token: &str) -> Option<&str> {
-        let hash = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
-        let holder = self.tokens.get(hash.as_ref())?;
+        self.service_account_and_hash(token).map(|(id, _)| id)
+    }
+
+    /// [`Index::service_account_by_token`], with the token's SHA-256 (which a
+    /// request decided again later checks against the account's current one).
+    pub fn service_account_and_hash(&self, token: &str) -> Option<(&str, [u8; 32])> {
+        let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+        let hash = <[u8; 32]>::try_from(digest.as_ref()).ok()?;
+        let holder = self.tokens.get(&hash[..])?;
         let verified = *holder.verified.get_or_init(|| {
             vigil_snapshot::satoken::verify(token, &holder.id, &holder.key)
                 .inspect_err(|e| {
@@ -438,7 +445,7 @@ impl Index {
                 })
                 .is_ok()
         });
-        verified.then_some(holder.id.as_str())
+        verified.then_some((holder.id.as_str(), hash))
     }
 
     /// The index after `update`, leaving `self` untouched: everything it holds is

@@ -122,7 +122,9 @@ impl Headers for RequestHeaders<'_> {
 /// Who the request came from, after authentication.
 enum Caller {
     Anonymous,
-    ServiceAccount(String),
+    /// A service account, with its token's SHA-256 when a token authenticated it
+    /// (computed once, at authentication; `None` for a client certificate).
+    ServiceAccount(String, Option<[u8; 32]>),
     User(cookie::SessionCookie, Amr),
     /// A user by an identity provider's bearer JWT: the user's id, and the token.
     Token(String, Box<crate::jwt::Verified>),
@@ -132,7 +134,7 @@ impl Caller {
     fn principal(&self) -> Principal<'_> {
         match self {
             Caller::Anonymous => Principal::Anonymous,
-            Caller::ServiceAccount(id) => Principal::ServiceAccount { id },
+            Caller::ServiceAccount(id, _) => Principal::ServiceAccount { id },
             Caller::User(s, amr) => Principal::User {
                 id: &s.uid,
                 session: Some(SessionFacts {
@@ -165,7 +167,7 @@ impl Caller {
         match self {
             Caller::User(s, _) => Some(&s.uid),
             Caller::Token(id, _) => Some(id),
-            Caller::Anonymous | Caller::ServiceAccount(_) => None,
+            Caller::Anonymous | Caller::ServiceAccount(..) => None,
         }
     }
 
@@ -173,7 +175,7 @@ impl Caller {
     fn describe(&self) -> String {
         match self {
             Caller::Anonymous => "anonymous".into(),
-            Caller::ServiceAccount(id) => format!("service-account:{id}"),
+            Caller::ServiceAccount(id, _) => format!("service-account:{id}"),
             Caller::User(s, _) => format!("user:{}", s.uid),
             Caller::Token(id, t) => format!("user:{id} (token from {})", t.provider),
         }
@@ -577,7 +579,6 @@ impl Proxy {
         } else {
             HeaderMap::new()
         };
-        let token_sha256 = service_token_sha256(&caller, &parts.headers);
         let res = match self
             .forward(&index, forwarding, parts, body, &ask, &caller)
             .await
@@ -591,7 +592,6 @@ impl Proxy {
         let later = Decided {
             again: Again {
                 caller,
-                token_sha256,
                 client_certificate: ask.client.cloned(),
                 signed_out: self.config.login.clone(),
                 route: String::new(),
@@ -628,16 +628,16 @@ impl Proxy {
         // The edge refused a repeated Authorization: `NotOne` means none.
         match sole_bearer(headers) {
             Ok(token) => {
-                let by_token = index.service_account_by_token(token);
+                let by_token = index.service_account_and_hash(token);
                 if let Some(sa) = by_certificate {
-                    if by_token != Some(sa) {
+                    if by_token.map(|(id, _)| id) != Some(sa) {
                         return Err(format!(
                             "the client certificate authenticates service account `{sa}`; the bearer token is not that account's"
                         ));
                     }
                 }
-                if let Some(sa) = by_token {
-                    return Ok(Caller::ServiceAccount(sa.to_owned()));
+                if let Some((sa, hash)) = by_token {
+                    return Ok(Caller::ServiceAccount(sa.to_owned(), Some(hash)));
                 }
                 if !crate::jwt::looks_like_jwt(token) {
                     return Err("the bearer token is not valid".into());
@@ -654,7 +654,7 @@ impl Proxy {
             Err(BearerError::NotBearer) => return Err("use `Authorization: Bearer <token>`".into()),
         }
         if let Some(sa) = by_certificate {
-            return Ok(Caller::ServiceAccount(sa.to_owned()));
+            return Ok(Caller::ServiceAccount(sa.to_owned(), None));
         }
         if let Some(keys) = &self.config.cookie_keys {
             if let Some(value) = cookie::session_value(headers) {
@@ -827,7 +827,6 @@ impl Proxy {
         // The request as the policy saw it, to decide it again later.
         let method = parts.method.clone();
         let headers = parts.headers.clone();
-        let token_sha256 = service_token_sha256(&caller, &headers);
         let upstream = match self.outbound(index, forwarding, &mut parts, ask, &caller) {
             Ok(u) => u,
             Err((status, reason)) => return ask.refuse(status, reason),
@@ -885,14 +884,13 @@ impl Proxy {
             },
             user: caller.user_id().map(str::to_owned),
             service_account: match &caller {
-                Caller::ServiceAccount(id) => Some(id.clone()),
+                Caller::ServiceAccount(id, _) => Some(id.clone()),
                 _ => None,
             },
             device: ask.device.map(str::to_owned),
         };
         let recheck = Again {
             caller,
-            token_sha256,
             client_certificate: ask.client.cloned(),
             signed_out: self.config.login.clone(),
             route: ask.route.to_owned(),
@@ -942,7 +940,7 @@ impl Proxy {
         parts.version = http::Version::HTTP_11;
         let h = &mut parts.headers;
         // Vigil's own credentials stay here: the upstream gets identity headers.
-        if matches!(caller, Caller::ServiceAccount(_)) {
+        if matches!(caller, Caller::ServiceAccount(..)) {
             h.remove(header::AUTHORIZATION);
         }
         cookie::strip_session(h);
@@ -955,7 +953,7 @@ impl Proxy {
         );
         set(h, "x-forwarded-host", ask.host);
         set(h, "x-request-id", ask.id);
-        if let Caller::ServiceAccount(sa) = caller {
+        if let Caller::ServiceAccount(sa, _) = caller {
             set(h, "x-vigil-service-account", sa);
         }
         if let Some(device) = ask.device {
@@ -1080,18 +1078,6 @@ async fn send_upgrade(
     Ok(sender.send_request(req).await?)
 }
 
-/// A service account's token, hashed, to check later that it is still that
-/// account's.
-fn service_token_sha256(caller: &Caller, headers: &HeaderMap) -> Option<[u8; 32]> {
-    match (caller, sole_bearer(headers)) {
-        (Caller::ServiceAccount(_), Ok(token)) => <[u8; 32]>::try_from(
-            ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref(),
-        )
-        .ok(),
-        _ => None,
-    }
-}
-
 /// A request id kept by value (it is 32 hex digits).
 struct RequestId([u8; 32], usize);
 
@@ -1147,7 +1133,7 @@ impl crate::streams::Later for Decided {
             },
             user: caller.user_id().map(str::to_owned),
             service_account: match caller {
-                Caller::ServiceAccount(id) => Some(id.clone()),
+                Caller::ServiceAccount(id, _) => Some(id.clone()),
                 _ => None,
             },
             device: match caller {
@@ -1161,9 +1147,8 @@ impl crate::streams::Later for Decided {
 
 /// Everything needed to decide a tunnel's or a long response's request again.
 struct Again {
+    /// Who asked; a service account's token hash must still be that account's.
     caller: Caller,
-    /// A service account's token, hashed: it must still be that account's.
-    token_sha256: Option<[u8; 32]>,
     /// The connection's client certificate: a service account's (without a token)
     /// must still be that account's, a device's still names the device.
     client_certificate: Option<ClientCert>,
@@ -1188,8 +1173,8 @@ impl Again {
             .as_ref()
             .and_then(|c| index.certificate_holder(&c.spki_sha256));
         match &self.caller {
-            Caller::ServiceAccount(id) => {
-                let (holder, credential) = match self.token_sha256.as_ref() {
+            Caller::ServiceAccount(id, token_sha256) => {
+                let (holder, credential) = match token_sha256.as_ref() {
                     Some(h) => (index.tokens.get(&h[..]).map(|t| t.id.as_str()), "token"),
                     None => match holder {
                         Some(CertificateHolder::ServiceAccount(sa)) => (Some(sa), "certificate"),
@@ -1304,18 +1289,7 @@ async fn tunnel(
     })
     .await;
     drop(registration);
-    tracing::info!(
-        target: "vigil::decision",
-        request_id = %info.request_id,
-        route = info.route.as_str(),
-        principal = %info.principal,
-        decision = "closed",
-        rule = "-",
-        reason = reason.as_str(),
-        status = 101,
-        open_ms = u64::try_from(opened.elapsed().as_millis()).unwrap_or(u64::MAX),
-        "decision"
-    );
+    crate::tunnel::log_closed(&info, &reason, 101, opened.elapsed());
 }
 
 /// The signed assertion of who `caller` is, for `host`: from the cache when one
@@ -1351,7 +1325,7 @@ fn assert_caller(
         Caller::Anonymous => None,
         // Cached by session id (`ses_…`), user id (`usr_…`) or this `sub`: the
         // three never collide.
-        Caller::ServiceAccount(id) => {
+        Caller::ServiceAccount(id, _) => {
             let sub = format!("service-account:{id}");
             assertions.assert(&sub, host, now, || Subject {
                 id: sub.clone(),

@@ -156,18 +156,7 @@ impl<B, L: Later> Watched<B, L> {
     }
 
     fn log_closed(&self, info: &TunnelInfo, reason: &str) {
-        tracing::info!(
-            target: "vigil::decision",
-            request_id = %info.request_id,
-            route = info.route.as_str(),
-            principal = %info.principal,
-            decision = "closed",
-            rule = "-",
-            reason,
-            status = self.status,
-            open_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
-            "decision"
-        );
+        crate::tunnel::log_closed(info, reason, self.status, self.started.elapsed());
     }
 
     /// The reason, once the registry has closed this response (logged and counted).

@@ -137,24 +137,12 @@ impl CertStore {
     /// Checks the directory every `every` for changed files, for as long as the runtime runs.
     pub fn watch(self: &Arc<Self>, every: Duration) {
         let store = self.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                let s = store.clone();
-                match tokio::task::spawn_blocking(move || s.reload_if_changed()).await {
-                    Ok(Ok(true)) => {
-                        tracing::info!(dir = %store.dir.display(), "Reloaded the TLS certificates")
-                    }
-                    Ok(Ok(false)) => {}
-                    Ok(Err(e)) => {
-                        tracing::warn!(error = %e, "TLS certificates not reloaded; the ones in use stay")
-                    }
-                    Err(e) => tracing::warn!(error = %e, "TLS reload task failed"),
-                }
-            }
-        });
+        watch_reloads(
+            every,
+            "TLS certificates",
+            self.dir.display().to_string(),
+            move || store.reload_if_changed(),
+        );
     }
 
     fn pick(&self, name: Option<&str>) -> Option<Arc<CertifiedKey>> {
@@ -253,24 +241,12 @@ impl ClientCas {
     /// Checks the file every `every` for changes, for as long as the runtime runs.
     pub fn watch(self: &Arc<Self>, every: Duration) {
         let cas = self.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                let c = cas.clone();
-                match tokio::task::spawn_blocking(move || c.reload_if_changed()).await {
-                    Ok(Ok(true)) => {
-                        tracing::info!(file = %cas.path.display(), "Reloaded the client CAs")
-                    }
-                    Ok(Ok(false)) => {}
-                    Ok(Err(e)) => {
-                        tracing::warn!(error = %e, "Client CAs not reloaded; the ones in use stay")
-                    }
-                    Err(e) => tracing::warn!(error = %e, "Client CA reload task failed"),
-                }
-            }
-        });
+        watch_reloads(
+            every,
+            "client CAs",
+            self.path.display().to_string(),
+            move || cas.reload_if_changed(),
+        );
     }
 }
 
@@ -346,4 +322,32 @@ pub fn server_config(
     let mut config = builder.with_cert_resolver(store);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(config)
+}
+
+/// Calls `reload` (blocking file reads) every `every` for as long as the runtime
+/// runs, logging what it did to `what` (read from `from`); a failed reading keeps
+/// what is in use.
+fn watch_reloads(
+    every: Duration,
+    what: &'static str,
+    from: String,
+    reload: impl Fn() -> Result<bool, String> + Send + Sync + 'static,
+) {
+    let reload = Arc::new(reload);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let r = reload.clone();
+            match tokio::task::spawn_blocking(move || r()).await {
+                Ok(Ok(true)) => tracing::info!(from = %from, "Reloaded the {what}"),
+                Ok(Ok(false)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "The {what} were not reloaded; the ones in use stay")
+                }
+                Err(e) => tracing::warn!(error = %e, "The {what} reload task failed"),
+            }
+        }
+    });
 }

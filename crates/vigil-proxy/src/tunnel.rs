@@ -258,6 +258,23 @@ async fn verify_loop(tunnels: Weak<Tunnels>, index: Shared, mut seen: u64) {
     }
 }
 
+/// The decision line of a tunnel or long response the proxy closed: `reason`,
+/// the response's `status`, and how long it was `open`.
+pub(crate) fn log_closed(info: &TunnelInfo, reason: &str, status: u16, open: Duration) {
+    tracing::info!(
+        target: "vigil::decision",
+        request_id = %info.request_id,
+        route = info.route.as_str(),
+        principal = %info.principal,
+        decision = "closed",
+        rule = "-",
+        reason,
+        status,
+        open_ms = u64::try_from(open.as_millis()).unwrap_or(u64::MAX),
+        "decision"
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
