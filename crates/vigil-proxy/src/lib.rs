@@ -8,6 +8,7 @@
 pub mod assertion;
 pub mod clientcert;
 pub mod clock;
+pub mod conns;
 pub mod cookie;
 pub mod decide;
 pub mod edge;

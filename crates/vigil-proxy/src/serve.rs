@@ -35,6 +35,7 @@ use vigil_policy::Amr;
 use vigil_proto::{sole_bearer, BearerError};
 
 use crate::clientcert::ClientCert;
+use crate::conns::{Conns, UpstreamBody};
 use crate::cookie::{self, CookieKeys};
 use crate::decide::{decide, Facts, Principal, SessionFacts, Verdict};
 use crate::edge::{self, TrustedProxies};
@@ -70,8 +71,10 @@ pub struct ServeConfig {
 pub struct Proxy {
     index: Shared,
     config: Arc<ServeConfig>,
-    /// Pooled upstream connections, per trusted CA.
+    /// Pooled connections to `https://` upstreams, per trusted CA.
     pools: Arc<Pools>,
+    /// Pooled connections to plain `http://` upstreams, driven by their requests.
+    conns: Arc<Conns>,
     /// Open WebSocket tunnels.
     tunnels: Arc<Tunnels>,
     /// Long streaming responses, re-verified like tunnels.
@@ -294,6 +297,13 @@ impl Proxy {
             tunnels: Tunnels::new(config.metrics.clone()),
             config: Arc::new(config),
             pools: Arc::new(Pools::new()),
+            conns: {
+                let conns = Conns::new();
+                if tokio::runtime::Handle::try_current().is_ok() {
+                    conns.reap_in_background();
+                }
+                conns
+            },
         }
     }
 
@@ -712,7 +722,7 @@ impl Proxy {
         body: Incoming,
         ask: &Ask<'_>,
         caller: &Caller,
-    ) -> Result<Response<Incoming>, Response<ProxyBody>> {
+    ) -> Result<Response<UpstreamBody>, Response<ProxyBody>> {
         let upstream = match self.outbound(index, forwarding, &mut parts, ask, caller) {
             Ok(u) => u,
             Err((status, reason)) => return Err(ask.refuse(status, reason)),
@@ -731,15 +741,26 @@ impl Proxy {
         parts: http::request::Parts,
         body: Incoming,
         ask: &Ask<'_>,
-    ) -> Result<Response<Incoming>, Response<ProxyBody>> {
-        let pool = self
-            .pools
-            .get(trust_for(forwarding, upstream))
-            .map_err(|reason| ask.refuse(StatusCode::BAD_GATEWAY, &reason))?;
+    ) -> Result<Response<UpstreamBody>, Response<ProxyBody>> {
         let req = Request::from_parts(parts, body);
-        match tokio::time::timeout(forwarding.timeout, pool.client.request(req)).await {
+        let sent = if upstream.tls {
+            let pool = self
+                .pools
+                .get(trust_for(forwarding, upstream))
+                .map_err(|reason| ask.refuse(StatusCode::BAD_GATEWAY, &reason))?;
+            tokio::time::timeout(forwarding.timeout, async {
+                match pool.client.request(req).await {
+                    Ok(res) => Ok(res.map(UpstreamBody::from)),
+                    Err(e) => Err(BoxError::from(e)),
+                }
+            })
+            .await
+        } else {
+            tokio::time::timeout(forwarding.timeout, self.conns.send(upstream, req)).await
+        };
+        match sent {
             Ok(Ok(res)) => Ok(res),
-            Ok(Err(e)) => Err(upstream_failed(ask, &e)),
+            Ok(Err(e)) => Err(upstream_failed(ask, &*e)),
             Err(_) => Err(ask.refuse(
                 StatusCode::GATEWAY_TIMEOUT,
                 "the upstream did not answer in time",
@@ -932,7 +953,13 @@ impl Proxy {
         let upstream = forwarding
             .pick()
             .map_err(|reason| (StatusCode::BAD_GATEWAY, reason))?;
-        let target = forwarding.target(upstream, ask.path, parts.uri.query());
+        // hyper's pooled client (https://) takes the absolute URL; a connection of
+        // our own, the origin form.
+        let target = if upstream.tls {
+            forwarding.target(upstream, ask.path, parts.uri.query())
+        } else {
+            forwarding.origin_form(upstream, ask.path, parts.uri.query())
+        };
         let Ok(uri) = target.parse::<Uri>() else {
             return Err((StatusCode::BAD_REQUEST, "the request target is not valid"));
         };
@@ -978,6 +1005,11 @@ impl Proxy {
         }
         if !forwarding.preserve_host {
             if let Ok(v) = HeaderValue::from_str(upstream.authority.as_str()) {
+                h.insert(header::HOST, v);
+            }
+        } else if !h.contains_key(header::HOST) {
+            // An HTTP/2 client names the host in `:authority` only.
+            if let Ok(v) = HeaderValue::from_str(ask.host) {
                 h.insert(header::HOST, v);
             }
         }
@@ -1042,23 +1074,13 @@ async fn send_upgrade(
     tls: Arc<rustls::ClientConfig>,
     req: Request<Incoming>,
 ) -> Result<Response<Incoming>, BoxError> {
-    let host = upstream
-        .authority
-        .host()
-        .trim_start_matches('[')
-        .trim_end_matches(']');
-    let port = upstream
-        .authority
-        .port_u16()
-        .unwrap_or(if upstream.tls { 443 } else { 80 });
-    let tcp = tokio::time::timeout(
-        crate::upstream::CONNECT_TIMEOUT,
-        tokio::net::TcpStream::connect((host, port)),
-    )
-    .await
-    .map_err(|_| "connecting to the upstream timed out")??;
-    let _ = tcp.set_nodelay(true);
+    let tcp = crate::upstream::connect(upstream).await?;
     let io: Box<dyn UpstreamIo> = if upstream.tls {
+        let host = upstream
+            .authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
         let name = rustls::pki_types::ServerName::try_from(host.to_owned())?;
         Box::new(
             tokio_rustls::TlsConnector::from(tls)

@@ -1,7 +1,8 @@
 //! Where an allowed request goes: each route's upstreams and forwarding settings,
 //! prepared once when a snapshot update brings the route, so that a request only
 //! reads them (no URL parsing, header-name checks, PEM parsing or settings copies
-//! per request); and the pooled clients that reach them, one per trusted CA.
+//! per request); and the pooled clients that reach `https://` upstreams, one per
+//! trusted CA (plain `http://` upstreams are reached through [`crate::conns`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -193,7 +194,21 @@ impl Forwarding {
     /// the route's prefix rewritten when it says so.
     pub fn target(&self, to: &Upstream, path: &str, query: Option<&str>) -> String {
         let scheme = if to.tls { "https" } else { "http" };
-        let mut target = format!("{scheme}://{}{}", to.authority, to.base_path);
+        let mut target = format!("{scheme}://{}", to.authority);
+        self.push_path(&mut target, to, path, query);
+        target
+    }
+
+    /// The same target in origin form (path and query only), as it goes on a
+    /// connection to `to`.
+    pub fn origin_form(&self, to: &Upstream, path: &str, query: Option<&str>) -> String {
+        let mut target = String::with_capacity(to.base_path.len() + path.len() + 16);
+        self.push_path(&mut target, to, path, query);
+        target
+    }
+
+    fn push_path(&self, target: &mut String, to: &Upstream, path: &str, query: Option<&str>) {
+        target.push_str(&to.base_path);
         match self
             .rewrite
             .as_ref()
@@ -213,8 +228,31 @@ impl Forwarding {
             target.push('?');
             target.push_str(q);
         }
-        target
     }
+}
+
+/// A TCP connection to `upstream` (no TLS), within [`CONNECT_TIMEOUT`], with
+/// Nagle's delay off.
+pub async fn connect(
+    upstream: &Upstream,
+) -> Result<tokio::net::TcpStream, Box<dyn std::error::Error + Send + Sync>> {
+    let host = upstream
+        .authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let port = upstream
+        .authority
+        .port_u16()
+        .unwrap_or(if upstream.tls { 443 } else { 80 });
+    let tcp = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        tokio::net::TcpStream::connect((host, port)),
+    )
+    .await
+    .map_err(|_| "connecting to the upstream timed out")??;
+    let _ = tcp.set_nodelay(true);
+    Ok(tcp)
 }
 
 /// The pooled client the proxy forwards with: http and https, HTTP/1.1 and (over

@@ -185,6 +185,11 @@ impl Nginx {
         format!("http://127.0.0.1:{}/", self.port)
     }
 
+    /// The master and its workers.
+    fn pids(&self) -> Vec<u32> {
+        with_children(self.child.id())
+    }
+
     fn logs(&self) -> String {
         ["stderr.log", "error.log"]
             .iter()
@@ -280,6 +285,9 @@ struct Measured {
     non_2xx: u64,
     /// Connect, read, write and timeout errors.
     socket_errors: u64,
+    /// CPU time the target's own processes spent per request, in µs, user and
+    /// system, when the target names them.
+    cpu_us: Option<(f64, f64)>,
 }
 
 impl Measured {
@@ -359,6 +367,51 @@ struct Target {
     url: String,
     /// `Name: value` lines for `wrk -H`.
     headers: Vec<String>,
+    /// The processes whose CPU time is the target's (nginx's master and workers,
+    /// or `vigil proxy`); empty when not known.
+    pids: Vec<u32>,
+}
+
+/// CPU time (user, system) `pids` have used so far, in µs, from `/proc/<pid>/stat`
+/// (clock ticks of 1/100 s, Linux's USER_HZ on every architecture it runs here).
+fn cpu_us(pids: &[u32]) -> (u64, u64) {
+    pids.iter()
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // Fields after the command name (which may hold spaces), from `state`:
+            // utime and stime are the 12th and 13th.
+            let rest = &stat[stat.rfind(')')? + 2..];
+            let mut fields = rest.split_whitespace().skip(11);
+            let utime: u64 = fields.next()?.parse().ok()?;
+            let stime: u64 = fields.next()?.parse().ok()?;
+            Some((utime * 10_000, stime * 10_000))
+        })
+        .fold((0, 0), |(u, s), (du, ds)| (u + du, s + ds))
+}
+
+/// `pid` and its children (nginx's master and its workers).
+fn with_children(pid: u32) -> Vec<u32> {
+    let mut pids = vec![pid];
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for e in entries.flatten() {
+            let Some(child) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
+            let parent = std::fs::read_to_string(e.path().join("stat"))
+                .ok()
+                .and_then(|s| {
+                    s[s.rfind(')')? + 2..]
+                        .split_whitespace()
+                        .nth(1)?
+                        .parse::<u32>()
+                        .ok()
+                });
+            if parent == Some(pid) {
+                pids.push(child);
+            }
+        }
+    }
+    pids
 }
 
 struct Wrk {
@@ -384,6 +437,7 @@ impl Wrk {
         }
         cmd.arg(&target.url);
         let name = target.name.clone();
+        let cpu_before = cpu_us(&target.pids);
         let out = tokio::task::spawn_blocking(move || cmd.output())
             .await
             .expect("the wrk task")
@@ -395,8 +449,17 @@ impl Wrk {
             "wrk against {name} failed ({}):\n{text}\n{err}",
             out.status
         );
-        parse_wrk(&text)
-            .unwrap_or_else(|| panic!("unreadable wrk output for {name}:\n{text}\n{err}"))
+        let mut m = parse_wrk(&text)
+            .unwrap_or_else(|| panic!("unreadable wrk output for {name}:\n{text}\n{err}"));
+        if !target.pids.is_empty() && m.requests > 0 {
+            let (user, system) = cpu_us(&target.pids);
+            let n = m.requests as f64;
+            m.cpu_us = Some((
+                user.saturating_sub(cpu_before.0) as f64 / n,
+                system.saturating_sub(cpu_before.1) as f64 / n,
+            ));
+        }
+        m
     }
 
     /// A warm-up run (discarded), then the measured one.
@@ -464,6 +527,14 @@ fn ms(us: f64) -> String {
     format!("{:.3} ms", us / 1e3)
 }
 
+/// The CPU column: µs per request (user + system), or `?`.
+fn cpu(m: &Measured) -> String {
+    m.cpu_us.map_or_else(
+        || "?".to_owned(),
+        |(user, system)| format!("{:.1} ({user:.1} + {system:.1})", user + system),
+    )
+}
+
 /// The errors column: wrk's non-2xx responses and socket errors.
 fn errors(m: &Measured) -> String {
     if m.clean() {
@@ -519,20 +590,27 @@ impl Round {
             "\n## Round {number} (wrk -t{THREADS} -c{CONNECTIONS} -d{MEASURE_S}s --latency, after a {WARMUP_S} s warm-up)\n"
         );
         println!(
-            "| target | req/s | p50 | p99 | × nginx proxy_pass | × nginx auth_request | errors |"
+            "| target | req/s | p50 | p99 | × nginx proxy_pass | × nginx auth_request | CPU µs/request (user + system) | errors |"
         );
-        println!("|---|---:|---:|---:|---:|---:|---|");
+        println!("|---|---:|---:|---:|---:|---:|---:|---|");
         for (name, m) in &self.rows {
             println!(
-                "| {name} | {:.0} | {} | {} | {:.2} | {:.2} | {} |",
+                "| {name} | {:.0} | {} | {} | {:.2} | {:.2} | {} | {} |",
                 m.rps,
                 ms(m.p50_us),
                 ms(m.p99_us),
                 m.rps / pass,
                 m.rps / auth,
+                cpu(m),
                 errors(m)
             );
         }
+        println!(
+            "\nCPU µs/request: user + system time of the target's own processes (nginx's \
+             master and workers; `vigil proxy`) over the measured run, per request; for the \
+             auth_request rows it leaves out the authorization endpoint, which runs in the \
+             bench's process. The direct row is the upstream's own cost."
+        );
         let h = &self.half_load;
         let added = h.vigil.p99_us - h.direct.p99_us;
         println!(
@@ -644,11 +722,12 @@ async fn quick(wrk: &Wrk, t: &Targets, proxy_url: &str) {
         ] {
             let m = wrk.measure(target).await;
             println!(
-                "- {}: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms{}",
+                "- {}: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, CPU {} µs/request{}",
                 target.name,
                 m.rps,
                 m.p50_us / 1e3,
                 m.p99_us / 1e3,
+                cpu(&m),
                 if m.clean() { "" } else { " (errors)" }
             );
         }
@@ -812,20 +891,43 @@ async fn throughput(pg: &TestPostgres, nginx: &Path, wrk: &Wrk, root: &Path) {
         host.clone(),
         format!("Cookie: {}={cookie}", vigil_proxy::cookie::NAME),
     ];
-    let target = |name: &str, url: String, headers: &[String]| Target {
+    let target = |name: &str, url: String, headers: &[String], pids: Vec<u32>| Target {
         name: name.to_owned(),
         url,
         headers: headers.to_vec(),
+        pids,
     };
+    let vigil_pids: Vec<u32> = proxy
+        .url
+        .rsplit(':')
+        .next()
+        .and_then(proxy_pid)
+        .into_iter()
+        .collect();
     let t = Targets {
-        direct: target(DIRECT, upstream.url(), &plain),
-        nginx_pass: target(NGINX_PASS, pass1.url(), &plain),
-        nginx_auth: target(NGINX_AUTH, auth1.url(), &bearer),
-        nginx_pass_2: target(NGINX_PASS_2, pass2.url(), &plain),
-        nginx_auth_2: target(NGINX_AUTH_2, auth2.url(), &bearer),
-        vigil_bearer: target(VIGIL_BEARER, format!("{}/", proxy.url), &bearer),
-        vigil_cookie: target(VIGIL_COOKIE, format!("{}/", proxy.url), &with_cookie),
-        vigil_bearer_1: target(VIGIL_BEARER_1, format!("{}/", pinned.url), &bearer),
+        direct: target(DIRECT, upstream.url(), &plain, upstream.pids()),
+        nginx_pass: target(NGINX_PASS, pass1.url(), &plain, pass1.pids()),
+        nginx_auth: target(NGINX_AUTH, auth1.url(), &bearer, auth1.pids()),
+        nginx_pass_2: target(NGINX_PASS_2, pass2.url(), &plain, pass2.pids()),
+        nginx_auth_2: target(NGINX_AUTH_2, auth2.url(), &bearer, auth2.pids()),
+        vigil_bearer: target(
+            VIGIL_BEARER,
+            format!("{}/", proxy.url),
+            &bearer,
+            vigil_pids.clone(),
+        ),
+        vigil_cookie: target(
+            VIGIL_COOKIE,
+            format!("{}/", proxy.url),
+            &with_cookie,
+            vigil_pids,
+        ),
+        vigil_bearer_1: target(
+            VIGIL_BEARER_1,
+            format!("{}/", pinned.url),
+            &bearer,
+            vec![pinned.child.id()],
+        ),
     };
 
     // Every target answers what it should before anything is measured.
@@ -1065,6 +1167,7 @@ async fn memory(pg: &TestPostgres, wrk: &Wrk) {
         name: "Vigil, anonymous, large snapshot".into(),
         url: format!("{}/", proxy.url),
         headers: vec!["Host: app4242.corp.example".into()],
+        pids: Vec::new(),
     };
     expect_status(&anon, &anon.headers, 401, "anonymous");
     let m = wrk.run(&anon, Load { seconds: 3, ..FULL }).await;
