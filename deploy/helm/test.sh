@@ -280,7 +280,7 @@ for values in "$chart"/ci/*-values.yaml; do
   name=$(basename "$values" -values.yaml)
   case $name in
     existing-secrets) ext=(vigil-db vigil-control-keys-external vigil-proxy-keys-external vigil-grpc-cert vigil-grpc-ca vigil-proxy-certs) ;;
-    loadbalancer-tls) ext=(auth-example-com-tls wildcard-apps-example-com-tls default-tls) ;;
+    loadbalancer-tls) ext=(auth-example-com-tls wildcard-apps-example-com-tls default-tls device-ca) ;;
     proxy-only) ext=(vigil-proxy-keys vigil-control-plane-ca) ;;
     *) ext=() ;;
   esac
@@ -297,6 +297,16 @@ if grep -A1 'name: VIGIL_PROXY_REDIRECT_HTTPS_PORT' "$lb" | grep -q 'value: "443
 else
   grep -n -A1 'VIGIL_PROXY_REDIRECT\|VIGIL_PROXY_LISTEN\|sysctl' "$lb" >&2
   fail "redirect-to-service-port: the TLS proxy must redirect to the Service's port 443"
+fi
+
+# Client certificates: the bundle reaches the proxy as a file it names.
+if grep -A1 'name: VIGIL_CLIENT_CA_FILE' "$lb" | grep -q 'value: /etc/vigil/client-ca/ca.crt' &&
+  grep -B2 -A6 'name: client-ca$' "$lb" | grep -q 'secretName: device-ca' &&
+  ! grep -q 'VIGIL_CLIENT_CA_FILE' "$work/defaults.yaml"; then
+  pass "client-ca: ok (VIGIL_CLIENT_CA_FILE from the device-ca Secret; none by default)"
+else
+  grep -n -A1 'VIGIL_CLIENT_CA_FILE\|client-ca' "$lb" >&2
+  fail "client-ca: proxy.clientCa must mount the Secret and set VIGIL_CLIENT_CA_FILE"
 fi
 
 # --- value sets that must be refused, each for its own reason ------------------
@@ -318,6 +328,7 @@ refuse bad-service-type 'type.*must be one of' 'proxy: {service: {type: Ingress}
 refuse http-authenticate-url 'authenticateUrl.*not match pattern' 'proxy: {authenticateUrl: "http://auth.example.com"}'
 refuse half-existing-secrets 'set both control.existingSecret and proxy.existingSecret' 'control: {existingSecret: mine}'
 refuse grpc-secret-without-name 'control.grpcTls.secretName is required' 'control: {grpcTls: {mode: secret}}'
+refuse client-ca-without-tls 'proxy.clientCa needs proxy.tls.secrets' 'proxy: {clientCa: {secretName: device-ca}}'
 refuse proxy-only-without-keys 'proxy.existingSecret is required' 'control: {enabled: false}'
 
 # --- docs/helm.md documents every value the schema knows -----------------------

@@ -50,6 +50,9 @@ pub struct Kind {
 
 const VERSION: Column = col("VERSION", "/version");
 const UPDATED: Column = col("UPDATED", "/updated_at");
+/// The SHA-256 of the public key of a device's or service account's client
+/// certificate (mTLS).
+const CERTIFICATE: Column = col("CERT SHA-256", "/client_certificate_sha256");
 
 /// Every kind, in the API's order.
 pub static KINDS: &[Kind] = &[
@@ -136,6 +139,7 @@ pub static KINDS: &[Kind] = &[
             col("OWNER", "/owner"),
             col("APPROVED", "/approved"),
             col("REVOKED", "/revoked"),
+            CERTIFICATE,
             VERSION,
         ],
         about: "Devices, their approval and posture",
@@ -153,6 +157,7 @@ pub static KINDS: &[Kind] = &[
             col("GROUPS", "/groups"),
             col("EXPIRES", "/expires_at"),
             col("DISABLED", "/disabled"),
+            CERTIFICATE,
             VERSION,
         ],
         about: "Non-human principals with bearer tokens",

@@ -352,6 +352,21 @@ fn tokens_issued_on_create_are_shown_once() {
     assert_eq!(listed["items"][0].get("token"), None);
     let rotated = plane.json(&["join-tokens", "rotate-token", "edge"]);
     assert!(rotated["token"].as_str().unwrap().starts_with("vgl_join_"));
+
+    // A service account authenticated by its client certificate shows the
+    // certificate's key fingerprint beside its name.
+    let fingerprint = "ab".repeat(32);
+    let data = format!(r#"{{"name": "robot", "client_certificate_sha256": "{fingerprint}"}}"#);
+    let out = plane.ok(&["service-account", "create", "--data", &data]);
+    assert!(out.contains("\ntoken: vgl_sa_"), "{out}");
+    let table = plane.ok(&["service-accounts", "list"]);
+    let header = table.lines().next().unwrap_or_default();
+    assert!(header.contains("CERT SHA-256"), "{table}");
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("robot"))
+        .unwrap_or_default();
+    assert!(row.contains(&fingerprint[..40]), "{table}");
 }
 
 #[test]

@@ -249,6 +249,9 @@ topologySpreadConstraints:
 {{- if or (eq $listen 9091) (and (include "vigil.proxy.redirectEnabled" .) (has (int .Values.proxy.containerPorts.redirect) (list 9091 $listen))) }}
 {{- fail "proxy.containerPorts: the proxy's listeners need distinct ports, and 9091 is its health port" }}
 {{- end }}
+{{- if and .Values.proxy.enabled .Values.proxy.clientCa.secretName (not (include "vigil.proxy.tlsEnabled" .)) }}
+{{- fail "proxy.clientCa needs proxy.tls.secrets: client certificates are asked for in the TLS handshake" }}
+{{- end }}
 {{- if and .Values.proxy.enabled .Values.proxy.autoscaling.enabled (lt (int .Values.proxy.autoscaling.maxReplicas) (int .Values.proxy.autoscaling.minReplicas)) }}
 {{- fail "proxy.autoscaling.maxReplicas is below proxy.autoscaling.minReplicas" }}
 {{- end }}
