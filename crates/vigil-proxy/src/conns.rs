@@ -486,6 +486,44 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn chunked_bodies_read_to_their_end_keep_the_connection() {
+        // Answers every request on a connection with a chunked body.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    let mut got = Vec::new();
+                    loop {
+                        while let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                            got.drain(..end + 4);
+                            let answer = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n\
+                                           2\r\nok\r\n3\r\n!!!\r\n0\r\n\r\n";
+                            if tcp.write_all(answer).await.is_err() {
+                                return;
+                            }
+                        }
+                        match tcp.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                });
+            }
+        });
+        let conns = Conns::new();
+        let front = front(conns.clone(), to(addr)).await;
+        for _ in 0..4 {
+            assert_eq!(get(front, "/x").await, (200, b"ok!!!".to_vec()));
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
     async fn an_unreachable_upstream_is_an_error() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
