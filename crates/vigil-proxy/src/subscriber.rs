@@ -345,12 +345,16 @@ async fn apply(
     let blocking = store.is_some() || envelope.payload.len() > INLINE_BYTES;
     let work = move || {
         let update = verifier.open(&envelope).map_err(|e| (0, e.to_string()))?;
+        // The signed bytes are read again only to persist them: without a snapshot
+        // file they are freed before the index is built (a full snapshot's are tens
+        // of megabytes, which would otherwise add to the peak).
+        let signed = store.map(|s| (s, envelope));
         let (version, full) = (update.version, update.full);
         let next = current
             .apply(update)
             .map_err(|e| (version, e.to_string()))?;
         // Keep serving even if the disk fails; the next full snapshot rewrites the file.
-        let persisted = store.map(|s| s.record(&envelope, full));
+        let persisted = signed.map(|(s, envelope)| s.record(&envelope, full));
         Ok((next, full, persisted))
     };
     let (next, full, persisted) = if blocking {
