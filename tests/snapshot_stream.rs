@@ -12,9 +12,10 @@ use serde_json::{json, Value};
 use support::{
     client, get_json, join_token, patch_json, post_json, trusted, ControlProcess, TestCa,
 };
+use vigil_proto::parts::{Joiner, UPDATE_PART_BYTES};
 use vigil_proto::v1::control_plane_client::ControlPlaneClient;
 use vigil_proto::v1::{
-    control_message, proxy_message, ControlMessage, Hello, Nack, ProxyMessage, Update,
+    control_message, proxy_message, ControlMessage, Envelope, Hello, Nack, ProxyMessage, Update,
 };
 use vigil_proxy::subscriber::{self, Handle, Link};
 use vigil_snapshot::{Kind, Signer, Verifier};
@@ -541,6 +542,100 @@ async fn a_stalled_proxy_does_not_grow_the_control_planes_memory() {
     assert_eq!(stalled_status["version"], 0, "it never acked anything");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_snapshot_larger_than_one_message_arrives_in_parts() {
+    let pg = TestPostgres::start().unwrap();
+    let db = pg.create_database("parts").unwrap();
+    let cp = ControlProcess::start(&db);
+    let c = client();
+    let token = join_token(&c, &cp.url, "fleet").await;
+    // Three users of 600 KB each: a full snapshot of more than one part.
+    let mut last = 0;
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        let user = post_json(
+            &c,
+            &cp.url,
+            "/v1/users",
+            json!({"issuer": "https://idp.example", "subject": format!("big{n}"),
+                   "attributes": {"blob": format!("{n}{}", "x".repeat(600_000))}}),
+        )
+        .await;
+        last = revision_of(&user);
+        ids.push(user["id"].as_str().unwrap().to_owned());
+    }
+
+    // By hand: a stream that asks for the full snapshot once the control plane's
+    // holds the three users gets parts of at most UPDATE_PART_BYTES each (checked
+    // by next_envelope), joined into one envelope that verifies and holds them.
+    let (tx, mut inbound) = raw_subscribe(&cp, &token, "raw", 0).await;
+    let update = loop {
+        let (envelope, messages) = next_envelope(&mut inbound).await;
+        let update = trusted().open(&envelope).unwrap();
+        if update.version < last {
+            continue;
+        }
+        if !update.full {
+            // It caught up with the writes through a delta: ask for all of it.
+            let hello = Hello {
+                proxy_id: "raw".into(),
+                version: 0,
+                ..Hello::default()
+            };
+            tx.send(ProxyMessage {
+                msg: Some(proxy_message::Msg::Hello(hello)),
+            })
+            .await
+            .unwrap();
+            continue;
+        }
+        assert!(
+            messages >= 2,
+            "a snapshot of {} bytes came in {messages} message(s)",
+            envelope.payload.len()
+        );
+        break update;
+    };
+    let users: Vec<&str> = update
+        .upserts
+        .iter()
+        .filter(|e| vigil_snapshot::Key::of(e).is_some_and(|k| k.kind == Kind::User))
+        .map(|e| e.id.as_str())
+        .collect();
+    for id in &ids {
+        assert!(users.contains(&id.as_str()), "{id} missing from {users:?}");
+    }
+
+    // The proxy's subscriber, starting from nothing, gets the same full snapshot in
+    // parts, joins them, enforces it and acks it.
+    let proxy = subscribe(&cp, &token, "proxy", trusted(), None);
+    until("the proxy to hold the large snapshot", || {
+        proxy.index.load().version() >= last
+    })
+    .await;
+    for id in &ids {
+        assert_eq!(user_suspended(&proxy, id), Some(false), "{id}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let fleet = get_json(&c, &cp.url, "/v1/proxies").await;
+        let acked = fleet["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["id"] == "proxy")
+            .and_then(|p| p["version"].as_u64());
+        if acked >= Some(last) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the proxy acked {acked:?}, not {last}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A stream opened by hand, not by the subscriber: says hello holding `version`,
 /// then leaves reading and answering to the test.
 async fn raw_subscribe(
@@ -580,17 +675,38 @@ async fn raw_subscribe(
     (tx, inbound)
 }
 
-/// The next update on a hand-opened stream (heartbeats skipped), decoded unverified.
+/// The next update on a hand-opened stream (heartbeats skipped, parts joined),
+/// decoded unverified.
 async fn next_update(inbound: &mut tonic::Streaming<ControlMessage>) -> Update {
+    Update::decode(next_envelope(inbound).await.0.payload).unwrap()
+}
+
+/// The next update's envelope on a hand-opened stream, its parts joined, with the
+/// number of messages it came in.
+async fn next_envelope(inbound: &mut tonic::Streaming<ControlMessage>) -> (Envelope, usize) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let mut parts = Joiner::default();
+    let mut count = 0;
     loop {
         let m = tokio::time::timeout_at(deadline, inbound.message())
             .await
             .expect("no update within 15 s")
             .unwrap()
             .unwrap();
-        if let Some(control_message::Msg::Update(env)) = m.msg {
-            return Update::decode(env.payload).unwrap();
+        match m.msg {
+            Some(control_message::Msg::Update(env)) => return (env, 1),
+            Some(control_message::Msg::UpdatePart(part)) => {
+                count += 1;
+                assert!(
+                    part.payload.len() <= UPDATE_PART_BYTES,
+                    "a part of {} bytes",
+                    part.payload.len()
+                );
+                if let Some(env) = parts.push(part).unwrap() {
+                    return (env, count);
+                }
+            }
+            _ => {}
         }
     }
 }

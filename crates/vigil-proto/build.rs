@@ -17,6 +17,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         // Shared, not copied: one signed snapshot goes to many streams.
         .bytes(".vigil.v1.Envelope.payload")
+        .bytes(".vigil.v1.UpdatePart.payload")
         .compile_fds(fds)?;
     Ok(())
 }

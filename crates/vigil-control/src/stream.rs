@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch, Mutex};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
+use vigil_proto::parts::{update_messages, UPDATE_PART_BYTES};
 use vigil_proto::v1::control_plane_server::{ControlPlane, ControlPlaneServer};
 use vigil_proto::v1::{
     control_message, proxy_message, ControlMessage, Envelope, Heartbeat, Hello, ProxyMessage,
@@ -542,11 +543,16 @@ async fn write_outbound(
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         if let Some((version, envelope)) = hub.update_from(sent).await {
-            let msg = ControlMessage {
-                msg: Some(control_message::Msg::Update(envelope)),
+            // A large update goes in parts; a new `held` may cut it short, and the
+            // next update's first part tells the proxy to drop what it began.
+            let send = async {
+                for msg in update_messages(envelope, UPDATE_PART_BYTES) {
+                    tx.send(Ok(ControlMessage { msg: Some(msg) })).await?;
+                }
+                Ok::<(), mpsc::error::SendError<_>>(())
             };
             tokio::select! {
-                r = tx.send(Ok(msg)) => if r.is_err() { break } else { sent = version },
+                r = send => if r.is_err() { break } else { sent = version },
                 r = held.changed() => if r.is_err() { break } else { sent = *held.borrow_and_update() },
             }
             continue;

@@ -1,6 +1,8 @@
 //! The control-plane ↔ proxy contract, generated at build time from `proto/vigil/v1/`,
 //! and the bearer-credential convention both sides read.
 
+pub mod parts;
+
 /// How often each end of the snapshot stream says it is alive.
 pub const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(10);
 

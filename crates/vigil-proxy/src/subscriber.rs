@@ -274,6 +274,8 @@ async fn session(config: &Config, address: &str, state: &mut State) -> Result<()
         })
     };
     let mut silent_at = tokio::time::Instant::now() + SILENCE;
+    // A large update arrives in parts; they are joined here.
+    let mut parts = vigil_proto::parts::Joiner::default();
     let result = loop {
         let received = tokio::select! {
             m = tokio::time::timeout_at(silent_at, inbound.message()) => m,
@@ -292,10 +294,25 @@ async fn session(config: &Config, address: &str, state: &mut State) -> Result<()
             Ok(Ok(Some(m))) => m,
         };
         silent_at = tokio::time::Instant::now() + SILENCE;
-        let Some(control_message::Msg::Update(envelope)) = msg.msg else {
-            continue;
+        let envelope = match msg.msg {
+            Some(control_message::Msg::Update(envelope)) => {
+                parts.reset();
+                Ok(envelope)
+            }
+            Some(control_message::Msg::UpdatePart(part)) => match parts.push(part) {
+                Ok(Some(envelope)) => Ok(envelope),
+                Ok(None) => continue,
+                // Answered like an update that fails to verify: the control plane
+                // sends the full snapshot again.
+                Err(e) => Err((0, e.to_string())),
+            },
+            _ => continue,
         };
-        let reply = match apply(config, state, envelope).await {
+        let applied = match envelope {
+            Ok(envelope) => apply(config, state, envelope).await,
+            Err(e) => Err(e),
+        };
+        let reply = match applied {
             Ok(version) => proxy_message::Msg::Ack(Ack { version }),
             Err((version, error)) => {
                 tracing::warn!(version, error = %error, "Refused a snapshot update; keeping the last good one");
@@ -328,12 +345,16 @@ async fn apply(
     let blocking = store.is_some() || envelope.payload.len() > INLINE_BYTES;
     let work = move || {
         let update = verifier.open(&envelope).map_err(|e| (0, e.to_string()))?;
+        // The signed bytes are read again only to persist them: without a snapshot
+        // file they are freed before the index is built (a full snapshot's are tens
+        // of megabytes, which would otherwise add to the peak).
+        let signed = store.map(|s| (s, envelope));
         let (version, full) = (update.version, update.full);
         let next = current
             .apply(update)
             .map_err(|e| (version, e.to_string()))?;
         // Keep serving even if the disk fails; the next full snapshot rewrites the file.
-        let persisted = store.map(|s| s.record(&envelope, full));
+        let persisted = signed.map(|(s, envelope)| s.record(&envelope, full));
         Ok((next, full, persisted))
     };
     let (next, full, persisted) = if blocking {
