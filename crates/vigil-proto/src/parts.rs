@@ -61,7 +61,14 @@ pub enum PartsError {
         /// What arrived.
         got: u64,
     },
+    /// The first part announced more than any snapshot may be.
+    #[error("an update of {0} bytes was announced; at most {MAX_UPDATE_BYTES} are taken")]
+    TooLarge(u64),
 }
+
+/// The largest update a proxy joins from parts (1 GiB): far above any real
+/// snapshot, so that a wrong announcement cannot make it gather without bound.
+pub const MAX_UPDATE_BYTES: u64 = 1 << 30;
 
 /// The parts of one update received so far.
 #[derive(Debug, Default)]
@@ -79,6 +86,10 @@ impl Joiner {
     /// part drops whatever was left incomplete (the sender moved on to another
     /// update); on error nothing is kept.
     pub fn push(&mut self, part: UpdatePart) -> Result<Option<Envelope>, PartsError> {
+        if part.payload_len > MAX_UPDATE_BYTES {
+            self.partial = None;
+            return Err(PartsError::TooLarge(part.payload_len));
+        }
         if part.payload_len > 0 {
             let reserve = usize::try_from(part.payload_len.min(RESERVE_MAX)).unwrap_or(0);
             self.partial = Some((Vec::with_capacity(reserve), part.payload_len));
@@ -131,6 +142,21 @@ mod tests {
                 other => panic!("not a part: {other:?}"),
             })
             .collect()
+    }
+
+    #[test]
+    fn an_announced_length_beyond_any_snapshot_is_refused() {
+        let mut joiner = Joiner::default();
+        let part = UpdatePart {
+            payload: Bytes::from_static(b"x"),
+            payload_len: MAX_UPDATE_BYTES + 1,
+            ..UpdatePart::default()
+        };
+        assert_eq!(
+            joiner.push(part),
+            Err(PartsError::TooLarge(MAX_UPDATE_BYTES + 1))
+        );
+        assert!(joiner.partial.is_none());
     }
 
     #[test]
