@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use support::{
-    client, echo_upstream, free_port, get_json, join_token, patch_json, post_json, ControlProcess,
-    Helper, ProxyProcess, TestCa,
+    client, echo_upstream, free_port, get_json, join_token, patch_json, post_json, sql,
+    ControlProcess, Helper, ProxyProcess, TestCa,
 };
 use vigil_test_postgres::TestPostgres;
 
@@ -55,20 +55,6 @@ fn https_client(ca: &TestCa, ports: &[(&str, u16)]) -> reqwest::Client {
         b = b.resolve(host, ([127, 0, 0, 1], *port).into());
     }
     b.build().unwrap()
-}
-
-/// One SQL query's rows, through `psql`.
-fn sql(db: &str, query: &str) -> String {
-    let out = Command::new("psql")
-        .args([db, "-Atc", query])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "psql: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
 }
 
 /// The status of a request with the session cookie `cookie` to `url`.

@@ -600,6 +600,20 @@ impl JwtIssuer {
     }
 }
 
+/// One SQL query's rows through `psql` (`|`-separated columns), trimmed.
+pub fn sql(db: &str, query: &str) -> String {
+    let out = Command::new("psql")
+        .args([db, "-Atc", query])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "psql: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
 /// Now, in Unix seconds (the test's own clock: the system's).
 pub fn unix_now() -> i64 {
     std::time::SystemTime::now()

@@ -60,8 +60,10 @@ impl Conn {
         }
     }
 
-    /// Whether it can take a request now: open, and done with its last exchange.
-    fn usable(&self) -> bool {
+    /// Polls an idle connection once (reading an upstream's close, finishing its
+    /// last exchange): whether it can take a request now.
+    fn usable_now(&mut self, cx: &mut Context<'_>) -> bool {
+        self.drive(cx);
         !self.ended && self.sender.is_ready()
     }
 }
@@ -103,7 +105,7 @@ impl Conns {
                 Some(conn) => (conn, true),
                 None => (open(upstream).await?, false),
             };
-            if pooled && !poll_fn(|cx| Poll::Ready(usable_now(&mut conn, cx))).await {
+            if pooled && !poll_fn(|cx| Poll::Ready(conn.usable_now(cx))).await {
                 continue;
             }
             let mut sending = std::pin::pin!(conn.sender.try_send_request(req));
@@ -188,13 +190,6 @@ impl Conns {
             }
         });
     }
-}
-
-/// Polls an idle connection once (reading an upstream's close, finishing its last
-/// exchange): whether it can take a request.
-fn usable_now(conn: &mut Conn, cx: &mut Context<'_>) -> bool {
-    conn.drive(cx);
-    conn.usable()
 }
 
 /// A new connection to `upstream`.
@@ -304,8 +299,8 @@ mod tests {
 
     type Boxed = BoxBody<Bytes, BoxError>;
 
-    fn full(text: &'static str) -> Boxed {
-        Full::new(Bytes::from_static(text.as_bytes()))
+    fn full(bytes: impl Into<Bytes>) -> Boxed {
+        Full::new(bytes.into())
             .map_err(|never| match never {})
             .boxed()
     }
@@ -328,16 +323,8 @@ mod tests {
                                 *r.status_mut() = http::StatusCode::NO_CONTENT;
                                 r
                             }
-                            "/big" => Response::new(
-                                Full::new(Bytes::from(vec![b'x'; 1 << 20]))
-                                    .map_err(|never| match never {})
-                                    .boxed(),
-                            ),
-                            path => Response::new(
-                                Full::new(Bytes::from(path.to_owned()))
-                                    .map_err(|never| match never {})
-                                    .boxed(),
-                            ),
+                            "/big" => Response::new(full(vec![b'x'; 1 << 20])),
+                            path => Response::new(full(path.to_owned())),
                         };
                         Ok::<_, Infallible>(res)
                     });
@@ -349,6 +336,41 @@ mod tests {
             }
         });
         (to(addr), accepted)
+    }
+
+    /// An upstream written by hand: `answer` to every request head on a connection,
+    /// then, with `close_after`, the connection closed without a word. Counts
+    /// connections.
+    async fn raw_upstream(
+        answer: &'static [u8],
+        close_after: bool,
+    ) -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    let mut got = Vec::new();
+                    loop {
+                        while let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                            got.drain(..end + 4);
+                            if tcp.write_all(answer).await.is_err() || close_after {
+                                return;
+                            }
+                        }
+                        match tcp.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                });
+            }
+        });
+        (addr, accepted)
     }
 
     fn to(addr: SocketAddr) -> Upstream {
@@ -453,28 +475,8 @@ mod tests {
         assert_eq!(accepted.load(Ordering::SeqCst), 3);
 
         // Closes without a word after a keep-alive response.
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
-        tokio::spawn(async move {
-            while let Ok((mut tcp, _)) = listener.accept().await {
-                count.fetch_add(1, Ordering::SeqCst);
-                let mut buf = vec![0u8; 4096];
-                let mut got = Vec::new();
-                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                    let n = tcp.read(&mut buf).await.unwrap();
-                    if n == 0 {
-                        break;
-                    }
-                    got.extend_from_slice(&buf[..n]);
-                }
-                let _ = tcp
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                    .await;
-                drop(tcp);
-            }
-        });
+        let (addr, accepted) =
+            raw_upstream(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", true).await;
         let conns = Conns::new();
         let front = super::tests::front(conns.clone(), to(addr)).await;
         for _ in 0..3 {
@@ -487,34 +489,9 @@ mod tests {
 
     #[tokio::test]
     async fn chunked_bodies_read_to_their_end_keep_the_connection() {
-        // Answers every request on a connection with a chunked body.
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
-        tokio::spawn(async move {
-            while let Ok((mut tcp, _)) = listener.accept().await {
-                count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 4096];
-                    let mut got = Vec::new();
-                    loop {
-                        while let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
-                            got.drain(..end + 4);
-                            let answer = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n\
-                                           2\r\nok\r\n3\r\n!!!\r\n0\r\n\r\n";
-                            if tcp.write_all(answer).await.is_err() {
-                                return;
-                            }
-                        }
-                        match tcp.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => got.extend_from_slice(&buf[..n]),
-                        }
-                    }
-                });
-            }
-        });
+        let chunked = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n\
+                        2\r\nok\r\n3\r\n!!!\r\n0\r\n\r\n";
+        let (addr, accepted) = raw_upstream(chunked, false).await;
         let conns = Conns::new();
         let front = front(conns.clone(), to(addr)).await;
         for _ in 0..4 {

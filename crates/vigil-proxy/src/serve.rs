@@ -742,23 +742,22 @@ impl Proxy {
         body: Incoming,
         ask: &Ask<'_>,
     ) -> Result<Response<UpstreamBody>, Response<ProxyBody>> {
-        let req = Request::from_parts(parts, body);
-        let sent = if upstream.tls {
-            let pool = self
-                .pools
-                .get(trust_for(forwarding, upstream))
-                .map_err(|reason| ask.refuse(StatusCode::BAD_GATEWAY, &reason))?;
-            tokio::time::timeout(forwarding.timeout, async {
-                match pool.client.request(req).await {
-                    Ok(res) => Ok(res.map(UpstreamBody::from)),
-                    Err(e) => Err(BoxError::from(e)),
-                }
-            })
-            .await
+        // `https://` through hyper's pooled client for the route's trust; plain
+        // `http://` on a connection of our own.
+        let pool = if upstream.tls {
+            let pool = self.pools.get(&forwarding.trust);
+            Some(pool.map_err(|reason| ask.refuse(StatusCode::BAD_GATEWAY, &reason))?)
         } else {
-            tokio::time::timeout(forwarding.timeout, self.conns.send(upstream, req)).await
+            None
         };
-        match sent {
+        let req = Request::from_parts(parts, body);
+        let sending = async {
+            match pool {
+                Some(pool) => Ok(pool.client.request(req).await?.map(UpstreamBody::from)),
+                None => self.conns.send(upstream, req).await,
+            }
+        };
+        match tokio::time::timeout(forwarding.timeout, sending).await {
             Ok(Ok(res)) => Ok(res),
             Ok(Err(e)) => Err(upstream_failed(ask, &*e)),
             Err(_) => Err(ask.refuse(
@@ -1076,12 +1075,7 @@ async fn send_upgrade(
 ) -> Result<Response<Incoming>, BoxError> {
     let tcp = crate::upstream::connect(upstream).await?;
     let io: Box<dyn UpstreamIo> = if upstream.tls {
-        let host = upstream
-            .authority
-            .host()
-            .trim_start_matches('[')
-            .trim_end_matches(']');
-        let name = rustls::pki_types::ServerName::try_from(host.to_owned())?;
+        let name = rustls::pki_types::ServerName::try_from(upstream.host().to_owned())?;
         Box::new(
             tokio_rustls::TlsConnector::from(tls)
                 .connect(name, tcp)

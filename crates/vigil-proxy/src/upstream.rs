@@ -37,6 +37,16 @@ pub struct Upstream {
     pub tls: bool,
 }
 
+impl Upstream {
+    /// The host to connect to and to name in SNI (an IPv6 address without brackets).
+    pub fn host(&self) -> &str {
+        self.authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+    }
+}
+
 /// The CAs a route trusts for its `https://` upstreams (`upstream_ca_pem`).
 #[derive(Debug)]
 pub struct UpstreamCa {
@@ -236,11 +246,7 @@ impl Forwarding {
 pub async fn connect(
     upstream: &Upstream,
 ) -> Result<tokio::net::TcpStream, Box<dyn std::error::Error + Send + Sync>> {
-    let host = upstream
-        .authority
-        .host()
-        .trim_start_matches('[')
-        .trim_end_matches(']');
+    let host = upstream.host();
     let port = upstream
         .authority
         .port_u16()
@@ -255,8 +261,8 @@ pub async fn connect(
     Ok(tcp)
 }
 
-/// The pooled client the proxy forwards with: http and https, HTTP/1.1 and (over
-/// TLS, by ALPN) HTTP/2.
+/// The pooled client the proxy forwards to `https://` upstreams with: HTTP/1.1 and,
+/// by ALPN, HTTP/2.
 pub type PooledClient = Client<HttpsConnector<HttpConnector>, Incoming>;
 
 /// What reaches the upstreams trusting one set of roots.

@@ -377,16 +377,21 @@ struct Target {
 fn cpu_us(pids: &[u32]) -> (u64, u64) {
     pids.iter()
         .filter_map(|pid| {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            // Fields after the command name (which may hold spaces), from `state`:
-            // utime and stime are the 12th and 13th.
-            let rest = &stat[stat.rfind(')')? + 2..];
-            let mut fields = rest.split_whitespace().skip(11);
-            let utime: u64 = fields.next()?.parse().ok()?;
-            let stime: u64 = fields.next()?.parse().ok()?;
+            // From `state`: utime and stime are the 12th and 13th.
+            let fields = stat_fields(&format!("/proc/{pid}/stat"))?;
+            let utime: u64 = fields.get(11)?.parse().ok()?;
+            let stime: u64 = fields.get(12)?.parse().ok()?;
             Some((utime * 10_000, stime * 10_000))
         })
         .fold((0, 0), |(u, s), (du, ds)| (u + du, s + ds))
+}
+
+/// The fields of a `/proc/<pid>/stat` file after the command name (which may hold
+/// spaces), from `state` on.
+fn stat_fields(path: &str) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(path).ok()?;
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    Some(rest.split_whitespace().map(str::to_owned).collect())
 }
 
 /// `pid` and its children (nginx's master and its workers).
@@ -397,15 +402,9 @@ fn with_children(pid: u32) -> Vec<u32> {
             let Some(child) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
                 continue;
             };
-            let parent = std::fs::read_to_string(e.path().join("stat"))
-                .ok()
-                .and_then(|s| {
-                    s[s.rfind(')')? + 2..]
-                        .split_whitespace()
-                        .nth(1)?
-                        .parse::<u32>()
-                        .ok()
-                });
+            // From `state`: the parent's pid is the 2nd.
+            let parent = stat_fields(&e.path().join("stat").to_string_lossy())
+                .and_then(|f| f.get(1)?.parse::<u32>().ok());
             if parent == Some(pid) {
                 pids.push(child);
             }

@@ -39,7 +39,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::{client, free_port, join_token, post_json, ControlProcess, Helper};
+use support::{client, free_port, join_token, post_json, sql, ControlProcess, Helper};
 use vigil_proto::v1::SessionReport;
 use vigil_proxy::subscriber;
 use vigil_test_postgres::TestPostgres;
@@ -66,20 +66,6 @@ fn env_or(name: &str, default: usize) -> usize {
 
 fn e2e_dir() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/e2e"))
-}
-
-/// One SQL query's rows, through `psql`.
-fn sql(db: &str, query: &str) -> String {
-    let out = Command::new("psql")
-        .args([db, "-Atc", query])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "psql: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
 fn number(text: &str) -> u64 {
