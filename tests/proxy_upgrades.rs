@@ -15,7 +15,8 @@ use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::{json, Value};
 use support::{
-    client, echo_upstream, join_token, patch_json, post_json, ControlProcess, ProxyProcess, TestCa,
+    client, echo_upstream, eventually, join_token, patch_json, post_json, ControlProcess,
+    ProxyProcess, TestCa,
 };
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
@@ -293,12 +294,18 @@ async fn websockets_are_decided_tunnelled_and_closed_on_revocation() {
         "WebSocket closed {} ms after the revocation's 2xx",
         took.as_millis()
     );
+    // The proxy unregisters the tunnel before it ends the connection.
     assert_eq!(proxy.metric("vigil_proxy_tunnels_open").await, Some(0.0));
+    // The decision log is written by a thread of its own: the line follows.
+    let closed = eventually("a close in the decision log", || async {
+        let log = proxy.log_text();
+        log.lines()
+            .find(|l| l.contains("closed") && l.contains("service-account:robot"))
+            .map(str::to_string)
+            .ok_or(log)
+    })
+    .await;
     let log = proxy.log_text();
-    let closed = log
-        .lines()
-        .find(|l| l.contains("closed") && l.contains("service-account:robot"))
-        .unwrap_or_else(|| panic!("no close in the decision log:\n{log}"));
     assert!(
         closed.contains("the service account is disabled"),
         "{closed}"

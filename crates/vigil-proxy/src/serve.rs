@@ -1297,6 +1297,10 @@ async fn tunnel(
         m.tunnel_closed(closed.is_some());
     }
     let Some(reason) = closed else { return };
+    // Unregistered and logged before either side sees the end, so whoever sees
+    // the connection close finds the gauge and the decision log already told.
+    drop(registration);
+    crate::tunnel::log_closed(&info, &reason, 101, opened.elapsed());
     // Both sides see the connection end (the streams are not at a frame
     // boundary, so no close frame can be added).
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
@@ -1304,8 +1308,6 @@ async fn tunnel(
         let _ = upstream.shutdown().await;
     })
     .await;
-    drop(registration);
-    crate::tunnel::log_closed(&info, &reason, 101, opened.elapsed());
 }
 
 /// The signed assertion of who `caller` is, for `host`: from the cache when one
