@@ -289,6 +289,63 @@ async fn a_proxy_without_a_snapshot_refuses_everything() {
     assert_eq!(live.status(), 200);
 }
 
+/// Reads what `s` sends until the proxy closes it (at most 20 s).
+async fn read_until_closed(s: &mut tokio::net::TcpStream) -> String {
+    let mut out = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    let text = String::from_utf8_lossy(&out).to_string();
+    assert!(
+        closed.is_ok(),
+        "the proxy kept the connection open; it sent:\n{text}"
+    );
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_request_heads_and_idle_connections_are_closed() {
+    let proxy = ProxyProcess::start_with(
+        "http://127.0.0.1:9",
+        "no-such-token",
+        "impatient",
+        &["--header-timeout-s".into(), "1".into()],
+    );
+    let addr = proxy.url.trim_start_matches("http://").to_owned();
+    // A head that never ends: the connection is closed without a request made.
+    let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: app.test\r\nX-Slow: 1")
+        .await
+        .unwrap();
+    let sent = read_until_closed(&mut slow).await;
+    assert!(!sent.contains("HTTP/1.1 503"), "{sent}");
+    // Nothing sent at all, and a keep-alive connection left idle after a
+    // response: both closed too, the answer given first.
+    let mut silent = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    read_until_closed(&mut silent).await;
+    let mut idle = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    idle.write_all(b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n")
+        .await
+        .unwrap();
+    let answered = read_until_closed(&mut idle).await;
+    assert_eq!(status_of(&answered), 503, "{answered}");
+    // The setting is checked like any other.
+    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_vigil"))
+        .args(["proxy", "--header-timeout-s", "0"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("--header-timeout-s"), "{err}");
+}
+
 /// Connects over TLS with `sni`, trusting `ca`; sends a GET for `path`; returns the
 /// certificate the server presented and the response's status.
 async fn tls_get(

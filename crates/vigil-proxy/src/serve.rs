@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt as _, Empty, Full};
@@ -64,6 +64,9 @@ pub struct ServeConfig {
     pub assertions: Option<Arc<crate::assertion::Assertions>>,
     /// Where requests and decisions are counted.
     pub metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// How long an HTTP/1 client may take to send a request's head, counted from
+    /// its first byte or from the connection going idle (see [`serve`]).
+    pub header_read_timeout: Duration,
 }
 
 /// The request handler, shared by every connection.
@@ -283,7 +286,7 @@ pub(crate) fn refusal(
         )
     };
     if let Ok(v) = HeaderValue::from_str(request_id) {
-        res.headers_mut().insert("x-request-id", v);
+        res.headers_mut().insert(X_REQUEST_ID, v);
     }
     res
 }
@@ -796,7 +799,7 @@ impl Proxy {
             Ok(u) => u,
             Err((status, reason)) => return ask.refuse(status, reason),
         };
-        let drop: Vec<header::HeaderName> = parts
+        let drop: Vec<HeaderName> = parts
             .headers
             .keys()
             .filter(|k| !KEEP.contains(&k.as_str()))
@@ -974,26 +977,26 @@ impl Proxy {
         append_forwarded_for(h, ask.peer);
         set(
             h,
-            "x-forwarded-proto",
+            X_FORWARDED_PROTO,
             if self.config.tls { "https" } else { "http" },
         );
-        set(h, "x-forwarded-host", ask.host);
-        set(h, "x-request-id", ask.id);
+        set(h, X_FORWARDED_HOST, ask.host);
+        set(h, X_REQUEST_ID, ask.id);
         if let Caller::ServiceAccount(sa, _) = caller {
-            set(h, "x-vigil-service-account", sa);
+            set(h, X_VIGIL_SERVICE_ACCOUNT, sa);
         }
         if let Some(device) = ask.device {
-            set(h, "x-vigil-device", device);
+            set(h, X_VIGIL_DEVICE, device);
         }
         if let Some(uid) = caller.user_id() {
-            set(h, "x-vigil-user", uid);
+            set(h, X_VIGIL_USER, uid);
             if let Some(email) = index.users.get(uid).and_then(|u| u.email.as_deref()) {
-                set(h, "x-vigil-email", email);
+                set(h, X_VIGIL_EMAIL, email);
             }
         }
         if let Some(assertions) = &self.config.assertions {
             if let Some(jwt) = assert_caller(assertions, index, caller, ask.host, ask.now) {
-                set(h, "x-vigil-jwt-assertion", &jwt);
+                set(h, X_VIGIL_JWT_ASSERTION, &jwt);
             }
         }
         for name in &forwarding.remove_headers {
@@ -1364,7 +1367,18 @@ fn assert_caller(
     }
 }
 
-fn set(h: &mut HeaderMap, name: &'static str, value: &str) {
+// The headers the proxy sets on every request it forwards, parsed once.
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_VIGIL_SERVICE_ACCOUNT: HeaderName = HeaderName::from_static("x-vigil-service-account");
+const X_VIGIL_DEVICE: HeaderName = HeaderName::from_static("x-vigil-device");
+const X_VIGIL_USER: HeaderName = HeaderName::from_static("x-vigil-user");
+const X_VIGIL_EMAIL: HeaderName = HeaderName::from_static("x-vigil-email");
+const X_VIGIL_JWT_ASSERTION: HeaderName = HeaderName::from_static("x-vigil-jwt-assertion");
+
+fn set(h: &mut HeaderMap, name: HeaderName, value: &str) {
     if let Ok(v) = HeaderValue::from_str(value) {
         h.insert(name, v);
     }
@@ -1374,7 +1388,7 @@ fn set(h: &mut HeaderMap, name: &'static str, value: &str) {
 /// still carries at this point).
 fn append_forwarded_for(h: &mut HeaderMap, client: IpAddr) {
     let prior: Vec<String> = h
-        .get_all("x-forwarded-for")
+        .get_all(&X_FORWARDED_FOR)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .map(str::to_owned)
@@ -1384,7 +1398,7 @@ fn append_forwarded_for(h: &mut HeaderMap, client: IpAddr) {
     } else {
         format!("{}, {client}", prior.join(", "))
     };
-    set(h, "x-forwarded-for", &value);
+    set(h, X_FORWARDED_FOR, &value);
 }
 
 /// 401 with `WWW-Authenticate` (RFC 6750: `invalid_token` when a credential was
@@ -1435,14 +1449,23 @@ impl DecisionLog {
 
 /// Serves HTTP/1.1 and HTTP/2 on `listener` (over TLS when `tls` is given, with
 /// ALPN; else plain, HTTP/2 by prior knowledge) until `shutdown` resolves, then
-/// lets in-flight requests finish (up to 30 s).
+/// lets in-flight requests finish (up to 30 s). An HTTP/1 connection is closed
+/// when a request's head has not fully arrived within the configured
+/// `header_read_timeout` of the connection becoming ready for it (a client sending
+/// its headers slowly, or a keep-alive connection left idle).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     proxy: Proxy,
     tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    serve_with(listener, tls, shutdown, move |peer, client| {
+    let header_read_timeout = proxy.config.header_read_timeout;
+    // One reference count to bump per request, not one per part of the proxy.
+    let proxy = Arc::new(proxy);
+    let limits = Limits {
+        header_read_timeout,
+    };
+    serve_with(listener, tls, limits, shutdown, move |peer, client| {
         let proxy = proxy.clone();
         hyper::service::service_fn(move |req: Request<Incoming>| {
             let (proxy, client) = (proxy.clone(), client.clone());
@@ -1453,13 +1476,18 @@ pub async fn serve(
 }
 
 /// Serves the plain-HTTP listener that only redirects (308) to the same URL over
-/// HTTPS on `https_port`.
+/// HTTPS on `https_port`; request heads must arrive within `header_read_timeout`
+/// (as in [`serve`]).
 pub async fn serve_redirect(
     listener: tokio::net::TcpListener,
     https_port: u16,
+    header_read_timeout: Duration,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    serve_with(listener, None, shutdown, move |_, _| {
+    let limits = Limits {
+        header_read_timeout,
+    };
+    serve_with(listener, None, limits, shutdown, move |_, _| {
         hyper::service::service_fn(move |req: Request<Incoming>| async move {
             Ok::<_, Infallible>(redirect_to_https(&req, https_port))
         })
@@ -1470,6 +1498,51 @@ pub async fn serve_redirect(
 /// A TLS handshake must finish in this long.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// An HTTP/2 connection is pinged after this long without a frame from the peer,
+/// and closed when the ping is not answered within [`H2_PING_TIMEOUT`].
+const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Which HTTP a connection speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Http {
+    One,
+    Two,
+}
+
+/// Which HTTP a plain-text client speaks, from its first bytes (HTTP/2's
+/// connection preface or anything else), looked at without taking them; `None`
+/// when the connection ends, or nothing conclusive arrives `within`.
+async fn sniff_http(stream: &tokio::net::TcpStream, within: Duration) -> Option<Http> {
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let deadline = tokio::time::Instant::now() + within;
+    let mut seen = [0u8; PREFACE.len()];
+    loop {
+        let n = tokio::time::timeout_at(deadline, stream.peek(&mut seen))
+            .await
+            .ok()?
+            .ok()?;
+        match n {
+            0 => return None,
+            n if seen[..n] != PREFACE[..n] => return Some(Http::One),
+            n if n == PREFACE.len() => return Some(Http::Two),
+            // Part of the preface: the rest is on its way (peeking again at once
+            // would only see the same bytes).
+            _ => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+    }
+}
+
+/// What every connection of a listener is held to.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    /// See [`serve`].
+    header_read_timeout: Duration,
+}
+
 /// The accept loop both listeners share: each connection (after its TLS handshake,
 /// when `tls` is given) is served by the service `service_for(peer, client)` makes,
 /// `client` being the certificate the client presented and the handshake verified,
@@ -1478,6 +1551,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 async fn serve_with<S>(
     listener: tokio::net::TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    limits: Limits,
     shutdown: impl std::future::Future<Output = ()>,
     service_for: impl Fn(SocketAddr, Option<Arc<ClientCert>>) -> S + Send + Sync + 'static,
 ) where
@@ -1511,7 +1585,15 @@ async fn serve_with<S>(
         let tls = tls.clone();
         tokio::spawn(async move {
             let result = match tls {
-                None => serve_connection(stream, service_for(peer, None), watcher).await,
+                None => {
+                    // The client's first bytes say which HTTP it speaks; a client
+                    // that sends none in time is not waited for.
+                    let Some(http) = sniff_http(&stream, limits.header_read_timeout).await else {
+                        tracing::debug!(%peer, "No request in time; connection closed");
+                        return;
+                    };
+                    serve_connection(stream, service_for(peer, None), http, limits, watcher).await
+                }
                 Some(acceptor) => {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                         Ok(Ok(stream)) => {
@@ -1525,7 +1607,13 @@ async fn serve_with<S>(
                                 },
                                 _ => None,
                             };
-                            serve_connection(stream, service_for(peer, client), watcher).await
+                            // Over TLS, ALPN has settled it.
+                            let http = match stream.get_ref().1.alpn_protocol() {
+                                Some(b"h2") => Http::Two,
+                                _ => Http::One,
+                            };
+                            let service = service_for(peer, client);
+                            serve_connection(stream, service, http, limits, watcher).await
                         }
                         Ok(Err(e)) => {
                             tracing::debug!(%peer, error = %e, "TLS handshake failed");
@@ -1555,6 +1643,8 @@ async fn serve_with<S>(
 async fn serve_connection<I, S>(
     io: I,
     service: S,
+    http: Http,
+    limits: Limits,
     watcher: hyper_util::server::graceful::Watcher,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
 where
@@ -1568,8 +1658,22 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
-    use hyper_util::rt::{TokioExecutor, TokioIo};
-    let conn = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let mut builder = match http {
+        Http::One => builder.http1_only(),
+        Http::Two => builder.http2_only(),
+    };
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(H2_PING_INTERVAL)
+        .keep_alive_timeout(H2_PING_TIMEOUT);
+    let conn = builder
         .serve_connection_with_upgrades(TokioIo::new(io), service)
         .into_owned();
     watcher.watch(conn).await
@@ -1602,4 +1706,92 @@ fn redirect_to_https(req: &Request<Incoming>, https_port: u16) -> Response<Proxy
         res.headers_mut().insert(header::LOCATION, v);
     }
     res
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt as _;
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// Both ends of a fresh local TCP connection: (client, server).
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (server, _) = l.accept().await.unwrap();
+        (client, server)
+    }
+
+    #[tokio::test]
+    async fn the_first_bytes_say_which_http_without_being_taken() {
+        let short = Duration::from_millis(300);
+        let (mut c, s) = pair().await;
+        c.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        assert_eq!(sniff_http(&s, short).await, Some(Http::One));
+        let mut first = [0u8; 3];
+        s.peek(&mut first).await.unwrap();
+        assert_eq!(&first, b"GET");
+        // The preface in two parts: the second is waited for.
+        let (mut c, s) = pair().await;
+        c.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+        let rest = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            c.write_all(b"\r\nSM\r\n\r\n").await.unwrap();
+            c
+        });
+        assert_eq!(
+            sniff_http(&s, Duration::from_secs(10)).await,
+            Some(Http::Two)
+        );
+        drop(rest.await.unwrap());
+        // Half a preface and no more, nothing at all, or a closed connection:
+        // none is waited for past the limit.
+        let (mut c, s) = pair().await;
+        c.write_all(b"PRI * HTTP").await.unwrap();
+        assert_eq!(sniff_http(&s, short).await, None);
+        let (_c, s) = pair().await;
+        assert_eq!(sniff_http(&s, short).await, None);
+        let (c, s) = pair().await;
+        drop(c);
+        assert_eq!(sniff_http(&s, Duration::from_secs(10)).await, None);
+    }
+
+    #[tokio::test]
+    async fn plain_listeners_serve_http2_by_prior_knowledge_and_http1() {
+        use hyper_util::rt::{TokioExecutor, TokioIo};
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(serve_redirect(
+            l,
+            8443,
+            Duration::from_secs(5),
+            std::future::pending(),
+        ));
+        let ask = || {
+            Request::get("http://app.test/x?y=1")
+                .header(header::HOST, "app.test")
+                .body(Empty::<Bytes>::new())
+                .unwrap()
+        };
+        let io = TokioIo::new(TcpStream::connect(addr).await.unwrap());
+        let (mut h2, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let res = h2.send_request(ask()).await.unwrap();
+        assert_eq!(res.version(), http::Version::HTTP_2);
+        assert_eq!(res.status(), StatusCode::PERMANENT_REDIRECT);
+        assert_eq!(
+            res.headers()[header::LOCATION],
+            "https://app.test:8443/x?y=1"
+        );
+        let io = TokioIo::new(TcpStream::connect(addr).await.unwrap());
+        let (mut h1, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+        tokio::spawn(conn);
+        let mut req = ask();
+        *req.uri_mut() = Uri::from_static("/x?y=1");
+        let res = h1.send_request(req).await.unwrap();
+        assert_eq!(res.version(), http::Version::HTTP_11);
+        assert_eq!(res.status(), StatusCode::PERMANENT_REDIRECT);
+    }
 }

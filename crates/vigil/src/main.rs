@@ -164,6 +164,14 @@ pub(crate) struct ProxyArgs {
     /// How long a session lasts after sign-in, in seconds (default 12 hours).
     #[arg(long, env = "VIGIL_SESSION_LIFETIME_S", default_value_t = 43_200)]
     pub session_lifetime_s: u64,
+    /// Seconds an HTTP/1 client has to send a request's headers, counted from
+    /// the moment its connection is ready for the request (just opened, or idle
+    /// after the previous response); then the connection is closed. Holds off
+    /// clients that trickle headers to tie up connections, and closes idle
+    /// keep-alive connections.
+    #[arg(long, env = "VIGIL_PROXY_HEADER_TIMEOUT_S", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub header_timeout_s: u64,
     /// For tests only: a file holding an offset in seconds that moves the proxy's
     /// clock for every policy, session, grant and token time check (re-read every
     /// 100 ms). Hidden from --help.
@@ -719,6 +727,7 @@ async fn proxy(
             Some(tokio::spawn(serve::serve_redirect(
                 l,
                 https_port,
+                Duration::from_secs(args.header_timeout_s),
                 shutdown_signal(),
             )))
         }
@@ -762,6 +771,7 @@ async fn proxy(
             cookie_keys,
             tls: tls.is_some(),
             login,
+            header_read_timeout: Duration::from_secs(args.header_timeout_s),
         },
     );
     // Open tunnels are checked again as soon as a new snapshot is in.
