@@ -467,8 +467,10 @@ async fn keys_from_files_as_the_chart_writes_them() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // Subscribed, yet refusing what it cannot verify.
+    // Subscribed, yet refusing what it cannot verify. (The subscriber starts before
+    // the health listener is bound: either line can come first.)
     doubting.wait_for("Subscribed to the control plane");
+    doubting.wait_for("Health endpoints listening");
     assert_eq!(ready(doubting_health).await, 503, "{}", doubting.text());
     // A proxy with a wrong join token is turned away.
     let bad_join = write("bad-join", "not-the-fleet-token-0123456789-0123456789");

@@ -166,11 +166,7 @@ async fn grants_expiry_step_up_and_suspension_by_the_proxies_own_clock() {
     pa.wait_ready().await;
     pb.wait_ready().await;
     for p in [&pa, &pb] {
-        assert!(
-            p.log_text().contains("TEST CLOCK IN USE"),
-            "no warning about the test clock:\n{}",
-            p.log_text()
-        );
+        p.log_containing("TEST CLOCK IN USE").await;
     }
     let proxies = [&pa, &pb];
 
@@ -497,11 +493,18 @@ async fn long_streaming_responses_end_when_their_caller_is_revoked() {
         Some(3.0)
     );
     assert_eq!(proxy.metric("vigil_proxy_streams_watched").await, Some(0.0));
-    let log = proxy.log_text();
-    let closed: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains("decision=\"closed\"") || l.contains("decision=closed"))
-        .collect();
+    // The decision log is written by a thread of its own: the lines follow.
+    let is_closed = |l: &&str| l.contains("decision=\"closed\"") || l.contains("decision=closed");
+    let log = eventually("three closed decisions in the log", || async {
+        let log = proxy.log_text();
+        if log.lines().filter(is_closed).count() >= 3 {
+            Ok(log)
+        } else {
+            Err(log)
+        }
+    })
+    .await;
+    let closed: Vec<&str> = log.lines().filter(is_closed).collect();
     assert_eq!(closed.len(), 3, "closed decisions:\n{log}");
     for line in closed {
         assert!(line.contains("the service account is disabled"), "{line}");

@@ -104,8 +104,8 @@ async fn database_outage_gives_503_then_recovers_without_restart() {
         BTreeSet::from(["after".to_string(), "before".to_string()]),
         "the refused write left nothing"
     );
-    assert!(cp.log_text().contains("Store unavailable"));
-    assert!(!cp.log_text().contains("panicked"));
+    let log = cp.log_containing("Store unavailable").await;
+    assert!(!log.contains("panicked"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -216,13 +216,6 @@ async fn sessions_the_identity_provider_refuses_are_revoked_on_every_proxy() {
     assert!(session["revoked_at"].is_null(), "{session}");
 
     // Where the refresh tokens are, and are not: every token the IdP issued.
-    let issued: Vec<String> = reqwest::get(format!("{issuer}/test/accounts/alice/refresh-tokens"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert!(issued.len() >= 3, "{issued:?}");
     let api_text = format!(
         "{}{}{}",
         get_json(&c, &url, &format!("/v1/sessions/{sid}")).await,
@@ -240,6 +233,15 @@ async fn sessions_the_identity_provider_refuses_are_revoked_on_every_proxy() {
         "SELECT body || coalesce(secret, '') FROM entities UNION ALL \
          SELECT coalesce(before, '') || coalesce(after, '') FROM audit",
     );
+    // Asked only now: the verifier keeps rotating the token (every second here),
+    // and whatever the database holds was issued before it was stored.
+    let issued: Vec<String> = reqwest::get(format!("{issuer}/test/accounts/alice/refresh-tokens"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(issued.len() >= 3, "{issued:?}");
     for rt in &issued {
         for (what, text) in [
             ("the API", api_text.as_str()),
@@ -382,12 +384,10 @@ async fn sessions_the_identity_provider_refuses_are_revoked_on_every_proxy() {
         ),
     );
     assert_eq!(secret.trim(), "none");
-    assert!(
-        cp.log_text()
-            .contains("Revoked a session its identity provider no longer vouches for"),
-        "{}",
-        cp.log_text()
-    );
+    // Logged once the revocation is committed, by the log's own thread: it follows
+    // what the proxies enforce.
+    cp.log_containing("Revoked a session its identity provider no longer vouches for")
+        .await;
 
     // A session is bound to the issuer it signed in at: after the provider is
     // pointed at another issuer (another real oidc-provider), bob's session is
@@ -436,11 +436,7 @@ async fn sessions_the_identity_provider_refuses_are_revoked_on_every_proxy() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(
-        cp.log_text().contains("now names another issuer"),
-        "{}",
-        cp.log_text()
-    );
+    cp.log_containing("now names another issuer").await;
     assert!(
         !other_idp.log_text().contains("refresh grant"),
         "a refresh token went to the new issuer:\n{}",

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use prost::Message as _;
 use serde_json::{json, Value};
 use support::{
-    client, get_json, join_token, patch_json, post_json, trusted, ControlProcess, TestCa,
+    client, eventually, get_json, join_token, patch_json, post_json, trusted, ControlProcess,
+    TestCa,
 };
 use vigil_proto::parts::{Joiner, UPDATE_PART_BYTES};
 use vigil_proto::v1::control_plane_client::ControlPlaneClient;
@@ -151,14 +152,17 @@ async fn snapshots_and_deltas_reach_proxies_and_survive_outages() {
     })
     .await;
     let v = proxy.index.load().version();
-    let mut fleet = Value::Null;
-    for _ in 0..200 {
-        fleet = get_json(&c, &url, "/v1/proxies").await;
+    // The ack follows the swap over the stream: waited for like any propagation
+    // (a count of tries is no deadline on a loaded machine).
+    let fleet = eventually("the ack in the fleet API", || async {
+        let fleet = get_json(&c, &url, "/v1/proxies").await;
         if fleet["items"][0]["version"].as_u64() == Some(v) {
-            break;
+            Ok(fleet)
+        } else {
+            Err(fleet.to_string())
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
     let p = &fleet["items"][0];
     assert_eq!(p["id"], "proxy-a", "{fleet}");
     assert_eq!(p["version"].as_u64(), Some(v), "{fleet}");
@@ -833,6 +837,7 @@ async fn versions_that_change_nothing_are_announced_together() {
             counting.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
     });
+    let started = Instant::now();
     let mut last = 0;
     for i in 0..30 {
         let t = post_json(
@@ -859,10 +864,20 @@ async fn versions_that_change_nothing_are_announced_together() {
     let user_rev = revision_of(&user);
     until("the user", || proxy.index.load().version() == user_rev).await;
     counter.abort();
+    let took = started.elapsed();
     let updates = count.load(std::sync::atomic::Ordering::SeqCst);
-    println!("31 writes reached the proxy as {updates} versions");
+    println!(
+        "31 writes in {} ms reached the proxy as {updates} versions",
+        took.as_millis()
+    );
+    // Quiet versions go out at most once a second, so how many can reach the
+    // proxy depends on how long the writes took (on a loaded machine, more than
+    // the few seconds they take alone): besides those, the user's version and the
+    // first snapshot's (seen by this watch).
+    let most = 8.max(took.as_secs() + 3);
     assert!(
-        updates <= 8,
-        "31 writes, 30 of them changing nothing, reached the proxy as {updates} versions"
+        u64::from(updates) <= most,
+        "31 writes, 30 of them changing nothing, reached the proxy as {updates} versions in {} ms",
+        took.as_millis()
     );
 }

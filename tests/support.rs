@@ -75,6 +75,19 @@ impl Logged {
     fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// Waits until the log holds `needle`; returns the log then.
+    async fn log_containing(&self, needle: &str) -> String {
+        eventually(&format!("`{needle}` never reached the log"), || async {
+            let log = self.log_text();
+            if log.contains(needle) {
+                Ok(log)
+            } else {
+                Err(format!("log:\n{log}"))
+            }
+        })
+        .await
+    }
 }
 
 impl Drop for Logged {
@@ -213,9 +226,16 @@ impl ControlProcess {
             .unwrap()
     }
 
-    /// The process's output so far.
+    /// The process's output so far. A `vigil` process writes its log through a
+    /// thread of its own, a moment after what it logs happened: a line a test
+    /// expects is waited for with [`ControlProcess::log_containing`].
     pub fn log_text(&self) -> String {
         self.process.log_text()
+    }
+
+    /// Waits (up to 30 s) until the output holds `needle`; returns the output then.
+    pub async fn log_containing(&self, needle: &str) -> String {
+        self.process.log_containing(needle).await
     }
 }
 
@@ -370,9 +390,16 @@ impl ProxyProcess {
         }
     }
 
-    /// The process's output so far.
+    /// The process's output so far. A `vigil` process writes its log (the decision
+    /// log too) through a thread of its own, a moment after what it logs happened: a
+    /// line a test expects is waited for with [`ProxyProcess::log_containing`].
     pub fn log_text(&self) -> String {
         self.process.log_text()
+    }
+
+    /// Waits (up to 30 s) until the output holds `needle`; returns the output then.
+    pub async fn log_containing(&self, needle: &str) -> String {
+        self.process.log_containing(needle).await
     }
 
     /// The value of the series `series` (name and labels, as `/metrics` prints

@@ -478,6 +478,11 @@ impl ControlPlane for Service {
             .await
             .insert(id.clone(), ProxyStatus::from_hello(hello, join_token));
         tracing::info!(proxy = %id, held, "Proxy subscribed");
+        // The refresher follows writes a moment later; catching up here first means
+        // a proxy that subscribes after a write was acknowledged starts with it.
+        if let Err(e) = self.hub.refresh(&self.control).await {
+            tracing::debug!(proxy = %id, error = %e, "Cannot catch up with the store; sending the snapshot built so far");
+        }
         // Capacity 1: a proxy that stops reading holds one update here and one in
         // flight; newer versions replace what it has not taken yet.
         let (tx, rx) = mpsc::channel::<Result<ControlMessage, Status>>(1);

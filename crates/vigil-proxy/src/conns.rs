@@ -340,37 +340,44 @@ mod tests {
 
     /// An upstream written by hand: `answer` to every request head on a connection,
     /// then, with `close_after`, the connection closed without a word. Counts
-    /// connections.
+    /// connections accepted, and closed.
     async fn raw_upstream(
         answer: &'static [u8],
         close_after: bool,
-    ) -> (SocketAddr, Arc<AtomicUsize>) {
+    ) -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
+        let closed = Arc::new(AtomicUsize::new(0));
+        let (count, count_closed) = (accepted.clone(), closed.clone());
         tokio::spawn(async move {
             while let Ok((mut tcp, _)) = listener.accept().await {
                 count.fetch_add(1, Ordering::SeqCst);
+                let count_closed = count_closed.clone();
                 tokio::spawn(async move {
-                    let mut buf = vec![0u8; 4096];
-                    let mut got = Vec::new();
-                    loop {
-                        while let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
-                            got.drain(..end + 4);
-                            if tcp.write_all(answer).await.is_err() || close_after {
-                                return;
+                    async {
+                        let mut buf = vec![0u8; 4096];
+                        let mut got = Vec::new();
+                        loop {
+                            while let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                                got.drain(..end + 4);
+                                if tcp.write_all(answer).await.is_err() || close_after {
+                                    return;
+                                }
+                            }
+                            match tcp.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => got.extend_from_slice(&buf[..n]),
                             }
                         }
-                        match tcp.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => got.extend_from_slice(&buf[..n]),
-                        }
                     }
+                    .await;
+                    drop(tcp);
+                    count_closed.fetch_add(1, Ordering::SeqCst);
                 });
             }
         });
-        (addr, accepted)
+        (addr, accepted, closed)
     }
 
     fn to(addr: SocketAddr) -> Upstream {
@@ -475,13 +482,19 @@ mod tests {
         assert_eq!(accepted.load(Ordering::SeqCst), 3);
 
         // Closes without a word after a keep-alive response.
-        let (addr, accepted) =
+        let (addr, accepted, closed) =
             raw_upstream(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", true).await;
         let conns = Conns::new();
         let front = super::tests::front(conns.clone(), to(addr)).await;
-        for _ in 0..3 {
-            // Let the close reach the pooled connection first.
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        for answered in 0..3 {
+            // The close reaches the pooled connection first: the upstream has closed
+            // every connection it answered (on loopback its FIN is then in our
+            // socket), and the I/O driver has run since (yield_now resumes only
+            // after the runtime polled it), so the connection's readiness shows it.
+            while closed.load(Ordering::SeqCst) < answered {
+                tokio::task::yield_now().await;
+            }
+            tokio::task::yield_now().await;
             assert_eq!(get(front, "/x").await, (200, b"ok".to_vec()));
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 3);
@@ -491,7 +504,7 @@ mod tests {
     async fn chunked_bodies_read_to_their_end_keep_the_connection() {
         let chunked = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n\
                         2\r\nok\r\n3\r\n!!!\r\n0\r\n\r\n";
-        let (addr, accepted) = raw_upstream(chunked, false).await;
+        let (addr, accepted, _) = raw_upstream(chunked, false).await;
         let conns = Conns::new();
         let front = front(conns.clone(), to(addr)).await;
         for _ in 0..4 {
