@@ -279,11 +279,23 @@ pub(crate) struct ControlArgs {
 /// write would wait for a slow stdout).
 const LOG_QUEUE: usize = 16 * 1024;
 
+/// Hands each event's line to the log thread, borrowing the one sender (no
+/// reference count shared by every worker thread to bump per line).
+struct LogLines(std::sync::mpsc::SyncSender<Vec<u8>>);
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogLines {
+    type Writer = LogLine<'a>;
+
+    fn make_writer(&'a self) -> LogLine<'a> {
+        LogLine(&self.0)
+    }
+}
+
 /// One log line on its way to the log thread (tracing-subscriber writes each event
 /// with a single `write_all`).
-struct LogLine(std::sync::mpsc::SyncSender<Vec<u8>>);
+struct LogLine<'a>(&'a std::sync::mpsc::SyncSender<Vec<u8>>);
 
-impl std::io::Write for LogLine {
+impl std::io::Write for LogLine<'_> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         // An empty line is the flush marker; there is nothing to send for it anyway.
         if !buf.is_empty() {
@@ -357,8 +369,7 @@ fn init_tracing() -> LogFlush {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
     match spawned {
         Ok(_) => {
-            let sender = lines.clone();
-            builder.with_writer(move || LogLine(sender.clone())).init();
+            builder.with_writer(LogLines(lines.clone())).init();
         }
         // No thread: write directly, as before.
         Err(_) => builder.init(),
