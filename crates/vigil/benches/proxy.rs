@@ -16,7 +16,10 @@
 //! (as the comparison does); Vigil runs its default tokio runtime, one
 //! worker thread per core. So that the asymmetry is visible rather than assumed, the
 //! two nginx proxies are also measured with `worker_processes 2`, and Vigil (bearer)
-//! with its runtime pinned to one worker thread (`TOKIO_WORKER_THREADS=1`).
+//! with its runtime pinned to one worker thread (`TOKIO_WORKER_THREADS=1`). At half
+//! load, nginx proxy_pass and the one-thread Vigil get the same paced load too, so
+//! the tail latency this host adds to any proxy at that rate is visible beside
+//! Vigil's.
 #![allow(missing_docs)]
 
 #[path = "../../vigil-control/benches/common/mod.rs"]
@@ -562,6 +565,9 @@ struct HalfLoad {
     peak_rps: f64,
     direct: Measured,
     vigil: Measured,
+    /// The same paced load through nginx proxy_pass and through Vigil on one
+    /// worker thread: what this host adds to any proxy's tail at that rate.
+    others: Vec<(&'static str, Measured)>,
 }
 
 const DIRECT: &str = "direct upstream (nginx static 200)";
@@ -619,14 +625,18 @@ impl Round {
             h.peak_rps / 2.0,
             h.connections
         );
-        println!("| target | req/s | p50 | p99 | errors |");
-        println!("|---|---:|---:|---:|---|");
-        for (name, m) in [(DIRECT, &h.direct), (VIGIL_BEARER, &h.vigil)] {
+        println!("| target | req/s | p50 | p99 | p99 added over direct | errors |");
+        println!("|---|---:|---:|---:|---:|---|");
+        let rows = [(DIRECT, &h.direct), (VIGIL_BEARER, &h.vigil)]
+            .into_iter()
+            .chain(h.others.iter().map(|(n, m)| (*n, m)));
+        for (name, m) in rows {
             println!(
-                "| {name} | {:.0} | {} | {} | {} |",
+                "| {name} | {:.0} | {} | {} | {} | {} |",
                 m.rps,
                 ms(m.p50_us),
                 ms(m.p99_us),
+                ms(m.p99_us - h.direct.p99_us),
                 errors(m)
             );
         }
@@ -735,7 +745,8 @@ async fn quick(wrk: &Wrk, t: &Targets, proxy_url: &str) {
 
 /// p99 at about half of Vigil's peak: paced connections (wrk2's constant rate is not
 /// available), their number calibrated against Vigil, then the same load on the
-/// direct upstream and on Vigil.
+/// direct upstream, on Vigil, and for comparison on nginx proxy_pass and on Vigil
+/// with one worker thread.
 async fn half_load(wrk: &Wrk, t: &Targets, peak: f64) -> HalfLoad {
     let want = peak / 2.0;
     let paced = |connections: u32, seconds: u32| Load {
@@ -758,11 +769,19 @@ async fn half_load(wrk: &Wrk, t: &Targets, peak: f64) -> HalfLoad {
     let vigil = wrk
         .run(&t.vigil_bearer, paced(connections, MEASURE_S))
         .await;
+    let mut others = Vec::new();
+    for (name, target) in [
+        (NGINX_PASS, &t.nginx_pass),
+        (VIGIL_BEARER_1, &t.vigil_bearer_1),
+    ] {
+        others.push((name, wrk.run(target, paced(connections, MEASURE_S)).await));
+    }
     HalfLoad {
         connections,
         peak_rps: peak,
         direct,
         vigil,
+        others,
     }
 }
 
