@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use support::{
-    client, echo_upstream, eventually, join_token, patch_json, post_json, ClientCertificate,
-    ControlProcess, ProxyProcess, TestCa, TestClock,
+    client, echo_upstream, join_token, patch_json, post_json, ClientCertificate, ControlProcess,
+    ProxyProcess, TestCa, TestClock,
 };
 use vigil_test_postgres::TestPostgres;
 
@@ -519,12 +519,9 @@ async fn client_certificates_identify_devices_and_service_accounts() {
 
     // The decision log (written by a thread of its own, a moment after each
     // decision) names the device.
-    eventually("a decision line naming the device", || async {
-        let log = proxy.log_text();
-        log.lines()
-            .any(|l| l.contains("decision") && l.contains("device=") && l.contains(&device_id))
-            .then_some(())
-            .ok_or(log)
-    })
-    .await;
+    proxy
+        .log_line("a decision line naming the device", |l| {
+            l.contains("decision") && l.contains("device=") && l.contains(&device_id)
+        })
+        .await;
 }

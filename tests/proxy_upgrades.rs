@@ -15,8 +15,7 @@ use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::{json, Value};
 use support::{
-    client, echo_upstream, eventually, join_token, patch_json, post_json, ControlProcess,
-    ProxyProcess, TestCa,
+    client, echo_upstream, join_token, patch_json, post_json, ControlProcess, ProxyProcess, TestCa,
 };
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
@@ -297,14 +296,11 @@ async fn websockets_are_decided_tunnelled_and_closed_on_revocation() {
     // The proxy unregisters the tunnel before it ends the connection.
     assert_eq!(proxy.metric("vigil_proxy_tunnels_open").await, Some(0.0));
     // The decision log is written by a thread of its own: the line follows.
-    let closed = eventually("a close in the decision log", || async {
-        let log = proxy.log_text();
-        log.lines()
-            .find(|l| l.contains("closed") && l.contains("service-account:robot"))
-            .map(str::to_string)
-            .ok_or(log)
-    })
-    .await;
+    let closed = proxy
+        .log_line("a close in the decision log", |l| {
+            l.contains("closed") && l.contains("service-account:robot")
+        })
+        .await;
     let log = proxy.log_text();
     assert!(
         closed.contains("the service account is disabled"),
@@ -432,15 +428,10 @@ async fn https_upstreams_are_verified_and_cors_preflights_opt_in() {
         .await
         .unwrap();
     assert_eq!(res.status(), 401);
-    eventually("the preflight in the decision log", || async {
-        let log = proxy.log_text();
-        log.lines()
-            .any(|l| {
-                l.contains("cors-preflight")
-                    && (l.contains("route=\"cors\"") || l.contains("route=cors"))
-            })
-            .then_some(())
-            .ok_or(log)
-    })
-    .await;
+    proxy
+        .log_line("the preflight in the decision log", |l| {
+            l.contains("cors-preflight")
+                && (l.contains("route=\"cors\"") || l.contains("route=cors"))
+        })
+        .await;
 }

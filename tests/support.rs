@@ -76,17 +76,21 @@ impl Logged {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Waits until the log holds `needle`; returns the log then.
-    async fn log_containing(&self, needle: &str) -> String {
-        eventually(&format!("`{needle}` never reached the log"), || async {
+    /// Waits until `find` finds what it looks for in the log; returns that.
+    async fn log_find<T>(&self, what: &str, find: impl Fn(&str) -> Option<T>) -> T {
+        let find = &find;
+        eventually(what, || async move {
             let log = self.log_text();
-            if log.contains(needle) {
-                Ok(log)
-            } else {
-                Err(format!("log:\n{log}"))
-            }
+            find(&log).ok_or_else(|| format!("log:\n{log}"))
         })
         .await
+    }
+
+    /// Waits until the log holds `needle`; returns the log then.
+    async fn log_containing(&self, needle: &str) -> String {
+        let what = format!("`{needle}` never reached the log");
+        self.log_find(&what, |log| log.contains(needle).then(|| log.to_owned()))
+            .await
     }
 }
 
@@ -400,6 +404,15 @@ impl ProxyProcess {
     /// Waits (up to 30 s) until the output holds `needle`; returns the output then.
     pub async fn log_containing(&self, needle: &str) -> String {
         self.process.log_containing(needle).await
+    }
+
+    /// Waits (up to 30 s) for a line of the output that `matches`; returns it.
+    pub async fn log_line(&self, what: &str, matches: impl Fn(&str) -> bool) -> String {
+        self.process
+            .log_find(what, |log| {
+                log.lines().find(|l| matches(l)).map(str::to_owned)
+            })
+            .await
     }
 
     /// The value of the series `series` (name and labels, as `/metrics` prints

@@ -119,8 +119,11 @@ impl Conns {
                     let (head, body) = res.into_parts();
                     let body = UpstreamBody {
                         inner: body,
-                        conn: Some(conn),
-                        home: Some((self.clone(), upstream.authority.clone())),
+                        pooled: Some(Pooled {
+                            conn,
+                            pool: self.clone(),
+                            to: upstream.authority.clone(),
+                        }),
                     };
                     return Ok(Response::from_parts(head, body));
                 }
@@ -208,14 +211,20 @@ async fn open(upstream: &Upstream) -> Result<Conn, BoxError> {
 /// client (`https://` upstreams) has no connection of its own to run.
 pub struct UpstreamBody {
     inner: Incoming,
-    conn: Option<Conn>,
-    home: Option<(Arc<Conns>, Authority)>,
+    pooled: Option<Pooled>,
+}
+
+/// The connection a body runs, and the pool it goes back to.
+struct Pooled {
+    conn: Conn,
+    pool: Arc<Conns>,
+    to: Authority,
 }
 
 impl std::fmt::Debug for UpstreamBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("UpstreamBody")
-            .field("pooled", &self.conn.is_some())
+            .field("pooled", &self.pooled.is_some())
             .finish()
     }
 }
@@ -224,16 +233,15 @@ impl From<Incoming> for UpstreamBody {
     fn from(inner: Incoming) -> UpstreamBody {
         UpstreamBody {
             inner,
-            conn: None,
-            home: None,
+            pooled: None,
         }
     }
 }
 
 impl UpstreamBody {
     fn release(&mut self) {
-        if let (Some(conn), Some((pool, to))) = (self.conn.take(), self.home.take()) {
-            pool.checkin(to, conn);
+        if let Some(p) = self.pooled.take() {
+            p.pool.checkin(p.to, p.conn);
         }
     }
 }
@@ -250,8 +258,8 @@ impl Body for UpstreamBody {
         // Twice at most: the body asking for more wakes the connection, which is
         // this task; run it at once rather than on the next poll.
         for _ in 0..2 {
-            if let Some(conn) = &mut this.conn {
-                conn.drive(cx);
+            if let Some(p) = &mut this.pooled {
+                p.conn.drive(cx);
             }
             match Pin::new(&mut this.inner).poll_frame(cx) {
                 Poll::Pending => continue,
@@ -442,18 +450,18 @@ mod tests {
     async fn requests_in_turn_share_one_connection() {
         let (up, accepted) = upstream(true).await;
         let conns = Conns::new();
-        let front = front(conns.clone(), up).await;
+        let via = front(conns.clone(), up).await;
         for i in 0..5 {
             let path = format!("/n/{i}");
-            assert_eq!(get(front, &path).await, (200, path.into_bytes()));
+            assert_eq!(get(via, &path).await, (200, path.into_bytes()));
         }
-        let (status, big) = get(front, "/big").await;
+        let (status, big) = get(via, "/big").await;
         assert_eq!((status, big.len()), (200, 1 << 20));
         // Empty bodies end at once; their connection serves again.
         for _ in 0..3 {
-            assert_eq!(get(front, "/empty").await, (204, Vec::new()));
+            assert_eq!(get(via, "/empty").await, (204, Vec::new()));
         }
-        assert_eq!(get(front, "/last").await, (200, b"/last".to_vec()));
+        assert_eq!(get(via, "/last").await, (200, b"/last".to_vec()));
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
         assert_eq!(conns.reap(), 1);
     }
@@ -462,10 +470,10 @@ mod tests {
     async fn a_body_dropped_before_its_end_closes_its_connection() {
         let (up, accepted) = upstream(true).await;
         let conns = Conns::new();
-        let front = front(conns.clone(), up).await;
-        assert_eq!(get(front, "/drop/big").await, (200, b"dropped".to_vec()));
+        let via = front(conns.clone(), up).await;
+        assert_eq!(get(via, "/drop/big").await, (200, b"dropped".to_vec()));
         assert_eq!(conns.reap(), 0, "a half-read connection is not kept");
-        assert_eq!(get(front, "/after").await, (200, b"/after".to_vec()));
+        assert_eq!(get(via, "/after").await, (200, b"/after".to_vec()));
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 
@@ -474,10 +482,10 @@ mod tests {
         // Says `Connection: close` and closes.
         let (up, accepted) = upstream(false).await;
         let conns = Conns::new();
-        let front = front(conns.clone(), up).await;
+        let via = front(conns.clone(), up).await;
         for i in 0..3 {
             let path = format!("/c/{i}");
-            assert_eq!(get(front, &path).await, (200, path.into_bytes()));
+            assert_eq!(get(via, &path).await, (200, path.into_bytes()));
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 3);
 
@@ -485,7 +493,7 @@ mod tests {
         let (addr, accepted, closed) =
             raw_upstream(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", true).await;
         let conns = Conns::new();
-        let front = super::tests::front(conns.clone(), to(addr)).await;
+        let via = front(conns.clone(), to(addr)).await;
         for answered in 0..3 {
             // The close reaches the pooled connection first: the upstream has closed
             // every connection it answered (on loopback its FIN is then in our
@@ -495,7 +503,7 @@ mod tests {
                 tokio::task::yield_now().await;
             }
             tokio::task::yield_now().await;
-            assert_eq!(get(front, "/x").await, (200, b"ok".to_vec()));
+            assert_eq!(get(via, "/x").await, (200, b"ok".to_vec()));
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 3);
     }
@@ -506,9 +514,9 @@ mod tests {
                         2\r\nok\r\n3\r\n!!!\r\n0\r\n\r\n";
         let (addr, accepted, _) = raw_upstream(chunked, false).await;
         let conns = Conns::new();
-        let front = front(conns.clone(), to(addr)).await;
+        let via = front(conns.clone(), to(addr)).await;
         for _ in 0..4 {
-            assert_eq!(get(front, "/x").await, (200, b"ok!!!".to_vec()));
+            assert_eq!(get(via, "/x").await, (200, b"ok!!!".to_vec()));
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
     }

@@ -1462,16 +1462,19 @@ pub async fn serve(
     let header_read_timeout = proxy.config.header_read_timeout;
     // One reference count to bump per request, not one per part of the proxy.
     let proxy = Arc::new(proxy);
-    let limits = Limits {
+    serve_with(
+        listener,
+        tls,
         header_read_timeout,
-    };
-    serve_with(listener, tls, limits, shutdown, move |peer, client| {
-        let proxy = proxy.clone();
-        hyper::service::service_fn(move |req: Request<Incoming>| {
-            let (proxy, client) = (proxy.clone(), client.clone());
-            async move { Ok::<_, Infallible>(proxy.handle(req, peer, client.as_deref()).await) }
-        })
-    })
+        shutdown,
+        move |peer, client| {
+            let proxy = proxy.clone();
+            hyper::service::service_fn(move |req: Request<Incoming>| {
+                let (proxy, client) = (proxy.clone(), client.clone());
+                async move { Ok::<_, Infallible>(proxy.handle(req, peer, client.as_deref()).await) }
+            })
+        },
+    )
     .await;
 }
 
@@ -1484,14 +1487,17 @@ pub async fn serve_redirect(
     header_read_timeout: Duration,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let limits = Limits {
+    serve_with(
+        listener,
+        None,
         header_read_timeout,
-    };
-    serve_with(listener, None, limits, shutdown, move |_, _| {
-        hyper::service::service_fn(move |req: Request<Incoming>| async move {
-            Ok::<_, Infallible>(redirect_to_https(&req, https_port))
-        })
-    })
+        shutdown,
+        move |_, _| {
+            hyper::service::service_fn(move |req: Request<Incoming>| async move {
+                Ok::<_, Infallible>(redirect_to_https(&req, https_port))
+            })
+        },
+    )
     .await;
 }
 
@@ -1536,22 +1542,16 @@ async fn sniff_http(stream: &tokio::net::TcpStream, within: Duration) -> Option<
     }
 }
 
-/// What every connection of a listener is held to.
-#[derive(Debug, Clone, Copy)]
-struct Limits {
-    /// See [`serve`].
-    header_read_timeout: Duration,
-}
-
 /// The accept loop both listeners share: each connection (after its TLS handshake,
 /// when `tls` is given) is served by the service `service_for(peer, client)` makes,
 /// `client` being the certificate the client presented and the handshake verified,
 /// read once here for every request on the connection; with upgrades, until
-/// `shutdown`; then in-flight requests get up to 30 s.
+/// `shutdown`; then in-flight requests get up to 30 s. `header_read_timeout` is as
+/// in [`serve`].
 async fn serve_with<S>(
     listener: tokio::net::TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
-    limits: Limits,
+    header_read_timeout: Duration,
     shutdown: impl std::future::Future<Output = ()>,
     service_for: impl Fn(SocketAddr, Option<Arc<ClientCert>>) -> S + Send + Sync + 'static,
 ) where
@@ -1588,11 +1588,12 @@ async fn serve_with<S>(
                 None => {
                     // The client's first bytes say which HTTP it speaks; a client
                     // that sends none in time is not waited for.
-                    let Some(http) = sniff_http(&stream, limits.header_read_timeout).await else {
+                    let Some(http) = sniff_http(&stream, header_read_timeout).await else {
                         tracing::debug!(%peer, "No request in time; connection closed");
                         return;
                     };
-                    serve_connection(stream, service_for(peer, None), http, limits, watcher).await
+                    let service = service_for(peer, None);
+                    serve_connection(stream, service, http, header_read_timeout, watcher).await
                 }
                 Some(acceptor) => {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
@@ -1613,7 +1614,8 @@ async fn serve_with<S>(
                                 _ => Http::One,
                             };
                             let service = service_for(peer, client);
-                            serve_connection(stream, service, http, limits, watcher).await
+                            serve_connection(stream, service, http, header_read_timeout, watcher)
+                                .await
                         }
                         Ok(Err(e)) => {
                             tracing::debug!(%peer, error = %e, "TLS handshake failed");
@@ -1644,7 +1646,7 @@ async fn serve_connection<I, S>(
     io: I,
     service: S,
     http: Http,
-    limits: Limits,
+    header_read_timeout: Duration,
     watcher: hyper_util::server::graceful::Watcher,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
 where
@@ -1667,7 +1669,7 @@ where
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout);
+        .header_read_timeout(header_read_timeout);
     builder
         .http2()
         .timer(TokioTimer::new())
