@@ -76,6 +76,11 @@ impl Logged {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The operating system's id of the process.
+    fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
     /// Waits until `find` finds what it looks for in the log; returns that.
     async fn log_find<T>(&self, what: &str, find: impl Fn(&str) -> Option<T>) -> T {
         let find = &find;
@@ -217,7 +222,7 @@ impl ControlProcess {
 
     /// The operating system's id of the process.
     pub fn pid(&self) -> u32 {
-        self.process.child.as_ref().unwrap().id()
+        self.process.pid()
     }
 
     /// The process's resident memory, in KiB.
@@ -406,6 +411,11 @@ impl ProxyProcess {
         self.process.log_containing(needle).await
     }
 
+    /// The operating system's id of the process.
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
     /// Waits (up to 30 s) for a line of the output that `matches`; returns it.
     pub async fn log_line(&self, what: &str, matches: impl Fn(&str) -> bool) -> String {
         self.process
@@ -541,7 +551,7 @@ impl Helper {
 
     /// The operating system's id of the process.
     pub fn pid(&self) -> u32 {
-        self.0.child.as_ref().unwrap().id()
+        self.0.pid()
     }
 }
 

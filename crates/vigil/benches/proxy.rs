@@ -716,12 +716,8 @@ async fn round(wrk: &Wrk, t: &Targets) -> Round {
 /// `--quick`: the two nginx proxies and Vigil (default runtime) taking turns, twice,
 /// and nothing else; for before/after pairs and profiles (the proxy's pid is
 /// printed, to attach `perf` to), not for the record.
-async fn quick(wrk: &Wrk, t: &Targets, proxy_url: &str) {
-    let port = proxy_url.rsplit(':').next().unwrap_or_default();
-    println!(
-        "\n## Quick turns (vigil proxy pid {})\n",
-        proxy_pid(port).map_or_else(|| "?".to_owned(), |p| p.to_string())
-    );
+async fn quick(wrk: &Wrk, t: &Targets, proxy_pid: u32) {
+    println!("\n## Quick turns (vigil proxy pid {proxy_pid})\n");
     for _ in 0..2 {
         for target in [
             &t.nginx_pass,
@@ -862,12 +858,7 @@ async fn throughput(pg: &TestPostgres, nginx: &Path, wrk: &Wrk, root: &Path) {
     // The same proxy again with its tokio runtime pinned to one worker thread, like
     // nginx's `worker_processes 1`.
     let pinned = PinnedProxy::start(&cp.grpc_url, &join, root, "1").await;
-    let default_threads = proxy
-        .url
-        .rsplit(':')
-        .next()
-        .and_then(proxy_pid)
-        .map_or(0, runtime_workers);
+    let default_threads = runtime_workers(proxy.pid());
     println!(
         "- Vigil proxies' tokio worker threads: {default_threads} in the default one, {} in \
          the one started with TOKIO_WORKER_THREADS=1",
@@ -915,13 +906,7 @@ async fn throughput(pg: &TestPostgres, nginx: &Path, wrk: &Wrk, root: &Path) {
         headers: headers.to_vec(),
         pids,
     };
-    let vigil_pids: Vec<u32> = proxy
-        .url
-        .rsplit(':')
-        .next()
-        .and_then(proxy_pid)
-        .into_iter()
-        .collect();
+    let vigil_pids = vec![proxy.pid()];
     let t = Targets {
         direct: target(DIRECT, upstream.url(), &plain, upstream.pids()),
         nginx_pass: target(NGINX_PASS, pass1.url(), &plain, pass1.pids()),
@@ -968,7 +953,7 @@ async fn throughput(pg: &TestPostgres, nginx: &Path, wrk: &Wrk, root: &Path) {
     }
 
     if std::env::args().any(|a| a == "--quick") {
-        quick(wrk, &t, &proxy.url).await;
+        quick(wrk, &t, proxy.pid()).await;
     } else {
         for n in 1..=ROUNDS {
             eprintln!("round {n} of {ROUNDS}...");
@@ -977,8 +962,7 @@ async fn throughput(pg: &TestPostgres, nginx: &Path, wrk: &Wrk, root: &Path) {
         }
     }
 
-    let port = proxy.url.rsplit(':').next().unwrap_or_default().to_owned();
-    if let Some(rss) = proxy_pid(&port).and_then(|pid| status_kib(pid, "VmRSS")) {
+    if let Some(rss) = status_kib(proxy.pid(), "VmRSS") {
         println!(
             "\nFor scale: this proxy, holding a one-route snapshot, is at VmRSS {} after both rounds.",
             mib(rss)
@@ -1073,22 +1057,6 @@ fn runtime_workers(pid: u32) -> usize {
 // ---------------------------------------------------------------------------
 // Memory holding a large snapshot
 
-/// The pid of our child `vigil proxy` listening on `port` (support's ProxyProcess
-/// does not expose it).
-fn proxy_pid(port: &str) -> Option<u32> {
-    let listen = format!("127.0.0.1:{port}");
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
-        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        let ours = args
-            .windows(2)
-            .any(|w| w[0] == b"--listen" && w[1] == listen.as_bytes())
-            && args.contains(&b"proxy".as_slice());
-        ours.then_some(pid)
-    })
-}
-
 /// A `/proc/<pid>/status` field in KiB (`VmRSS`, `VmHWM`).
 fn status_kib(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -1169,8 +1137,7 @@ async fn memory(pg: &TestPostgres, wrk: &Wrk) {
         "proxy started and enforcing snapshot version {version} after {:.1} s",
         started.elapsed().as_secs_f64()
     );
-    let port = proxy.url.rsplit(':').next().unwrap_or_default().to_owned();
-    let pid = proxy_pid(&port).expect("the proxy's pid");
+    let pid = proxy.pid();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let idle = status_kib(pid, "VmRSS").expect("VmRSS");
     let idle_peak = status_kib(pid, "VmHWM").expect("VmHWM");
