@@ -336,6 +336,22 @@ async fn slow_request_heads_and_idle_connections_are_closed() {
         .unwrap();
     let answered = read_until_closed(&mut idle).await;
     assert_eq!(status_of(&answered), 503, "{answered}");
+    // An HTTP/2 connection (prior knowledge) with no stream open: closed too.
+    let io = hyper_util::rt::TokioIo::new(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    let (mut h2, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    let req = hyper::Request::get(format!("http://{addr}/"))
+        .body(http_body_util::Empty::<hyper::body::Bytes>::new())
+        .unwrap();
+    assert_eq!(h2.send_request(req).await.unwrap().status(), 503);
+    tokio::time::timeout(Duration::from_secs(20), conn)
+        .await
+        .expect("an idle HTTP/2 connection is closed")
+        .unwrap()
+        .unwrap();
     // The setting is checked like any other.
     let refused = std::process::Command::new(env!("CARGO_BIN_EXE_vigil"))
         .args(["proxy", "--header-timeout-s", "0"])

@@ -1564,7 +1564,9 @@ async fn serve_with<S>(
         + 'static,
     S::Future: Send + 'static,
 {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    // Every connection holds a receiver: a value sent asks them to finish, and the
+    // channel closes once the last of them has ended.
+    let (stop, stopping) = tokio::sync::watch::channel(());
     let service_for = Arc::new(service_for);
     tokio::pin!(shutdown);
     loop {
@@ -1581,7 +1583,7 @@ async fn serve_with<S>(
         };
         let _ = stream.set_nodelay(true);
         let service_for = service_for.clone();
-        let watcher = graceful.watcher();
+        let stopping = stopping.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
             let result = match tls {
@@ -1593,7 +1595,7 @@ async fn serve_with<S>(
                         return;
                     };
                     let service = service_for(peer, None);
-                    serve_connection(stream, service, http, header_read_timeout, watcher).await
+                    serve_connection(stream, service, http, header_read_timeout, stopping).await
                 }
                 Some(acceptor) => {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
@@ -1614,7 +1616,7 @@ async fn serve_with<S>(
                                 _ => Http::One,
                             };
                             let service = service_for(peer, client);
-                            serve_connection(stream, service, http, header_read_timeout, watcher)
+                            serve_connection(stream, service, http, header_read_timeout, stopping)
                                 .await
                         }
                         Ok(Err(e)) => {
@@ -1633,21 +1635,26 @@ async fn serve_with<S>(
             }
         });
     }
+    drop(stopping);
+    let _ = stop.send(());
     tokio::select! {
-        () = graceful.shutdown() => {}
+        () = stop.closed() => {}
         () = tokio::time::sleep(Duration::from_secs(30)) => {
             tracing::warn!("In-flight requests still running after 30 s; stopping anyway");
         }
     }
 }
 
-/// Serves one connection (plain or TLS) with HTTP/1.1 or HTTP/2, watched for shutdown.
+/// Serves one connection (plain or TLS) with HTTP/1.1 or HTTP/2, until it ends; it is
+/// asked to finish gracefully (requests in flight are answered, no new ones taken)
+/// when `stopping` changes or closes, and an HTTP/2 connection also once it has had
+/// no stream open for `idle` (an HTTP/1 one is closed by hyper's header timeout).
 async fn serve_connection<I, S>(
     io: I,
     service: S,
     http: Http,
-    header_read_timeout: Duration,
-    watcher: hyper_util::server::graceful::Watcher,
+    idle: Duration,
+    mut stopping: tokio::sync::watch::Receiver<()>,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -1669,16 +1676,177 @@ where
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(header_read_timeout);
+        .header_read_timeout(idle);
     builder
         .http2()
         .timer(TokioTimer::new())
         .keep_alive_interval(H2_PING_INTERVAL)
         .keep_alive_timeout(H2_PING_TIMEOUT);
-    let conn = builder
-        .serve_connection_with_upgrades(TokioIo::new(io), service)
-        .into_owned();
-    watcher.watch(conn).await
+    let streams = (http == Http::Two).then(|| Arc::new(OpenStreams::new()));
+    let service = CountStreams {
+        inner: service,
+        streams: streams.clone(),
+    };
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let idle = async {
+        match &streams {
+            Some(streams) => streams.idle_for(idle).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        ended = conn.as_mut() => return ended,
+        _ = stopping.changed() => {}
+        () = idle => tracing::debug!("HTTP/2 connection idle; closing it"),
+    }
+    conn.as_mut().graceful_shutdown();
+    conn.await
+}
+
+/// The streams open on one HTTP/2 connection: a stream counts from its request's
+/// head until its response body has been sent (or dropped).
+struct OpenStreams {
+    /// When the connection started; times below are milliseconds since.
+    start: tokio::time::Instant,
+    open: std::sync::atomic::AtomicUsize,
+    /// When a stream last ended (0 when none has).
+    last_end_ms: std::sync::atomic::AtomicU64,
+    ended: tokio::sync::Notify,
+}
+
+impl OpenStreams {
+    fn new() -> OpenStreams {
+        OpenStreams {
+            start: tokio::time::Instant::now(),
+            open: 0.into(),
+            last_end_ms: 0.into(),
+            ended: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Counts a stream as open until the guard is dropped.
+    fn opened(self: &Arc<Self>) -> StreamOpen {
+        self.open.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        StreamOpen(self.clone())
+    }
+
+    /// Resolves once no stream has been open for `idle`.
+    async fn idle_for(&self, idle: Duration) {
+        use std::sync::atomic::Ordering::SeqCst;
+        loop {
+            let ended = self.ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            if self.open.load(SeqCst) > 0 {
+                ended.await;
+                continue;
+            }
+            let last_end = self.last_end_ms.load(SeqCst);
+            tokio::time::sleep_until(self.start + Duration::from_millis(last_end) + idle).await;
+            if self.open.load(SeqCst) == 0 && self.last_end_ms.load(SeqCst) == last_end {
+                return;
+            }
+        }
+    }
+}
+
+/// One open stream of an [`OpenStreams`]; ends it when dropped.
+struct StreamOpen(Arc<OpenStreams>);
+
+impl Drop for StreamOpen {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let since = u64::try_from(self.0.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        // Never 0, which stands for "none ended yet".
+        self.0.last_end_ms.store(since.max(1), SeqCst);
+        self.0.open.fetch_sub(1, SeqCst);
+        self.0.ended.notify_waiters();
+    }
+}
+
+/// A connection's service that, on HTTP/2, keeps each stream counted in `streams`
+/// until its response body is done.
+#[derive(Clone)]
+struct CountStreams<S> {
+    inner: S,
+    streams: Option<Arc<OpenStreams>>,
+}
+
+impl<S> hyper::service::Service<Request<Incoming>> for CountStreams<S>
+where
+    S: hyper::service::Service<
+        Request<Incoming>,
+        Response = Response<ProxyBody>,
+        Error = Infallible,
+    >,
+    S::Future: Send + 'static,
+{
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = Counted<S::Future>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        Counted {
+            open: self.streams.as_ref().map(OpenStreams::opened),
+            answer: self.inner.call(req),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A request being answered, with its stream counted (on HTTP/2); the count goes
+    /// on into the response body.
+    struct Counted<F> {
+        open: Option<StreamOpen>,
+        #[pin]
+        answer: F,
+    }
+}
+
+impl<F> std::future::Future for Counted<F>
+where
+    F: std::future::Future<Output = Result<Response<ProxyBody>, Infallible>>,
+{
+    type Output = Result<Response<ProxyBody>, Infallible>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let this = self.project();
+        let res = std::task::ready!(this.answer.poll(cx))?;
+        std::task::Poll::Ready(Ok(match this.open.take() {
+            None => res,
+            Some(open) => res.map(|body| WhileOpen { body, _open: open }.boxed()),
+        }))
+    }
+}
+
+/// A response body that keeps its stream counted as open until it is dropped.
+struct WhileOpen {
+    body: ProxyBody,
+    _open: StreamOpen,
+}
+
+impl hyper::body::Body for WhileOpen {
+    type Data = Bytes;
+    type Error = crate::streams::BodyError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// 308 to the HTTPS form of `req`'s URL; 400 when its host is not a host name.
@@ -1795,5 +1963,141 @@ mod tests {
         let res = h1.send_request(req).await.unwrap();
         assert_eq!(res.version(), http::Version::HTTP_11);
         assert_eq!(res.status(), StatusCode::PERMANENT_REDIRECT);
+    }
+
+    /// A service whose `/slow` response sends "a", then "b" after `pause`; anything
+    /// else gets an empty 200 at once.
+    #[derive(Clone)]
+    struct Slow {
+        pause: Duration,
+    }
+
+    impl hyper::service::Service<Request<Incoming>> for Slow {
+        type Response = Response<ProxyBody>;
+        type Error = Infallible;
+        type Future = std::future::Ready<Result<Response<ProxyBody>, Infallible>>;
+
+        fn call(&self, req: Request<Incoming>) -> Self::Future {
+            if req.uri().path() != "/slow" {
+                return std::future::ready(Ok(full(StatusCode::OK, "text/plain", "")));
+            }
+            let (tx, rx) = tokio::sync::mpsc::channel::<
+                Result<hyper::body::Frame<Bytes>, crate::streams::BodyError>,
+            >(2);
+            let pause = self.pause;
+            tokio::spawn(async move {
+                let _ = tx
+                    .send(Ok(hyper::body::Frame::data(Bytes::from("a"))))
+                    .await;
+                tokio::time::sleep(pause).await;
+                let _ = tx
+                    .send(Ok(hyper::body::Frame::data(Bytes::from("b"))))
+                    .await;
+            });
+            let body =
+                http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+            std::future::ready(Ok(Response::new(body.boxed())))
+        }
+    }
+
+    fn slow_service(
+        pause: Duration,
+    ) -> impl Fn(SocketAddr, Option<Arc<ClientCert>>) -> Slow + Send + Sync + 'static {
+        move |_, _| Slow { pause }
+    }
+
+    async fn h2_client(
+        addr: SocketAddr,
+    ) -> (
+        hyper::client::conn::http2::SendRequest<Empty<Bytes>>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let io = hyper_util::rt::TokioIo::new(TcpStream::connect(addr).await.unwrap());
+        let (h2, conn) =
+            hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+                .await
+                .unwrap();
+        (h2, tokio::spawn(async move { drop(conn.await) }))
+    }
+
+    fn get(path: &str) -> Request<Empty<Bytes>> {
+        Request::get(format!("http://app.test{path}"))
+            .body(Empty::new())
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn idle_http2_connections_are_closed_but_not_while_a_stream_is_open() {
+        let idle = Duration::from_millis(400);
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(serve_with(
+            l,
+            None,
+            idle,
+            std::future::pending(),
+            slow_service(idle * 4),
+        ));
+        // A response streaming for four idle periods is not cut.
+        let (mut h2, conn) = h2_client(addr).await;
+        let res = h2.send_request(get("/slow")).await.unwrap();
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "ab");
+        // The connection was not asked to close meanwhile (no GOAWAY): it takes more.
+        let res = h2.send_request(get("/")).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        // Then, with no stream open, the connection is closed after the idle period
+        // (and not before).
+        let quiet = Instant::now();
+        tokio::time::timeout(Duration::from_secs(10), conn)
+            .await
+            .expect("an idle HTTP/2 connection is closed")
+            .unwrap();
+        assert!(quiet.elapsed() >= idle - Duration::from_millis(50));
+        // Requests keep a connection open as long as they come.
+        let (mut h2, conn) = h2_client(addr).await;
+        for _ in 0..6 {
+            let res = h2.send_request(get("/")).await.unwrap();
+            assert_eq!(res.status(), StatusCode::OK);
+            tokio::time::sleep(idle / 2).await;
+        }
+        assert!(!conn.is_finished());
+    }
+
+    #[tokio::test]
+    async fn shutdown_lets_responses_in_flight_finish() {
+        let pause = Duration::from_millis(600);
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve_with(
+            l,
+            None,
+            Duration::from_secs(30),
+            async move {
+                let _ = stopped.await;
+            },
+            slow_service(pause),
+        ));
+        let (mut h2, _conn2) = h2_client(addr).await;
+        let io = hyper_util::rt::TokioIo::new(TcpStream::connect(addr).await.unwrap());
+        let (mut h1, conn1) = hyper::client::conn::http1::handshake(io).await.unwrap();
+        tokio::spawn(conn1);
+        let mut slow1 = get("/slow");
+        *slow1.uri_mut() = Uri::from_static("/slow");
+        let slow1 = h1.send_request(slow1).await.unwrap();
+        let slow2 = h2.send_request(get("/slow")).await.unwrap();
+        // Both responses have begun; the server is asked to stop.
+        stop.send(()).unwrap();
+        for res in [slow1, slow2] {
+            let body = res.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(body, "ab");
+        }
+        tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .expect("the server stops once its connections have finished")
+            .unwrap();
+        // And takes no new connection.
+        assert!(TcpStream::connect(addr).await.is_err());
     }
 }

@@ -168,7 +168,8 @@ pub(crate) struct ProxyArgs {
     /// the moment its connection is ready for the request (just opened, or idle
     /// after the previous response); then the connection is closed. Holds off
     /// clients that trickle headers to tie up connections, and closes idle
-    /// keep-alive connections.
+    /// keep-alive connections; an HTTP/2 connection with no stream open for as
+    /// long is closed too.
     #[arg(long, env = "VIGIL_PROXY_HEADER_TIMEOUT_S", default_value_t = 30,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub header_timeout_s: u64,
