@@ -7,7 +7,7 @@ use std::net::TcpListener;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -49,9 +49,23 @@ fn server_bin_dir() -> io::Result<PathBuf> {
 /// Runs the rest of a command line as `postgres` (when we are root: the server refuses to).
 const AS_POSTGRES: [&str; 4] = ["runuser", "-u", "postgres", "--"];
 
-/// A free loopback port.
+/// A free loopback port, never one this process has been given before: the port is
+/// free when returned but bound later by whoever asked, and the kernel could hand
+/// the same one to the next caller meanwhile.
 pub fn free_port() -> io::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    /// One bit per port given out by this process.
+    static GIVEN: [AtomicU64; 1024] = [const { AtomicU64::new(0) }; 1024];
+    for _ in 0..1000 {
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let (word, bit) = (usize::from(port / 64), 1u64 << (port % 64));
+        if GIVEN[word].fetch_or(bit, Ordering::Relaxed) & bit == 0 {
+            return Ok(port);
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::AddrInUse,
+        "no loopback port left that this process has not used",
+    ))
 }
 
 fn is_root() -> bool {
@@ -309,6 +323,15 @@ fn create_on(url: &str, name: &str) -> io::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn free_ports_are_never_given_twice() {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..2000 {
+            let port = free_port().unwrap();
+            assert!(seen.insert(port), "port {port} given twice");
+        }
+    }
 
     #[test]
     fn starts_halts_and_resumes() {
