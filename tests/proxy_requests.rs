@@ -269,15 +269,38 @@ async fn the_proxy_authorizes_every_request_from_its_snapshot() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proxy_without_a_snapshot_refuses_everything() {
-    // Nothing listens on port 9: the proxy never gets a snapshot.
-    let proxy = ProxyProcess::start("http://127.0.0.1:9", "no-such-token", "lonely");
+    // Nothing listens on port 9: the proxy never gets a snapshot. (Its log is JSON.)
+    let proxy = ProxyProcess::start_with(
+        "http://127.0.0.1:9",
+        "no-such-token",
+        "lonely",
+        &["--log-format".into(), "json".into()],
+    );
     let res = get(&proxy, "app.test", "/")
-        .bearer_auth("anything")
+        .bearer_auth("anything-secret")
         .send()
         .await
         .unwrap();
     assert_eq!(res.status(), 503);
     assert!(res.headers().contains_key("retry-after"));
+    // The refusal is one JSON object in the decision log, and no token in it.
+    let line = proxy
+        .log_line("a JSON decision line", |l| {
+            l.contains(r#""target":"vigil::decision""#)
+        })
+        .await;
+    let decision: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(decision["message"], "decision", "{line}");
+    assert_eq!(decision["level"], "INFO", "{line}");
+    assert_eq!(decision["status"], 503, "{line}");
+    assert_eq!(decision["route"], "-", "{line}");
+    assert!(
+        decision["request_id"]
+            .as_str()
+            .is_some_and(|id| id.len() == 32),
+        "{line}"
+    );
+    assert!(!proxy.log_text().contains("anything-secret"));
     let ready = reqwest::get(format!("{}/readyz", proxy.health_url))
         .await
         .unwrap();

@@ -36,8 +36,21 @@ struct Cli {
     /// Print the effective configuration (secrets redacted) and exit.
     #[arg(long, global = true)]
     print_config: bool,
+    /// How log lines are written: `text` (key=value) or `json` (one object per
+    /// line, fields at the top level, for log collectors).
+    #[arg(long, env = "VIGIL_LOG_FORMAT", global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// The log's line format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// `2026-12-04T02:30:07Z  INFO decision request_id=… decision=allow …`
+    Text,
+    /// `{"timestamp":…,"level":"INFO","message":"decision","request_id":…,"target":"vigil::decision"}`
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -330,7 +343,7 @@ impl Drop for LogFlush {
 /// Logs to stdout through a thread of its own, so that a request (one decision line
 /// each) never waits for a write: the thread writes what has gathered since its last
 /// write in one `write`, at once when it was idle, else within a millisecond.
-fn init_tracing() -> LogFlush {
+fn init_tracing(format: LogFormat) -> LogFlush {
     use std::io::Write as _;
     let filter =
         tracing_subscriber::EnvFilter::try_from_env("VIGIL_LOG").unwrap_or_else(|_| "info".into());
@@ -363,17 +376,32 @@ fn init_tracing() -> LogFlush {
                 }
             }
         });
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        // Colour only for a terminal: log files and collectors get plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
-    match spawned {
-        Ok(_) => {
-            builder.with_writer(LogLines(lines.clone())).init();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // No thread: write directly.
+    let writer = spawned.ok().map(|_| LogLines(lines.clone()));
+    match format {
+        LogFormat::Text => {
+            let text = builder
+                .with_target(false)
+                // Colour only for a terminal: log files and collectors get plain text.
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
+            match writer {
+                Some(w) => text.with_writer(w).init(),
+                None => text.init(),
+            }
         }
-        // No thread: write directly, as before.
-        Err(_) => builder.init(),
+        LogFormat::Json => {
+            // The target stays: `vigil::decision` marks the decision log.
+            let json = builder
+                .json()
+                .flatten_event(true)
+                .with_current_span(false)
+                .with_span_list(false);
+            match writer {
+                Some(w) => json.with_writer(w).init(),
+                None => json.init(),
+            }
+        }
     }
     LogFlush { lines, written }
 }
@@ -834,7 +862,7 @@ fn main() -> anyhow::Result<()> {
         _ => {}
     }
     // Dropped last: every line is written before the process ends.
-    let _log = init_tracing();
+    let _log = init_tracing(cli.log_format);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
