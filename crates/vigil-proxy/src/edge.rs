@@ -15,10 +15,16 @@
 //! it names, `Keep-Alive`, `Proxy-Connection`, `TE`, `Trailer`,
 //! `Transfer-Encoding`, `Upgrade` unless the request is a WebSocket upgrade),
 //! every `X-Vigil-*` header, and `X-Forwarded-*` and `Forwarded` unless the peer is
-//! a trusted proxy (none by default).
+//! a trusted proxy (none by default). Request trailers are never forwarded
+//! ([`WithoutTrailers`]).
 
 use std::fmt;
 use std::net::IpAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use http::header::{self, HeaderMap, HeaderName};
 use http::request::Parts;
@@ -196,6 +202,38 @@ pub fn strip_inbound(headers: &mut HeaderMap, peer_trusted: bool) {
         .collect();
     for n in untrusted {
         headers.remove(n);
+    }
+}
+
+/// A request body without its trailer fields, which are never forwarded: nothing
+/// checks them, and over HTTP/2 an upstream would get them as sent (`X-Vigil-*`
+/// included). An HTTP/1.1 upstream gets none either way, since the `Trailer`
+/// header that announces them is stripped.
+#[derive(Debug)]
+pub struct WithoutTrailers(pub Incoming);
+
+impl Body for WithoutTrailers {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        loop {
+            match std::task::ready!(Pin::new(&mut self.0).poll_frame(cx)) {
+                Some(Ok(frame)) if frame.is_trailers() => continue,
+                other => return Poll::Ready(other),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.0.size_hint()
     }
 }
 

@@ -756,7 +756,11 @@ impl Proxy {
         let req = Request::from_parts(parts, body);
         let sending = async {
             match pool {
-                Some(pool) => Ok(pool.client.request(req).await?.map(UpstreamBody::from)),
+                Some(pool) => Ok(pool
+                    .client
+                    .request(req.map(edge::WithoutTrailers))
+                    .await?
+                    .map(UpstreamBody::from)),
                 None => self.conns.send(upstream, req).await,
             }
         };
