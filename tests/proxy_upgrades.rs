@@ -451,9 +451,16 @@ async fn https_upstreams_are_verified_and_cors_preflights_opt_in() {
     );
     assert_eq!(res.text().await.unwrap(), "");
     assert_eq!(preflight("nocors.test").send().await.unwrap().status(), 401);
-    // An OPTIONS with a body is no preflight: authenticated as usual.
+    // An OPTIONS with a body is no preflight: authenticated as usual, whether the
+    // body has a length or comes in chunks.
     let res = preflight("cors.test").body("payload").send().await.unwrap();
     assert_eq!(res.status(), 401);
+    let (status, body) = raw(
+        &proxy,
+        "OPTIONS /api HTTP/1.1\r\nHost: cors.test\r\nOrigin: https://web.example\r\nAccess-Control-Request-Method: PUT\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n7\r\npayload\r\n0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 401, "{body}");
     // Only a preflight: other requests, and OPTIONS without the CORS headers, are
     // authenticated as usual.
     let res = http

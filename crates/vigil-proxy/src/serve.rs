@@ -485,7 +485,7 @@ impl Proxy {
         // The route's forwarding, looked up once for the preflight and for step 6.
         let route_forwarding = index.policies.get(route).map(|r| &r.forwarding);
         if let Some(forwarding) =
-            route_forwarding.filter(|f| f.cors_preflight && is_cors_preflight(&parts))
+            route_forwarding.filter(|f| f.cors_preflight && is_cors_preflight(&parts, &body))
         {
             log.decision = "allow";
             log.rule = Some("cors-preflight".into());
@@ -1024,14 +1024,12 @@ impl Proxy {
 }
 
 /// Whether the request is a CORS preflight: `OPTIONS` with `Origin` and
-/// `Access-Control-Request-Method`.
-fn is_cors_preflight(parts: &http::request::Parts) -> bool {
-    // A preflight has no body; anything with one takes the authenticated path.
-    let bodiless = !parts.headers.contains_key(header::TRANSFER_ENCODING)
-        && parts
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .is_none_or(|v| v.as_bytes() == b"0");
+/// `Access-Control-Request-Method`, and no body.
+fn is_cors_preflight(parts: &http::request::Parts, body: &Incoming) -> bool {
+    // A preflight has no body; anything with one takes the authenticated path. The
+    // body itself says so (the edge has stripped `Transfer-Encoding` by now, and an
+    // HTTP/2 body needs no length header at all).
+    let bodiless = hyper::body::Body::is_end_stream(body);
     parts.method == http::Method::OPTIONS
         && bodiless
         && parts.headers.contains_key(header::ORIGIN)
