@@ -130,7 +130,10 @@ fn framing(headers: &HeaderMap) -> Result<(), EdgeError> {
     }
 }
 
-/// Whether the request asks to become a WebSocket.
+/// Whether the request asks to become a WebSocket (or a `101` response says it
+/// has): `Connection: upgrade` and one `Upgrade`, `websocket`. A second `Upgrade`
+/// line (`h2c`, say) makes it no WebSocket upgrade at all, so that it is stripped
+/// rather than sent on for the upstream to pick the other protocol.
 pub fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
     let connection_upgrade = headers.get_all(header::CONNECTION).iter().any(|v| {
         v.to_str().is_ok_and(|v| {
@@ -138,10 +141,13 @@ pub fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
                 .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
         })
     });
-    let websocket = headers
-        .get(header::UPGRADE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim().eq_ignore_ascii_case("websocket"));
+    let mut upgrades = headers.get_all(header::UPGRADE).iter();
+    let websocket = match (upgrades.next(), upgrades.next()) {
+        (Some(v), None) => v
+            .to_str()
+            .is_ok_and(|v| v.trim().eq_ignore_ascii_case("websocket")),
+        _ => false,
+    };
     connection_upgrade && websocket
 }
 
@@ -429,6 +435,25 @@ mod tests {
         strip_inbound(&mut h, false);
         assert_eq!(names(&h), ["connection", "host", "upgrade"]);
         assert_eq!(h[header::CONNECTION], "upgrade");
+
+        // A second protocol on its own line, or in the same one: no WebSocket,
+        // and no Upgrade goes on.
+        for second in [&[("upgrade", "h2c")][..], &[]] {
+            let mut pairs = vec![("host", "a.example"), ("connection", "Upgrade")];
+            pairs.push((
+                "upgrade",
+                if second.is_empty() {
+                    "websocket, h2c"
+                } else {
+                    "websocket"
+                },
+            ));
+            pairs.extend_from_slice(second);
+            let mut h = headers(&pairs);
+            assert!(!is_websocket_upgrade(&h), "{h:?}");
+            strip_inbound(&mut h, false);
+            assert_eq!(names(&h), ["host"]);
+        }
     }
 
     #[test]

@@ -898,6 +898,14 @@ impl Proxy {
                 body.map_err(crate::streams::BodyError::from).boxed(),
             );
         }
+        if !edge::is_websocket_upgrade(res.headers()) {
+            // A switch to anything else (`h2c`, say) would leave a tunnel carrying
+            // requests that no one decides.
+            return ask.refuse(
+                StatusCode::BAD_GATEWAY,
+                "the upstream switched to a protocol other than WebSocket",
+            );
+        }
         let from_upstream = hyper::upgrade::on(&mut res);
         let (mut head, _) = res.into_parts();
         edge::strip_inbound(&mut head.headers, true);
