@@ -1056,8 +1056,15 @@ fn trust_for<'f>(forwarding: &'f Forwarding, upstream: &Upstream) -> &'f Trust {
 }
 
 /// 502 for an upstream that failed, saying so clearly when its TLS certificate
-/// was refused.
+/// was refused; 400 when what failed was reading the client's own body (a bad
+/// chunk, say), which is no fault of the upstream's.
 fn upstream_failed(ask: &Ask<'_>, e: &(dyn std::error::Error + 'static)) -> Response<ProxyBody> {
+    if client_body_failed(e) {
+        return ask.refuse(
+            StatusCode::BAD_REQUEST,
+            "the request body is malformed or was cut short",
+        );
+    }
     match certificate_error(e) {
         Some(why) => {
             tracing::warn!(request_id = %ask.id, route = ask.route, error = %why, "Upstream certificate refused");
@@ -1071,6 +1078,22 @@ fn upstream_failed(ask: &Ask<'_>, e: &(dyn std::error::Error + 'static)) -> Resp
             ask.refuse(StatusCode::BAD_GATEWAY, "the upstream did not answer")
         }
     }
+}
+
+/// Whether `e` (from sending a request upstream) is the request body failing: a
+/// hyper "user" error (the body given to the client) caused by hyper's error
+/// reading that body from the client.
+fn client_body_failed(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    while let Some(err) = next {
+        if let Some(h) = err.downcast_ref::<hyper::Error>() {
+            return h.is_user()
+                && std::error::Error::source(h)
+                    .is_some_and(|cause| cause.downcast_ref::<hyper::Error>().is_some());
+        }
+        next = err.source();
+    }
+    false
 }
 
 /// What a WebSocket's upstream connection runs over: TCP, or TLS over it.
