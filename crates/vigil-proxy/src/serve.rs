@@ -1537,6 +1537,11 @@ pub async fn serve_redirect(
 /// A TLS handshake must finish in this long.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The most an HTTP/1 connection buffers, which bounds a request head: a longer one
+/// gets 431. hyper's default is about 400 KiB per connection; HTTP/2 heads are held
+/// to 16 KiB (hyper's `SETTINGS_MAX_HEADER_LIST_SIZE`), Envoy's to 60 KiB.
+const H1_MAX_BUFFER: usize = 64 * 1024;
+
 /// An HTTP/2 connection is pinged after this long without a frame from the peer,
 /// and closed when the ping is not answered within [`H2_PING_TIMEOUT`].
 const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
@@ -1709,7 +1714,8 @@ where
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(idle);
+        .header_read_timeout(idle)
+        .max_buf_size(H1_MAX_BUFFER);
     builder
         .http2()
         .timer(TokioTimer::new())
