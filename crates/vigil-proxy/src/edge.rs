@@ -9,7 +9,11 @@
 //!   HTTP/1.1, `:authority` on HTTP/2), or a request with neither;
 //! - `Content-Length` together with `Transfer-Encoding`, several `Content-Length`
 //!   values that differ, or a `Transfer-Encoding` other than a final `chunked`
-//!   (the connection is closed after these: request smuggling).
+//!   (the connection is closed after these: request smuggling). On HTTP/1.1,
+//!   hyper, which parses the head, settles `Content-Length` with `chunked` before
+//!   this check runs: `Transfer-Encoding` wins, `Content-Length` is dropped and the
+//!   connection is closed after the response (RFC 9112 section 6.3), so the
+//!   request is read as chunked, not refused. HTTP/2 refuses `Transfer-Encoding`.
 //!
 //! Stripped from every request: hop-by-hop headers (`Connection` and the headers
 //! it names, `Keep-Alive`, `Proxy-Connection`, `TE`, `Trailer`,
