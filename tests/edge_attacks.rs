@@ -363,6 +363,8 @@ async fn the_edge_holds_against_malformed_and_ambiguous_requests() {
         ("..; segment", get("/x/..;/admin", ""), vec![400]),
         ("%2e%2e; segment", get("/x/%2e%2e;/admin/", ""), vec![400]),
         ("empty segment with a parameter", get("/;x/admin", ""), vec![400]),
+        ("parameters that change the route", get("/admin;x=1/panel", ""), vec![400]),
+        ("parameters that keep the route", get("/x/page.jsp;jsessionid=1", ""), vec![200]),
         ("double-encoded slash stays one segment", get("/admin%252f", ""), vec![200]),
         ("overlong UTF-8 slash", get("/x/%c0%af../admin", ""), vec![400]),
         ("raw backslash", get("/x\\..\\admin", ""), vec![400]),

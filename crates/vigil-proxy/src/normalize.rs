@@ -112,6 +112,16 @@ pub fn normalize_path(raw: &str) -> Result<String, PathError> {
     Ok(out)
 }
 
+/// `path` (canonical) with every segment's parameters (`;...`) cut off: the path a
+/// server that drops them (Tomcat, Jetty) serves. The proxy refuses a path whose
+/// route this changes.
+pub fn without_params(path: &str) -> String {
+    path.split('/')
+        .map(|seg| seg.split_once(';').map_or(seg, |(name, _)| name))
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
 /// Steps 1-3 for one segment: appends its decoded form to `out`.
 fn decode_segment(bytes: &[u8], out: &mut String, run: &mut Vec<u8>) -> Result<(), PathError> {
     let mut i = 0;
@@ -224,6 +234,18 @@ mod tests {
             ("/x/;", PathError::DotSegmentParams),
         ] {
             assert_eq!(normalize_path(raw), Err(want), "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn parameters_come_off_every_segment() {
+        for (path, want) in [
+            ("/a/b", "/a/b"),
+            ("/admin;x=1/panel", "/admin/panel"),
+            ("/a;b/c;d=e;f/", "/a/c/"),
+            ("/app/page.jsp;jsessionid=1", "/app/page.jsp"),
+        ] {
+            assert_eq!(without_params(path), want, "{path}");
         }
     }
 

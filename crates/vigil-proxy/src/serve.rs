@@ -462,6 +462,19 @@ impl Proxy {
             );
         };
         log.route = Some(route.to_owned());
+        // Servers that drop path parameters (Tomcat, Jetty) would serve
+        // `/admin;x/panel` as `/admin/panel`: a path whose route changes without
+        // its parameters is refused rather than decided as the other route.
+        if path.contains(';')
+            && index
+                .routes
+                .find(&host, &crate::normalize::without_params(&path))
+                != Some(route)
+        {
+            let reason = "the path's parameters (`;`) change which route serves it";
+            log.refuse("path", reason.into());
+            return (refusal(StatusCode::BAD_REQUEST, reason, id, html), log);
+        }
         let ask = Ask {
             id,
             html,
