@@ -660,11 +660,14 @@ async fn the_edge_holds_against_malformed_and_ambiguous_requests() {
             failures.push(format!("{what}: got {status}, want {want:?}: {body}"));
         }
     }
-    // Identity and forwarding headers over HTTP/2.
+    // Identity and forwarding headers over HTTP/2, and cookies split into one
+    // field each (as HTTP/2 allows), which the HTTP/1.1 upstream gets as one.
     let (status, body) = send(
         h2("http://app.test/x")
             .header("x-vigil-user", "usr_admin")
             .header("x-forwarded-for", "6.6.6.6")
+            .header("cookie", "a=1")
+            .header("cookie", "b=2")
             .body(empty())
             .unwrap(),
     )
@@ -674,8 +677,11 @@ async fn the_edge_holds_against_malformed_and_ambiguous_requests() {
             if status == 200
                 && seen["headers"].get("x-vigil-user").is_none()
                 && seen["headers"]["x-forwarded-for"] == "127.0.0.1"
+                && seen["headers"]["cookie"] == "a=1; b=2"
                 && seen["headers"]["host"].as_str().is_some() => {}
-        _ => failures.push(format!("h2 spoofing: {status} {body}")),
+        _ => failures.push(format!(
+            "h2 identity, forwarding and cookie fields: {status} {body}"
+        )),
     }
 
     // HTTP/2 fields no client library sends, written as raw frames: each is

@@ -998,6 +998,7 @@ impl Proxy {
             h.remove(header::AUTHORIZATION);
         }
         cookie::strip_session(h);
+        cookie::join_fields(h);
         // What the upstream learns about the request and the caller.
         append_forwarded_for(h, ask.peer);
         set(
