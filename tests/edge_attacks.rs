@@ -117,15 +117,21 @@ fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     f
 }
 
-/// Opens an HTTP/2 connection by prior knowledge and sends `fields` as the whole
-/// request on stream 1 (no body).
-async fn raw_h2(proxy: &ProxyProcess, fields: &[(&str, &str)]) -> H2Answer {
+/// Opens an HTTP/2 connection by prior knowledge and sends `fields` as the
+/// request on stream 1, with `body` in one DATA frame when there is one.
+async fn raw_h2(proxy: &ProxyProcess, fields: &[(&str, &str)], body: Option<&str>) -> H2Answer {
     let addr = proxy.url.trim_start_matches("http://");
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
     out.extend(frame(0x4, 0, 0, &[]));
-    // END_STREAM | END_HEADERS.
-    out.extend(frame(0x1, 0x5, 1, &hpack(fields)));
+    match body {
+        // END_STREAM | END_HEADERS.
+        None => out.extend(frame(0x1, 0x5, 1, &hpack(fields))),
+        Some(body) => {
+            out.extend(frame(0x1, 0x4, 1, &hpack(fields)));
+            out.extend(frame(0x0, 0x1, 1, body.as_bytes()));
+        }
+    }
     s.write_all(&out).await.unwrap();
     let mut buf = Vec::new();
     let mut data = String::new();
@@ -703,6 +709,25 @@ async fn the_edge_holds_against_malformed_and_ambiguous_requests() {
     };
     let h2_raw_cases: Vec<(&str, Vec<(&str, &str)>)> = vec![
         (
+            "CR LF in a value",
+            with("/x", &[("x-a", "a\r\nx-vigil-user: usr_admin")]),
+        ),
+        ("colon in a name", with("/x", &[("x-vigil-user:x", "1")])),
+        ("space in a name", with("/x", &[("x-vigil-user x", "1")])),
+        (
+            ":authority with userinfo",
+            vec![
+                (":method", "GET"),
+                (":scheme", "http"),
+                (":authority", "robot@app.test"),
+                (":path", "/x"),
+            ],
+        ),
+        (
+            "no :authority and no host",
+            vec![(":method", "GET"), (":scheme", "http"), (":path", "/x")],
+        ),
+        (
             "upper-case name",
             with("/x", &[("X-Vigil-User", "usr_admin")]),
         ),
@@ -751,16 +776,39 @@ async fn the_edge_holds_against_malformed_and_ambiguous_requests() {
             ],
         ),
     ];
-    let control = raw_h2(&proxy, &with("/x", &[("authorization", token)])).await;
+    let control = raw_h2(&proxy, &with("/x", &[("authorization", token)]), None).await;
     if !matches!(&control, H2Answer::Answered(d) if d.contains("\"target\":\"/x\"")) {
         failures.push(format!("raw h2 control request: {control:?}"));
     }
     for (what, mut fields) in h2_raw_cases {
         fields.push(("authorization", token));
-        match raw_h2(&proxy, &fields).await {
+        match raw_h2(&proxy, &fields, None).await {
             H2Answer::Reset => {}
             H2Answer::Answered(d) if !d.contains("\"target\"") => {}
             other => failures.push(format!("raw h2 {what}: {other:?}")),
+        }
+    }
+
+    // A body longer than the content-length it declares (an HTTP/2-to-HTTP/1.1
+    // downgrade smuggling a second request in the body): reset, never sent on.
+    let smuggled = "GET /admin HTTP/1.1\r\nHost: app.test\r\n\r\n";
+    let right = smuggled.len().to_string();
+    for (length, reaches) in [("0", false), (right.as_str(), true)] {
+        let fields = [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":authority", "app.test"),
+            (":path", "/x"),
+            ("content-length", length),
+            ("authorization", token),
+        ];
+        let answer = raw_h2(&proxy, &fields, Some(smuggled)).await;
+        let reached = matches!(&answer, H2Answer::Answered(d) if d.contains("\"target\":\"/x\""));
+        if reached != reaches {
+            failures.push(format!(
+                "raw h2 body of {} bytes with content-length {length}: {answer:?}",
+                smuggled.len()
+            ));
         }
     }
 
