@@ -16,10 +16,11 @@
 //!   request is read as chunked, not refused. HTTP/2 refuses `Transfer-Encoding`.
 //!
 //! Stripped from every request: hop-by-hop headers (`Connection` and the headers
-//! it names, `Keep-Alive`, `Proxy-Connection`, `TE`, `Trailer`,
+//! it names, `Keep-Alive`, `Proxy-Connection`, `HTTP2-Settings`, `TE`, `Trailer`,
 //! `Transfer-Encoding`, `Upgrade` unless the request is a WebSocket upgrade),
-//! every `X-Vigil-*` header, and `X-Forwarded-*` and `Forwarded` unless the peer is
-//! a trusted proxy (none by default). Request trailers are never forwarded
+//! every `X-Vigil-*` header, the headers some servers take to override the method
+//! or the path the policy decided on ([`OVERRIDES`]), and `X-Forwarded-*` and
+//! `Forwarded` unless the peer is a trusted proxy (none by default). Request trailers are never forwarded
 //! ([`WithoutTrailers`]).
 
 use std::fmt;
@@ -166,6 +167,19 @@ impl TrustedProxies {
     }
 }
 
+/// Headers that frameworks read as the real method (Express's method-override,
+/// Symfony, ASP.NET Core) or the real path (Symfony's `X-Original-URL`, IIS
+/// rewrites): a `POST` with `X-HTTP-Method-Override: DELETE` would dodge a policy
+/// that denies `DELETE`, a request for `/x` with `X-Original-URL: /admin` one
+/// that guards `/admin`.
+pub const OVERRIDES: [&str; 5] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-original-url",
+    "x-rewrite-url",
+];
+
 /// Removes what no upstream or check may believe (see the module's doc). A
 /// WebSocket upgrade keeps `Connection: upgrade` and `Upgrade`.
 pub fn strip_inbound(headers: &mut HeaderMap, peer_trusted: bool) {
@@ -189,6 +203,9 @@ pub fn strip_inbound(headers: &mut HeaderMap, peer_trusted: bool) {
         header::PROXY_AUTHORIZATION,
         HeaderName::from_static("keep-alive"),
         HeaderName::from_static("proxy-connection"),
+        // h2c's settings: connection-specific (RFC 7540 section 3.2.1), though a
+        // client may leave it out of `Connection`.
+        HeaderName::from_static("http2-settings"),
     ] {
         headers.remove(n);
     }
@@ -206,6 +223,7 @@ pub fn strip_inbound(headers: &mut HeaderMap, peer_trusted: bool) {
         .filter(|n| {
             let s = n.as_str();
             s.starts_with("x-vigil-")
+                || OVERRIDES.contains(&s)
                 || (!peer_trusted && (s.starts_with("x-forwarded-") || s == "forwarded"))
         })
         .cloned()
@@ -407,8 +425,14 @@ mod tests {
             ("x-secret", "s"),
             ("keep-alive", "timeout=5"),
             ("upgrade", "h2c"),
+            ("http2-settings", "AAMAAABkAAQAAP__"),
             ("te", "trailers"),
             ("proxy-authorization", "Basic x"),
+            ("x-http-method-override", "DELETE"),
+            ("X-HTTP-Method", "DELETE"),
+            ("x-method-override", "DELETE"),
+            ("x-original-url", "/admin"),
+            ("x-rewrite-url", "/admin"),
             ("accept", "*/*"),
         ]);
         strip_inbound(&mut h, false);
