@@ -728,6 +728,16 @@ async fn the_edge_holds_against_malformed_and_ambiguous_requests() {
             ],
         ),
         (
+            "extended CONNECT for a WebSocket",
+            vec![
+                (":method", "CONNECT"),
+                (":protocol", "websocket"),
+                (":scheme", "http"),
+                (":authority", "app.test"),
+                (":path", "/x"),
+            ],
+        ),
+        (
             "no :authority and no host",
             vec![(":method", "GET"), (":scheme", "http"), (":path", "/x")],
         ),
