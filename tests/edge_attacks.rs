@@ -253,6 +253,24 @@ async fn the_edge_holds_against_malformed_and_ambiguous_requests() {
                "upstreams": [upstream], "policies": ["operators"]}),
     )
     .await;
+    // A route whose policy guards a path by a condition rather than a route.
+    post_json(
+        &c,
+        &url,
+        "/v1/policies",
+        json!({"name": "no-secrets", "document": [
+            {"deny": {"or": [{"http_path": {"starts_with": "/app/secret"}}]}},
+            {"allow": {"or": [{"service_account": "robot"}]}}
+        ]}),
+    )
+    .await;
+    post_json(
+        &c,
+        &url,
+        "/v1/routes",
+        json!({"name": "java", "host": "java.test", "upstreams": [upstream], "policies": ["no-secrets"]}),
+    )
+    .await;
     let switching = h2c_switching_upstream().await;
     post_json(
         &c,
@@ -371,6 +389,16 @@ async fn the_edge_holds_against_malformed_and_ambiguous_requests() {
         ("empty segment with a parameter", get("/;x/admin", ""), vec![400]),
         ("parameters that change the route", get("/admin;x=1/panel", ""), vec![400]),
         ("parameters that keep the route", get("/x/page.jsp;jsessionid=1", ""), vec![200]),
+        (
+            "parameters that dodge a path condition",
+            format!("GET /app;x=1/secret HTTP/1.1\r\nHost: java.test\r\n{auth}Connection: close\r\n\r\n"),
+            vec![400],
+        ),
+        (
+            "parameters that keep the decision",
+            format!("GET /app/page.jsp;jsessionid=1 HTTP/1.1\r\nHost: java.test\r\n{auth}Connection: close\r\n\r\n"),
+            vec![200],
+        ),
         ("double-encoded slash stays one segment", get("/admin%252f", ""), vec![200]),
         ("overlong UTF-8 slash", get("/x/%c0%af../admin", ""), vec![400]),
         ("raw backslash", get("/x\\..\\admin", ""), vec![400]),
