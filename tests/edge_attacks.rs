@@ -392,7 +392,7 @@ async fn the_edge_holds_against_malformed_and_ambiguous_requests() {
         (
             "parameters that dodge a path condition",
             format!("GET /app;x=1/secret HTTP/1.1\r\nHost: java.test\r\n{auth}Connection: close\r\n\r\n"),
-            vec![400],
+            vec![403],
         ),
         (
             "parameters that keep the decision",

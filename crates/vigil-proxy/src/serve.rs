@@ -534,36 +534,20 @@ impl Proxy {
             ..ask
         };
         // 5. The route's policy, with everything the request says.
-        let decide_on = |path: &str| {
-            decide(
-                &index,
-                route,
-                caller.principal(),
-                Facts {
-                    method: parts.method.as_str(),
-                    path,
-                    headers: &RequestHeaders(&parts.headers),
-                    source_ip: Some(ask.peer),
-                    now,
-                    device_id: ask.device,
-                    client_certificate: client.map(ClientCert::facts),
-                },
-            )
-        };
-        let verdict = decide_on(&path);
-        // A path with parameters is allowed only when it would be without them
-        // too: a server that drops them (Tomcat, Jetty) serves that path.
-        if matches!(verdict, Verdict::Allow { .. })
-            && path.contains(';')
-            && !matches!(
-                decide_on(&crate::normalize::without_params(&path)),
-                Verdict::Allow { .. }
-            )
-        {
-            let reason = "the path's parameters (`;`) change the decision";
-            log.refuse("path", reason.into());
-            return (ask.refuse(StatusCode::BAD_REQUEST, reason), log);
-        }
+        let verdict = decide(
+            &index,
+            route,
+            caller.principal(),
+            Facts {
+                method: parts.method.as_str(),
+                path: &path,
+                headers: &RequestHeaders(&parts.headers),
+                source_ip: Some(ask.peer),
+                now,
+                device_id: ask.device,
+                client_certificate: client.map(ClientCert::facts),
+            },
+        );
         match verdict {
             Verdict::Allow { rule } => {
                 log.decision = "allow";
