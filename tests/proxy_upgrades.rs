@@ -117,11 +117,19 @@ async fn https_upstream(ca: &TestCa) -> String {
                     return;
                 };
                 let service = hyper::service::service_fn(|req: hyper::Request<_>| async move {
+                    let (head, body) = req.into_parts();
+                    let body = http_body_util::BodyExt::collect(body).await.ok();
+                    let trailers: Vec<&str> = body
+                        .as_ref()
+                        .and_then(|b| b.trailers())
+                        .map(|t| t.keys().map(|k| k.as_str()).collect())
+                        .unwrap_or_default();
                     let seen = json!({
-                        "version": format!("{:?}", req.version()),
-                        "target": req.uri().path(),
-                        "service_account": req.headers().get("x-vigil-service-account")
+                        "version": format!("{:?}", head.version),
+                        "target": head.uri.path(),
+                        "service_account": head.headers.get("x-vigil-service-account")
                             .and_then(|v| v.to_str().ok()),
+                        "trailers": trailers,
                     });
                     Ok::<_, std::convert::Infallible>(hyper::Response::new(seen.to_string()))
                 });
@@ -133,6 +141,28 @@ async fn https_upstream(ca: &TestCa) -> String {
         }
     });
     format!("https://{addr}")
+}
+
+/// Sends `request` as raw bytes on a new connection to `proxy` (no client library
+/// to tidy it); returns the response's status and body.
+async fn raw(proxy: &ProxyProcess, request: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let addr = proxy.url.trim_start_matches("http://");
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out).to_string();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map_or("", |b| b.1).to_owned();
+    (status, body)
 }
 
 /// Opens a WebSocket to `host` + `path` through `proxy`, with `token` when given.
@@ -361,6 +391,19 @@ async fn https_upstreams_are_verified_and_cors_preflights_opt_in() {
     assert_eq!(seen["version"], "HTTP/2.0", "{seen}");
     assert_eq!(seen["target"], "/x");
     assert_eq!(seen["service_account"], "robot");
+    // A chunked request's trailer fields go no further than the proxy: over HTTP/2
+    // the upstream would take them as sent.
+    let (status, body) = raw(
+        &proxy,
+        &format!(
+            "POST /x HTTP/1.1\r\nHost: secure.test\r\nAuthorization: Bearer {robot}\r\nTransfer-Encoding: chunked\r\nTE: trailers\r\nTrailer: X-Vigil-Service-Account\r\nConnection: close\r\n\r\n2\r\nhi\r\n0\r\nX-Vigil-Service-Account: admin\r\nX-Vigil-User: usr_admin\r\n\r\n"
+        ),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let seen: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(seen["service_account"], "robot", "{seen}");
+    assert_eq!(seen["trailers"], json!([]), "{seen}");
 
     // Another CA, or the public roots: 502 saying why.
     for host in ["wrongca.test", "publicca.test"] {
@@ -408,9 +451,16 @@ async fn https_upstreams_are_verified_and_cors_preflights_opt_in() {
     );
     assert_eq!(res.text().await.unwrap(), "");
     assert_eq!(preflight("nocors.test").send().await.unwrap().status(), 401);
-    // An OPTIONS with a body is no preflight: authenticated as usual.
+    // An OPTIONS with a body is no preflight: authenticated as usual, whether the
+    // body has a length or comes in chunks.
     let res = preflight("cors.test").body("payload").send().await.unwrap();
     assert_eq!(res.status(), 401);
+    let (status, body) = raw(
+        &proxy,
+        "OPTIONS /api HTTP/1.1\r\nHost: cors.test\r\nOrigin: https://web.example\r\nAccess-Control-Request-Method: PUT\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n7\r\npayload\r\n0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 401, "{body}");
     // Only a preflight: other requests, and OPTIONS without the CORS headers, are
     // authenticated as usual.
     let res = http

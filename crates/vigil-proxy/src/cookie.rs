@@ -292,6 +292,27 @@ pub fn strip_session(headers: &mut http::HeaderMap) {
     }
 }
 
+/// Joins several `Cookie` fields into one, `; `-separated. An HTTP/2 client may
+/// split its cookies into one field each, which must be joined before they go
+/// on over HTTP/1.1 (RFC 9113 section 8.2.3): many servers read only one `Cookie`
+/// line.
+pub fn join_fields(headers: &mut http::HeaderMap) {
+    let cookie = http::header::COOKIE;
+    if headers.get_all(&cookie).iter().nth(1).is_none() {
+        return;
+    }
+    let joined = headers
+        .get_all(&cookie)
+        .iter()
+        .map(http::HeaderValue::as_bytes)
+        .collect::<Vec<_>>()
+        .join(&b"; "[..]);
+    // Valid field values joined with `; ` are a valid field value.
+    if let Ok(v) = http::HeaderValue::from_bytes(&joined) {
+        headers.insert(&cookie, v);
+    }
+}
+
 /// A `Cookie` header value without the session cookie; `None` when nothing else is left.
 fn without_session(cookie_header: &str) -> Option<String> {
     let kept: Vec<&str> = cookie_header
@@ -305,6 +326,18 @@ fn without_session(cookie_header: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cookie_fields_are_joined_into_one() {
+        let mut h = http::HeaderMap::new();
+        h.append("cookie", http::HeaderValue::from_static("a=1"));
+        join_fields(&mut h);
+        assert_eq!(h["cookie"], "a=1");
+        h.append("cookie", http::HeaderValue::from_static("b=2; c=3"));
+        join_fields(&mut h);
+        let all: Vec<_> = h.get_all("cookie").iter().collect();
+        assert_eq!(all, ["a=1; b=2; c=3"]);
+    }
 
     #[test]
     fn the_session_cookie_never_goes_upstream() {

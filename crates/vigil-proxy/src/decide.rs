@@ -128,7 +128,29 @@ fn unauthenticated(reason: impl Into<String>, reauthenticate: bool) -> Verdict {
 /// Decides `principal`'s request for route `route` (see the module's doc). Reads
 /// only what [`Index`] derived ahead of time: nothing here interns a name, converts
 /// a posture report or scans the grants.
+///
+/// A path with parameters (`/app;x=1/secret`) is allowed only when it would be
+/// without them too: servers that drop them (Tomcat, Jetty) serve the bare path,
+/// which a condition on `http_path` may deny.
 pub fn decide(index: &Index, route: &str, principal: Principal<'_>, facts: Facts<'_>) -> Verdict {
+    let verdict = decide_once(index, route, principal, facts);
+    if matches!(verdict, Verdict::Allow { .. }) && facts.path.contains(';') {
+        let bare = crate::normalize::without_params(facts.path);
+        let facts = Facts {
+            path: &bare,
+            ..facts
+        };
+        if !matches!(
+            decide_once(index, route, principal, facts),
+            Verdict::Allow { .. }
+        ) {
+            return deny("the path is not allowed without its parameters (`;`)");
+        }
+    }
+    verdict
+}
+
+fn decide_once(index: &Index, route: &str, principal: Principal<'_>, facts: Facts<'_>) -> Verdict {
     let Some(route_policy) = index.policies.get(route) else {
         return deny(format!("route `{route}` has no policy"));
     };
@@ -434,6 +456,11 @@ mod tests {
             route_entry(
                 "bots",
                 r#"{"allow": {"and": [{"service_account": "ci"}]}}"#,
+                None,
+            ),
+            route_entry(
+                "java",
+                r#"{"allow": {"and": [{"service_account": "ci"}]}, "deny": {"and": [{"http_path": {"starts_with": "/app/secret"}}]}}"#,
                 None,
             ),
             user("alice", &["eng"], false),
@@ -774,5 +801,30 @@ mod tests {
             ),
             Verdict::Unauthenticated { .. }
         ));
+    }
+
+    #[test]
+    fn a_path_is_allowed_only_if_it_is_without_its_parameters() {
+        let ix = index();
+        let on = |path: &'static str| {
+            decide(
+                &ix,
+                "java",
+                Principal::ServiceAccount { id: "ci" },
+                Facts {
+                    path,
+                    ..facts("GET", None)
+                },
+            )
+        };
+        assert!(allowed(&on("/app/page")));
+        assert!(allowed(&on("/app/page.jsp;jsessionid=1")));
+        assert!(!allowed(&on("/app/secret")));
+        // The condition does not match the path as sent, but a server that drops
+        // parameters serves /app/secret.
+        assert_eq!(
+            on("/app;x=1/secret"),
+            deny("the path is not allowed without its parameters (`;`)")
+        );
     }
 }

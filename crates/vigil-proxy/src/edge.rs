@@ -9,16 +9,27 @@
 //!   HTTP/1.1, `:authority` on HTTP/2), or a request with neither;
 //! - `Content-Length` together with `Transfer-Encoding`, several `Content-Length`
 //!   values that differ, or a `Transfer-Encoding` other than a final `chunked`
-//!   (the connection is closed after these: request smuggling).
+//!   (the connection is closed after these: request smuggling). On HTTP/1.1,
+//!   hyper, which parses the head, settles `Content-Length` with `chunked` before
+//!   this check runs: `Transfer-Encoding` wins, `Content-Length` is dropped and the
+//!   connection is closed after the response (RFC 9112 section 6.3), so the
+//!   request is read as chunked, not refused. HTTP/2 refuses `Transfer-Encoding`.
 //!
 //! Stripped from every request: hop-by-hop headers (`Connection` and the headers
-//! it names, `Keep-Alive`, `Proxy-Connection`, `TE`, `Trailer`,
+//! it names, `Keep-Alive`, `Proxy-Connection`, `HTTP2-Settings`, `TE`, `Trailer`,
 //! `Transfer-Encoding`, `Upgrade` unless the request is a WebSocket upgrade),
-//! every `X-Vigil-*` header, and `X-Forwarded-*` and `Forwarded` unless the peer is
-//! a trusted proxy (none by default).
+//! every `X-Vigil-*` header, the headers some servers take to override the method
+//! or the path the policy decided on ([`OVERRIDES`]), and `X-Forwarded-*` and
+//! `Forwarded` unless the peer is a trusted proxy (none by default). Request trailers are never forwarded
+//! ([`WithoutTrailers`]).
 
 use std::fmt;
 use std::net::IpAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use http::header::{self, HeaderMap, HeaderName};
 use http::request::Parts;
@@ -124,7 +135,10 @@ fn framing(headers: &HeaderMap) -> Result<(), EdgeError> {
     }
 }
 
-/// Whether the request asks to become a WebSocket.
+/// Whether the request asks to become a WebSocket (or a `101` response says it
+/// has): `Connection: upgrade` and one `Upgrade`, `websocket`. A second `Upgrade`
+/// line (`h2c`, say) makes it no WebSocket upgrade at all, so that it is stripped
+/// rather than sent on for the upstream to pick the other protocol.
 pub fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
     let connection_upgrade = headers.get_all(header::CONNECTION).iter().any(|v| {
         v.to_str().is_ok_and(|v| {
@@ -132,10 +146,13 @@ pub fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
                 .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
         })
     });
-    let websocket = headers
-        .get(header::UPGRADE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim().eq_ignore_ascii_case("websocket"));
+    let mut upgrades = headers.get_all(header::UPGRADE).iter();
+    let websocket = match (upgrades.next(), upgrades.next()) {
+        (Some(v), None) => v
+            .to_str()
+            .is_ok_and(|v| v.trim().eq_ignore_ascii_case("websocket")),
+        _ => false,
+    };
     connection_upgrade && websocket
 }
 
@@ -149,6 +166,19 @@ impl TrustedProxies {
         self.0.iter().any(|n| n.contains(&peer))
     }
 }
+
+/// Headers that frameworks read as the real method (Express's method-override,
+/// Symfony, ASP.NET Core) or the real path (Symfony's `X-Original-URL`, IIS
+/// rewrites): a `POST` with `X-HTTP-Method-Override: DELETE` would dodge a policy
+/// that denies `DELETE`, a request for `/x` with `X-Original-URL: /admin` one
+/// that guards `/admin`.
+pub const OVERRIDES: [&str; 5] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-original-url",
+    "x-rewrite-url",
+];
 
 /// Removes what no upstream or check may believe (see the module's doc). A
 /// WebSocket upgrade keeps `Connection: upgrade` and `Upgrade`.
@@ -173,6 +203,9 @@ pub fn strip_inbound(headers: &mut HeaderMap, peer_trusted: bool) {
         header::PROXY_AUTHORIZATION,
         HeaderName::from_static("keep-alive"),
         HeaderName::from_static("proxy-connection"),
+        // h2c's settings: connection-specific (RFC 7540 section 3.2.1), though a
+        // client may leave it out of `Connection`.
+        HeaderName::from_static("http2-settings"),
     ] {
         headers.remove(n);
     }
@@ -190,12 +223,45 @@ pub fn strip_inbound(headers: &mut HeaderMap, peer_trusted: bool) {
         .filter(|n| {
             let s = n.as_str();
             s.starts_with("x-vigil-")
+                || OVERRIDES.contains(&s)
                 || (!peer_trusted && (s.starts_with("x-forwarded-") || s == "forwarded"))
         })
         .cloned()
         .collect();
     for n in untrusted {
         headers.remove(n);
+    }
+}
+
+/// A request body without its trailer fields, which are never forwarded: nothing
+/// checks them, and over HTTP/2 an upstream would get them as sent (`X-Vigil-*`
+/// included). An HTTP/1.1 upstream gets none either way, since the `Trailer`
+/// header that announces them is stripped.
+#[derive(Debug)]
+pub struct WithoutTrailers(pub Incoming);
+
+impl Body for WithoutTrailers {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        loop {
+            match std::task::ready!(Pin::new(&mut self.0).poll_frame(cx)) {
+                Some(Ok(frame)) if frame.is_trailers() => continue,
+                other => return Poll::Ready(other),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.0.size_hint()
     }
 }
 
@@ -359,8 +425,14 @@ mod tests {
             ("x-secret", "s"),
             ("keep-alive", "timeout=5"),
             ("upgrade", "h2c"),
+            ("http2-settings", "AAMAAABkAAQAAP__"),
             ("te", "trailers"),
             ("proxy-authorization", "Basic x"),
+            ("x-http-method-override", "DELETE"),
+            ("X-HTTP-Method", "DELETE"),
+            ("x-method-override", "DELETE"),
+            ("x-original-url", "/admin"),
+            ("x-rewrite-url", "/admin"),
             ("accept", "*/*"),
         ]);
         strip_inbound(&mut h, false);
@@ -391,6 +463,25 @@ mod tests {
         strip_inbound(&mut h, false);
         assert_eq!(names(&h), ["connection", "host", "upgrade"]);
         assert_eq!(h[header::CONNECTION], "upgrade");
+
+        // A second protocol on its own line, or in the same one: no WebSocket,
+        // and no Upgrade goes on.
+        for second in [&[("upgrade", "h2c")][..], &[]] {
+            let mut pairs = vec![("host", "a.example"), ("connection", "Upgrade")];
+            pairs.push((
+                "upgrade",
+                if second.is_empty() {
+                    "websocket, h2c"
+                } else {
+                    "websocket"
+                },
+            ));
+            pairs.extend_from_slice(second);
+            let mut h = headers(&pairs);
+            assert!(!is_websocket_upgrade(&h), "{h:?}");
+            strip_inbound(&mut h, false);
+            assert_eq!(names(&h), ["host"]);
+        }
     }
 
     #[test]

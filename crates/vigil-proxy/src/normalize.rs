@@ -13,6 +13,10 @@
 //! 4. Runs of `/` become one `/`.
 //! 5. Dot segments (`.` and `..`, also when written `%2E`) are removed as RFC 3986
 //!    section 5.2.4 says; `..` never climbs above the root.
+//! 6. A segment with parameters (`;`) whose name is empty, `.` or `..` (`..;x`,
+//!    `;x`) is refused: servers that drop path parameters (Tomcat, Jetty, Spring)
+//!    read it as a dot segment or an empty one, and would serve another path than
+//!    the one routed and decided.
 //!
 //! A trailing `/` is kept. The query string is not part of the path and is left
 //! to the caller.
@@ -32,6 +36,8 @@ pub enum PathError {
     EncodedSeparator,
     /// Percent-encoded bytes that are not UTF-8.
     NotUtf8,
+    /// A dot or empty segment with parameters (`..;x`).
+    DotSegmentParams,
 }
 
 impl fmt::Display for PathError {
@@ -48,6 +54,9 @@ impl fmt::Display for PathError {
                 f.write_str("the path has an encoded `/`, `\\` or NUL (%2F, %5C, %00)")
             }
             PathError::NotUtf8 => f.write_str("the path's percent-encoded bytes are not UTF-8"),
+            PathError::DotSegmentParams => {
+                f.write_str("the path has a dot or empty segment with parameters (`..;`)")
+            }
         }
     }
 }
@@ -82,6 +91,11 @@ pub fn normalize_path(raw: &str) -> Result<String, PathError> {
     for raw_seg in rest.split('/') {
         seg.clear();
         decode_segment(raw_seg.as_bytes(), &mut seg, &mut run)?;
+        if let Some((name, _)) = seg.split_once(';') {
+            if matches!(name, "" | "." | "..") {
+                return Err(PathError::DotSegmentParams);
+            }
+        }
         last_is_dot = matches!(seg.as_str(), "." | "..");
         match seg.as_str() {
             "" | "." => {}
@@ -96,6 +110,16 @@ pub fn normalize_path(raw: &str) -> Result<String, PathError> {
         out.push('/');
     }
     Ok(out)
+}
+
+/// `path` (canonical) with every segment's parameters (`;...`) cut off: the path a
+/// server that drops them (Tomcat, Jetty) serves. The proxy refuses a path whose
+/// route this changes.
+pub fn without_params(path: &str) -> String {
+    path.split('/')
+        .map(|seg| seg.split_once(';').map_or(seg, |(name, _)| name))
+        .collect::<Vec<_>>()
+        .join("/")
 }
 
 /// Steps 1-3 for one segment: appends its decoded form to `out`.
@@ -176,6 +200,8 @@ mod tests {
             ("/a%20b", "/a%20b"),
             ("/a%3fb", "/a%3Fb"),
             ("/a;b=c", "/a;b=c"),
+            ("/a/b;v=1/c;jsessionid=x", "/a/b;v=1/c;jsessionid=x"),
+            ("/a/...;x", "/a/...;x"),
         ] {
             assert_eq!(ok(raw), want, "{raw}");
         }
@@ -201,8 +227,25 @@ mod tests {
             ("/a%c3%28", PathError::NotUtf8),
             ("/a%ff", PathError::NotUtf8),
             ("/a%c3", PathError::NotUtf8),
+            ("/x/..;/admin", PathError::DotSegmentParams),
+            ("/x/%2e%2E;a=b/admin", PathError::DotSegmentParams),
+            ("/x/.;/admin", PathError::DotSegmentParams),
+            ("/;x/admin", PathError::DotSegmentParams),
+            ("/x/;", PathError::DotSegmentParams),
         ] {
             assert_eq!(normalize_path(raw), Err(want), "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn parameters_come_off_every_segment() {
+        for (path, want) in [
+            ("/a/b", "/a/b"),
+            ("/admin;x=1/panel", "/admin/panel"),
+            ("/a;b/c;d=e;f/", "/a/c/"),
+            ("/app/page.jsp;jsessionid=1", "/app/page.jsp"),
+        ] {
+            assert_eq!(without_params(path), want, "{path}");
         }
     }
 

@@ -462,6 +462,19 @@ impl Proxy {
             );
         };
         log.route = Some(route.to_owned());
+        // Servers that drop path parameters (Tomcat, Jetty) would serve
+        // `/admin;x/panel` as `/admin/panel`: a path whose route changes without
+        // its parameters is refused rather than decided as the other route.
+        if path.contains(';')
+            && index
+                .routes
+                .find(&host, &crate::normalize::without_params(&path))
+                != Some(route)
+        {
+            let reason = "the path's parameters (`;`) change which route serves it";
+            log.refuse("path", reason.into());
+            return (refusal(StatusCode::BAD_REQUEST, reason, id, html), log);
+        }
         let ask = Ask {
             id,
             html,
@@ -485,7 +498,7 @@ impl Proxy {
         // The route's forwarding, looked up once for the preflight and for step 6.
         let route_forwarding = index.policies.get(route).map(|r| &r.forwarding);
         if let Some(forwarding) =
-            route_forwarding.filter(|f| f.cors_preflight && is_cors_preflight(&parts))
+            route_forwarding.filter(|f| f.cors_preflight && is_cors_preflight(&parts, &body))
         {
             log.decision = "allow";
             log.rule = Some("cors-preflight".into());
@@ -756,7 +769,11 @@ impl Proxy {
         let req = Request::from_parts(parts, body);
         let sending = async {
             match pool {
-                Some(pool) => Ok(pool.client.request(req).await?.map(UpstreamBody::from)),
+                Some(pool) => Ok(pool
+                    .client
+                    .request(req.map(edge::WithoutTrailers))
+                    .await?
+                    .map(UpstreamBody::from)),
                 None => self.conns.send(upstream, req).await,
             }
         };
@@ -894,6 +911,14 @@ impl Proxy {
                 body.map_err(crate::streams::BodyError::from).boxed(),
             );
         }
+        if !edge::is_websocket_upgrade(res.headers()) {
+            // A switch to anything else (`h2c`, say) would leave a tunnel carrying
+            // requests that no one decides.
+            return ask.refuse(
+                StatusCode::BAD_GATEWAY,
+                "the upstream switched to a protocol other than WebSocket",
+            );
+        }
         let from_upstream = hyper::upgrade::on(&mut res);
         let (mut head, _) = res.into_parts();
         edge::strip_inbound(&mut head.headers, true);
@@ -973,6 +998,7 @@ impl Proxy {
             h.remove(header::AUTHORIZATION);
         }
         cookie::strip_session(h);
+        cookie::join_fields(h);
         // What the upstream learns about the request and the caller.
         append_forwarded_for(h, ask.peer);
         set(
@@ -1020,14 +1046,12 @@ impl Proxy {
 }
 
 /// Whether the request is a CORS preflight: `OPTIONS` with `Origin` and
-/// `Access-Control-Request-Method`.
-fn is_cors_preflight(parts: &http::request::Parts) -> bool {
-    // A preflight has no body; anything with one takes the authenticated path.
-    let bodiless = !parts.headers.contains_key(header::TRANSFER_ENCODING)
-        && parts
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .is_none_or(|v| v.as_bytes() == b"0");
+/// `Access-Control-Request-Method`, and no body.
+fn is_cors_preflight(parts: &http::request::Parts, body: &Incoming) -> bool {
+    // A preflight has no body; anything with one takes the authenticated path. The
+    // body itself says so (the edge has stripped `Transfer-Encoding` by now, and an
+    // HTTP/2 body needs no length header at all).
+    let bodiless = hyper::body::Body::is_end_stream(body);
     parts.method == http::Method::OPTIONS
         && bodiless
         && parts.headers.contains_key(header::ORIGIN)
@@ -1046,8 +1070,15 @@ fn trust_for<'f>(forwarding: &'f Forwarding, upstream: &Upstream) -> &'f Trust {
 }
 
 /// 502 for an upstream that failed, saying so clearly when its TLS certificate
-/// was refused.
+/// was refused; 400 when what failed was reading the client's own body (a bad
+/// chunk, say), which is no fault of the upstream's.
 fn upstream_failed(ask: &Ask<'_>, e: &(dyn std::error::Error + 'static)) -> Response<ProxyBody> {
+    if client_body_failed(e) {
+        return ask.refuse(
+            StatusCode::BAD_REQUEST,
+            "the request body is malformed or was cut short",
+        );
+    }
     match certificate_error(e) {
         Some(why) => {
             tracing::warn!(request_id = %ask.id, route = ask.route, error = %why, "Upstream certificate refused");
@@ -1061,6 +1092,22 @@ fn upstream_failed(ask: &Ask<'_>, e: &(dyn std::error::Error + 'static)) -> Resp
             ask.refuse(StatusCode::BAD_GATEWAY, "the upstream did not answer")
         }
     }
+}
+
+/// Whether `e` (from sending a request upstream) is the request body failing: a
+/// hyper "user" error (the body given to the client) caused by hyper's error
+/// reading that body from the client.
+fn client_body_failed(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    while let Some(err) = next {
+        if let Some(h) = err.downcast_ref::<hyper::Error>() {
+            return h.is_user()
+                && std::error::Error::source(h)
+                    .is_some_and(|cause| cause.downcast_ref::<hyper::Error>().is_some());
+        }
+        next = err.source();
+    }
+    false
 }
 
 /// What a WebSocket's upstream connection runs over: TCP, or TLS over it.
@@ -1504,6 +1551,11 @@ pub async fn serve_redirect(
 /// A TLS handshake must finish in this long.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The most an HTTP/1 connection buffers, which bounds a request head: a longer one
+/// gets 431. hyper's default is about 400 KiB per connection; HTTP/2 heads are held
+/// to 16 KiB (hyper's `SETTINGS_MAX_HEADER_LIST_SIZE`), Envoy's to 60 KiB.
+const H1_MAX_BUFFER: usize = 64 * 1024;
+
 /// An HTTP/2 connection is pinged after this long without a frame from the peer,
 /// and closed when the ping is not answered within [`H2_PING_TIMEOUT`].
 const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
@@ -1676,7 +1728,8 @@ where
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(idle);
+        .header_read_timeout(idle)
+        .max_buf_size(H1_MAX_BUFFER);
     builder
         .http2()
         .timer(TokioTimer::new())

@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use http::uri::Authority;
 use http::{HeaderName, HeaderValue, Uri};
-use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -21,6 +20,7 @@ use rustls::{ClientConfig, RootCertStore};
 use vigil_proto::v1::route::Path as RoutePath;
 use vigil_proto::v1::Route;
 
+use crate::edge::WithoutTrailers;
 use crate::normalize::normalize_path;
 
 /// Requests whose route sets no timeout get this long for the upstream's response head.
@@ -263,7 +263,7 @@ pub async fn connect(
 
 /// The pooled client the proxy forwards to `https://` upstreams with: HTTP/1.1 and,
 /// by ALPN, HTTP/2.
-pub type PooledClient = Client<HttpsConnector<HttpConnector>, Incoming>;
+pub type PooledClient = Client<HttpsConnector<HttpConnector>, WithoutTrailers>;
 
 /// What reaches the upstreams trusting one set of roots.
 #[derive(Debug, Clone)]
