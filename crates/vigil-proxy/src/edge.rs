@@ -19,8 +19,10 @@
 //! it names, `Keep-Alive`, `Proxy-Connection`, `HTTP2-Settings`, `TE`, `Trailer`,
 //! `Transfer-Encoding`, `Upgrade` unless the request is a WebSocket upgrade),
 //! every `X-Vigil-*` header, the headers some servers take to override the method
-//! or the path the policy decided on ([`OVERRIDES`]), and `X-Forwarded-*` and
-//! `Forwarded` unless the peer is a trusted proxy (none by default). Request trailers are never forwarded
+//! or the path the policy decided on ([`OVERRIDES`]), and `X-Forwarded-*`,
+//! `Forwarded` and the other headers that carry a client's address
+//! ([`CLIENT_ADDRESS`]: `X-Real-IP`, `True-Client-IP`, …) unless the peer is a
+//! trusted proxy (none by default). Request trailers are never forwarded
 //! ([`WithoutTrailers`]).
 
 use std::fmt;
@@ -180,6 +182,18 @@ pub const OVERRIDES: [&str; 5] = [
     "x-rewrite-url",
 ];
 
+/// Headers that CDNs and load balancers use to pass on the client's address
+/// beside `X-Forwarded-For`; an upstream that believes one would take a client's
+/// word for its address. Like `X-Forwarded-*`, they pass only from a trusted peer.
+pub const CLIENT_ADDRESS: [&str; 6] = [
+    "x-real-ip",
+    "true-client-ip",
+    "x-client-ip",
+    "x-cluster-client-ip",
+    "cf-connecting-ip",
+    "fastly-client-ip",
+];
+
 /// Removes what no upstream or check may believe (see the module's doc). A
 /// WebSocket upgrade keeps `Connection: upgrade` and `Upgrade`.
 pub fn strip_inbound(headers: &mut HeaderMap, peer_trusted: bool) {
@@ -224,7 +238,10 @@ pub fn strip_inbound(headers: &mut HeaderMap, peer_trusted: bool) {
             let s = n.as_str();
             s.starts_with("x-vigil-")
                 || OVERRIDES.contains(&s)
-                || (!peer_trusted && (s.starts_with("x-forwarded-") || s == "forwarded"))
+                || (!peer_trusted
+                    && (s.starts_with("x-forwarded-")
+                        || s == "forwarded"
+                        || CLIENT_ADDRESS.contains(&s)))
         })
         .cloned()
         .collect();
@@ -433,6 +450,12 @@ mod tests {
             ("x-method-override", "DELETE"),
             ("x-original-url", "/admin"),
             ("x-rewrite-url", "/admin"),
+            ("X-Real-IP", "10.0.0.1"),
+            ("true-client-ip", "10.0.0.1"),
+            ("x-client-ip", "10.0.0.1"),
+            ("x-cluster-client-ip", "10.0.0.1"),
+            ("cf-connecting-ip", "10.0.0.1"),
+            ("fastly-client-ip", "10.0.0.1"),
             ("accept", "*/*"),
         ]);
         strip_inbound(&mut h, false);
@@ -441,12 +464,13 @@ mod tests {
         let mut h = headers(&[
             ("host", "a.example"),
             ("x-forwarded-for", "10.0.0.1"),
+            ("x-real-ip", "10.0.0.1"),
             ("x-vigil-user", "admin"),
         ]);
         strip_inbound(&mut h, true);
         assert_eq!(
             names(&h),
-            ["host", "x-forwarded-for"],
+            ["host", "x-forwarded-for", "x-real-ip"],
             "a trusted peer's forwarding headers stay; X-Vigil-* never"
         );
     }
