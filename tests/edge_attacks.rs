@@ -34,27 +34,13 @@ impl Answer {
 /// Writes `bytes` on a new connection to the proxy, then reads until the proxy
 /// closes it (at most 10 s: a connection still open then is reported as such).
 async fn raw(proxy: &ProxyProcess, bytes: &[u8]) -> Answer {
-    let addr = proxy.url.trim_start_matches("http://");
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(bytes).await.unwrap();
-    let mut out = Vec::new();
-    let closed = tokio::time::timeout(Duration::from_secs(10), async {
-        let mut buf = [0u8; 8192];
-        loop {
-            match s.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => out.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await;
-    let text = String::from_utf8_lossy(&out).to_string();
+    let (text, closed) = support::send_raw(&proxy.url, bytes, Duration::from_secs(10)).await;
     let mut statuses: Vec<u16> = text
         .match_indices("HTTP/1.")
         .filter(|(i, _)| *i == 0 || text[..*i].ends_with('\n') || text[..*i].ends_with('}'))
         .filter_map(|(i, _)| text[i + 9..].get(..3)?.parse().ok())
         .collect();
-    if closed.is_err() {
+    if !closed {
         // Still open: marked so that no case mistakes it for an answer.
         statuses.push(0);
     }

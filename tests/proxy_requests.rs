@@ -29,20 +29,14 @@ fn status_of(response: &str) -> u16 {
 /// HTTP/1.1 on a new connection, so that no client library tidies the target
 /// first; returns the status and the body.
 async fn raw_get(proxy: &ProxyProcess, target: &str, host: &str, headers: &str) -> (u16, String) {
-    let addr = proxy.url.trim_start_matches("http://");
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(
-        format!("GET {target} HTTP/1.1\r\nHost: {host}\r\n{headers}Connection: close\r\n\r\n")
-            .as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
-        .await
-        .unwrap()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out).to_string();
+    let request =
+        format!("GET {target} HTTP/1.1\r\nHost: {host}\r\n{headers}Connection: close\r\n\r\n");
+    let (text, closed) =
+        support::send_raw(&proxy.url, request.as_bytes(), Duration::from_secs(10)).await;
+    assert!(
+        closed,
+        "the proxy kept the connection open; it sent:\n{text}"
+    );
     let body = text.split_once("\r\n\r\n").map_or("", |b| b.1).to_owned();
     (status_of(&text), body)
 }
@@ -314,20 +308,9 @@ async fn a_proxy_without_a_snapshot_refuses_everything() {
 
 /// Reads what `s` sends until the proxy closes it (at most 20 s).
 async fn read_until_closed(s: &mut tokio::net::TcpStream) -> String {
-    let mut out = Vec::new();
-    let closed = tokio::time::timeout(Duration::from_secs(20), async {
-        let mut buf = [0u8; 4096];
-        loop {
-            match s.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => out.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await;
-    let text = String::from_utf8_lossy(&out).to_string();
+    let (text, closed) = support::read_until_closed(s, Duration::from_secs(20)).await;
     assert!(
-        closed.is_ok(),
+        closed,
         "the proxy kept the connection open; it sent:\n{text}"
     );
     text

@@ -146,16 +146,12 @@ async fn https_upstream(ca: &TestCa) -> String {
 /// Sends `request` as raw bytes on a new connection to `proxy` (no client library
 /// to tidy it); returns the response's status and body.
 async fn raw(proxy: &ProxyProcess, request: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let addr = proxy.url.trim_start_matches("http://");
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(request.as_bytes()).await.unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
-        .await
-        .unwrap()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out).to_string();
+    let (text, closed) =
+        support::send_raw(&proxy.url, request.as_bytes(), Duration::from_secs(10)).await;
+    assert!(
+        closed,
+        "the proxy kept the connection open; it sent:\n{text}"
+    );
     let status = text
         .split(' ')
         .nth(1)

@@ -10,6 +10,35 @@ pub fn free_port() -> u16 {
     vigil_test_postgres::free_port().unwrap()
 }
 
+/// Reads what `s` receives until its peer closes it or `within` has passed: the
+/// text, and whether the peer closed it.
+pub async fn read_until_closed(s: &mut tokio::net::TcpStream, within: Duration) -> (String, bool) {
+    use tokio::io::AsyncReadExt as _;
+    let mut out = Vec::new();
+    let closed = tokio::time::timeout(within, async {
+        let mut buf = [0u8; 8192];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .is_ok();
+    (String::from_utf8_lossy(&out).into_owned(), closed)
+}
+
+/// Sends `bytes` (no client library to tidy them) on a new connection to the
+/// `http://host:port` at `url`, then reads as [`read_until_closed`] does.
+pub async fn send_raw(url: &str, bytes: &[u8], within: Duration) -> (String, bool) {
+    use tokio::io::AsyncWriteExt as _;
+    let addr = url.trim_start_matches("http://");
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    read_until_closed(&mut s, within).await
+}
+
 /// A child process whose output goes to a log file; killed on drop.
 struct Logged {
     child: Option<Child>,
