@@ -1735,7 +1735,7 @@ where
         .timer(TokioTimer::new())
         .keep_alive_interval(H2_PING_INTERVAL)
         .keep_alive_timeout(H2_PING_TIMEOUT);
-    let streams = (http == Http::Two).then(|| Arc::new(OpenStreams::new()));
+    let streams = (http == Http::Two).then(|| Arc::new(OpenStreams::default()));
     let service = CountStreams {
         inner: service,
         streams: streams.clone(),
@@ -1759,25 +1759,15 @@ where
 
 /// The streams open on one HTTP/2 connection: a stream counts from its request's
 /// head until its response body has been sent (or dropped).
+#[derive(Default)]
 struct OpenStreams {
-    /// When the connection started; times below are milliseconds since.
-    start: tokio::time::Instant,
     open: std::sync::atomic::AtomicUsize,
-    /// When a stream last ended (0 when none has).
-    last_end_ms: std::sync::atomic::AtomicU64,
+    /// How many streams have ended so far.
+    ends: std::sync::atomic::AtomicU64,
     ended: tokio::sync::Notify,
 }
 
 impl OpenStreams {
-    fn new() -> OpenStreams {
-        OpenStreams {
-            start: tokio::time::Instant::now(),
-            open: 0.into(),
-            last_end_ms: 0.into(),
-            ended: tokio::sync::Notify::new(),
-        }
-    }
-
     /// Counts a stream as open until the guard is dropped.
     fn opened(self: &Arc<Self>) -> StreamOpen {
         self.open.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -1795,9 +1785,10 @@ impl OpenStreams {
                 ended.await;
                 continue;
             }
-            let last_end = self.last_end_ms.load(SeqCst);
-            tokio::time::sleep_until(self.start + Duration::from_millis(last_end) + idle).await;
-            if self.open.load(SeqCst) == 0 && self.last_end_ms.load(SeqCst) == last_end {
+            // Woken as the last stream ended: idle from now on.
+            let ends = self.ends.load(SeqCst);
+            tokio::time::sleep(idle).await;
+            if self.open.load(SeqCst) == 0 && self.ends.load(SeqCst) == ends {
                 return;
             }
         }
@@ -1810,9 +1801,7 @@ struct StreamOpen(Arc<OpenStreams>);
 impl Drop for StreamOpen {
     fn drop(&mut self) {
         use std::sync::atomic::Ordering::SeqCst;
-        let since = u64::try_from(self.0.start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        // Never 0, which stands for "none ended yet".
-        self.0.last_end_ms.store(since.max(1), SeqCst);
+        self.0.ends.fetch_add(1, SeqCst);
         self.0.open.fetch_sub(1, SeqCst);
         self.0.ended.notify_waiters();
     }
