@@ -267,101 +267,106 @@ pub fn find_named<'a>(
     found
 }
 
-/// Takes the session cookie (which an upstream must never see) out of `headers`'
-/// `Cookie` values, dropping values left empty; touches nothing when none holds it.
-pub fn strip_session(headers: &mut http::HeaderMap) {
+/// Readies a request's `Cookie` fields for an upstream: the session cookie, which
+/// an upstream must never see, is taken out, and what is left goes as one field,
+/// `; `-separated (an HTTP/2 client may send each cookie as a field of its own,
+/// and HTTP/1.1 servers read one `Cookie` line: RFC 9113 section 8.2.3). Works
+/// on bytes, so a field holding non-ASCII bytes is kept, and searched, like any
+/// other. A single field without the session cookie is left untouched.
+pub fn for_upstream(headers: &mut http::HeaderMap) {
     let cookie = http::header::COOKIE;
-    if !headers.get_all(&cookie).iter().any(|v| {
-        v.as_bytes()
-            .windows(NAME.len())
-            .any(|w| w == NAME.as_bytes())
-    }) {
+    let several = headers.get_all(&cookie).iter().nth(1).is_some();
+    let holds_session = || {
+        headers.get_all(&cookie).iter().any(|v| {
+            v.as_bytes()
+                .windows(NAME.len())
+                .any(|w| w == NAME.as_bytes())
+        })
+    };
+    if !several && !holds_session() {
         return;
     }
-    let kept: Vec<String> = headers
-        .get_all(&cookie)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .filter_map(without_session)
-        .collect();
-    headers.remove(&cookie);
-    for c in kept {
-        if let Ok(v) = http::HeaderValue::from_str(&c) {
-            headers.append(&cookie, v);
+    let mut joined = Vec::new();
+    for value in &headers.get_all(&cookie) {
+        for pair in value.as_bytes().split(|&b| b == b';') {
+            let pair = pair.trim_ascii();
+            // The name as `find_named` reads it: up to the first `=`, or the whole
+            // pair when it has none.
+            let name = pair.split(|&b| b == b'=').next().unwrap_or(pair);
+            if pair.is_empty() || name == NAME.as_bytes() {
+                continue;
+            }
+            if !joined.is_empty() {
+                joined.extend_from_slice(b"; ");
+            }
+            joined.extend_from_slice(pair);
         }
     }
-}
-
-/// Joins several `Cookie` fields into one, `; `-separated. An HTTP/2 client may
-/// split its cookies into one field each, which must be joined before they go
-/// on over HTTP/1.1 (RFC 9113 section 8.2.3): many servers read only one `Cookie`
-/// line.
-pub fn join_fields(headers: &mut http::HeaderMap) {
-    let cookie = http::header::COOKIE;
-    if headers.get_all(&cookie).iter().nth(1).is_none() {
+    headers.remove(&cookie);
+    // Pieces of valid field values joined with `; ` are a valid field value.
+    if joined.is_empty() {
         return;
     }
-    let joined = headers
-        .get_all(&cookie)
-        .iter()
-        .map(http::HeaderValue::as_bytes)
-        .collect::<Vec<_>>()
-        .join(&b"; "[..]);
-    // Valid field values joined with `; ` are a valid field value.
     if let Ok(v) = http::HeaderValue::from_bytes(&joined) {
         headers.insert(&cookie, v);
     }
-}
-
-/// A `Cookie` header value without the session cookie; `None` when nothing else is left.
-fn without_session(cookie_header: &str) -> Option<String> {
-    let kept: Vec<&str> = cookie_header
-        .split(';')
-        .map(str::trim)
-        .filter(|pair| !pair.is_empty() && pair.split_once('=').map_or(*pair, |p| p.0) != NAME)
-        .collect();
-    (!kept.is_empty()).then(|| kept.join("; "))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn upstream_cookies(fields: &[&[u8]]) -> Vec<Vec<u8>> {
+        let mut h = http::HeaderMap::new();
+        for f in fields {
+            h.append(
+                "cookie",
+                http::HeaderValue::from_bytes(f).unwrap_or_else(|e| panic!("{e}")),
+            );
+        }
+        for_upstream(&mut h);
+        h.get_all("cookie")
+            .iter()
+            .map(|v| v.as_bytes().to_vec())
+            .collect()
+    }
+
     #[test]
     fn cookie_fields_are_joined_into_one() {
-        let mut h = http::HeaderMap::new();
-        h.append("cookie", http::HeaderValue::from_static("a=1"));
-        join_fields(&mut h);
-        assert_eq!(h["cookie"], "a=1");
-        h.append("cookie", http::HeaderValue::from_static("b=2; c=3"));
-        join_fields(&mut h);
-        let all: Vec<_> = h.get_all("cookie").iter().collect();
-        assert_eq!(all, ["a=1; b=2; c=3"]);
+        assert_eq!(upstream_cookies(&[b"a=1"]), [b"a=1".to_vec()]);
+        assert_eq!(upstream_cookies(&[b" a=1 ;;"]), [b" a=1 ;;".to_vec()]);
+        assert_eq!(
+            upstream_cookies(&[b"a=1", b"b=2; c=3"]),
+            [b"a=1; b=2; c=3".to_vec()]
+        );
+        assert!(upstream_cookies(&[]).is_empty());
     }
 
     #[test]
     fn the_session_cookie_never_goes_upstream() {
-        let with = format!("a=1; {NAME}=secret;b=2");
-        assert_eq!(without_session(&with).as_deref(), Some("a=1; b=2"));
-        assert_eq!(without_session(&format!("{NAME}=x")), None);
-        assert_eq!(without_session("a=1").as_deref(), Some("a=1"));
-        let mut h = http::HeaderMap::new();
-        h.append("cookie", http::HeaderValue::from_static("a=1"));
-        h.append(
-            "cookie",
-            http::HeaderValue::from_str(&with).unwrap_or_else(|e| panic!("{e}")),
+        let session = format!("{NAME}=secret");
+        let with = format!("a=1; {session};b=2");
+        assert_eq!(upstream_cookies(&[with.as_bytes()]), [b"a=1; b=2".to_vec()]);
+        assert!(upstream_cookies(&[session.as_bytes()]).is_empty());
+        assert!(upstream_cookies(&[NAME.as_bytes(), b"; ;"]).is_empty());
+        assert_eq!(
+            upstream_cookies(&[b"a=1", with.as_bytes(), session.as_bytes()]),
+            [b"a=1; a=1; b=2".to_vec()]
         );
-        h.append(
-            "cookie",
-            http::HeaderValue::from_str(&format!("{NAME}=x")).unwrap_or_else(|e| panic!("{e}")),
+        // Non-ASCII bytes in a field (a browser sends a cookie's bytes as set):
+        // the field is searched and kept like any other.
+        let mut odd = "n=caf\u{e9}; ".to_owned().into_bytes();
+        odd.extend_from_slice(session.as_bytes());
+        assert_eq!(
+            upstream_cookies(&[&odd, b"z=9"]),
+            [b"n=caf\xc3\xa9; z=9".to_vec()]
         );
-        strip_session(&mut h);
-        let left: Vec<&str> = h
-            .get_all("cookie")
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .collect();
-        assert_eq!(left, ["a=1", "a=1; b=2"]);
+        // A name the session lookup would not take is not the session cookie.
+        let spaced = format!("{NAME} =x");
+        assert_eq!(
+            upstream_cookies(&[spaced.as_bytes(), session.as_bytes()]),
+            [spaced.into_bytes()]
+        );
     }
 
     const K1: &str = "AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA=";

@@ -997,8 +997,7 @@ impl Proxy {
         if matches!(caller, Caller::ServiceAccount(..)) {
             h.remove(header::AUTHORIZATION);
         }
-        cookie::strip_session(h);
-        cookie::join_fields(h);
+        cookie::for_upstream(h);
         // What the upstream learns about the request and the caller.
         append_forwarded_for(h, ask.peer);
         set(
