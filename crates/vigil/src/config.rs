@@ -99,27 +99,29 @@ fn from_file(cmd: &clap::Command, m: &ArgMatches, path: &Path) -> anyhow::Result
         let key = scalar_key(&key).with_context(|| format!("{shown}: a key of `{name}`"))?;
         let id = key.replace('-', "_");
         let at = format!("{shown}: `{name}.{key}`");
-        let arg = sub
-            .get_arguments()
-            .find(|a| a.get_id().as_str() == id && a.get_long().is_some())
-            .filter(|a| !NOT_IN_FILE.contains(&a.get_id().as_str()));
+        // The subcommand's own flags, and the global ones (`log_format`), which
+        // any section may set.
+        let settings = || {
+            sub.get_arguments()
+                .chain(cmd.get_arguments().filter(|a| a.is_global_set()))
+                .filter(|a| a.get_long().is_some() && !NOT_IN_FILE.contains(&a.get_id().as_str()))
+        };
+        let arg = settings().find(|a| a.get_id().as_str() == id);
         let Some(arg) = arg else {
-            let known: Vec<&str> = sub
-                .get_arguments()
-                .filter(|a| a.get_long().is_some())
-                .map(|a| a.get_id().as_str())
-                .filter(|id| !NOT_IN_FILE.contains(id))
-                .collect();
+            let known: Vec<&str> = settings().map(|a| a.get_id().as_str()).collect();
             bail!(
                 "{at} is not a setting of `{name}`; its settings are {}",
                 known.join(", ")
             );
         };
         // A flag or the environment wins over the file.
-        if matches!(
-            sub_m.value_source(&id),
-            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
-        ) {
+        let given = |m: &ArgMatches| {
+            matches!(
+                m.value_source(&id),
+                Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+            )
+        };
+        if given(if arg.is_global_set() { m } else { sub_m }) {
             continue;
         }
         let long = arg.get_long().unwrap_or_default();
@@ -281,6 +283,8 @@ mod tests {
     struct Cli {
         #[arg(long, env = "VIGIL_TEST_CONFIG", global = true)]
         config: Option<PathBuf>,
+        #[arg(long, global = true, default_value = "a", value_parser = ["a", "b"])]
+        mode: String,
         #[command(subcommand)]
         command: Cmd,
     }
@@ -310,16 +314,20 @@ mod tests {
     }
 
     fn run(file: &str, args: &[&str]) -> anyhow::Result<ServeArgs> {
+        match run_cli(file, args)?.command {
+            Cmd::Serve(s) => Ok(s),
+            Cmd::Other(_) => unreachable!(),
+        }
+    }
+
+    fn run_cli(file: &str, args: &[&str]) -> anyhow::Result<Cli> {
         let dir = std::env::temp_dir().join(format!("vigil-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join(format!("{}.yaml", ring_free_id(file)));
         std::fs::write(&path, file).unwrap();
         let mut argv: Vec<OsString> = vec!["vigil".into(), "--config".into(), path.into()];
         argv.extend(args.iter().map(OsString::from));
-        match parse_from::<Cli>(argv)?.command {
-            Cmd::Serve(s) => Ok(s),
-            Cmd::Other(_) => unreachable!(),
-        }
+        parse_from::<Cli>(argv)
     }
 
     fn ring_free_id(s: &str) -> u64 {
@@ -352,6 +360,28 @@ mod tests {
         // Dashes or underscores, both name the flag.
         let s = run("serve:\n  peers: a\n  token: t\n", &["serve"]).unwrap();
         assert_eq!(s.token.as_deref(), Some("t"));
+    }
+
+    #[test]
+    fn any_section_sets_a_global_flag() {
+        let file = "serve:\n  peers: a\n  mode: b\nother:\n  mode: a\n";
+        assert_eq!(run_cli(file, &["serve"]).unwrap().mode, "b");
+        assert_eq!(run_cli(file, &["other"]).unwrap().mode, "a");
+        // A flag wins over the file, before or after the subcommand.
+        assert_eq!(run_cli(file, &["--mode", "a", "serve"]).unwrap().mode, "a");
+        assert_eq!(run_cli(file, &["serve", "--mode=a"]).unwrap().mode, "a");
+        assert_eq!(
+            run_cli("serve:\n  peers: a\n", &["serve"]).unwrap().mode,
+            "a"
+        );
+        let e = run_cli("serve:\n  peers: a\n  mode: c\n", &["serve"]).unwrap_err();
+        assert!(e.to_string().contains("`serve.mode`"), "{e}");
+        let e = run_cli("serve:\n  lisen: 1\n", &["serve"]).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("listen, peers, migrate, token, mode"),
+            "{e}"
+        );
     }
 
     #[test]
