@@ -242,7 +242,7 @@ fn configuration_layers_and_print_config() {
             "control:\n  admin_listen: 127.0.0.1:1111\n  grpc-listen: 127.0.0.1:1112\n  \
              database_url: postgres://vigil:hunter2@db.internal/vigil\n  \
              bootstrap_token_file: {}\n  secret_key: c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0LXNlYw==\n  \
-             migrate: true\nproxy:\n  control_plane: [http://a:1, http://b:2]\n",
+             migrate: true\nproxy:\n  control_plane: [http://a:1, http://b:2]\n  log_format: json\n",
             secret_file.display()
         ),
     )
@@ -253,6 +253,7 @@ fn configuration_layers_and_print_config() {
     assert!(out.contains("admin_listen: 127.0.0.1:1111"), "{out}");
     assert!(out.contains("grpc_listen: 127.0.0.1:1112"), "{out}");
     assert!(out.contains("migrate: true"), "{out}");
+    assert!(out.contains("log_format: text"), "{out}");
     assert!(
         out.contains("postgres://vigil:<redacted>@db.internal/vigil"),
         "{out}"
@@ -311,6 +312,8 @@ fn configuration_layers_and_print_config() {
         out.contains("- http://a:1") && out.contains("join_token: <redacted>"),
         "{out}"
     );
+    // A global flag, set in the running subcommand's section.
+    assert!(out.contains("log_format: json"), "{out}");
     // Mistakes name the key.
     for (yaml, expect) in [
         (

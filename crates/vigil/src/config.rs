@@ -264,12 +264,22 @@ pub fn display_all<S: serde::Serializer, T: std::fmt::Display>(
 
 /// The effective configuration of subcommand `name` as YAML: a file that,
 /// with the secrets filled back in, starts the same process.
-pub fn print<T: serde::Serialize>(name: &str, args: &T) -> anyhow::Result<String> {
+pub fn print<T: serde::Serialize>(
+    name: &str,
+    args: &T,
+    globals: &[(&str, &str)],
+) -> anyhow::Result<String> {
+    let mut section = serde_norway::to_value(args).context("rendering the configuration")?;
+    if let Value::Mapping(m) = &mut section {
+        for (key, value) in globals {
+            m.insert(
+                Value::String((*key).to_owned()),
+                Value::String((*value).to_owned()),
+            );
+        }
+    }
     let mut doc = serde_norway::Mapping::new();
-    doc.insert(
-        Value::String(name.to_owned()),
-        serde_norway::to_value(args).context("rendering the configuration")?,
-    );
+    doc.insert(Value::String(name.to_owned()), section);
     serde_norway::to_string(&doc).context("rendering the configuration")
 }
 

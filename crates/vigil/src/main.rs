@@ -53,6 +53,16 @@ enum LogFormat {
     Json,
 }
 
+impl LogFormat {
+    /// The value as the flag and the file spell it.
+    fn name(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the control plane: the admin REST API over the store, and the
@@ -841,11 +851,13 @@ fn unix_ms() -> u64 {
 fn main() -> anyhow::Result<()> {
     let cli: Cli = config::parse()?;
     if cli.print_config {
+        // The global settings are printed in the section, where the file may set them.
+        let globals = [("log_format", cli.log_format.name())];
         let text = match &cli.command {
-            Command::Control(a) => config::print("control", a)?,
-            Command::Proxy(a) => config::print("proxy", a)?,
-            Command::AllInOne(a) => config::print("all-in-one", a)?,
-            Command::Migrate(a) => config::print("migrate", a)?,
+            Command::Control(a) => config::print("control", a, &globals)?,
+            Command::Proxy(a) => config::print("proxy", a, &globals)?,
+            Command::AllInOne(a) => config::print("all-in-one", a, &globals)?,
+            Command::Migrate(a) => config::print("migrate", a, &globals)?,
             Command::Keys(_) | Command::Version => {
                 bail!("--print-config applies to control, proxy, all-in-one and migrate")
             }
