@@ -11,9 +11,10 @@
 //!   values that differ, or a `Transfer-Encoding` other than a final `chunked`
 //!   (the connection is closed after these: request smuggling). On HTTP/1.1,
 //!   hyper, which parses the head, settles `Content-Length` with `chunked` before
-//!   this check runs: `Transfer-Encoding` wins, `Content-Length` is dropped and the
-//!   connection is closed after the response (RFC 9112 section 6.3), so the
-//!   request is read as chunked, not refused. HTTP/2 refuses `Transfer-Encoding`.
+//!   this check could see both (`Transfer-Encoding` wins, `Content-Length` is
+//!   dropped, the connection is closed after the response); the transport below
+//!   hyper follows the framing and marks that request ([`crate::framing`]), which
+//!   is refused here like the rest. HTTP/2 refuses `Transfer-Encoding`.
 //!
 //! Stripped from every request: hop-by-hop headers (`Connection` and the headers
 //! it names, `Keep-Alive`, `Proxy-Connection`, `HTTP2-Settings`, `TE`, `Trailer`,
@@ -91,6 +92,13 @@ pub fn check(parts: &Parts) -> Result<String, EdgeError> {
             return Err(EdgeError::Duplicate(label));
         }
     }
+    if parts
+        .extensions
+        .get::<crate::framing::ConflictingFraming>()
+        .is_some()
+    {
+        return Err(EdgeError::Framing(BOTH_LENGTHS));
+    }
     framing(headers)?;
     let from_header = headers
         .get(header::HOST)
@@ -113,13 +121,14 @@ pub fn check(parts: &Parts) -> Result<String, EdgeError> {
     }
 }
 
+/// Why a request with both `Content-Length` and `Transfer-Encoding` is refused.
+const BOTH_LENGTHS: &str = "Content-Length and Transfer-Encoding were both sent";
+
 fn framing(headers: &HeaderMap) -> Result<(), EdgeError> {
     let mut te = headers.get_all(header::TRANSFER_ENCODING).iter();
     let mut cl = headers.get_all(header::CONTENT_LENGTH).iter();
     match (te.next(), cl.next()) {
-        (Some(_), Some(_)) => Err(EdgeError::Framing(
-            "Content-Length and Transfer-Encoding were both sent",
-        )),
+        (Some(_), Some(_)) => Err(EdgeError::Framing(BOTH_LENGTHS)),
         (None, Some(first)) if cl.any(|v| v != first) => {
             Err(EdgeError::Framing("Content-Length values disagree"))
         }

@@ -12,6 +12,7 @@ pub mod conns;
 pub mod cookie;
 pub mod decide;
 pub mod edge;
+pub mod framing;
 pub mod index;
 pub mod jwt;
 pub mod login;

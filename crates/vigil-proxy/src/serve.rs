@@ -39,6 +39,7 @@ use crate::conns::{Conns, UpstreamBody};
 use crate::cookie::{self, CookieKeys};
 use crate::decide::{decide, Facts, Principal, SessionFacts, Verdict};
 use crate::edge::{self, TrustedProxies};
+use crate::framing::Heads;
 use crate::index::{CertificateHolder, Index};
 use crate::login::{self, Login};
 use crate::normalize::normalize_path;
@@ -1735,10 +1736,14 @@ where
         .keep_alive_interval(H2_PING_INTERVAL)
         .keep_alive_timeout(H2_PING_TIMEOUT);
     let streams = (http == Http::Two).then(|| Arc::new(OpenStreams::default()));
+    // HTTP/1.1 framing followed below hyper, for what its parser settles unseen.
+    let heads = (http == Http::One).then(|| Arc::new(Heads::default()));
     let service = CountStreams {
         inner: service,
         streams: streams.clone(),
+        heads: heads.clone(),
     };
+    let io = crate::framing::Framed::new(io, heads);
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
     let idle = async {
@@ -1807,11 +1812,13 @@ impl Drop for StreamOpen {
 }
 
 /// A connection's service that, on HTTP/2, keeps each stream counted in `streams`
-/// until its response body is done.
+/// until its response body is done and, on HTTP/1.1, marks a request whose head
+/// the transport saw conflicting (`heads`).
 #[derive(Clone)]
 struct CountStreams<S> {
     inner: S,
     streams: Option<Arc<OpenStreams>>,
+    heads: Option<Arc<Heads>>,
 }
 
 impl<S> hyper::service::Service<Request<Incoming>> for CountStreams<S>
@@ -1827,7 +1834,10 @@ where
     type Error = Infallible;
     type Future = Counted<S::Future>;
 
-    fn call(&self, req: Request<Incoming>) -> Self::Future {
+    fn call(&self, mut req: Request<Incoming>) -> Self::Future {
+        if let Some(heads) = &self.heads {
+            heads.mark(&mut req);
+        }
         Counted {
             open: self.streams.as_ref().map(OpenStreams::opened),
             answer: self.inner.call(req),

@@ -1,0 +1,521 @@
+//! HTTP/1.1 request framing followed below hyper, for the one conflict hyper's
+//! parser settles without leaving a trace: a head with both `Content-Length` and
+//! `Transfer-Encoding`. hyper reads such a request as chunked, drops
+//! `Content-Length` before the request is built and closes the connection after
+//! the response (RFC 9112 section 6.3 allows that or a 400); the edge refuses it
+//! with 400 instead, as Envoy and nginx do, so the request never reaches an
+//! upstream.
+//!
+//! [`Framed`] wraps a connection's transport and follows the bytes hyper is about
+//! to read: each head (parsed with httparse, hyper's own parser, with the same
+//! defaults), then its body by its framing (a length, or chunks up to the last
+//! one and its trailers) to the next head. It notes which request, counted from
+//! the connection's first, had both fields; [`Heads::mark`] puts
+//! [`ConflictingFraming`] in that request's extensions as hyper hands it over.
+//! It stops following at anything it cannot frame as hyper does (a head hyper
+//! refuses anyway, an upgrade, `CONNECT`, a conflict, which ends the connection):
+//! nothing after that is marked, and nothing is ever changed in the bytes.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Marks a request whose head carried both `Content-Length` and
+/// `Transfer-Encoding` (see the module).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConflictingFraming;
+
+/// What the transport saw, shared with the connection's service.
+#[derive(Debug)]
+pub struct Heads {
+    /// The place on the connection (from 0) of the first head with both fields;
+    /// `u64::MAX` while there is none.
+    conflict: AtomicU64,
+    /// How many requests hyper has handed over so far.
+    served: AtomicU64,
+}
+
+impl Default for Heads {
+    fn default() -> Self {
+        Heads {
+            conflict: AtomicU64::new(u64::MAX),
+            served: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Heads {
+    /// Counts `req`, the connection's next request, and marks it when its head was
+    /// the conflicting one. hyper parses a head only from bytes the transport has
+    /// already followed, so the note is there before its request is.
+    pub fn mark<B>(&self, req: &mut http::Request<B>) {
+        let place = self.served.fetch_add(1, Ordering::Relaxed);
+        if self.conflict.load(Ordering::Relaxed) == place {
+            req.extensions_mut().insert(ConflictingFraming);
+        }
+    }
+}
+
+/// A head, a chunk-size line or a trailer that has not all arrived yet is kept up
+/// to this (hyper's read buffer holds a head to 64 KiB); beyond, following stops.
+const MAX_PARTIAL: usize = 64 * 1024 + 1024;
+/// hyper's default limit on a request's header fields (more is refused with 431).
+const MAX_HEADERS: usize = 100;
+
+/// Where in the byte stream the follower is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Before or inside a request head.
+    Head,
+    /// Inside a body of the given remaining length.
+    Length(u64),
+    /// Before or inside a chunk-size line.
+    ChunkSize,
+    /// Inside a chunk's data, with this much left.
+    ChunkData(u64),
+    /// The line break after a chunk's data.
+    ChunkEnd,
+    /// Trailer fields after the last chunk, up to an empty line.
+    Trailers,
+    /// Not following any more.
+    Off,
+}
+
+/// Follows request framing over a byte stream fed to it in pieces.
+#[derive(Debug)]
+struct Follow {
+    state: State,
+    /// What has arrived of a head or line that is not complete yet.
+    partial: Vec<u8>,
+    /// Heads framed so far.
+    heads: u64,
+    shared: Arc<Heads>,
+}
+
+impl Follow {
+    fn new(shared: Arc<Heads>) -> Follow {
+        Follow {
+            state: State::Head,
+            partial: Vec::new(),
+            heads: 0,
+            shared,
+        }
+    }
+
+    /// Takes the next bytes of the stream.
+    fn feed(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            data = match self.state {
+                State::Off => return,
+                State::Length(left) => {
+                    let (rest, next) = skip(data, left);
+                    self.state = next.map_or(State::Head, State::Length);
+                    rest
+                }
+                State::ChunkData(left) => {
+                    let (rest, next) = skip(data, left);
+                    self.state = next.map_or(State::ChunkEnd, State::ChunkData);
+                    rest
+                }
+                State::Head => self.head(data),
+                State::ChunkSize | State::ChunkEnd | State::Trailers => self.line(data),
+            };
+        }
+    }
+
+    /// Follows a head; returns what is left of `data` after it.
+    fn head<'d>(&mut self, data: &'d [u8]) -> &'d [u8] {
+        if self.partial.is_empty() {
+            // Empty lines before a request line are skipped, as httparse does.
+            let data = skip_newlines(data);
+            match head_end(data, 0) {
+                Some(end) => {
+                    self.state = self.framed(&data[..end]);
+                    &data[end..]
+                }
+                None => {
+                    self.keep(data);
+                    &[]
+                }
+            }
+        } else {
+            let from = self.partial.len().saturating_sub(2);
+            self.keep(data);
+            match head_end(&self.partial, from) {
+                Some(end) => {
+                    let left = self.partial.len() - end;
+                    let head = std::mem::take(&mut self.partial);
+                    self.state = self.framed(&head[..end]);
+                    self.partial = head;
+                    self.partial.clear();
+                    &data[data.len() - left..]
+                }
+                None => &[],
+            }
+        }
+    }
+
+    /// Follows a chunk-size line, the line break after a chunk or a trailer line;
+    /// returns what is left of `data` after it.
+    fn line<'d>(&mut self, data: &'d [u8]) -> &'d [u8] {
+        let Some(at) = memchr::memchr(b'\n', data) else {
+            self.keep(data);
+            return &[];
+        };
+        let (end, rest) = data.split_at(at + 1);
+        let next = if self.partial.is_empty() {
+            after_line(self.state, end)
+        } else {
+            self.partial.extend_from_slice(end);
+            let next = after_line(self.state, &self.partial);
+            self.partial.clear();
+            next
+        };
+        self.state = next;
+        rest
+    }
+
+    /// Keeps an incomplete head or line, or stops following when it grows too long.
+    fn keep(&mut self, data: &[u8]) {
+        if self.partial.len() + data.len() > MAX_PARTIAL {
+            self.state = State::Off;
+            self.partial = Vec::new();
+        } else {
+            self.partial.extend_from_slice(data);
+        }
+    }
+
+    /// Parses a complete head and says how its body is framed.
+    fn framed(&mut self, head: &[u8]) -> State {
+        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut fields);
+        match req.parse(head) {
+            Ok(httparse::Status::Complete(n)) if n == head.len() => {}
+            // hyper refuses it, or frames it in a way not followed here.
+            _ => return State::Off,
+        }
+        let place = self.heads;
+        self.heads += 1;
+        if req.method == Some("CONNECT") {
+            return State::Off;
+        }
+        let (mut length, mut chunked, mut upgrade) = (None, None, false);
+        for field in req.headers.iter() {
+            let name = field.name;
+            if name.eq_ignore_ascii_case("content-length") {
+                match (length, parse_length(field.value)) {
+                    (_, None) => return State::Off,
+                    (Some(a), Some(b)) if a != b => return State::Off,
+                    (_, l) => length = l,
+                }
+            } else if name.eq_ignore_ascii_case("transfer-encoding") {
+                // As hyper reads it: the last field decides, by its last coding.
+                chunked = Some(ends_chunked(field.value));
+            } else if name.eq_ignore_ascii_case("upgrade") {
+                upgrade = true;
+            }
+        }
+        if chunked.is_some() && length.is_some() {
+            let _ = self.shared.conflict.compare_exchange(
+                u64::MAX,
+                place,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+            // hyper closes the connection after this request.
+            return State::Off;
+        }
+        if upgrade {
+            // What follows may be a tunnel's bytes.
+            return State::Off;
+        }
+        match (chunked, length) {
+            (Some(true), _) => State::ChunkSize,
+            (Some(false), _) => State::Off,
+            (None, Some(n)) if n > 0 => State::Length(n),
+            (None, _) => State::Head,
+        }
+    }
+}
+
+/// Skips up to `left` bytes of `data`: what is left of `data`, and what is left
+/// to skip (`None` when all of it was).
+fn skip(data: &[u8], left: u64) -> (&[u8], Option<u64>) {
+    match usize::try_from(left) {
+        Ok(n) if n <= data.len() => (&data[n..], None),
+        _ => (&[], Some(left - data.len() as u64)),
+    }
+}
+
+/// The state after a complete line (ending in `\n`) in `state`.
+fn after_line(state: State, line: &[u8]) -> State {
+    let empty = line == b"\r\n" || line == b"\n";
+    match state {
+        State::ChunkSize => match httparse::parse_chunk_size(line) {
+            Ok(httparse::Status::Complete((_, 0))) => State::Trailers,
+            Ok(httparse::Status::Complete((_, n))) => State::ChunkData(n),
+            _ => State::Off,
+        },
+        State::ChunkEnd if empty => State::ChunkSize,
+        State::Trailers if empty => State::Head,
+        State::Trailers => State::Trailers,
+        _ => State::Off,
+    }
+}
+
+/// `data` without the empty lines it starts with.
+fn skip_newlines(data: &[u8]) -> &[u8] {
+    let n = data
+        .iter()
+        .take_while(|&&b| b == b'\r' || b == b'\n')
+        .count();
+    &data[n..]
+}
+
+/// Where the head in `buf` ends (just after its empty line), looking at line
+/// breaks from `from` on.
+fn head_end(buf: &[u8], from: usize) -> Option<usize> {
+    memchr::memchr_iter(b'\n', buf.get(from..)?)
+        .map(|at| from + at)
+        .find_map(|at| match buf.get(at + 1..) {
+            Some([b'\n', ..]) => Some(at + 2),
+            Some([b'\r', b'\n', ..]) => Some(at + 3),
+            _ => None,
+        })
+}
+
+/// A `Content-Length` value as hyper takes it: digits only.
+fn parse_length(value: &[u8]) -> Option<u64> {
+    if value.is_empty() || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(value).ok()?.parse().ok()
+}
+
+/// Whether a `Transfer-Encoding` value's last coding is `chunked`.
+fn ends_chunked(value: &[u8]) -> bool {
+    value
+        .rsplit(|&b| b == b',')
+        .next()
+        .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+}
+
+/// A connection's transport, with its HTTP/1.1 request framing followed (see the
+/// module); bytes pass through unchanged.
+#[derive(Debug)]
+pub struct Framed<I> {
+    io: I,
+    follow: Option<Follow>,
+}
+
+impl<I> Framed<I> {
+    /// Wraps `io`, following its request framing into `heads` when given (HTTP/1.1
+    /// connections), passing bytes through untouched otherwise.
+    pub fn new(io: I, heads: Option<Arc<Heads>>) -> Framed<I> {
+        Framed {
+            io,
+            follow: heads.map(Follow::new),
+        }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Framed<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
+        if let Some(follow) = &mut this.follow {
+            follow.feed(&buf.filled()[before..]);
+            if follow.state == State::Off {
+                this.follow = None;
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Framed<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The places of conflicting heads `stream` holds, fed in pieces of `step`
+    /// bytes, and whether the follower was still on at the end.
+    fn follow(stream: &[u8], step: usize) -> (Option<u64>, bool) {
+        let heads = Arc::new(Heads::default());
+        let mut f = Follow::new(heads.clone());
+        for piece in stream.chunks(step) {
+            f.feed(piece);
+        }
+        let at = heads.conflict.load(Ordering::Relaxed);
+        ((at != u64::MAX).then_some(at), f.state != State::Off)
+    }
+
+    /// Checks `stream` fed whole and in every piece size up to 16 bytes.
+    fn each_step(stream: &[u8], want: (Option<u64>, bool)) {
+        for step in (1..=16).chain([stream.len().max(1)]) {
+            assert_eq!(
+                follow(stream, step),
+                want,
+                "step {step}: {}",
+                String::from_utf8_lossy(stream)
+            );
+        }
+    }
+
+    const GET: &str = "GET /a HTTP/1.1\r\nHost: x\r\n\r\n";
+
+    #[test]
+    fn both_fields_mark_their_request_wherever_it_is() {
+        let both = "POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+        each_step(both.as_bytes(), (Some(0), false));
+        let reversed = "POST /b HTTP/1.1\r\nHost: x\r\ntransfer-encoding: gzip, Chunked\r\ncontent-length: 0\r\n\r\n";
+        each_step(reversed.as_bytes(), (Some(0), false));
+        // After requests framed by a length, by chunks (extensions, trailers) and
+        // with neither, and leading empty lines.
+        let before = format!(
+            "\r\n{GET}POST /c HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\nhello\r\n\r\nxyPOST /d HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3;ext=\"a\"\r\nabc\r\nA\r\n0123456789\r\n0\r\nX-T: 1\r\n\r\n"
+        );
+        each_step(before.as_bytes(), (None, true));
+        each_step(format!("{before}{both}").as_bytes(), (Some(3), false));
+    }
+
+    #[test]
+    fn bodies_that_look_like_heads_are_not_heads() {
+        let inner = "POST /x HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let by_length = format!(
+            "POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{inner}{GET}",
+            inner.len()
+        );
+        each_step(by_length.as_bytes(), (None, true));
+        let by_chunks = format!(
+            "POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{inner}\r\n0\r\n\r\n{GET}",
+            inner.len()
+        );
+        each_step(by_chunks.as_bytes(), (None, true));
+    }
+
+    #[test]
+    fn following_stops_where_hyper_would_not_go_on() {
+        for stream in [
+            // Refused by hyper: bad length, lengths that differ, not chunked last.
+            "POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+            "GET / HTTP/1.1\r\nBad Name: x\r\n\r\n",
+            "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+            // A tunnel may follow.
+            "GET /ws HTTP/1.1\r\nUpgrade: websocket\r\n\r\n",
+            "CONNECT x:443 HTTP/1.1\r\nHost: x:443\r\n\r\n",
+            // A bad chunk size.
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        ] {
+            let then_both = format!(
+                "{stream}POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"
+            );
+            each_step(then_both.as_bytes(), (None, false));
+        }
+        // A head that never ends stops being kept.
+        let mut f = Follow::new(Arc::new(Heads::default()));
+        f.feed(b"GET / HTTP/1.1\r\n");
+        for _ in 0..70 {
+            f.feed(&[b'a'; 1024]);
+        }
+        assert_eq!((f.state, f.partial.capacity()), (State::Off, 0));
+    }
+
+    /// Streams stitched from pieces of requests: however a stream is cut into
+    /// reads, the follower ends in the same place with the same note, and never
+    /// panics.
+    #[test]
+    fn cutting_a_stream_differently_changes_nothing() {
+        const PIECES: &[&str] = &[
+            "GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "5\r\nhello\r\n",
+            "0\r\n\r\n",
+            "0\r\nA: b\r\n\r\n",
+            "\r\n",
+            "\n",
+            "Content-Length: 1\r\n",
+            "GET /",
+            "ffffffffffffffffff\r\n",
+            "\u{0}\u{ff}",
+        ];
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..2_000 {
+            let mut stream = Vec::new();
+            for _ in 0..next() % 8 {
+                let piece = PIECES[(next() % PIECES.len() as u64) as usize];
+                stream.extend_from_slice(piece.as_bytes());
+            }
+            let whole = follow(&stream, stream.len().max(1));
+            let step = (next() % 7 + 1) as usize;
+            assert_eq!(
+                follow(&stream, step),
+                whole,
+                "step {step}: {:?}",
+                String::from_utf8_lossy(&stream)
+            );
+        }
+    }
+
+    #[test]
+    fn requests_are_marked_by_their_place() {
+        let heads = Heads::default();
+        heads.conflict.store(1, Ordering::Relaxed);
+        let marked: Vec<bool> = (0..3)
+            .map(|_| {
+                let mut req = http::Request::new(());
+                heads.mark(&mut req);
+                req.extensions().get::<ConflictingFraming>().is_some()
+            })
+            .collect();
+        assert_eq!(marked, [false, true, false]);
+    }
+}
