@@ -39,11 +39,13 @@ bench-stream:
 	$(CARGO) bench -p vigil --bench stream
 
 ## bench-proxy: wrk through Vigil against nginx proxy_pass and auth_request; proxy memory
-## holding 100,000 users and 10,000 routes (installs nginx and wrk when missing).
+## holding 100,000 users and 10,000 routes (installs nginx and wrk when missing); what
+## following HTTP/1.1 framing below hyper costs a request (criterion).
 bench-proxy:
 	@export PATH="$$PATH:/usr/sbin"; command -v nginx >/dev/null && command -v wrk >/dev/null || \
 	  { SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq nginx wrk; }
 	$(CARGO) bench -p vigil --bench proxy
+	$(CARGO) bench -p vigil-proxy --bench framing
 
 ## bench-revocation: REST 2xx -> first refused request at each of two real proxies.
 bench-revocation:

@@ -191,9 +191,10 @@ impl Follow {
 
     /// Parses a complete head and says how its body is framed.
     fn framed(&mut self, head: &[u8]) -> State {
-        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut req = httparse::Request::new(&mut fields);
-        match req.parse(head) {
+        // Left uninitialised: filling 100 empty fields would cost more than the parse.
+        let mut fields = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut []);
+        match req.parse_with_uninit_headers(head, &mut fields) {
             Ok(httparse::Status::Complete(n)) if n == head.len() => {}
             // hyper refuses it, or frames it in a way not followed here.
             _ => return State::Off,
