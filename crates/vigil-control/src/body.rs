@@ -82,9 +82,38 @@ fn json_value(headers: &HeaderMap, body: &Bytes, merge_patch: bool) -> Result<Va
             e.valid_up_to()
         ))
     })?;
-    serde_json::from_str(text)
+    let value = serde_json::from_str(text)
         .map(|Strict(v)| v)
-        .map_err(|e| Problem::bad_request(format!("not a valid JSON document: {e}")))
+        .map_err(|e| Problem::bad_request(format!("not a valid JSON document: {e}")))?;
+    match nul_at(&value, "") {
+        Some(pointer) => Err(Problem::field(pointer, NUL)),
+        None => Ok(value),
+    }
+}
+
+/// What is wrong with text holding NUL: the store cannot keep it (PostgreSQL's
+/// `text` refuses it), and no name, address or policy needs it.
+pub(crate) const NUL: &str = "must not contain the NUL character (U+0000)";
+
+/// The JSON pointer of the first string in `v` (a member name or a value) that
+/// holds NUL, under `at`.
+fn nul_at(v: &Value, at: &str) -> Option<String> {
+    match v {
+        Value::String(s) => s.contains('\0').then(|| at.to_owned()),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, v)| nul_at(v, &format!("{at}/{i}"))),
+        Value::Object(members) => members.iter().find_map(|(k, v)| {
+            let here = format!("{at}/{}", pointer_token(k));
+            if k.contains('\0') {
+                Some(here)
+            } else {
+                nul_at(v, &here)
+            }
+        }),
+        Value::Null | Value::Bool(_) | Value::Number(_) => None,
+    }
 }
 
 /// A `serde_json::Value` read in one pass that refuses duplicate keys at any depth
@@ -159,4 +188,36 @@ pub(crate) fn too_large() -> Problem {
         "payload-too-large",
         format!("the body is larger than {MAX_BODY} bytes"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::problem::FieldError;
+
+    fn read(body: &str) -> Result<Value, Problem> {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
+        json_value(&h, &Bytes::from(body.to_owned()), false)
+    }
+
+    #[test]
+    fn nul_anywhere_is_refused_where_it_is() {
+        for (body, pointer) in [
+            (r#"{"name": "a\u0000"}"#, "/name"),
+            (r#"{"a": {"b": ["x", "y\u0000z"]}}"#, "/a/b/1"),
+            (r#"{"a/b": {"c\u0000": 1}}"#, "/a~1b/c\u{0}"),
+            (r#""\u0000""#, ""),
+        ] {
+            let p = read(body).unwrap_err();
+            assert_eq!(p.status, 400, "{body}");
+            assert_eq!(p.errors, [FieldError::new(pointer, NUL)], "{body}");
+        }
+        // An escaped backslash before `u0000` is no NUL.
+        assert_eq!(
+            read(r#"{"a": "\\u0000"}"#).unwrap(),
+            serde_json::json!({"a": "\\u0000"})
+        );
+    }
 }
