@@ -157,7 +157,17 @@ pub(crate) fn check_name(name: &str) -> Result<(), Problem> {
 pub(crate) fn check_time(pointer: &str, value: &mut String, errors: &mut Vec<FieldError>) -> bool {
     match chrono::DateTime::parse_from_rfc3339(value) {
         Ok(t) => {
-            *value = crate::time::secs(t.with_timezone(&chrono::Utc));
+            let utc = crate::time::secs(t.with_timezone(&chrono::Utc));
+            // RFC 3339 has four-digit years: `9999-12-31T23:00:00-14:00` is in year
+            // 10000 in UTC, which could not be read back (and would sort wrongly as text).
+            if crate::time::parse(&utc).is_none() {
+                errors.push(FieldError::new(
+                    pointer,
+                    format!("`{value}` is {utc} in UTC, outside the years 0000 to 9999"),
+                ));
+                return false;
+            }
+            *value = utc;
             true
         }
         Err(e) => {
