@@ -14,6 +14,10 @@ use crate::problem::Problem;
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 1 << 20;
 
+/// A body must have arrived whole this long after its head: a client trickling
+/// one byte at a time does not hold a connection and a task for ever.
+pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Escapes one JSON Pointer token.
 pub(crate) fn pointer_token(s: &str) -> String {
     s.replace('~', "~0").replace('/', "~1")
@@ -40,14 +44,27 @@ pub async fn read_json(
     body: Body,
     merge_patch: bool,
 ) -> Result<Value, Problem> {
-    let bytes = axum::body::to_bytes(body, MAX_BODY).await.map_err(|e| {
-        let msg = e.to_string();
-        if msg.contains("length limit") {
-            too_large()
-        } else {
-            Problem::bad_request(format!("could not read the body: {msg}"))
-        }
-    })?;
+    let read = tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, MAX_BODY));
+    let bytes = read
+        .await
+        .map_err(|_| {
+            Problem::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request-timeout",
+                format!(
+                    "the body did not arrive within {} s",
+                    BODY_TIMEOUT.as_secs()
+                ),
+            )
+        })?
+        .map_err(|e| {
+            let msg = e.to_string();
+            if msg.contains("length limit") {
+                too_large()
+            } else {
+                Problem::bad_request(format!("could not read the body: {msg}"))
+            }
+        })?;
     json_value(headers, &bytes, merge_patch)
 }
 
@@ -219,5 +236,15 @@ mod tests {
             read(r#"{"a": "\\u0000"}"#).unwrap(),
             serde_json::json!({"a": "\\u0000"})
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_never_ends_is_a_408() {
+        let (_tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(1);
+        let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
+        let p = read_json(&h, body, false).await.unwrap_err();
+        assert_eq!(p.status, 408, "{p:?}");
     }
 }

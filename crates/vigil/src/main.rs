@@ -562,10 +562,7 @@ async fn control(
     if let Some(tx) = started {
         let _ = tx.send(control.clone());
     }
-    axum::serve(listener, vigil_control::router(control))
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("serving the admin API")?;
+    vigil_control::serve::serve(listener, vigil_control::router(control), shutdown_signal()).await;
     grpc_task.abort();
     store.close().await;
     Ok(())
