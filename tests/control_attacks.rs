@@ -362,6 +362,25 @@ async fn the_admin_api_answers_hostile_input_with_located_4xx() {
         a.expect(&format!("policy: {doc}"), &got, &[422], Some(pointer));
     }
 
+    // Many regular expressions: each costs CPU and memory wherever the policy is
+    // loaded, so their number is bounded (9,000 near the size limit took 18 s).
+    let many: Vec<Value> = (0..2000)
+        .map(|i| json!({"http_path": {"matches": format!("/a{i}/.*")}}))
+        .collect();
+    let got = a
+        .json(
+            Method::POST,
+            "/v1/policies/validate",
+            &json!({"document": {"allow": {"or": many}}}).to_string(),
+        )
+        .await;
+    a.expect(
+        "2000 regular expressions",
+        &got,
+        &[422],
+        Some("/document/allow/or/256/http_path/matches"),
+    );
+
     // Nothing refused was kept, and every filtered list still answers.
     for path in [
         "/v1/users?email=a@x",
