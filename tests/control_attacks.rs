@@ -244,6 +244,54 @@ async fn the_admin_api_answers_hostile_input_with_located_4xx() {
         );
     }
 
+    // Users: an email that only looks like an address (spaces, invisible or
+    // bidirectional characters, empty labels), a line break that would let two
+    // (issuer, subject) pairs share the natural key `issuer\nsubject`.
+    for (body, pointer) in [
+        (
+            r#"{"issuer": "https://i.example", "subject": "e1", "email": " a@x.example"}"#,
+            "/email",
+        ),
+        (
+            r#"{"issuer": "https://i.example", "subject": "e2", "email": "a@x\u200b.example"}"#,
+            "/email",
+        ),
+        (
+            r#"{"issuer": "https://i.example", "subject": "e3", "email": "adm\u202eni@x.example"}"#,
+            "/email",
+        ),
+        (
+            r#"{"issuer": "https://i.example", "subject": "e4", "email": "a@x..example"}"#,
+            "/email",
+        ),
+        (
+            r#"{"issuer": "https://i.example", "subject": "e5", "email": "a@"}"#,
+            "/email",
+        ),
+        (
+            r#"{"issuer": "https://i.example\nb", "subject": "c"}"#,
+            "/issuer",
+        ),
+        (
+            r#"{"issuer": "https://i.example", "subject": "b\nc"}"#,
+            "/subject",
+        ),
+    ] {
+        let got = a.json(Method::POST, "/v1/users", body).await;
+        a.expect(&format!("user: {body}"), &got, &[422], Some(pointer));
+    }
+    for email in [
+        "A.B+tag@X.example",
+        "a@[192.0.2.1]",
+        "\u{e9}l\u{e8}ve@\u{e9}cole.example",
+    ] {
+        let body = format!(
+            r#"{{"issuer": "https://i.example", "subject": "{email}", "email": "{email}"}}"#
+        );
+        let got = a.json(Method::POST, "/v1/users", &body).await;
+        a.expect_ok(&format!("email {email}"), &got, 201);
+    }
+
     // Instants: a time zone offset may carry a valid time past year 9999 in UTC,
     // which the store would keep in a form nobody can read back.
     for (body, pointer) in [

@@ -688,11 +688,35 @@ impl Resource for User {
         if spec.subject.is_empty() {
             errors.push(FieldError::new("/subject", "must not be empty"));
         }
+        // The natural key joins them with a line break: with one inside, two
+        // different (issuer, subject) pairs would share a key.
+        for (pointer, value) in [("/issuer", &spec.issuer), ("/subject", &spec.subject)] {
+            if value.chars().any(char::is_control) {
+                errors.push(FieldError::new(
+                    pointer,
+                    "must not contain control characters",
+                ));
+            }
+        }
         if let Some(e) = &spec.email {
-            if e.matches('@').count() != 1 || e.starts_with('@') || e.ends_with('@') {
+            let domain = e.rsplit_once('@').map_or("", |(_, d)| d);
+            if e.matches('@').count() != 1
+                || e.starts_with('@')
+                || domain.is_empty()
+                || (!domain.starts_with('[') && domain.split('.').any(str::is_empty))
+            {
                 errors.push(FieldError::new(
                     "/email",
                     format!("`{e}` is not an email address"),
+                ));
+            } else if let Some(c) = e.chars().find(|c| invisible(*c)) {
+                errors.push(FieldError::new(
+                    "/email",
+                    format!(
+                        "`{}` holds U+{:04X}: no spaces, control or invisible formatting characters",
+                        e.escape_debug(),
+                        u32::from(c)
+                    ),
                 ));
             }
         }
@@ -705,6 +729,18 @@ impl Resource for User {
             },
         )
     }
+}
+
+/// Whether `c` would make text look like other text: white space, a control
+/// character, or an invisible formatting one (zero-width, bidirectional controls,
+/// a soft hyphen, a byte-order mark). An email holding one never equals the
+/// address it shows, in a policy or in a person's reading of the directory.
+fn invisible(c: char) -> bool {
+    c.is_whitespace()
+        || c.is_control()
+        || matches!(c,
+            '\u{00ad}' | '\u{061c}' | '\u{180e}' | '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}'
+            | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{206f}' | '\u{feff}')
 }
 
 /// A local group of users.
