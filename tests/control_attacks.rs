@@ -292,6 +292,27 @@ async fn the_admin_api_answers_hostile_input_with_located_4xx() {
         a.expect_ok(&format!("email {email}"), &got, 201);
     }
 
+    // A password in an upstream URL would be shown to every viewer, in the audit
+    // trail and in every snapshot (the error must not echo it either).
+    for upstream in [
+        "http://user:s3cret@up.example",
+        "https://s3cret@up.example:8443/base",
+    ] {
+        let body =
+            json!({"name": "r", "host": "r.example", "upstreams": ["http://ok.example", upstream]});
+        let got = a.json(Method::POST, "/v1/routes", &body.to_string()).await;
+        a.expect(
+            &format!("upstream {upstream}"),
+            &got,
+            &[422],
+            Some("/upstreams/1"),
+        );
+        if got.text.contains("s3cret") {
+            a.failures
+                .push(format!("the refusal shows the password: {}", got.text));
+        }
+    }
+
     // Instants: a time zone offset may carry a valid time past year 9999 in UTC,
     // which the store would keep in a form nobody can read back.
     for (body, pointer) in [

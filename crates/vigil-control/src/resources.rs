@@ -475,6 +475,13 @@ fn check_upstream(u: &str) -> Result<(), String> {
     if uri.host().is_none_or(str::is_empty) {
         return Err(format!("`{u}` has no host"));
     }
+    // A route is readable by every viewer, kept in the audit trail and sent to
+    // every proxy: a user name and password in it would be shown to all of them.
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err(
+            "an upstream URL must not carry a user name or password: a route is shown to every viewer, kept in the audit trail and sent to every proxy".to_owned(),
+        );
+    }
     if uri.query().is_some() {
         return Err(format!("`{u}` must not have a query"));
     }
