@@ -313,6 +313,27 @@ async fn the_admin_api_answers_hostile_input_with_located_4xx() {
         }
     }
 
+    for issuer in [
+        "https://user:s3cret@idp.example",
+        "https://idp.example/?tenant=1",
+        "https://idp.example/#x",
+    ] {
+        let body = json!({"name": "idp", "issuer_url": issuer, "client_id": "c"});
+        let got = a
+            .json(Method::POST, "/v1/identity-providers", &body.to_string())
+            .await;
+        a.expect(
+            &format!("issuer {issuer}"),
+            &got,
+            &[422],
+            Some("/issuer_url"),
+        );
+        if got.text.contains("s3cret") {
+            a.failures
+                .push(format!("the refusal shows the password: {}", got.text));
+        }
+    }
+
     // Instants: a time zone offset may carry a valid time past year 9999 in UTC,
     // which the store would keep in a form nobody can read back.
     for (body, pointer) in [

@@ -1145,6 +1145,17 @@ impl Resource for IdentityProvider {
                         "/issuer_url",
                         "must be an https:// URL (http:// only on loopback)",
                     ));
+                } else if u.authority().is_some_and(|a| a.as_str().contains('@')) {
+                    // Shown to every viewer and sent in every snapshot: no credentials.
+                    errors.push(FieldError::new(
+                        "/issuer_url",
+                        "must not carry a user name or password",
+                    ));
+                } else if u.query().is_some() || spec.issuer_url.contains('#') {
+                    errors.push(FieldError::new(
+                        "/issuer_url",
+                        "an issuer has no query or fragment (OpenID Connect Discovery)",
+                    ));
                 }
             }
             Err(e) => errors.push(FieldError::new("/issuer_url", format!("not a URL: {e}"))),
