@@ -1,7 +1,8 @@
 //! Serving the admin API over HTTP/1.1 and HTTP/2 with the limits `axum::serve`
 //! leaves out: a connection that does not send a request head in time is closed,
 //! so a client cannot pile up idle or half-sent connections until the process
-//! runs out of file descriptors (and with them, database connections).
+//! runs out of file descriptors (and with them, database connections). The gRPC
+//! stream's listener is screened the same way ([`screened`]).
 
 use std::future::Future;
 use std::time::Duration;
@@ -30,7 +31,7 @@ const DRAIN: Duration = Duration::from_secs(30);
 /// Whether the client's first bytes arrive within [`HEADER_READ_TIMEOUT`] and
 /// settle which HTTP it speaks: anything but the start of HTTP/2's preface is
 /// HTTP/1, and a preface must arrive whole. Looked at without taking them.
-async fn speaks_in_time(stream: &tokio::net::TcpStream) -> bool {
+pub async fn speaks_in_time(stream: &tokio::net::TcpStream) -> bool {
     const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
     let deadline = tokio::time::Instant::now() + HEADER_READ_TIMEOUT;
     let mut seen = [0u8; PREFACE.len()];
@@ -45,6 +46,38 @@ async fn speaks_in_time(stream: &tokio::net::TcpStream) -> bool {
             return false;
         }
     }
+}
+
+/// The connections accepted on `listener` whose first bytes arrive in time (see
+/// [`speaks_in_time`]); the others are closed. For a server whose own accept
+/// loop waits on a silent connection without a deadline: the gRPC stream's
+/// (tonic's keep-alive pings start only once a client has spoken).
+pub fn screened(
+    listener: tokio::net::TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let stream = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "Accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                () = tx.closed() => return,
+            };
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                if speaks_in_time(&stream).await {
+                    let _ = tx.send(Ok(stream)).await;
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves, then lets in-flight
@@ -124,6 +157,26 @@ mod tests {
         let read = tokio::time::timeout(Duration::from_secs(60), s.read_to_end(&mut out)).await;
         assert!(read.is_ok(), "still open a minute later, after {sent:?}");
         String::from_utf8_lossy(&out).into_owned()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn screened_connections_must_speak_first() {
+        use tokio_stream::StreamExt as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut accepted = Box::pin(screened(listener));
+        let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut speaking = tokio::net::TcpStream::connect(addr).await.unwrap();
+        speaking.write_all(b"\x16\x03\x01").await.unwrap();
+        let mut first = accepted.next().await.unwrap().unwrap();
+        assert_eq!(first.peer_addr().unwrap(), speaking.local_addr().unwrap());
+        // The silent one is closed once its time is up, never handed on.
+        let mut out = Vec::new();
+        silent.read_to_end(&mut out).await.unwrap();
+        assert!(out.is_empty());
+        let next = tokio::time::timeout(Duration::from_secs(60), accepted.next()).await;
+        assert!(next.is_err(), "nothing else was handed on");
+        first.write_all(b"x").await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]

@@ -551,7 +551,7 @@ async fn control(
     let grpc_server = grpc
         .add_service(vigil_control::stream::Service::server(control.clone(), hub))
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+            vigil_control::serve::screened(grpc_listener),
             shutdown_signal(),
         );
     let grpc_task = tokio::spawn(grpc_server);
