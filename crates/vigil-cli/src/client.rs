@@ -165,7 +165,16 @@ impl Client {
     }
 
     /// The URL of `segments` (each percent-encoded as one segment) under the endpoint.
+    /// A segment that the URL would not carry as it is (empty, `.` or `..`, which
+    /// name another path, or holding a tab or line break, which URL parsing drops)
+    /// is refused rather than sent to some other resource.
     pub fn url(&self, segments: &[&str], query: &[(String, String)]) -> anyhow::Result<Url> {
+        if let Some(bad) = segments
+            .iter()
+            .find(|s| matches!(**s, "" | "." | "..") || s.chars().any(|c| c.is_control()))
+        {
+            anyhow::bail!("{bad:?} cannot be an id: no resource has an empty id, `.`, `..` or control characters in its id");
+        }
         let mut url = self.base.clone();
         url.path_segments_mut()
             .map_err(|()| anyhow!("`{}` cannot be a base URL", self.endpoint))?
@@ -313,6 +322,21 @@ mod tests {
         assert_eq!(
             c.url(&["v1", "proxies"], &[]).unwrap().as_str(),
             "http://h:1/v1/proxies"
+        );
+    }
+
+    #[test]
+    fn ids_the_url_would_change_are_refused() {
+        let c = Client::new("http://h:1", None).unwrap();
+        for id in ["", ".", "..", "en\tg", "en\ng", "a\rb", "a\0b"] {
+            let e = c.url(&["v1", "groups", id], &[]).unwrap_err();
+            assert!(e.to_string().contains("cannot be an id"), "{id:?}: {e}");
+        }
+        assert_eq!(
+            c.url(&["v1", "groups", "%2e%2e", ".a"], &[])
+                .unwrap()
+                .as_str(),
+            "http://h:1/v1/groups/%252e%252e/.a"
         );
     }
 

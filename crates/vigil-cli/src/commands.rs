@@ -1,6 +1,6 @@
 //! What each command does; every one returns the text for standard output.
 
-use std::io::Read as _;
+use std::io::Read;
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Context as _};
@@ -135,17 +135,32 @@ fn config_show(path: &Path, s: &Settings, output: Option<Output>) -> anyhow::Res
 
 // ---------- reading documents ----------
 
-/// The contents of `path`, or of standard input for `-`.
+/// The most `-f` reads: 64 documents of the API's largest (1 MiB each). A larger
+/// or endless input (`-f /dev/zero`, a log file by mistake) is refused rather
+/// than read into memory until the machine runs out.
+pub const MAX_SOURCE: u64 = 64 << 20;
+
+/// The contents of `path`, or of standard input for `-`, at most [`MAX_SOURCE`] bytes.
 pub fn read_source(path: &Path) -> anyhow::Result<String> {
     if path == Path::new("-") {
-        let mut s = String::new();
-        std::io::stdin()
-            .read_to_string(&mut s)
-            .context("reading standard input")?;
-        Ok(s)
+        read_limited(std::io::stdin().lock(), "standard input")
     } else {
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+        let file =
+            std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+        read_limited(file, &path.display().to_string())
     }
+}
+
+/// Reads `from` (named `what` in errors) as UTF-8 text of at most [`MAX_SOURCE`] bytes.
+fn read_limited(from: impl Read, what: &str) -> anyhow::Result<String> {
+    let mut bytes = Vec::new();
+    from.take(MAX_SOURCE + 1)
+        .read_to_end(&mut bytes)
+        .with_context(|| format!("reading {what}"))?;
+    if bytes.len() as u64 > MAX_SOURCE {
+        bail!("{what} is larger than {} MiB", MAX_SOURCE >> 20);
+    }
+    String::from_utf8(bytes).with_context(|| format!("reading {what}: not UTF-8 text"))
 }
 
 /// The JSON object given with `-f` or `--data`; a `kind` field, as `apply` files
@@ -539,6 +554,15 @@ async fn audit(c: &Client, args: &AuditArgs, output: Option<Output>) -> anyhow::
 mod tests {
     use super::*;
     use std::path::PathBuf;
+
+    #[test]
+    fn endless_or_huge_input_is_refused() {
+        let e = read_limited(std::io::repeat(b' '), "/dev/zero").unwrap_err();
+        assert!(e.to_string().contains("larger than 64 MiB"), "{e}");
+        let e = read_limited(&b"{\"name\": \"\xff\"}"[..], "f.json").unwrap_err();
+        assert!(format!("{e:#}").contains("not UTF-8"), "{e:#}");
+        assert_eq!(read_limited(&b"{}"[..], "f.json").unwrap(), "{}");
+    }
 
     fn update_args(if_match: Option<&str>, force: bool) -> UpdateArgs {
         UpdateArgs {

@@ -2,7 +2,8 @@
 //! the few actions that are not plain CRUD.
 
 use axum::body::Body;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{FromRequestParts, Path, RawQuery, State};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -16,6 +17,21 @@ use crate::problem::Problem;
 use crate::resources::*;
 use crate::time;
 use crate::Control;
+
+/// The `{id}` in a URL, percent-decoded. A segment that does not decode to UTF-8
+/// is a 400 problem like every other error (axum's own rejection is plain text).
+pub struct Id(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for Id {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Id, Problem> {
+        Path::<String>::from_request_parts(parts, state)
+            .await
+            .map(|Path(id)| Id(id))
+            .map_err(|e| Problem::field("/path/id", e.body_text()))
+    }
+}
 
 /// Fields the server owns in every resource.
 const META: &[&str] = &["id", "version", "created_at", "updated_at", "token"];
@@ -289,7 +305,7 @@ async fn current<R: Resource>(c: &Control, id: &str) -> Result<Record, Problem> 
 pub async fn get<R: Resource>(
     State(c): State<Control>,
     admin: Admin,
-    Path(id): Path<String>,
+    Id(id): Id,
 ) -> Result<Response, Problem> {
     admin.require(R::READ_ROLE)?;
     let rec = current::<R>(&c, &id).await?;
@@ -328,7 +344,7 @@ async fn store_replace<R: Resource>(
 pub async fn replace<R: Resource>(
     State(c): State<Control>,
     admin: Admin,
-    Path(id): Path<String>,
+    Id(id): Id,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, Problem> {
@@ -363,7 +379,7 @@ fn merge_patch(target: &mut Value, patch: &Value) {
 pub async fn patch<R: Resource>(
     State(c): State<Control>,
     admin: Admin,
-    Path(id): Path<String>,
+    Id(id): Id,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, Problem> {
@@ -393,7 +409,7 @@ pub async fn patch<R: Resource>(
 pub async fn delete<R: Resource>(
     State(c): State<Control>,
     admin: Admin,
-    Path(id): Path<String>,
+    Id(id): Id,
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
     admin.require(R::WRITE_ROLE)?;
@@ -417,7 +433,20 @@ fn page_query(
     let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw.unwrap_or(""))
         .map_err(|e| Problem::bad_request(format!("malformed query string: {e}")))?;
     let mut q = ListQuery::default();
+    let mut seen = std::collections::BTreeSet::new();
     for (k, v) in pairs {
+        if k.contains('\0') || v.contains('\0') {
+            return Err(Problem::field(
+                format!("/query/{}", crate::body::pointer_token(&k)),
+                crate::body::NUL,
+            ));
+        }
+        if !seen.insert(k.clone()) {
+            return Err(Problem::field(
+                format!("/query/{}", crate::body::pointer_token(&k)),
+                "given more than once",
+            ));
+        }
         match k.as_str() {
             "limit" => {
                 let n: u32 = v
@@ -436,7 +465,7 @@ fn page_query(
                     let allowed: Vec<&str> =
                         ["limit", "cursor"].iter().chain(filters).copied().collect();
                     return Err(Problem::field(
-                        format!("/query/{other}"),
+                        format!("/query/{}", crate::body::pointer_token(other)),
                         format!("unknown parameter; {lister} takes {}", allowed.join(", ")),
                     ));
                 }
@@ -521,7 +550,7 @@ pub async fn audit(
 pub async fn rotate_token<R: Resource>(
     State(c): State<Control>,
     admin: Admin,
-    Path(id): Path<String>,
+    Id(id): Id,
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
     admin.require(R::WRITE_ROLE)?;
@@ -546,7 +575,7 @@ pub async fn rotate_token<R: Resource>(
 pub async fn revoke_session(
     State(c): State<Control>,
     admin: Admin,
-    Path(id): Path<String>,
+    Id(id): Id,
 ) -> Result<Response, Problem> {
     admin.require(Role::Editor)?;
     let cur = current::<Session>(&c, &id).await?;
@@ -561,7 +590,7 @@ pub async fn revoke_session(
 pub async fn revoke_user_sessions(
     State(c): State<Control>,
     admin: Admin,
-    Path(id): Path<String>,
+    Id(id): Id,
 ) -> Result<Response, Problem> {
     admin.require(Role::Editor)?;
     current::<User>(&c, &id).await?;
@@ -622,7 +651,7 @@ pub const MAX_POSTURE_TTL_S: u64 = 30 * 86_400;
 pub async fn put_posture(
     State(c): State<Control>,
     admin: Admin,
-    Path(id): Path<String>,
+    Id(id): Id,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, Problem> {

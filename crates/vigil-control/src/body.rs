@@ -14,6 +14,10 @@ use crate::problem::Problem;
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 1 << 20;
 
+/// A body must have arrived whole this long after its head: a client trickling
+/// one byte at a time does not hold a connection and a task for ever.
+pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Escapes one JSON Pointer token.
 pub(crate) fn pointer_token(s: &str) -> String {
     s.replace('~', "~0").replace('/', "~1")
@@ -40,14 +44,27 @@ pub async fn read_json(
     body: Body,
     merge_patch: bool,
 ) -> Result<Value, Problem> {
-    let bytes = axum::body::to_bytes(body, MAX_BODY).await.map_err(|e| {
-        let msg = e.to_string();
-        if msg.contains("length limit") {
-            too_large()
-        } else {
-            Problem::bad_request(format!("could not read the body: {msg}"))
-        }
-    })?;
+    let read = tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, MAX_BODY));
+    let bytes = read
+        .await
+        .map_err(|_| {
+            Problem::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request-timeout",
+                format!(
+                    "the body did not arrive within {} s",
+                    BODY_TIMEOUT.as_secs()
+                ),
+            )
+        })?
+        .map_err(|e| {
+            let msg = e.to_string();
+            if msg.contains("length limit") {
+                too_large()
+            } else {
+                Problem::bad_request(format!("could not read the body: {msg}"))
+            }
+        })?;
     json_value(headers, &bytes, merge_patch)
 }
 
@@ -82,9 +99,38 @@ fn json_value(headers: &HeaderMap, body: &Bytes, merge_patch: bool) -> Result<Va
             e.valid_up_to()
         ))
     })?;
-    serde_json::from_str(text)
+    let value = serde_json::from_str(text)
         .map(|Strict(v)| v)
-        .map_err(|e| Problem::bad_request(format!("not a valid JSON document: {e}")))
+        .map_err(|e| Problem::bad_request(format!("not a valid JSON document: {e}")))?;
+    match nul_at(&value, "") {
+        Some(pointer) => Err(Problem::field(pointer, NUL)),
+        None => Ok(value),
+    }
+}
+
+/// What is wrong with text holding NUL: the store cannot keep it (PostgreSQL's
+/// `text` refuses it), and no name, address or policy needs it.
+pub(crate) const NUL: &str = "must not contain the NUL character (U+0000)";
+
+/// The JSON pointer of the first string in `v` (a member name or a value) that
+/// holds NUL, under `at`.
+fn nul_at(v: &Value, at: &str) -> Option<String> {
+    match v {
+        Value::String(s) => s.contains('\0').then(|| at.to_owned()),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, v)| nul_at(v, &format!("{at}/{i}"))),
+        Value::Object(members) => members.iter().find_map(|(k, v)| {
+            let here = format!("{at}/{}", pointer_token(k));
+            if k.contains('\0') {
+                Some(here)
+            } else {
+                nul_at(v, &here)
+            }
+        }),
+        Value::Null | Value::Bool(_) | Value::Number(_) => None,
+    }
 }
 
 /// A `serde_json::Value` read in one pass that refuses duplicate keys at any depth
@@ -159,4 +205,46 @@ pub(crate) fn too_large() -> Problem {
         "payload-too-large",
         format!("the body is larger than {MAX_BODY} bytes"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::problem::FieldError;
+
+    fn read(body: &str) -> Result<Value, Problem> {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
+        json_value(&h, &Bytes::from(body.to_owned()), false)
+    }
+
+    #[test]
+    fn nul_anywhere_is_refused_where_it_is() {
+        for (body, pointer) in [
+            (r#"{"name": "a\u0000"}"#, "/name"),
+            (r#"{"a": {"b": ["x", "y\u0000z"]}}"#, "/a/b/1"),
+            (r#"{"a/b": {"c\u0000": 1}}"#, "/a~1b/c\u{0}"),
+            (r#""\u0000""#, ""),
+        ] {
+            let p = read(body).unwrap_err();
+            assert_eq!(p.status, 400, "{body}");
+            assert_eq!(p.errors, [FieldError::new(pointer, NUL)], "{body}");
+        }
+        // An escaped backslash before `u0000` is no NUL.
+        assert_eq!(
+            read(r#"{"a": "\\u0000"}"#).unwrap(),
+            serde_json::json!({"a": "\\u0000"})
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_never_ends_is_a_408() {
+        let (_tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(1);
+        let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
+        let p = read_json(&h, body, false).await.unwrap_err();
+        assert_eq!(p.status, 408, "{p:?}");
+    }
 }

@@ -10,6 +10,7 @@ mod jwks;
 pub mod openapi;
 pub mod problem;
 pub mod resources;
+pub mod serve;
 mod sessions;
 pub mod snapshot;
 pub mod stream;

@@ -25,6 +25,7 @@ fn problem_response(code: &str) -> Value {
         "401" => "Missing or invalid bearer token",
         "403" => "The token's role is not enough",
         "404" => "No such resource",
+        "408" => "The body did not arrive within 30 s",
         "409" => "Conflicts with existing state (name taken, still referenced)",
         "412" => "If-Match does not match the current ETag",
         "413" => "Body larger than 1 MiB",
@@ -133,7 +134,7 @@ fn resource<R: Resource>(doc: &mut Doc) {
                      "responses": with(ok("200", "A page", list_schema, false), &["400", "401", "403", "503"]) },
             "post": { "tags": [tag], "operationId": format!("create_{}", R::KIND), "summary": format!("Create one of {}", tag.to_lowercase()),
                       "requestBody": body(&spec, false),
-                      "responses": with(ok("201", "Created", schema_ref(&res), true), &["400", "401", "403", "409", "413", "415", "422", "503"]) }
+                      "responses": with(ok("201", "Created", schema_ref(&res), true), &["400", "401", "403", "408", "409", "413", "415", "422", "503"]) }
         }),
     );
     doc.paths.insert(
@@ -144,10 +145,10 @@ fn resource<R: Resource>(doc: &mut Doc) {
                      "responses": with(ok("200", "The resource", schema_ref(&res), true), &["401", "403", "404", "503"]) },
             "put": { "tags": [tag], "operationId": format!("replace_{}", R::KIND), "summary": "Replace the document",
                      "parameters": [if_match(true)], "requestBody": body(&spec, false),
-                     "responses": with(ok("200", "Replaced", schema_ref(&res), true), &["400", "401", "403", "404", "409", "412", "413", "415", "422", "428", "503"]) },
+                     "responses": with(ok("200", "Replaced", schema_ref(&res), true), &["400", "401", "403", "404", "408", "409", "412", "413", "415", "422", "428", "503"]) },
             "patch": { "tags": [tag], "operationId": format!("patch_{}", R::KIND), "summary": "Apply a JSON merge patch (RFC 7396)",
                        "parameters": [if_match(true)], "requestBody": body(&spec, true),
-                       "responses": with(ok("200", "Patched", schema_ref(&res), true), &["400", "401", "403", "404", "409", "412", "413", "415", "422", "428", "503"]) },
+                       "responses": with(ok("200", "Patched", schema_ref(&res), true), &["400", "401", "403", "404", "408", "409", "412", "413", "415", "422", "428", "503"]) },
             "delete": { "tags": [tag], "operationId": format!("delete_{}", R::KIND), "summary": "Delete (dependent sessions and grants go with it)",
                         "parameters": [if_match(false)],
                         "responses": with({ let mut m = Map::new(); m.insert("204".into(), json!({"description": "Deleted"})); m }, &["401", "403", "404", "409", "412", "503"]) }

@@ -172,6 +172,9 @@ impl From<StoreError> for Problem {
         match &e {
             StoreError::NotFound { .. } => Problem::not_found(e.to_string()),
             StoreError::InvalidCursor => Problem::field("/query/cursor", "invalid cursor"),
+            // The API refuses NUL where it is sent, naming the field; this is for
+            // writes that do not come from a request body (e.g. session reports).
+            StoreError::Nul(_) => Problem::bad_request(e.to_string()),
             StoreError::AlreadyExists { .. } | StoreError::Referenced { .. } => {
                 Problem::conflict(e.to_string())
             }

@@ -157,7 +157,17 @@ pub(crate) fn check_name(name: &str) -> Result<(), Problem> {
 pub(crate) fn check_time(pointer: &str, value: &mut String, errors: &mut Vec<FieldError>) -> bool {
     match chrono::DateTime::parse_from_rfc3339(value) {
         Ok(t) => {
-            *value = crate::time::secs(t.with_timezone(&chrono::Utc));
+            let utc = crate::time::secs(t.with_timezone(&chrono::Utc));
+            // RFC 3339 has four-digit years: `9999-12-31T23:00:00-14:00` is in year
+            // 10000 in UTC, which could not be read back (and would sort wrongly as text).
+            if crate::time::parse(&utc).is_none() {
+                errors.push(FieldError::new(
+                    pointer,
+                    format!("`{value}` is {utc} in UTC, outside the years 0000 to 9999"),
+                ));
+                return false;
+            }
+            *value = utc;
             true
         }
         Err(e) => {
@@ -465,6 +475,13 @@ fn check_upstream(u: &str) -> Result<(), String> {
     if uri.host().is_none_or(str::is_empty) {
         return Err(format!("`{u}` has no host"));
     }
+    // A route is readable by every viewer, kept in the audit trail and sent to
+    // every proxy: a user name and password in it would be shown to all of them.
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err(
+            "an upstream URL must not carry a user name or password: a route is shown to every viewer, kept in the audit trail and sent to every proxy".to_owned(),
+        );
+    }
     if uri.query().is_some() {
         return Err(format!("`{u}` must not have a query"));
     }
@@ -678,11 +695,35 @@ impl Resource for User {
         if spec.subject.is_empty() {
             errors.push(FieldError::new("/subject", "must not be empty"));
         }
+        // The natural key joins them with a line break: with one inside, two
+        // different (issuer, subject) pairs would share a key.
+        for (pointer, value) in [("/issuer", &spec.issuer), ("/subject", &spec.subject)] {
+            if value.chars().any(char::is_control) {
+                errors.push(FieldError::new(
+                    pointer,
+                    "must not contain control characters",
+                ));
+            }
+        }
         if let Some(e) = &spec.email {
-            if e.matches('@').count() != 1 || e.starts_with('@') || e.ends_with('@') {
+            let domain = e.rsplit_once('@').map_or("", |(_, d)| d);
+            if e.matches('@').count() != 1
+                || e.starts_with('@')
+                || domain.is_empty()
+                || (!domain.starts_with('[') && domain.split('.').any(str::is_empty))
+            {
                 errors.push(FieldError::new(
                     "/email",
                     format!("`{e}` is not an email address"),
+                ));
+            } else if let Some(c) = e.chars().find(|c| invisible(*c)) {
+                errors.push(FieldError::new(
+                    "/email",
+                    format!(
+                        "`{}` holds U+{:04X}: no spaces, control or invisible formatting characters",
+                        e.escape_debug(),
+                        u32::from(c)
+                    ),
                 ));
             }
         }
@@ -695,6 +736,18 @@ impl Resource for User {
             },
         )
     }
+}
+
+/// Whether `c` would make text look like other text: white space, a control
+/// character, or an invisible formatting one (zero-width, bidirectional controls,
+/// a soft hyphen, a byte-order mark). An email holding one never equals the
+/// address it shows, in a policy or in a person's reading of the directory.
+fn invisible(c: char) -> bool {
+    c.is_whitespace()
+        || c.is_control()
+        || matches!(c,
+            '\u{00ad}' | '\u{061c}' | '\u{180e}' | '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}'
+            | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{206f}' | '\u{feff}')
 }
 
 /// A local group of users.
@@ -1091,6 +1144,17 @@ impl Resource for IdentityProvider {
                     errors.push(FieldError::new(
                         "/issuer_url",
                         "must be an https:// URL (http:// only on loopback)",
+                    ));
+                } else if u.authority().is_some_and(|a| a.as_str().contains('@')) {
+                    // Shown to every viewer and sent in every snapshot: no credentials.
+                    errors.push(FieldError::new(
+                        "/issuer_url",
+                        "must not carry a user name or password",
+                    ));
+                } else if u.query().is_some() || spec.issuer_url.contains('#') {
+                    errors.push(FieldError::new(
+                        "/issuer_url",
+                        "an issuer has no query or fragment (OpenID Connect Discovery)",
                     ));
                 }
             }

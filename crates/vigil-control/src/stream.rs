@@ -465,9 +465,14 @@ impl ControlPlane for Service {
                 ))
             }
         };
-        if hello.proxy_id.is_empty() || hello.proxy_id.len() > 200 {
+        // The id goes into the log, the fleet table and audit actors: no NUL (the
+        // store cannot hold it) and no line breaks or other control characters.
+        if hello.proxy_id.is_empty()
+            || hello.proxy_id.len() > 200
+            || hello.proxy_id.chars().any(char::is_control)
+        {
             return Err(Status::invalid_argument(
-                "hello.proxy_id must be 1 to 200 characters",
+                "hello.proxy_id must be 1 to 200 characters, none of them control characters",
             ));
         }
         let id = hello.proxy_id.clone();

@@ -25,7 +25,9 @@ pub use compile::{compile, CompileEnv, Directory, EntityKind, Library, MAX_REFER
 pub use compiled::{CompiledPolicy, Decision, LoadError, RuleInfo, Truth, FORMAT_VERSION};
 pub use error::{PolicyError, Problem};
 pub use explain::{Explanation, RuleTrace, Trace};
-pub use parse::{parse, parse_fingerprint, parse_net, to_hex, CRITERIA, MAX_DEPTH, MAX_NODES};
+pub use parse::{
+    parse, parse_fingerprint, parse_net, to_hex, CRITERIA, MAX_DEPTH, MAX_NODES, MAX_PATTERNS,
+};
 pub use request::{
     ClientCertificate, Device, GrantWindow, HeaderList, HeaderValue, Headers, Id, NoHeaders,
     Posture, Request, Session, User,

@@ -50,6 +50,11 @@ pub enum StoreError {
     /// A page cursor the store did not issue.
     #[error("invalid cursor")]
     InvalidCursor,
+    /// Text holding the NUL character (U+0000), which PostgreSQL's `text` cannot
+    /// hold and its JSON functions cannot read: refused on SQLite too, so that both
+    /// stores keep the same documents.
+    #[error("{0} contains the NUL character (U+0000)")]
+    Nul(String),
     /// The database cannot be reached right now; retrying later may succeed.
     #[error("database unavailable: {0}")]
     Unavailable(String),

@@ -284,6 +284,7 @@ fn decode_cursor<T: std::str::FromStr>(s: &str) -> Result<T, StoreError> {
         .decode(s)
         .ok()
         .and_then(|b| String::from_utf8(b).ok())
+        .filter(|s| !s.contains('\0'))
         .and_then(|s| s.parse().ok())
         .ok_or(StoreError::InvalidCursor)
 }
@@ -304,6 +305,58 @@ fn page<T>(mut items: Vec<T>, limit: u32, cursor: impl Fn(&T) -> String) -> Page
         None
     };
     Page { items, next }
+}
+
+/// Whether any string in `v`, a member name or a value, holds NUL (U+0000).
+/// Nothing stored does (see [`StoreError::Nul`]), so a lookup by such a value
+/// finds nothing without asking the database, which would refuse the text.
+fn has_nul(v: &Value) -> bool {
+    match v {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(has_nul),
+        Value::Object(members) => members.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+        Value::Null | Value::Bool(_) | Value::Number(_) => false,
+    }
+}
+
+/// Refuses an op that would store NUL anywhere (see [`StoreError::Nul`]).
+fn check_text(op: &Op) -> Result<(), StoreError> {
+    let nul = |what: &str| Err(StoreError::Nul(what.to_owned()));
+    let (entity, secret) = match op {
+        Op::Create(e) => (e, e.secret.as_deref()),
+        Op::Replace { entity, secret, .. } => match secret {
+            SecretChange::Set(s) => (entity, s.as_deref()),
+            SecretChange::Keep => (entity, None),
+        },
+        // Nothing stored has such an id.
+        Op::Delete { kind, id, .. } if kind.contains('\0') || id.contains('\0') => {
+            return Err(StoreError::NotFound {
+                kind: kind.clone(),
+                id: id.clone(),
+            })
+        }
+        Op::Delete { .. } => return Ok(()),
+    };
+    if entity.kind.contains('\0') || entity.id.contains('\0') {
+        return nul("the id");
+    }
+    if entity.key.as_deref().is_some_and(|k| k.contains('\0')) {
+        return nul("the name");
+    }
+    if has_nul(&entity.body) {
+        return nul("the document");
+    }
+    if secret.is_some_and(|s| s.contains('\0')) {
+        return nul("the secret");
+    }
+    if entity
+        .refs
+        .iter()
+        .any(|r| r.kind.contains('\0') || r.id.contains('\0'))
+    {
+        return nul("a reference");
+    }
+    Ok(())
 }
 
 fn parse_json(text: &str) -> Result<Value, StoreError> {
@@ -568,6 +621,9 @@ impl Store {
         column: &str,
         value: &str,
     ) -> Result<Option<Record>, StoreError> {
+        if kind.contains('\0') || value.contains('\0') {
+            return Ok(None);
+        }
         let sql =
             format!("SELECT {RECORD_COLUMNS} FROM entities WHERE kind = $1 AND {column} = $2");
         let row = sqlx::query(&sql)
@@ -600,6 +656,9 @@ impl Store {
 
     /// The stored secret of one entity (for decryption by its owner, never for the API).
     pub async fn secret(&self, kind: &str, id: &str) -> Result<Option<String>, StoreError> {
+        if kind.contains('\0') || id.contains('\0') {
+            return Ok(None);
+        }
         let secret: Option<Option<String>> =
             sqlx::query_scalar("SELECT secret FROM entities WHERE kind = $1 AND id = $2")
                 .bind(kind)
@@ -620,6 +679,17 @@ impl Store {
     /// A page of one kind's entities, in id order.
     pub async fn list(&self, kind: &str, q: &ListQuery) -> Result<Page<Record>, StoreError> {
         let limit = page_size(q.limit);
+        let after: String = match &q.cursor {
+            Some(c) => decode_cursor(c)?,
+            None => String::new(),
+        };
+        let nul = |s: &str| s.contains('\0');
+        if nul(kind) || q.key.as_deref().is_some_and(nul) || q.fields.iter().any(|(_, v)| nul(v)) {
+            return Ok(Page {
+                items: Vec::new(),
+                next: None,
+            });
+        }
         let mut sql = format!("SELECT {RECORD_COLUMNS} FROM entities WHERE kind = $1 AND id > $2");
         let mut n = 3;
         if q.key.is_some() {
@@ -636,10 +706,6 @@ impl Store {
             n += 1;
         }
         sql.push_str(&format!(" ORDER BY id LIMIT ${n}"));
-        let after: String = match &q.cursor {
-            Some(c) => decode_cursor(c)?,
-            None => String::new(),
-        };
         let mut query = sqlx::query(&sql).bind(kind).bind(after);
         if let Some(k) = &q.key {
             query = query.bind(k.as_str());
@@ -720,6 +786,16 @@ impl Store {
             Some(c) => decode_cursor(c)?,
             None => 0,
         };
+        let filters = [&q.kind, &q.entity_id, &q.actor];
+        if filters
+            .iter()
+            .any(|f| f.as_deref().is_some_and(|v| v.contains('\0')))
+        {
+            return Ok(Page {
+                items: Vec::new(),
+                next: None,
+            });
+        }
         let mut sql = String::from(
             "SELECT seq, revision, at, actor, action, kind, entity_id, before, after FROM audit WHERE seq > $1",
         );
@@ -770,6 +846,12 @@ impl Store {
         action: Option<&str>,
         ops: Vec<Op>,
     ) -> Result<Committed, StoreError> {
+        if actor.contains('\0') || action.is_some_and(|a| a.contains('\0')) {
+            return Err(StoreError::Nul("the actor".into()));
+        }
+        for op in &ops {
+            check_text(op)?;
+        }
         let mut attempt = 0;
         loop {
             attempt += 1;

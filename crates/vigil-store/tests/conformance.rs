@@ -59,6 +59,7 @@ conformance!(
     empty_writes_still_take_a_revision,
     very_large_writes_stamp_every_row,
     the_fleet_is_recorded_newest_first,
+    nul_is_never_stored_and_never_found,
 );
 
 fn entity(kind: &str, id: &str, key: Option<&str>, body: serde_json::Value) -> Entity {
@@ -947,4 +948,94 @@ async fn the_fleet_is_recorded_newest_first(s: Store) {
     assert_eq!(s.proxies().await.unwrap().len(), 1);
     // Observations are not configuration: no revision is taken.
     assert_eq!(s.revision().await.unwrap(), revision);
+}
+
+/// PostgreSQL's `text` cannot hold NUL (U+0000) and its JSON functions cannot read
+/// `\u0000`: a write holding one is refused on both stores before the database
+/// sees it, and a lookup by one finds nothing, so neither is a database error,
+/// and no stored document can break the filtered lists of its kind.
+async fn nul_is_never_stored_and_never_found(s: Store) {
+    use base64::Engine as _;
+    s.write(
+        "a",
+        None,
+        vec![create("user", "u1", Some("k1"), json!({"email": "a@x"}))],
+    )
+    .await
+    .unwrap();
+    let with_ref = |r: Ref| Entity {
+        refs: vec![r],
+        ..entity("user", "u2", None, json!({}))
+    };
+    let refused = [
+        create("user", "u\0", None, json!({})),
+        create("user", "u2", Some("k\0"), json!({})),
+        create("user", "u2", None, json!({"attributes": {"a": "x\u{0}y"}})),
+        create("user", "u2", None, json!({"attributes": {"a\0": 1}})),
+        create("user", "u2", None, json!({"groups": ["x", "\0"]})),
+        Op::Create(Entity {
+            secret: Some("s\0".into()),
+            ..entity("user", "u2", None, json!({}))
+        }),
+        Op::Create(with_ref(reference("group", "g\0", false))),
+        replace(
+            entity("user", "u1", Some("k1"), json!({"email": "\0"})),
+            None,
+        ),
+    ];
+    for op in refused {
+        let err = s.write("a", None, vec![op.clone()]).await.unwrap_err();
+        assert!(matches!(err, StoreError::Nul(_)), "{op:?}: {err:?}");
+    }
+    let err = s.write("a\0", None, vec![]).await.unwrap_err();
+    assert!(matches!(err, StoreError::Nul(_)), "{err:?}");
+    let err = s
+        .write("a", None, vec![delete("user", "u\0", None)])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotFound { .. }), "{err:?}");
+    assert_eq!(
+        s.revision().await.unwrap(),
+        1,
+        "nothing refused was written"
+    );
+
+    assert_eq!(s.get("user", "u1\0").await.unwrap(), None);
+    assert_eq!(s.get_by_key("user", "\0").await.unwrap(), None);
+    assert_eq!(s.find_by_secret("user", "\0").await.unwrap(), None);
+    assert_eq!(s.secret("user", "\0").await.unwrap(), None);
+    let q = ListQuery {
+        fields: vec![("email", "a@x\0".into())],
+        ..ListQuery::default()
+    };
+    assert!(s.list("user", &q).await.unwrap().items.is_empty());
+    let q = ListQuery {
+        fields: vec![("email", "a@x".into())],
+        ..ListQuery::default()
+    };
+    assert_eq!(s.list("user", &q).await.unwrap().items.len(), 1);
+    let q = ListQuery {
+        key: Some("k\0".into()),
+        ..ListQuery::default()
+    };
+    assert!(s.list("user", &q).await.unwrap().items.is_empty());
+    let cursor = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode("u\0");
+    let q = ListQuery {
+        cursor: Some(cursor.clone()),
+        ..ListQuery::default()
+    };
+    assert!(matches!(
+        s.list("user", &q).await,
+        Err(StoreError::InvalidCursor)
+    ));
+    let q = AuditQuery {
+        actor: Some("a\0".into()),
+        ..AuditQuery::default()
+    };
+    assert!(s.audit(&q).await.unwrap().items.is_empty());
+    let q = AuditQuery {
+        cursor: Some(cursor),
+        ..AuditQuery::default()
+    };
+    assert!(matches!(s.audit(&q).await, Err(StoreError::InvalidCursor)));
 }

@@ -561,7 +561,7 @@ async fn control(
     let grpc_server = grpc
         .add_service(vigil_control::stream::Service::server(control.clone(), hub))
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+            vigil_control::serve::screened(grpc_listener),
             shutdown_signal(),
         );
     let grpc_task = tokio::spawn(grpc_server);
@@ -572,10 +572,7 @@ async fn control(
     if let Some(tx) = started {
         let _ = tx.send(control.clone());
     }
-    axum::serve(listener, vigil_control::router(control))
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("serving the admin API")?;
+    vigil_control::serve::serve(listener, vigil_control::router(control), shutdown_signal()).await;
     grpc_task.abort();
     store.close().await;
     Ok(())

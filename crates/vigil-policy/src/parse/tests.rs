@@ -231,6 +231,25 @@ fn limits_on_depth_and_size() {
 }
 
 #[test]
+fn regular_expressions_are_counted() {
+    let doc = |n: usize| {
+        let items: Vec<String> = (0..n)
+            .map(|i| format!(r#"{{"http_path": {{"matches": "/a{i}/.*"}}}}"#))
+            .collect();
+        format!(r#"{{"allow": {{"or": [{}]}}}}"#, items.join(","))
+    };
+    parse_json(&doc(crate::MAX_PATTERNS)).unwrap();
+    let e = parse_json(&doc(crate::MAX_PATTERNS + 50)).unwrap_err();
+    let p = e.problems();
+    assert_eq!(p.len(), 1, "{e}");
+    assert_eq!(p[0].pointer, "/allow/or/256/http_path/matches");
+    assert!(
+        p[0].message.contains("more than 256 regular expressions"),
+        "{e}"
+    );
+}
+
+#[test]
 fn json_and_yaml_give_the_same_policy() {
     let y =
         ok("allow:\n  or:\n    - email: {ends_with: '@x.org'}\n    - groups: {any_of: [a, b]}\n");
