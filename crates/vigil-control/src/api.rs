@@ -77,13 +77,23 @@ fn etag(version: i64) -> HeaderValue {
     HeaderValue::from_str(&format!("\"{version}\"")).unwrap_or(HeaderValue::from_static("\"0\""))
 }
 
+/// [`render`] as `admin` may see it (see [`hide_from_readers`]).
+fn render_for(admin: &Admin, rec: &Record) -> Value {
+    let mut body = render(rec);
+    if admin.role < Role::Editor {
+        hide_from_readers(&rec.kind, &mut body);
+    }
+    body
+}
+
 fn respond(
+    admin: &Admin,
     status: StatusCode,
     rec: &Record,
     token: Option<String>,
     location: Option<String>,
 ) -> Response {
-    let mut body = render(rec);
+    let mut body = render_for(admin, rec);
     let shows_token = token.is_some();
     if let (Some(t), Value::Object(o)) = (token, &mut body) {
         o.insert("token".into(), Value::String(t));
@@ -268,6 +278,7 @@ pub async fn create<R: Resource>(
     entity.secret = issued.map(|(_, stored)| stored).or(sealed);
     let rec = commit_one(&c, &admin, None, Op::Create(entity)).await?;
     Ok(respond(
+        &admin,
         StatusCode::CREATED,
         &rec,
         token,
@@ -309,7 +320,7 @@ pub async fn get<R: Resource>(
 ) -> Result<Response, Problem> {
     admin.require(R::READ_ROLE)?;
     let rec = current::<R>(&c, &id).await?;
-    Ok(respond(StatusCode::OK, &rec, None, None))
+    Ok(respond(&admin, StatusCode::OK, &rec, None, None))
 }
 
 /// The op replacing entity `id`'s document with `spec`.
@@ -337,7 +348,7 @@ async fn store_replace<R: Resource>(
 ) -> Result<Response, Problem> {
     let op = replace_op::<R>(c, id, spec, version).await?;
     let rec = commit_one(c, admin, action, op).await?;
-    Ok(respond(StatusCode::OK, &rec, None, None))
+    Ok(respond(admin, StatusCode::OK, &rec, None, None))
 }
 
 /// `PUT /v1/{kind}/{id}`: replaces the document; needs `If-Match`.
@@ -484,7 +495,7 @@ pub async fn list<R: Resource>(
     admin.require(R::READ_ROLE)?;
     let q = page_query(raw.as_deref(), R::FILTERS, "this list")?;
     let page = c.store.list(R::KIND, &q).await?;
-    let items: Vec<Value> = page.items.iter().map(render).collect();
+    let items: Vec<Value> = page.items.iter().map(|r| render_for(&admin, r)).collect();
     Ok(Json(serde_json::json!({ "items": items, "next_cursor": page.next })).into_response())
 }
 
@@ -537,6 +548,13 @@ pub async fn audit(
         .iter()
         .map(|e| {
             let mut v = serde_json::to_value(e).unwrap_or(Value::Null);
+            if admin.role < Role::Editor {
+                for doc in ["before", "after"] {
+                    if let Some(d) = v.get_mut(doc) {
+                        hide_from_readers(&e.kind, d);
+                    }
+                }
+            }
             if let Value::Object(o) = &mut v {
                 o.insert("at".into(), Value::String(time::from_unix_millis(e.at)));
             }
@@ -568,7 +586,7 @@ pub async fn rotate_token<R: Resource>(
         secret: SecretChange::Set(Some(kept)),
     };
     let rec = commit_one(&c, &admin, Some("rotate-token"), op).await?;
-    Ok(respond(StatusCode::OK, &rec, Some(token), None))
+    Ok(respond(&admin, StatusCode::OK, &rec, Some(token), None))
 }
 
 /// `POST /v1/sessions/{id}/revoke`.

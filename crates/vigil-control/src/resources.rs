@@ -359,6 +359,28 @@ impl Resource for Policy {
 
 // ---------- routes ----------
 
+/// What a route's `set_request_headers` values look like to readers below the
+/// editor role.
+pub const HIDDEN_HEADER_VALUE: &str = "(hidden: shown to editors)";
+
+/// Hides from a reader below the editor role what only writers may see: the values
+/// of a route's `set_request_headers`, which often carry the upstream's own
+/// credentials (`Authorization`, an API key). Editors see them, since an editor can
+/// point the route at a server of their own and read them there anyway. `doc` is a
+/// stored document of `kind`, or the API form of one.
+pub fn hide_from_readers(kind: &str, doc: &mut serde_json::Value) {
+    if kind != Route::KIND {
+        return;
+    }
+    let headers = doc
+        .get_mut("settings")
+        .and_then(|s| s.get_mut("set_request_headers"))
+        .and_then(serde_json::Value::as_object_mut);
+    for value in headers.into_iter().flat_map(|h| h.values_mut()) {
+        *value = serde_json::Value::String(HIDDEN_HEADER_VALUE.to_owned());
+    }
+}
+
 /// How a route matches the request path (already normalised by the proxy).
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]

@@ -70,6 +70,7 @@ api_tests!(
     auth_and_roles,
     audit_trail,
     audit_hides_admin_tokens_below_owner,
+    route_header_values_hidden_below_editor,
     session_revocation,
     posture_reports,
     upstream_ca_is_checked,
@@ -2993,6 +2994,58 @@ async fn audit_hides_admin_tokens_below_owner(api: Api) {
             filtered.text
         );
     }
+}
+
+/// A route's `set_request_headers` often carry the upstream's credentials: viewers
+/// see the header names but never the values, in the route, the list or the audit
+/// trail; editors (who write them) see them.
+async fn route_header_values_hidden_below_editor(api: Api) {
+    let viewer = api.with_token(&admin_token(&api, "v", "viewer").await);
+    let editor = api.with_token(&admin_token(&api, "e", "editor").await);
+    let secret = "Basic dXBzdHJlYW06aHVudGVyMg==";
+    let r = api
+        .create(
+            "routes",
+            json!({"name": "billing", "host": "billing.example.com", "upstreams": ["http://b"],
+                   "settings": {"set_request_headers": {"Authorization": secret, "X-Team": "blue"}}}),
+        )
+        .await;
+    assert_eq!(
+        r["settings"]["set_request_headers"]["Authorization"],
+        json!(secret)
+    );
+    api.patch(
+        "/v1/routes/billing",
+        Some("*"),
+        &json!({"settings": {"set_request_headers": {"Authorization": format!("{secret}x")}}}),
+    )
+    .await
+    .status(200);
+    for uri in ["/v1/routes/billing", "/v1/routes", "/v1/audit?kind=route"] {
+        let seen = viewer.get(uri).await.status(200);
+        assert!(
+            !seen.text.contains(secret),
+            "a viewer reads {uri}: {}",
+            seen.text
+        );
+        assert!(!seen.text.contains("\"blue\""), "{uri}: {}", seen.text);
+        assert!(seen.text.contains("Authorization"), "{uri}: {}", seen.text);
+        assert!(
+            seen.text.contains("(hidden: shown to editors)"),
+            "{uri}: {}",
+            seen.text
+        );
+        let written = editor.get(uri).await.status(200);
+        assert!(
+            written.text.contains(secret),
+            "an editor reads {uri}: {}",
+            written.text
+        );
+    }
+    // The ETag a viewer reads is the route's own.
+    let seen = viewer.get("/v1/routes/billing").await.status(200);
+    let full = editor.get("/v1/routes/billing").await.status(200);
+    assert_eq!(seen.json["version"], full.json["version"]);
 }
 
 // ---------- 8. actions ----------
