@@ -551,3 +551,66 @@ async fn redirect_to_the_public_https_port() {
     assert_eq!(res.status(), 308);
     assert_eq!(res.headers()["location"], "https://app.test/a?b=c");
 }
+
+/// `Max open files` from /proc/<pid>/limits: (soft, hard).
+fn open_file_limits(pid: u32) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .to_owned();
+    let mut values = line["Max open files".len()..].split_whitespace();
+    (
+        values.next().unwrap().to_owned(),
+        values.next().unwrap().to_owned(),
+    )
+}
+
+/// Started with a low soft limit on open files (as Debian's default 1,024 is), the
+/// proxy raises it to the hard limit, and serves at most half of it in client
+/// connections by default; `--max-connections` sets the limit.
+#[test]
+fn the_open_file_limit_is_raised_and_bounds_connections() {
+    let dir = Scratch::new("nofile");
+    let run = |extra: &[&str], log: &str| {
+        let mut cmd = Command::new("sh");
+        cmd.args([
+            "-c",
+            r#"ulimit -S -n 256 && exec "$0" "$@""#,
+            VIGIL,
+            "proxy",
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--health-listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--control-plane",
+            "http://127.0.0.1:9",
+            "--join-token",
+            "unused",
+            "--snapshot-keys",
+            &support::signer().public_key_base64(),
+        ])
+        .args(extra);
+        Running::start(cmd, &dir.0.join(log))
+    };
+    let proxy = run(&[], "default.log");
+    let text = proxy.wait_for("Connection limit");
+    let (soft, hard) = open_file_limits(proxy.child.id());
+    assert_eq!(soft, hard, "the soft limit was not raised\n{text}");
+    let expected = match hard.parse::<u64>() {
+        Ok(h) => h / 2,
+        Err(_) => 65_536, // unlimited
+    };
+    assert!(
+        text.contains(&format!("max_connections={expected}")),
+        "{text}"
+    );
+    let proxy = run(&["--max-connections", "3"], "set.log");
+    let text = proxy.wait_for("Connection limit");
+    assert!(text.contains("max_connections=3"), "{text}");
+    // 0 is not a limit anyone means: refused with the flag named.
+    let (ok, _, err) = vigil(&["proxy", "--max-connections", "0"], &[]);
+    assert!(!ok);
+    assert!(err.contains("--max-connections"), "{err}");
+}

@@ -12,6 +12,8 @@
 //! | `vigil_proxy_tunnels_closed_total` | counter | `by` (peer: either side ended it; verification: no longer allowed) |
 //! | `vigil_proxy_streams_watched` | gauge | long streaming responses being re-verified |
 //! | `vigil_proxy_streams_closed_total` | counter | `by` (peer: the body ended or the client left; verification: no longer allowed) |
+//! | `vigil_proxy_connections_open` | gauge | client connections being served (HTTP and TLS handshakes) |
+//! | `vigil_proxy_connections_refused_total` | counter | connections closed at once at the connection limit |
 //!
 //! Route labels only ever name routes of the snapshot (and `-` for none), so the
 //! series are bounded by the routes configured.
@@ -67,6 +69,10 @@ pub struct Metrics {
     /// Long streaming responses being re-verified (registered once they last).
     pub streams_watched: Gauge<i64, AtomicI64>,
     streams_closed: Family<ClosedBy, Counter>,
+    /// Client connections being served.
+    pub connections_open: Gauge<i64, AtomicI64>,
+    /// Connections closed at once at the connection limit.
+    pub connections_refused: Counter,
 }
 
 fn status_class(status: u16) -> &'static str {
@@ -96,6 +102,8 @@ impl Metrics {
         let tunnels_closed = Family::<ClosedBy, Counter>::default();
         let streams_watched = Gauge::<i64, AtomicI64>::default();
         let streams_closed = Family::<ClosedBy, Counter>::default();
+        let connections_open = Gauge::<i64, AtomicI64>::default();
+        let connections_refused = Counter::default();
         registry.register("requests", "Requests answered", requests.clone());
         registry.register(
             "decisions",
@@ -142,6 +150,16 @@ impl Metrics {
             "Re-verified streaming responses ended, by who ended them",
             streams_closed.clone(),
         );
+        registry.register(
+            "connections_open",
+            "Client connections being served",
+            connections_open.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Client connections closed at once at the connection limit",
+            connections_refused.clone(),
+        );
         Arc::new(Metrics {
             registry,
             requests,
@@ -154,6 +172,8 @@ impl Metrics {
             tunnels_closed,
             streams_watched,
             streams_closed,
+            connections_open,
+            connections_refused,
         })
     }
 

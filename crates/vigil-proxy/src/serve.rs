@@ -68,6 +68,9 @@ pub struct ServeConfig {
     /// How long an HTTP/1 client may take to send a request's head, counted from
     /// its first byte or from the connection going idle (see [`serve`]).
     pub header_read_timeout: Duration,
+    /// How many client connections are served at once (0: no limit); see
+    /// [`ConnectionLimit`].
+    pub max_connections: usize,
 }
 
 /// The request handler, shared by every connection.
@@ -1507,12 +1510,14 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let header_read_timeout = proxy.config.header_read_timeout;
+    let limit = ConnectionLimit::new(proxy.config.max_connections, proxy.config.metrics.clone());
     // One reference count to bump per request, not one per part of the proxy.
     let proxy = Arc::new(proxy);
     serve_with(
         listener,
         tls,
         header_read_timeout,
+        limit,
         shutdown,
         move |peer, client| {
             let proxy = proxy.clone();
@@ -1527,17 +1532,19 @@ pub async fn serve(
 
 /// Serves the plain-HTTP listener that only redirects (308) to the same URL over
 /// HTTPS on `https_port`; request heads must arrive within `header_read_timeout`
-/// (as in [`serve`]).
+/// (as in [`serve`]), and at most `max_connections` are open at once (0: no limit).
 pub async fn serve_redirect(
     listener: tokio::net::TcpListener,
     https_port: u16,
     header_read_timeout: Duration,
+    max_connections: usize,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     serve_with(
         listener,
         None,
         header_read_timeout,
+        ConnectionLimit::new(max_connections, None),
         shutdown,
         move |_, _| {
             hyper::service::service_fn(move |req: Request<Incoming>| async move {
@@ -1600,10 +1607,96 @@ async fn sniff_http(stream: &tokio::net::TcpStream, within: Duration) -> Option<
 /// read once here for every request on the connection; with upgrades, until
 /// `shutdown`; then in-flight requests get up to 30 s. `header_read_timeout` is as
 /// in [`serve`].
+/// How many client connections a listener serves at once. Every connection holds a
+/// file descriptor and buffers, and a client (or a flood of them) that opens
+/// connections faster than the header timeout closes them would otherwise run the
+/// process out of descriptors, and then out of the ones its upstream connections,
+/// certificate reloads and snapshot stream need. At the limit a new connection is
+/// closed as soon as it is accepted (as Envoy's overload manager does), so that the
+/// client, or the load balancer in front, can retry on another proxy at once
+/// rather than wait in the listen queue; a warning says so at most every 10 s.
+/// A WebSocket tunnel stops counting once it is handed off from HTTP.
+#[derive(Debug, Clone)]
+pub struct ConnectionLimit {
+    /// One permit per connection; `None`: no limit.
+    permits: Option<Arc<tokio::sync::Semaphore>>,
+    max: usize,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
+}
+
+impl ConnectionLimit {
+    /// At most `max` connections at once (0: no limit), counted in `metrics`.
+    pub fn new(max: usize, metrics: Option<Arc<crate::metrics::Metrics>>) -> ConnectionLimit {
+        let max = max.min(tokio::sync::Semaphore::MAX_PERMITS);
+        ConnectionLimit {
+            permits: (max > 0).then(|| Arc::new(tokio::sync::Semaphore::new(max))),
+            max,
+            metrics,
+        }
+    }
+
+    /// A place for one more connection, or `None` at the limit.
+    fn admit(&self) -> Option<Admitted> {
+        let permit = match &self.permits {
+            Some(p) => Some(p.clone().try_acquire_owned().ok()?),
+            None => None,
+        };
+        if let Some(m) = &self.metrics {
+            m.connections_open.inc();
+        }
+        Some(Admitted {
+            _permit: permit,
+            metrics: self.metrics.clone(),
+        })
+    }
+}
+
+/// One admitted connection's place, given back when it is dropped.
+struct Admitted {
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        if let Some(m) = &self.metrics {
+            m.connections_open.dec();
+        }
+    }
+}
+
+/// Counts and reports the connections closed at the limit.
+struct Refusals {
+    since_warning: u64,
+    warned: Option<Instant>,
+}
+
+impl Refusals {
+    fn refused(&mut self, limit: &ConnectionLimit) {
+        if let Some(m) = &limit.metrics {
+            m.connections_refused.inc();
+        }
+        self.since_warning += 1;
+        if self
+            .warned
+            .is_none_or(|at| at.elapsed() >= Duration::from_secs(10))
+        {
+            tracing::warn!(
+                max_connections = limit.max,
+                closed = self.since_warning,
+                "At the connection limit: new connections are closed as they come (VIGIL_PROXY_MAX_CONNECTIONS)"
+            );
+            self.warned = Some(Instant::now());
+            self.since_warning = 0;
+        }
+    }
+}
+
 async fn serve_with<S>(
     listener: tokio::net::TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
     header_read_timeout: Duration,
+    limit: ConnectionLimit,
     shutdown: impl std::future::Future<Output = ()>,
     service_for: impl Fn(SocketAddr, Option<Arc<ClientCert>>) -> S + Send + Sync + 'static,
 ) where
@@ -1620,6 +1713,10 @@ async fn serve_with<S>(
     // channel closes once the last of them has ended.
     let (stop, stopping) = tokio::sync::watch::channel(());
     let service_for = Arc::new(service_for);
+    let mut refusals = Refusals {
+        since_warning: 0,
+        warned: None,
+    };
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -1633,11 +1730,18 @@ async fn serve_with<S>(
             },
             () = &mut shutdown => break,
         };
+        let Some(admitted) = limit.admit() else {
+            refusals.refused(&limit);
+            drop(stream);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let service_for = service_for.clone();
         let stopping = stopping.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
+            // The connection's place is held until this task ends.
+            let _admitted = admitted;
             let result = match tls {
                 None => {
                     // The client's first bytes say which HTTP it speaks; a client
@@ -1986,6 +2090,7 @@ mod tests {
             l,
             8443,
             Duration::from_secs(5),
+            0,
             std::future::pending(),
         ));
         let ask = || {
@@ -2071,6 +2176,70 @@ mod tests {
         (h2, tokio::spawn(async move { drop(conn.await) }))
     }
 
+    /// Sends one HTTP/1.1 request on `c` and reads the answer's head (the
+    /// service answers with no body) for its status, or `None` when the
+    /// connection is closed first.
+    async fn status_on(c: &mut TcpStream) -> Option<u16> {
+        use tokio::io::AsyncReadExt as _;
+        let sent = c
+            .write_all(b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n")
+            .await;
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8; 1];
+            match tokio::time::timeout(Duration::from_secs(10), c.read(&mut byte)).await {
+                Ok(Ok(0) | Err(_)) => return None,
+                Ok(Ok(_)) => head.push(byte[0]),
+                Err(_) => panic!("no answer and no close in 10 s"),
+            }
+        }
+        sent.ok()?;
+        std::str::from_utf8(head.get(9..12)?).ok()?.parse().ok()
+    }
+
+    #[tokio::test]
+    async fn connections_over_the_limit_are_closed_at_once() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let metrics = crate::metrics::Metrics::new();
+        tokio::spawn(serve_with(
+            l,
+            None,
+            Duration::from_secs(30),
+            ConnectionLimit::new(2, Some(metrics.clone())),
+            std::future::pending(),
+            slow_service(Duration::ZERO),
+        ));
+        let mut a = TcpStream::connect(addr).await.unwrap();
+        let mut b = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(status_on(&mut a).await, Some(200));
+        assert_eq!(status_on(&mut b).await, Some(200));
+        // Both places taken (keep-alive): a third is closed without an answer,
+        // and the two served ones go on.
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(status_on(&mut c).await, None);
+        assert_eq!(status_on(&mut a).await, Some(200));
+        let text = metrics.render();
+        assert!(text.contains("vigil_proxy_connections_open 2"), "{text}");
+        assert!(
+            text.contains("vigil_proxy_connections_refused_total 1"),
+            "{text}"
+        );
+        // Once one ends, its place is free again.
+        drop(a);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !metrics.render().contains("vigil_proxy_connections_open 1") {
+            assert!(
+                Instant::now() < deadline,
+                "the closed connection still counts"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut d = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(status_on(&mut d).await, Some(200));
+        assert_eq!(status_on(&mut b).await, Some(200));
+    }
+
     fn get(path: &str) -> Request<Empty<Bytes>> {
         Request::get(format!("http://app.test{path}"))
             .body(Empty::new())
@@ -2086,6 +2255,7 @@ mod tests {
             l,
             None,
             idle,
+            ConnectionLimit::new(0, None),
             std::future::pending(),
             slow_service(idle * 4),
         ));
@@ -2125,6 +2295,7 @@ mod tests {
             l,
             None,
             Duration::from_secs(30),
+            ConnectionLimit::new(0, None),
             async move {
                 let _ = stopped.await;
             },

@@ -139,6 +139,7 @@ pub async fn run(args: AllInOneArgs) -> anyhow::Result<()> {
         assertion_key_file: file("assertion.pem"),
         session_lifetime_s: 43_200,
         header_timeout_s: 30,
+        max_connections: None,
         test_clock_file: None,
     };
     let (control_tx, control_rx) = tokio::sync::oneshot::channel();

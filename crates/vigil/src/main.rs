@@ -196,6 +196,15 @@ pub(crate) struct ProxyArgs {
     #[arg(long, env = "VIGIL_PROXY_HEADER_TIMEOUT_S", default_value_t = 30,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub header_timeout_s: u64,
+    /// Client connections served at once, on the proxy's listener and apart on
+    /// the redirect listener; one more is closed as soon as it is accepted, so
+    /// that the client or its load balancer can retry elsewhere. Default: half
+    /// the process's open-file limit (which the proxy raises to its hard limit at
+    /// start), leaving the rest to upstream connections.
+    #[arg(long, env = "VIGIL_PROXY_MAX_CONNECTIONS",
+          value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u64>,
     /// For tests only: a file holding an offset in seconds that moves the proxy's
     /// clock for every policy, session, grant and token time check (re-read every
     /// 100 ms). Hidden from --help.
@@ -765,6 +774,8 @@ async fn proxy(
             None
         }
     };
+    let max_connections = connection_limit(args.max_connections);
+    tracing::info!(max_connections, "Connection limit");
     let redirect_task = match args.redirect_listen {
         Some(addr) => {
             let l = tokio::net::TcpListener::bind(addr)
@@ -775,6 +786,7 @@ async fn proxy(
                 l,
                 https_port,
                 Duration::from_secs(args.header_timeout_s),
+                max_connections,
                 shutdown_signal(),
             )))
         }
@@ -819,6 +831,7 @@ async fn proxy(
             tls: tls.is_some(),
             login,
             header_read_timeout: Duration::from_secs(args.header_timeout_s),
+            max_connections,
         },
     );
     // Open tunnels are checked again as soon as a new snapshot is in.
@@ -836,6 +849,47 @@ async fn proxy(
         t.abort();
     }
     Ok(())
+}
+
+/// The open-file limit in force: the soft limit, first raised to the hard one (as Go
+/// does for every program, and nginx with `worker_rlimit_nofile`). Every connection
+/// holds a file descriptor, and Debian's default soft limit of 1,024 would cap the
+/// proxy far below what it can serve. `None`: unlimited or unknown.
+fn raise_open_files_limit() -> Option<u64> {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        let raised = rustix::process::Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => {
+                tracing::debug!(from = ?limit.current, to = ?raised.current, "Open-file limit raised");
+                limit = raised;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, soft = ?limit.current, "Could not raise the open-file limit")
+            }
+        }
+    }
+    limit.current
+}
+
+/// Client connections served at once: `configured`, else half the open-file limit
+/// (the other half for upstream connections, the snapshot stream and files), else
+/// (no limit known) 65,536. Warns when the limit leaves little room.
+fn connection_limit(configured: Option<u64>) -> usize {
+    let files = raise_open_files_limit();
+    let max = configured.unwrap_or_else(|| files.map_or(65_536, |f| (f / 2).max(1)));
+    if let Some(f) = files.filter(|f| max.saturating_mul(2) > *f) {
+        tracing::warn!(
+            max_connections = max,
+            open_file_limit = f,
+            "The connection limit leaves fewer than one file descriptor per connection for its upstream: raise the open-file limit (ulimit -n) or lower VIGIL_PROXY_MAX_CONNECTIONS"
+        );
+    }
+    usize::try_from(max).unwrap_or(usize::MAX)
 }
 
 /// Now, in Unix milliseconds.
@@ -872,6 +926,8 @@ fn main() -> anyhow::Result<()> {
     }
     // Dropped last: every line is written before the process ends.
     let _log = init_tracing(cli.log_format);
+    // Connections (the proxy's clients, the control plane's streams) are files.
+    raise_open_files_limit();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
