@@ -57,6 +57,10 @@ pub struct SessionCookie {
     /// changed later wins over them.
     #[serde(default)]
     pub iat: i64,
+    /// The browser's earlier sessions (id, user) at the authenticate host, which
+    /// route hosts may still hold: signing out of this one ends them too.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub earlier: Vec<(String, String)>,
 }
 
 /// Why a cookie was refused: the request is then unauthenticated.
@@ -180,7 +184,19 @@ impl CookieKeys {
         value: &str,
         host: &str,
     ) -> Result<T, CookieError> {
-        if value.len() > MAX_LEN {
+        self.open_value_within(context, value, host, MAX_LEN)
+    }
+
+    /// [`CookieKeys::open_value`] for a value that may be up to `max_len` bytes
+    /// long (one that travels in a URL rather than a cookie).
+    pub fn open_value_within<T: serde::de::DeserializeOwned>(
+        &self,
+        context: &[u8],
+        value: &str,
+        host: &str,
+        max_len: usize,
+    ) -> Result<T, CookieError> {
+        if value.len() > max_len {
             return Err(CookieError::Malformed);
         }
         let mut raw = URL_SAFE_NO_PAD
