@@ -14,11 +14,14 @@
 //! replayed or another browser's `state`, a replayed `code`, the provider's
 //! `error=` (alone, and with a code), a forged `nonce`, and callbacks on a route
 //! host all fail without a 5xx; handoff codes replayed, expired, tampered with,
-//! truncated or oversized fail; session cookies tampered, truncated, from another
-//! host, sealed with a key the proxy does not hold, or sent twice are no
+//! truncated or oversized fail (a replay at the other proxy works only with the
+//! browser's bind value: single use is per proxy, as documented); session
+//! cookies tampered, truncated, from another host, sealed with a key the proxy
+//! does not hold, sent twice, or handoff codes in their place are no
 //! credential, and a huge Cookie header gets 431; the plain-HTTP listener only
 //! redirects; another site cannot sign a user out, the site itself can, and then
-//! both proxies refuse the session; no proxy log line holds a code, a `state`, a
+//! both proxies refuse the session, also after a step-up (the first session
+//! ends with the second); no proxy log line holds a code, a `state`, a
 //! cookie, or a line forged through the provider's `error_description`.
 #![allow(clippy::unwrap_used, missing_docs)]
 
@@ -592,6 +595,16 @@ async fn sign_in_and_sessions_withstand_an_outside_attacker() {
     let a = mallory.get(&mallory_handoff).await;
     assert_eq!(a.status, 400, "replayed at the same proxy: {a:?}");
     assert!(a.body.contains("used already"), "{}", a.body);
+    // Single use is per proxy, not fleet-wide (docs/architecture.md): with the
+    // browser's bind value, proxy B takes the same code once more. The bind
+    // value lives only in the browser's HttpOnly cookie, which the first
+    // redemption deleted (put back here as a thief holding it would).
+    let at_b = mallory_handoff.replacen(&f.app1, &f.app1_b, 1);
+    let mut thief = Browser::new(&f.ca);
+    assert_eq!(thief.get(&at_b).await.status, 400, "no bind value");
+    thief.set(&f.app1, BIND, &bind);
+    let a = thief.get(&at_b).await;
+    assert_eq!(a.status, 302, "the documented limit changed? {a:?}");
     // At the authenticate host, a handoff is no endpoint.
     let q = &mallory_handoff[mallory_handoff.find('?').unwrap()..];
     assert_eq!(
@@ -663,6 +676,13 @@ async fn sign_in_and_sessions_withstand_an_outside_attacker() {
             "{bad}"
         );
     }
+    // Sealed values of one kind never open as another: a handoff code as a
+    // session cookie, a session cookie as a handoff code.
+    assert_eq!(api_status(&victim, &hello, Some(&with(code))).await, 401);
+    let a = victim
+        .get(&format!("{}/.vigil/handoff?code={good}", f.app1))
+        .await;
+    assert_eq!(a.status, 400, "{a:?}");
     // From another host: app 1's cookie on app 2, the authenticate host's on app 1.
     let on_app2 = format!("{}/hello", f.app2);
     assert_eq!(api_status(&victim, &on_app2, Some(&with(&good))).await, 401);
