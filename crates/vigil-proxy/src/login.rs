@@ -662,12 +662,8 @@ impl Login {
         let subject = claims.subject().as_str().to_owned();
         let email = claims.email().map(|e| e.as_str().to_ascii_lowercase());
         let email_verified = claims.email_verified().unwrap_or(false);
-        let auth_time = claims.auth_time().map_or(a.now, |t| t.timestamp());
-        if pending.reauth && auth_time < pending.started - 5 {
-            return Err(unauthorized(
-                "the identity provider did not sign you in again, which this route requires".into(),
-            ));
-        }
+        let auth_time = signed_in_at(claims.auth_time().map(|t| t.timestamp()), &pending, a.now)
+            .map_err(unauthorized)?;
         let domains = &provider.source.allowed_domains;
         if !domains.is_empty() {
             let domain_ok = email_verified
@@ -985,6 +981,21 @@ pub fn find_user(index: &Index, issuer: &str, subject: &str) -> Option<String> {
         .cloned()
 }
 
+/// When the user authenticated, by the ID token's `auth_time` (`now` without
+/// one), for sign-in `pending`. A step-up needs an `auth_time` (OpenID Connect
+/// requires it when `max_age` was asked), and one no older than the sign-in:
+/// without it, a provider that ignored `prompt=login` would pass for one that
+/// asked again.
+fn signed_in_at(auth_time: Option<i64>, pending: &Pending, now: i64) -> Result<i64, String> {
+    match auth_time {
+        Some(t) if !pending.reauth || t >= pending.started - 5 => Ok(t),
+        None if !pending.reauth => Ok(now),
+        _ => {
+            Err("the identity provider did not sign you in again, which this route requires".into())
+        }
+    }
+}
+
 /// What a new session carries of the browser's session `old` at the
 /// authenticate host: its id and user, after the earlier ones it carried, the
 /// last [`MAX_EARLIER`] of them.
@@ -1260,6 +1271,27 @@ mod tests {
         assert_eq!(res.status(), StatusCode::FOUND);
         let report = rx.try_recv().unwrap();
         assert!(report.signed_out && report.session_id == "ses_a");
+    }
+
+    #[test]
+    fn a_step_up_needs_a_fresh_auth_time() {
+        let pending = |reauth: bool| Pending {
+            state: String::new(),
+            nonce: String::new(),
+            pkce: String::new(),
+            rd: String::new(),
+            bh: String::new(),
+            idp: String::new(),
+            started: 1_000,
+            reauth,
+        };
+        assert_eq!(signed_in_at(None, &pending(false), 1_010), Ok(1_010));
+        assert_eq!(signed_in_at(Some(10), &pending(false), 1_010), Ok(10));
+        assert_eq!(signed_in_at(Some(1_001), &pending(true), 1_010), Ok(1_001));
+        assert_eq!(signed_in_at(Some(996), &pending(true), 1_010), Ok(996));
+        assert!(signed_in_at(Some(990), &pending(true), 1_010).is_err());
+        // No `auth_time` at all is no proof of a fresh sign-in.
+        assert!(signed_in_at(None, &pending(true), 1_010).is_err());
     }
 
     #[test]
