@@ -1,5 +1,5 @@
 //! Sign-in and session handling as an outside attacker tries them, end to end with
-//! real parts: a throwaway PostgreSQL, `vigil control`, three `vigil proxy`
+//! real parts: a throwaway PostgreSQL, `vigil control`, four `vigil proxy`
 //! processes serving HTTPS, an upstream, and the npm `oidc-provider` as the
 //! identity provider. The "browsers" here are HTTP clients with cookie jars of
 //! their own (each host's cookies apart, as a browser keeps them), so that every
@@ -203,10 +203,12 @@ struct Fleet {
     ca: TestCa,
     issuer: String,
     auth: String,
-    /// app 1 at proxy A, at proxy B, at proxy C (which holds key 2 only).
+    /// app 1 at proxy A, at proxy B, at proxy C (keys 2 and 1: a rotation
+    /// under way), at proxy D (key 2 only: the old key dropped).
     app1: String,
     app1_b: String,
     app1_c: String,
+    app1_d: String,
     app2: String,
     /// A port on this machine that no proxy serves.
     other_port: u16,
@@ -226,7 +228,8 @@ impl Fleet {
         let upstream = echo_upstream().await;
         let idp_port = free_port();
         let issuer = format!("http://127.0.0.1:{idp_port}");
-        let (port_a, port_b, port_c) = (free_port(), free_port(), free_port());
+        let (port_a, port_b) = (free_port(), free_port());
+        let (port_c, port_d) = (free_port(), free_port());
         let (plain_port, other_port) = (free_port(), free_port());
         let auth = format!("https://auth.vigil.test:{port_a}");
         post_json(
@@ -300,12 +303,20 @@ impl Fleet {
                 "proxy-b",
                 &args(&format!("1:{KEY1}")),
             ),
-            // A proxy whose fleet rotated to key 2 and dropped key 1.
+            // Rotation: key 2 seals, key 1 still opens.
             ProxyProcess::start_at(
                 port_c,
                 &cp.grpc_url,
                 &token,
                 "proxy-c",
+                &args(&format!("2:{KEY2},1:{KEY1}")),
+            ),
+            // After the rotation: key 1 dropped.
+            ProxyProcess::start_at(
+                port_d,
+                &cp.grpc_url,
+                &token,
+                "proxy-d",
                 &args(&format!("2:{KEY2}")),
             ),
         ];
@@ -333,6 +344,7 @@ impl Fleet {
             app1: format!("https://app1.vigil.test:{port_a}"),
             app1_b: format!("https://app1.vigil.test:{port_b}"),
             app1_c: format!("https://app1.vigil.test:{port_c}"),
+            app1_d: format!("https://app1.vigil.test:{port_d}"),
             app2: format!("https://app2.vigil.test:{port_b}"),
             other_port,
             plain: format!("http://127.0.0.1:{plain_port}"),
@@ -729,13 +741,18 @@ async fn sign_in_and_sessions_withstand_an_outside_attacker() {
         Ok(s) => assert_eq!(s, 431),
         Err(e) => assert!(e.is_request(), "{e}"),
     }
-    // Keys: proxy C holds key 2 only (its fleet rotated and dropped key 1).
+    // Keys: a cookie opens where its key is configured, and nowhere else. The
+    // old key's cookie works at C (rotating: keys 2 and 1) and not at D (key 1
+    // dropped); the new key's at C and D, not at A (key 1 only).
     let on_c = format!("{}/hello", f.app1_c);
-    assert_eq!(api_status(&victim, &on_c, Some(&with(&good))).await, 401);
+    let on_d = format!("{}/hello", f.app1_d);
+    assert_eq!(api_status(&victim, &on_c, Some(&with(&good))).await, 200);
+    assert_eq!(api_status(&victim, &on_d, Some(&with(&good))).await, 401);
     let mut s = session_of(&good, "app1.vigil.test");
     let k2 = CookieKeys::new([(2u8, KEY2)]).unwrap();
     let sealed2 = k2.seal(&s, "app1.vigil.test").unwrap();
     assert_eq!(api_status(&victim, &on_c, Some(&with(&sealed2))).await, 200);
+    assert_eq!(api_status(&victim, &on_d, Some(&with(&sealed2))).await, 200);
     assert_eq!(
         api_status(&victim, &hello, Some(&with(&sealed2))).await,
         401
@@ -744,8 +761,9 @@ async fn sign_in_and_sessions_withstand_an_outside_attacker() {
     s.sid = "ses_00000000000000000000000000000000".into();
     let wrong_id = CookieKeys::new([(2u8, KEY1)]).unwrap();
     let forged = wrong_id.seal(&s, "app1.vigil.test").unwrap();
-    assert_eq!(api_status(&victim, &on_c, Some(&with(&forged))).await, 401);
-    assert_eq!(api_status(&victim, &hello, Some(&with(&forged))).await, 401);
+    for on in [&on_c, &on_d, &hello] {
+        assert_eq!(api_status(&victim, on, Some(&with(&forged))).await, 401);
+    }
     // The plain-HTTP listener only redirects: no cookie read, none set.
     let plain = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
