@@ -594,6 +594,21 @@ async fn sign_in_and_sessions_withstand_an_outside_attacker() {
     let a = nonce_b.get(&callback).await;
     assert_eq!(a.status, 401, "{a:?}");
     assert!(a.body.contains("ID token is not valid"), "{}", a.body);
+    // ... and the provider's metadata stays cached: a forged nonce, which any
+    // user of the provider can send, makes no sign-in wait for discovery.
+    let discoveries = || async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        f.proxies[0]
+            .log_text()
+            .matches("Identity provider discovered")
+            .count()
+    };
+    let discovered = discoveries().await;
+    assert_eq!(discovered, 1, "{}", f.proxies[0].log_text());
+
+    let mut after = Browser::new(&f.ca);
+    f.begin(&mut after, &format!("{}/after", f.app1)).await;
+    assert_eq!(discoveries().await, discovered);
 
     // --- The handoff code. -----------------------------------------------------
     // Mallory's code, redeemed in her browser, works once at this proxy.

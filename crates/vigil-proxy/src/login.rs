@@ -481,6 +481,7 @@ impl Login {
             fetched: Instant::now(),
         });
         cache.insert(name.to_owned(), provider.clone());
+        tracing::info!(provider = %name, "Identity provider discovered");
         Ok(provider)
     }
 
@@ -653,8 +654,15 @@ impl Login {
         let claims = match id_token.claims(&verifier, &Nonce::new(pending.nonce.clone())) {
             Ok(c) => c,
             Err(e) => {
-                // Perhaps the provider rotated its keys: fetch them afresh next time.
-                self.providers.lock().await.remove(&pending.idp);
+                // Perhaps the provider rotated its keys: fetch them afresh next
+                // time. Only then: a forged nonce, which any user of the provider
+                // can send, must not make the next sign-ins wait for discovery.
+                if matches!(
+                    e,
+                    openidconnect::ClaimsVerificationError::SignatureVerification(_)
+                ) {
+                    self.providers.lock().await.remove(&pending.idp);
+                }
                 return Err(unauthorized(format!("the ID token is not valid: {e}")));
             }
         };
