@@ -116,6 +116,9 @@ async fn browsers_sign_in_once_for_every_route_host_and_sign_out_everywhere() {
         COOKIE_KEY.to_owned(),
         "--authenticate-url".to_owned(),
         auth.clone(),
+        // App 2 is reached at proxy B's port.
+        "--return-ports".to_owned(),
+        port_b.to_string(),
     ];
     let token = join_token(&c, &url, "fleet").await;
     let proxy_a = ProxyProcess::start_at(port_a, &cp.grpc_url, &token, "proxy-a", &args);

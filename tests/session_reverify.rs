@@ -129,6 +129,9 @@ async fn sessions_the_identity_provider_refuses_are_revoked_on_every_proxy() {
         COOKIE_KEY.to_owned(),
         "--authenticate-url".to_owned(),
         auth.clone(),
+        // App 2 is reached at proxy B's port.
+        "--return-ports".to_owned(),
+        port_b.to_string(),
     ];
     let token = join_token(&c, &url, "fleet").await;
     let proxy_a = ProxyProcess::start_at(port_a, &cp.grpc_url, &token, "proxy-a", &args);

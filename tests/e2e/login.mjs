@@ -4,7 +4,8 @@
 //   1. an unauthenticated visit to app 1 lands on the IdP's login page;
 //   2. after the password, the browser is back on app 1 with a session (the
 //      upstream sees the user), and the handoff code cannot be used again;
-//   3. app 2, behind the other proxy, gets its session with no password;
+//   3. app 2, behind the other proxy, gets its session with no password; a
+//      link to sign-out from another site only asks;
 //   4. sign-out on app 1 ends up on the authenticate host's page;
 //   5. app 1 and then app 2 (after the revocation reaches its proxy) send the
 //      browser back to the IdP.
@@ -80,6 +81,23 @@ try {
   const two = await upstreamSaw();
   check(two.headers['x-vigil-user'] === user, 'app 2 knows the same user');
   check(!wentToIdp(), 'app 2 signed in without the IdP');
+
+  // 3b. Another site (the IdP's origin stands in for one) links to app 1's
+  // sign-out: Chromium says `Sec-Fetch-Site: cross-site`, and Vigil asks
+  // first instead of ending the session.
+  await page.goto(`${ISSUER}/.well-known/openid-configuration`);
+  await Promise.all([
+    page.waitForNavigation(),
+    page.evaluate((u) => { window.location.href = u; }, `${APP1}.vigil/sign_out`),
+  ]);
+  check(
+    page.url() === `${APP1}.vigil/sign_out` && (await page.textContent('h1')) === 'Sign out?',
+    `a cross-site link to sign-out only asks (${page.url()})`,
+  );
+  seen.length = 0;
+  await page.goto(`${APP1}still`);
+  await page.waitForURL((u) => u.href === `${APP1}still`);
+  check(!seen.some((u) => u.includes('/.vigil/sign_in')), 'the session survived the cross-site link');
 
   // 4. Sign out on app 1: the authenticate host's page.
   const kept = (await context.cookies(APP1)).find((c) => c.name === '__Host-vigil_session');

@@ -57,6 +57,10 @@ pub struct SessionCookie {
     /// changed later wins over them.
     #[serde(default)]
     pub iat: i64,
+    /// The browser's earlier sessions (id, user) at the authenticate host, which
+    /// route hosts may still hold: signing out of this one ends them too.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub earlier: Vec<(String, String)>,
 }
 
 /// Why a cookie was refused: the request is then unauthenticated.
@@ -180,7 +184,19 @@ impl CookieKeys {
         value: &str,
         host: &str,
     ) -> Result<T, CookieError> {
-        if value.len() > MAX_LEN {
+        self.open_value_within(context, value, host, MAX_LEN)
+    }
+
+    /// [`CookieKeys::open_value`] for a value that may be up to `max_len` bytes
+    /// long (one that travels in a URL rather than a cookie).
+    pub fn open_value_within<T: serde::de::DeserializeOwned>(
+        &self,
+        context: &[u8],
+        value: &str,
+        host: &str,
+        max_len: usize,
+    ) -> Result<T, CookieError> {
+        if value.len() > max_len {
             return Err(CookieError::Malformed);
         }
         let mut raw = URL_SAFE_NO_PAD
@@ -267,23 +283,28 @@ pub fn find_named<'a>(
     found
 }
 
-/// Readies a request's `Cookie` fields for an upstream: the session cookie, which
-/// an upstream must never see, is taken out, and what is left goes as one field,
+/// The start of the name of every cookie of Vigil's (the session's, and the
+/// sign-in's bind and login cookies).
+const OWN_PREFIX: &str = "__Host-vigil_";
+
+/// Readies a request's `Cookie` fields for an upstream: Vigil's own cookies (the
+/// session cookie, and the bind value of a sign-in in progress), which an
+/// upstream must never see, are taken out, and what is left goes as one field,
 /// `; `-separated (an HTTP/2 client may send each cookie as a field of its own,
 /// and HTTP/1.1 servers read one `Cookie` line: RFC 9113 section 8.2.3). Works
 /// on bytes, so a field holding non-ASCII bytes is kept, and searched, like any
-/// other. A single field without the session cookie is left untouched.
+/// other. A single field without one of Vigil's cookies is left untouched.
 pub fn for_upstream(headers: &mut http::HeaderMap) {
     let cookie = http::header::COOKIE;
     let several = headers.get_all(&cookie).iter().nth(1).is_some();
-    let holds_session = || {
+    let holds_own = || {
         headers.get_all(&cookie).iter().any(|v| {
             v.as_bytes()
-                .windows(NAME.len())
-                .any(|w| w == NAME.as_bytes())
+                .windows(OWN_PREFIX.len())
+                .any(|w| w == OWN_PREFIX.as_bytes())
         })
     };
-    if !several && !holds_session() {
+    if !several && !holds_own() {
         return;
     }
     let mut joined = Vec::new();
@@ -293,7 +314,7 @@ pub fn for_upstream(headers: &mut http::HeaderMap) {
             // The name as `find_named` reads it: up to the first `=`, or the whole
             // pair when it has none.
             let name = pair.split(|&b| b == b'=').next().unwrap_or(pair);
-            if pair.is_empty() || name == NAME.as_bytes() {
+            if pair.is_empty() || name.starts_with(OWN_PREFIX.as_bytes()) {
                 continue;
             }
             if !joined.is_empty() {
@@ -361,11 +382,18 @@ mod tests {
             upstream_cookies(&[&odd, b"z=9"]),
             [b"n=caf\xc3\xa9; z=9".to_vec()]
         );
-        // A name the session lookup would not take is not the session cookie.
-        let spaced = format!("{NAME} =x");
+        // Nor do the sign-in's cookies.
         assert_eq!(
-            upstream_cookies(&[spaced.as_bytes(), session.as_bytes()]),
-            [spaced.into_bytes()]
+            upstream_cookies(&[b"__Host-vigil_bind=b; a=1; __Host-vigil_login=l"]),
+            [b"a=1".to_vec()]
+        );
+        // Anything named in Vigil's namespace is taken out, even a name the
+        // session lookup would not take; a name merely like it stays.
+        let spaced = format!("{NAME} =x");
+        assert!(upstream_cookies(&[spaced.as_bytes(), session.as_bytes()]).is_empty());
+        assert_eq!(
+            upstream_cookies(&[b"_Host-vigil_session=x", session.as_bytes()]),
+            [b"_Host-vigil_session=x".to_vec()]
         );
     }
 

@@ -63,6 +63,16 @@ const HANDOFF_TTL: i64 = 60;
 const DISCOVERY_TTL: Duration = Duration::from_secs(3600);
 /// Claim groups kept in a session (the cookie must stay under 4 KiB).
 const MAX_GROUPS_BYTES: usize = 1500;
+/// The longest return URL: the sign-in in progress, sealed in a cookie, must
+/// stay under a browser's 4 KiB, and the handoff code too.
+const MAX_RETURN_URL: usize = 2048;
+/// The longest handoff code: a session with its groups and a return URL, sealed
+/// (it travels in a URL, not a cookie).
+const MAX_CODE: usize = 8192;
+/// Earlier sessions of a browser that a session carries, to end them with it.
+const MAX_EARLIER: usize = 8;
+/// The longest reason a refusal shows and logs.
+const MAX_REASON: usize = 300;
 
 type Client = CoreClient<
     EndpointSet,
@@ -80,6 +90,9 @@ pub struct LoginConfig {
     /// of the fleet serves it, and it is the redirect URI registered at the IdPs
     /// (with `/.vigil/callback`).
     pub authenticate_url: String,
+    /// The ports, besides the authenticate URL's, on which browsers reach route
+    /// hosts: a return URL on any other port is refused.
+    pub return_ports: Vec<u16>,
     /// How long a session lasts after sign-in.
     pub session_lifetime: Duration,
 }
@@ -103,6 +116,9 @@ pub struct Login {
     base: String,
     /// Its canonical host name.
     host: String,
+    /// The ports a return URL may name (the authenticate URL's, and the
+    /// configured ones).
+    ports: Vec<u16>,
     lifetime_s: i64,
     keys: Arc<CookieKeys>,
     reports: mpsc::Sender<SessionReport>,
@@ -216,6 +232,19 @@ fn redirect(location: &str, cookies: &[String]) -> Response<ProxyBody> {
     res
 }
 
+/// `s` with every control character replaced by `?`, cut at `max` characters.
+fn printable(s: &str, max: usize) -> String {
+    let mut out: String = s
+        .chars()
+        .take(max)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect();
+    if s.chars().nth(max).is_some() {
+        out.push('…');
+    }
+    out
+}
+
 fn is_hex64(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
@@ -241,6 +270,8 @@ impl Login {
         };
         let host = crate::routes::canonical_host(&authority)
             .ok_or("the authenticate URL's host is not a host name")?;
+        let mut ports = config.return_ports.clone();
+        ports.extend(url.port_or_known_default());
         let http = openidconnect::reqwest::ClientBuilder::new()
             // The OpenID library's advice: redirects followed by the client would
             // let a provider's redirect send the client secret elsewhere.
@@ -251,6 +282,7 @@ impl Login {
         Ok(Login {
             base: format!("{}://{authority}", url.scheme()),
             host,
+            ports,
             lifetime_s: i64::try_from(config.session_lifetime.as_secs()).unwrap_or(i64::MAX),
             keys,
             reports,
@@ -322,6 +354,9 @@ impl Login {
             _ => Err((StatusCode::NOT_FOUND, "no such sign-in endpoint".to_owned())),
         };
         result.unwrap_or_else(|(status, reason)| {
+            // Reasons quote what the request (or the provider's answer) said: no
+            // control character may forge a log line, and no length fill a page.
+            let reason = printable(&reason, MAX_REASON);
             tracing::info!(request_id = %a.id, host = a.host, path = a.path, reason = %reason, "Sign-in refused");
             refusal(status, &reason, a.id, a.html)
         })
@@ -341,6 +376,9 @@ impl Login {
     /// by a route. Anything else would make the sign-in an open redirect.
     fn check_return(&self, index: &Index, rd: &str) -> Result<Target, String> {
         let bad = |why: &str| Err(format!("the return URL is refused: {why}"));
+        if rd.len() > MAX_RETURN_URL {
+            return bad("it is too long");
+        }
         let Ok(url) = Url::parse(rd) else {
             return bad("not an absolute URL");
         };
@@ -359,12 +397,23 @@ impl Login {
         let Some(host) = crate::routes::canonical_host(&authority) else {
             return bad("its host is not a host name");
         };
+        // Another port of a route host's name may be another service, which
+        // would receive the handoff code (and the browser's bind cookie).
+        if !url
+            .port_or_known_default()
+            .is_some_and(|p| self.ports.contains(&p))
+        {
+            return bad("its port is not one the fleet serves");
+        }
         let Ok(path) = normalize_path(url.path()) else {
             return bad("its path is not valid");
         };
         let Some(route) = index.routes.find(&host, &path) else {
             return bad("no route serves it");
         };
+        if url.as_str().len() > MAX_RETURN_URL {
+            return bad("it is too long");
+        }
         Ok(Target {
             url: url.to_string(),
             origin: format!("{scheme}://{authority}"),
@@ -432,6 +481,7 @@ impl Login {
             fetched: Instant::now(),
         });
         cache.insert(name.to_owned(), provider.clone());
+        tracing::info!(provider = %name, "Identity provider discovered");
         Ok(provider)
     }
 
@@ -533,6 +583,24 @@ impl Login {
                 "the sign-in answer does not match the sign-in in progress (`state`)".into(),
             ));
         }
+        // RFC 9207: an answer that names its issuer must name this sign-in's
+        // provider, so that one provider's answer is never taken for another's.
+        if let Some(iss) = q.get("iss") {
+            let expected = match index
+                .snapshot
+                .get(Kind::IdentityProvider, &pending.idp)
+                .and_then(|e| e.body.as_ref())
+            {
+                Some(Body::IdentityProvider(p)) => Some(p.issuer_url.trim_end_matches('/')),
+                _ => None,
+            };
+            if expected != Some(iss.trim_end_matches('/')) {
+                return Err((
+                    StatusCode::BAD_REQUEST,
+                    "the sign-in answer comes from another identity provider (`iss`)".into(),
+                ));
+            }
+        }
         if let Some(error) = q.get("error") {
             let detail = q.get("error_description").map_or("", String::as_str);
             return Err(unauthorized(format!(
@@ -564,11 +632,17 @@ impl Login {
             .set_pkce_verifier(PkceCodeVerifier::new(pending.pkce.clone()))
             .request_async(&self.http)
             .await
-            .map_err(|e| {
-                (
+            .map_err(|e| match e {
+                // The provider answered, and refused the code (used already,
+                // expired, not this client's): the browser's doing, not a fault.
+                openidconnect::RequestTokenError::ServerResponse(r) => unauthorized(format!(
+                    "the identity provider refused the sign-in code: {}",
+                    r.error()
+                )),
+                e => (
                     StatusCode::BAD_GATEWAY,
                     format!("the code exchange failed: {e}"),
-                )
+                ),
             })?;
         let id_token = tokens
             .id_token()
@@ -580,8 +654,15 @@ impl Login {
         let claims = match id_token.claims(&verifier, &Nonce::new(pending.nonce.clone())) {
             Ok(c) => c,
             Err(e) => {
-                // Perhaps the provider rotated its keys: fetch them afresh next time.
-                self.providers.lock().await.remove(&pending.idp);
+                // Perhaps the provider rotated its keys: fetch them afresh next
+                // time. Only then: a forged nonce, which any user of the provider
+                // can send, must not make the next sign-ins wait for discovery.
+                if matches!(
+                    e,
+                    openidconnect::ClaimsVerificationError::SignatureVerification(_)
+                ) {
+                    self.providers.lock().await.remove(&pending.idp);
+                }
                 return Err(unauthorized(format!("the ID token is not valid: {e}")));
             }
         };
@@ -589,12 +670,8 @@ impl Login {
         let subject = claims.subject().as_str().to_owned();
         let email = claims.email().map(|e| e.as_str().to_ascii_lowercase());
         let email_verified = claims.email_verified().unwrap_or(false);
-        let auth_time = claims.auth_time().map_or(a.now, |t| t.timestamp());
-        if pending.reauth && auth_time < pending.started - 5 {
-            return Err(unauthorized(
-                "the identity provider did not sign you in again, which this route requires".into(),
-            ));
-        }
+        let auth_time = signed_in_at(claims.auth_time().map(|t| t.timestamp()), &pending, a.now)
+            .map_err(unauthorized)?;
         let domains = &provider.source.allowed_domains;
         if !domains.is_empty() {
             let domain_ok = email_verified
@@ -625,6 +702,12 @@ impl Login {
         if index.users.get(&uid).is_some_and(|u| u.suspended) {
             return Err((StatusCode::FORBIDDEN, "your account is suspended".into()));
         }
+        // The browser's session here until now (a step-up, another provider)
+        // lives on at the route hosts it reached: it ends with this one.
+        let earlier = cookie::session_value(a.headers)
+            .and_then(|v| self.keys.open(v, &self.host, a.now).ok())
+            .map(carried)
+            .unwrap_or_default();
         let sid = format!("ses_{}", random_hex(16));
         if sid.len() != 36 {
             return Err((
@@ -644,6 +727,7 @@ impl Login {
             ev: email_verified,
             groups,
             iat: a.now,
+            earlier,
         };
         self.report(SessionReport {
             session_id: session.sid.clone(),
@@ -717,7 +801,7 @@ impl Login {
             .ok_or_else(|| bad("the sign-in code is missing"))?;
         let h: Handoff = self
             .keys
-            .open_value(HANDOFF_CONTEXT, code, a.host)
+            .open_value_within(HANDOFF_CONTEXT, code, a.host, MAX_CODE)
             .map_err(|_| bad("the sign-in code is not valid for this host"))?;
         if h.exp <= a.now {
             return Err(bad(
@@ -763,22 +847,45 @@ impl Login {
     /// sends the browser on to the authenticate host, which then ends the user's
     /// session at the identity provider too when the provider supports
     /// RP-Initiated Logout (it comes back to `/.vigil/signed_out`).
+    ///
+    /// A browser that says the request comes from another site (`Sec-Fetch-Site:
+    /// cross-site`: a link or form on someone else's page) gets a page asking
+    /// first, so that no other site can sign users out of the fleet.
     async fn sign_out(&self, index: &Index, a: &Asked<'_>) -> Response<ProxyBody> {
+        if a.headers
+            .get("sec-fetch-site")
+            .is_some_and(|v| v.as_bytes() == b"cross-site")
+        {
+            return sign_out_question_page();
+        }
         let session =
             cookie::session_value(a.headers).and_then(|v| self.keys.open(v, a.host, a.now).ok());
         let idp = session.as_ref().and_then(|s| s.idp.clone());
         if let Some(s) = session {
-            let first = {
-                let mut out = self.signed_out.lock();
-                out.retain(|_, exp| *exp > a.now);
-                out.insert(s.sid.clone(), s.exp).is_none()
-            };
-            if first {
-                tracing::info!(request_id = %a.id, session = %s.sid, user = %s.uid, "Signed out");
-                self.report(SessionReport {
-                    signed_out: true,
-                    ..session_report(&s, a.now)
-                });
+            let mut ended = vec![SessionReport {
+                signed_out: true,
+                ..session_report(&s, a.now)
+            }];
+            // The browser's earlier sessions, still held by route hosts it
+            // reached before a step-up or a sign-in with another provider.
+            ended.extend(s.earlier.iter().map(|(sid, uid)| SessionReport {
+                session_id: sid.clone(),
+                user_id: uid.clone(),
+                expires_at: s.exp,
+                last_seen_at: a.now,
+                signed_out: true,
+                ..SessionReport::default()
+            }));
+            for report in ended {
+                let first = {
+                    let mut out = self.signed_out.lock();
+                    out.retain(|_, exp| *exp > a.now);
+                    out.insert(report.session_id.clone(), s.exp).is_none()
+                };
+                if first {
+                    tracing::info!(request_id = %a.id, session = %report.session_id, user = %report.user_id, "Signed out");
+                    self.report(report);
+                }
             }
         }
         let clear = cookie::clear_cookie();
@@ -822,6 +929,26 @@ impl Login {
     }
 }
 
+/// Asks the user whether to sign out, with a link (same-origin) that does it; it
+/// may not be framed.
+fn sign_out_question_page() -> Response<ProxyBody> {
+    let mut res = full(
+        StatusCode::OK,
+        "text/html; charset=utf-8",
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>Sign out?</title></head>\
+         <body><h1>Sign out?</h1><p>Another site sent you here. Sign out of every site behind this proxy?</p>\
+         <p><a href=\"/.vigil/sign_out\">Sign out</a></p></body></html>\n",
+    );
+    let h = res.headers_mut();
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("frame-ancestors 'none'"),
+    );
+    res
+}
+
 /// The authenticate host's page after sign-out, clearing its cookie when `clear`
 /// is given.
 fn signed_out_page(clear: Option<&str>) -> Response<ProxyBody> {
@@ -860,6 +987,33 @@ pub fn find_user(index: &Index, issuer: &str, subject: &str) -> Option<String> {
         .subjects
         .get(crate::index::subject_key(issuer, subject).as_str())
         .cloned()
+}
+
+/// When the user authenticated, by the ID token's `auth_time` (`now` without
+/// one), for sign-in `pending`. A step-up needs an `auth_time` (OpenID Connect
+/// requires it when `max_age` was asked), and one no older than the sign-in:
+/// without it, a provider that ignored `prompt=login` would pass for one that
+/// asked again.
+fn signed_in_at(auth_time: Option<i64>, pending: &Pending, now: i64) -> Result<i64, String> {
+    match auth_time {
+        Some(t) if !pending.reauth || t >= pending.started - 5 => Ok(t),
+        None if !pending.reauth => Ok(now),
+        _ => {
+            Err("the identity provider did not sign you in again, which this route requires".into())
+        }
+    }
+}
+
+/// What a new session carries of the browser's session `old` at the
+/// authenticate host: its id and user, after the earlier ones it carried, the
+/// last [`MAX_EARLIER`] of them.
+fn carried(old: SessionCookie) -> Vec<(String, String)> {
+    let mut earlier = old.earlier;
+    earlier.retain(|(sid, _)| *sid != old.sid);
+    earlier.push((old.sid, old.uid));
+    let extra = earlier.len().saturating_sub(MAX_EARLIER);
+    earlier.drain(..extra);
+    earlier
 }
 
 /// A JWT's payload as JSON (the caller has verified the token already).
@@ -905,6 +1059,7 @@ mod tests {
         let login = Login::new(
             LoginConfig {
                 authenticate_url: "https://auth.example.com".into(),
+                return_ports: Vec::new(),
                 session_lifetime: Duration::from_secs(3600),
             },
             keys,
@@ -956,6 +1111,251 @@ mod tests {
         let p = payload(&format!("e30.{body}.sig")).unwrap();
         assert_eq!(p.get("sub").and_then(|v| v.as_str()), Some("x"));
         assert!(payload("nodots").is_none());
+    }
+
+    const KEY: &str = "QkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkI=";
+
+    fn login_with(ports: &[u16]) -> (Login, mpsc::Receiver<SessionReport>) {
+        let keys = Arc::new(CookieKeys::new([(1u8, KEY)]).unwrap());
+        let (tx, rx) = mpsc::channel(16);
+        let login = Login::new(
+            LoginConfig {
+                authenticate_url: "https://auth.example.com".into(),
+                return_ports: ports.to_vec(),
+                session_lifetime: Duration::from_secs(3600),
+            },
+            keys,
+            tx,
+        )
+        .unwrap();
+        (login, rx)
+    }
+
+    /// An index with one route, `app` on `app.example`.
+    fn one_route() -> Index {
+        use vigil_proto::v1::{Entry, Route};
+        let doc = vigil_policy::parse_json(r#"{"allow": {"and": [{"authenticated_user": true}]}}"#)
+            .unwrap_or_else(|e| panic!("{e:?}"));
+        let mut symbols = vigil_policy::Symbols::default();
+        let p = vigil_policy::compile_standalone(&doc, &mut symbols)
+            .unwrap_or_else(|e| panic!("{e:?}"));
+        Index::default()
+            .apply(vigil_snapshot::Update {
+                version: 1,
+                base_version: 0,
+                full: true,
+                upserts: vec![Entry {
+                    id: "app".into(),
+                    body: Some(Body::Route(Route {
+                        host: "app.example".into(),
+                        policy: vigil_snapshot::encode_policy(&p, &symbols),
+                        ..Route::default()
+                    })),
+                }],
+                removals: vec![],
+            })
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn return_urls_must_be_served_by_a_route_on_a_fleet_port() {
+        let (login, _rx) = login_with(&[8443]);
+        let index = one_route();
+        for (rd, url) in [
+            ("https://app.example/x?y=1", "https://app.example/x?y=1"),
+            ("https://app.example:443/", "https://app.example/"),
+            ("https://app.example:8443/a", "https://app.example:8443/a"),
+            ("https://APP.Example/", "https://app.example/"),
+            ("https://app.example./", "https://app.example./"),
+            ("https://app%2Eexample/", "https://app.example/"),
+            // A backslash is a slash in an https URL; tabs and newlines go.
+            (
+                "https://app.example\\evil.example/",
+                "https://app.example/evil.example/",
+            ),
+            (
+                "https://app.example/a\r\nSet-Cookie: x=1",
+                "https://app.example/aSet-Cookie:%20x=1",
+            ),
+        ] {
+            let t = login
+                .check_return(&index, rd)
+                .unwrap_or_else(|e| panic!("{rd:?}: {e}"));
+            assert_eq!(t.url, url, "{rd:?}");
+            assert_eq!((t.host.as_str(), t.route.as_str()), ("app.example", "app"));
+        }
+        let long = format!("https://app.example/{}", "a".repeat(MAX_RETURN_URL));
+        // Short, but long once serialized.
+        let grows = format!("https://app.example/?q={}x", " ".repeat(MAX_RETURN_URL / 2));
+        for rd in [
+            "https://app.example:8444/",
+            "https://app.example:80/",
+            "https://app.example:0/",
+            "http://app.example/",
+            "//evil.example/",
+            "/\\evil.example/",
+            "/x",
+            "https:evil.example",
+            "https://app.example@evil.example/",
+            "https://app.example:443@evil.example/",
+            "https://evil.example\\@app.example/",
+            "https://app.example.evil.example/",
+            "https://evil.example/https://app.example/",
+            "https://app%2Eexample%2Eevil.example/",
+            "javascript:alert(1)",
+            "javascript://app.example/%0aalert(1)",
+            "data:text/html,<script>alert(1)</script>",
+            "https://app.example/%00",
+            "https://app.example/a\0b",
+            "",
+            long.as_str(),
+            grows.as_str(),
+        ] {
+            let e = login.check_return(&index, rd).err();
+            assert!(
+                e.as_deref().is_some_and(|e| e.contains("return URL")),
+                "{rd:?} was let through: {e:?}"
+            );
+        }
+        // Without configured ports, only the authenticate URL's.
+        let (login, _rx) = login_with(&[]);
+        assert!(login.check_return(&index, "https://app.example/").is_ok());
+        assert!(login
+            .check_return(&index, "https://app.example:8443/")
+            .is_err());
+    }
+
+    #[test]
+    fn refusal_reasons_are_one_short_line() {
+        assert_eq!(printable("a\r\nb\0c\u{1b}[31m", 100), "a??b?c?[31m");
+        assert_eq!(printable(&"x".repeat(10), 4), "xxxx…");
+        assert_eq!(printable("abcd", 4), "abcd");
+    }
+
+    fn asked<'a>(host: &'a str, headers: &'a HeaderMap) -> Asked<'a> {
+        Asked {
+            host,
+            path: "/.vigil/sign_out",
+            query: None,
+            headers,
+            now: 2_000,
+            id: "req",
+            html: true,
+        }
+    }
+
+    #[tokio::test]
+    async fn another_site_cannot_sign_a_user_out() {
+        let (login, mut rx) = login_with(&[]);
+        let index = one_route();
+        let session = cookie::SessionCookie {
+            sid: "ses_a".into(),
+            uid: "usr_1".into(),
+            auth_time: 1_000,
+            exp: 9_000,
+            ..Default::default()
+        };
+        let value = login.keys.seal(&session, "app.example").unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::COOKIE,
+            HeaderValue::from_str(&format!("{}={value}", cookie::NAME)).unwrap(),
+        );
+        headers.insert("sec-fetch-site", HeaderValue::from_static("cross-site"));
+        let res = login.serve(&index, &asked("app.example", &headers)).await;
+        assert_eq!(res.status(), StatusCode::OK);
+        assert!(res.headers().get(header::SET_COOKIE).is_none());
+        assert_eq!(res.headers()[header::X_FRAME_OPTIONS], "DENY");
+        assert!(!login.is_signed_out("ses_a") && rx.try_recv().is_err());
+        // From the site itself (or typed), it signs out.
+        for site in ["same-origin", "same-site", "none"] {
+            headers.insert("sec-fetch-site", HeaderValue::from_static(site));
+            let res = login.serve(&index, &asked("app.example", &headers)).await;
+            assert_eq!(res.status(), StatusCode::FOUND, "{site}");
+            assert!(login.is_signed_out("ses_a"));
+        }
+        headers.remove("sec-fetch-site");
+        let res = login.serve(&index, &asked("app.example", &headers)).await;
+        assert_eq!(res.status(), StatusCode::FOUND);
+        let report = rx.try_recv().unwrap();
+        assert!(report.signed_out && report.session_id == "ses_a");
+    }
+
+    #[test]
+    fn a_step_up_needs_a_fresh_auth_time() {
+        let pending = |reauth: bool| Pending {
+            state: String::new(),
+            nonce: String::new(),
+            pkce: String::new(),
+            rd: String::new(),
+            bh: String::new(),
+            idp: String::new(),
+            started: 1_000,
+            reauth,
+        };
+        assert_eq!(signed_in_at(None, &pending(false), 1_010), Ok(1_010));
+        assert_eq!(signed_in_at(Some(10), &pending(false), 1_010), Ok(10));
+        assert_eq!(signed_in_at(Some(1_001), &pending(true), 1_010), Ok(1_001));
+        assert_eq!(signed_in_at(Some(996), &pending(true), 1_010), Ok(996));
+        assert!(signed_in_at(Some(990), &pending(true), 1_010).is_err());
+        // No `auth_time` at all is no proof of a fresh sign-in.
+        assert!(signed_in_at(None, &pending(true), 1_010).is_err());
+    }
+
+    #[test]
+    fn new_sessions_carry_the_browsers_earlier_ones() {
+        let s = |sid: &str, earlier: Vec<(String, String)>| SessionCookie {
+            sid: sid.into(),
+            uid: "usr_1".into(),
+            earlier,
+            ..Default::default()
+        };
+        let pair = |sid: &str| (sid.to_owned(), "usr_1".to_owned());
+        assert_eq!(carried(s("ses_a", vec![])), vec![pair("ses_a")]);
+        assert_eq!(
+            carried(s("ses_a", vec![pair("ses_a")])),
+            vec![pair("ses_a")]
+        );
+        let many: Vec<_> = (0..MAX_EARLIER)
+            .map(|i| pair(&format!("ses_{i}")))
+            .collect();
+        let kept = carried(s("ses_new", many));
+        assert_eq!(kept.len(), MAX_EARLIER);
+        assert_eq!(kept[0], pair("ses_1"));
+        assert_eq!(kept[MAX_EARLIER - 1], pair("ses_new"));
+    }
+
+    #[tokio::test]
+    async fn sign_out_ends_the_browsers_earlier_sessions_too() {
+        let (login, mut rx) = login_with(&[]);
+        let index = one_route();
+        let session = cookie::SessionCookie {
+            sid: "ses_new".into(),
+            uid: "usr_1".into(),
+            auth_time: 1_000,
+            exp: 9_000,
+            earlier: vec![("ses_old".into(), "usr_0".into())],
+            ..Default::default()
+        };
+        let value = login.keys.seal(&session, "app.example").unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::COOKIE,
+            HeaderValue::from_str(&format!("{}={value}", cookie::NAME)).unwrap(),
+        );
+        let res = login.serve(&index, &asked("app.example", &headers)).await;
+        assert_eq!(res.status(), StatusCode::FOUND);
+        assert!(login.is_signed_out("ses_new") && login.is_signed_out("ses_old"));
+        let ended: Vec<(String, String, bool)> = std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|r| (r.session_id, r.user_id, r.signed_out))
+            .collect();
+        assert_eq!(
+            ended,
+            [
+                ("ses_new".into(), "usr_1".into(), true),
+                ("ses_old".into(), "usr_0".into(), true)
+            ]
+        );
     }
 
     #[test]

@@ -136,6 +136,7 @@ pub async fn run(args: AllInOneArgs) -> anyhow::Result<()> {
         cookie_keys_file: file("cookie.keys"),
         trusted_proxies: Vec::new(),
         authenticate_url: None,
+        return_ports: Vec::new(),
         assertion_key_file: file("assertion.pem"),
         session_lifetime_s: 43_200,
         header_timeout_s: 30,

@@ -179,6 +179,11 @@ pub(crate) struct ProxyArgs {
     /// cookie keys.
     #[arg(long, env = "VIGIL_AUTHENTICATE_URL")]
     pub authenticate_url: Option<String>,
+    /// The ports, besides the authenticate URL's, on which browsers reach route
+    /// hosts (comma-separated). A sign-in returns only to a URL on one of them:
+    /// the handoff code must not go to another service on a route host's name.
+    #[arg(long, env = "VIGIL_RETURN_PORTS", value_delimiter = ',')]
+    pub return_ports: Vec<u16>,
     /// The fleet's key for `X-Vigil-Jwt-Assertion` (P-256 PEM file, PKCS#8 or
     /// SEC1); every proxy must have the same. Without it each proxy makes its own
     /// at start (development only: upstreams then cannot verify across proxies).
@@ -797,6 +802,7 @@ async fn proxy(
             let login = vigil_proxy::login::Login::new(
                 vigil_proxy::login::LoginConfig {
                     authenticate_url: url.clone(),
+                    return_ports: args.return_ports.clone(),
                     session_lifetime: Duration::from_secs(args.session_lifetime_s.max(60)),
                 },
                 keys.clone(),
