@@ -877,6 +877,30 @@ async fn the_edge_holds_against_malformed_and_ambiguous_requests() {
         }
     }
 
+    // An upstream cannot set (or clear) Vigil's own cookies through the proxy;
+    // its other cookies pass.
+    let answer = raw(
+        &proxy,
+        get(
+            "/x",
+            "X-Echo-Set-Cookie: a=1; Path=/\r\nX-Echo-Set-Cookie: __Host-vigil_session=; Max-Age=0; Path=/; Secure\r\nX-Echo-Set-Cookie: __host-vigil_bind=planted; Path=/; Secure\r\n",
+        )
+        .as_bytes(),
+    )
+    .await;
+    let head = answer
+        .text
+        .split("\r\n\r\n")
+        .next()
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    if answer.statuses != [200] || !head.contains("set-cookie: a=1") || head.contains("vigil_") {
+        failures.push(format!(
+            "upstream Set-Cookie in Vigil's namespace: {}",
+            answer.text
+        ));
+    }
+
     assert!(
         failures.is_empty(),
         "{} attacks got through:\n{}",

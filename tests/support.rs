@@ -588,7 +588,8 @@ impl Helper {
 /// (`method`, `target`, `headers`); returns its base URL.
 pub async fn echo_upstream() -> String {
     use serde_json::{json, Value};
-    async fn echo(req: axum::extract::Request) -> axum::Json<Value> {
+    async fn echo(req: axum::extract::Request) -> axum::response::Response {
+        use axum::response::IntoResponse as _;
         let headers: serde_json::Map<String, Value> = req
             .headers()
             .iter()
@@ -599,11 +600,17 @@ pub async fn echo_upstream() -> String {
                 )
             })
             .collect();
-        axum::Json(json!({
+        let mut res = axum::Json(json!({
             "method": req.method().as_str(),
             "target": req.uri().to_string(),
             "headers": headers,
         }))
+        .into_response();
+        // Each `x-echo-set-cookie` comes back as a `Set-Cookie`.
+        for v in req.headers().get_all("x-echo-set-cookie") {
+            res.headers_mut().append("set-cookie", v.clone());
+        }
+        res
     }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

@@ -333,9 +333,67 @@ pub fn for_upstream(headers: &mut http::HeaderMap) {
     }
 }
 
+/// Takes out of an upstream's response every `Set-Cookie` that names a cookie in
+/// Vigil's namespace: only the proxy sets those. An upstream (or anyone who can
+/// make one echo a header) could otherwise clear a user's session on its host, or
+/// plant a bind value of its choosing for a sign-in in progress. Names are
+/// compared without regard to case or surrounding blanks, as browsers may read
+/// them; a cookie without `=` is all name here.
+pub fn strip_own_set_cookies(headers: &mut http::HeaderMap) {
+    let set_cookie = http::header::SET_COOKIE;
+    let ours = |v: &http::HeaderValue| {
+        let b = v.as_bytes();
+        let name = b.split(|&c| c == b'=').next().unwrap_or(b).trim_ascii();
+        name.len() >= OWN_PREFIX.len()
+            && name[..OWN_PREFIX.len()].eq_ignore_ascii_case(OWN_PREFIX.as_bytes())
+    };
+    if !headers.get_all(&set_cookie).iter().any(ours) {
+        return;
+    }
+    let kept: Vec<http::HeaderValue> = headers
+        .get_all(&set_cookie)
+        .iter()
+        .filter(|v| !ours(v))
+        .cloned()
+        .collect();
+    headers.remove(&set_cookie);
+    for v in kept {
+        headers.append(&set_cookie, v);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn upstreams_cannot_set_vigils_cookies() {
+        let mut h = http::HeaderMap::new();
+        for v in [
+            "a=1; Path=/",
+            "__Host-vigil_session=; Max-Age=0; Path=/; Secure",
+            " __host-VIGIL_bind=evil; Path=/; Secure",
+            "__Host-vigil_login",
+            "b=2",
+            "__Host-vigilant=3",
+        ] {
+            h.append("set-cookie", http::HeaderValue::from_static(v));
+        }
+        h.insert("x-other", http::HeaderValue::from_static("kept"));
+        strip_own_set_cookies(&mut h);
+        let left: Vec<&str> = h
+            .get_all("set-cookie")
+            .iter()
+            .map(|v| v.to_str().unwrap_or(""))
+            .collect();
+        assert_eq!(left, ["a=1; Path=/", "b=2", "__Host-vigilant=3"]);
+        assert_eq!(h["x-other"], "kept");
+        // Nothing to take out: nothing changes.
+        let mut h = http::HeaderMap::new();
+        h.append("set-cookie", http::HeaderValue::from_static("a=1"));
+        strip_own_set_cookies(&mut h);
+        assert_eq!(h["set-cookie"], "a=1");
+    }
 
     fn upstream_cookies(fields: &[&[u8]]) -> Vec<Vec<u8>> {
         let mut h = http::HeaderMap::new();

@@ -749,6 +749,7 @@ impl Proxy {
         };
         let mut res = self.send(forwarding, upstream, parts, body, ask).await?;
         edge::strip_inbound(res.headers_mut(), true);
+        cookie::strip_own_set_cookies(res.headers_mut());
         Ok(res)
     }
 
@@ -909,6 +910,7 @@ impl Proxy {
             // No switch, no tunnel: an ordinary response.
             let (mut parts, body) = res.into_parts();
             edge::strip_inbound(&mut parts.headers, true);
+            cookie::strip_own_set_cookies(&mut parts.headers);
             parts.headers.remove(header::UPGRADE);
             return Response::from_parts(
                 parts,
@@ -926,6 +928,7 @@ impl Proxy {
         let from_upstream = hyper::upgrade::on(&mut res);
         let (mut head, _) = res.into_parts();
         edge::strip_inbound(&mut head.headers, true);
+        cookie::strip_own_set_cookies(&mut head.headers);
         let info = TunnelInfo {
             request_id: ask.id.to_owned(),
             route: ask.route.to_owned(),
