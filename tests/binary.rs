@@ -496,6 +496,26 @@ async fn keys_from_files_as_the_chart_writes_them() {
 
 /// Behind a load balancer mapping 443 to the proxy's port, the plain-HTTP
 /// listener sends browsers to the public HTTPS port, not the proxy's own.
+/// `vigil proxy`'s arguments for a proxy on `port` (health on `health`) whose
+/// control plane never answers.
+fn lone_proxy(port: u16, health: u16) -> Vec<String> {
+    [
+        "proxy",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--health-listen",
+        &format!("127.0.0.1:{health}"),
+        "--control-plane",
+        "http://127.0.0.1:9",
+        "--join-token",
+        "unused",
+        "--snapshot-keys",
+        &support::signer().public_key_base64(),
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redirect_to_the_public_https_port() {
     let dir = Scratch::new("redirect");
@@ -510,24 +530,13 @@ async fn redirect_to_the_public_https_port() {
     std::fs::write(certs.join("default.key"), key.serialize_pem()).unwrap();
     let (port, health, redirect) = (free_port(), free_port(), free_port());
     let mut cmd = Command::new(VIGIL);
-    cmd.args([
-        "proxy",
-        "--listen",
-        &format!("127.0.0.1:{port}"),
-        "--health-listen",
-        &format!("127.0.0.1:{health}"),
+    cmd.args(lone_proxy(port, health)).args([
         "--redirect-listen",
         &format!("127.0.0.1:{redirect}"),
         "--redirect-https-port",
         "443",
         "--tls-dir",
         certs.to_str().unwrap(),
-        "--control-plane",
-        "http://127.0.0.1:9",
-        "--join-token",
-        "unused",
-        "--snapshot-keys",
-        &support::signer().public_key_base64(),
     ]);
     let proxy = Running::start(cmd, &dir.0.join("proxy.log"));
     proxy.wait_for("Proxy listening (HTTPS)");
@@ -575,23 +584,9 @@ fn the_open_file_limit_is_raised_and_bounds_connections() {
     let dir = Scratch::new("nofile");
     let run = |extra: &[&str], log: &str| {
         let mut cmd = Command::new("sh");
-        cmd.args([
-            "-c",
-            r#"ulimit -S -n 256 && exec "$0" "$@""#,
-            VIGIL,
-            "proxy",
-            "--listen",
-            &format!("127.0.0.1:{}", free_port()),
-            "--health-listen",
-            &format!("127.0.0.1:{}", free_port()),
-            "--control-plane",
-            "http://127.0.0.1:9",
-            "--join-token",
-            "unused",
-            "--snapshot-keys",
-            &support::signer().public_key_base64(),
-        ])
-        .args(extra);
+        cmd.args(["-c", r#"ulimit -S -n 256 && exec "$0" "$@""#, VIGIL])
+            .args(lone_proxy(free_port(), free_port()))
+            .args(extra);
         Running::start(cmd, &dir.0.join(log))
     };
     let proxy = run(&[], "default.log");

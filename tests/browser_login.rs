@@ -7,7 +7,6 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
@@ -21,13 +20,9 @@ use vigil_test_postgres::TestPostgres;
 const CLIENT_SECRET: &str = "vigil-e2e-client-secret";
 const COOKIE_KEY: &str = "1:AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA=";
 
-fn e2e_dir() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/e2e"))
-}
-
 /// The browser and the npm packages, or a failure that says how to get them.
 fn require_browser_parts() {
-    let dir = e2e_dir();
+    let dir = support::e2e_dir();
     for package in ["oidc-provider", "playwright-core"] {
         assert!(
             dir.join("node_modules").join(package).is_dir(),
@@ -126,14 +121,12 @@ async fn browsers_sign_in_once_for_every_route_host_and_sign_out_everywhere() {
     proxy_a.wait_ready().await;
     proxy_b.wait_ready().await;
 
-    let mut idp_cmd = Command::new("node");
-    idp_cmd
-        .arg(e2e_dir().join("idp.mjs"))
-        .env("PORT", idp_port.to_string())
-        .env("ISSUER", &issuer)
-        .env("REDIRECT_URI", format!("{auth}/.vigil/callback"))
-        .env("CLIENT_ID", "vigil")
-        .env("CLIENT_SECRET", CLIENT_SECRET);
+    let idp_cmd = support::idp_command(
+        idp_port,
+        &issuer,
+        &format!("{auth}/.vigil/callback"),
+        CLIENT_SECRET,
+    );
     let idp = Helper::start("idp", idp_cmd, idp_port);
 
     // Without a browser: what the sign-in endpoints refuse.
@@ -215,7 +208,7 @@ async fn browsers_sign_in_once_for_every_route_host_and_sign_out_everywhere() {
 
     // The browser.
     let out = Command::new("node")
-        .arg(e2e_dir().join("login.mjs"))
+        .arg(support::e2e_dir().join("login.mjs"))
         .env("APP1", format!("{app1}/"))
         .env("APP2", format!("{app2}/"))
         .env("AUTH", &auth)

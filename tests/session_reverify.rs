@@ -11,7 +11,6 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -27,12 +26,8 @@ const COOKIE_KEY: &str = "1:AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA=";
 /// The verifier's interval in this test.
 const INTERVAL_S: u64 = 1;
 
-fn e2e_dir() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/e2e"))
-}
-
 fn require_browser_parts() {
-    let dir = e2e_dir();
+    let dir = support::e2e_dir();
     for package in ["oidc-provider", "playwright-core"] {
         assert!(
             dir.join("node_modules").join(package).is_dir(),
@@ -139,14 +134,12 @@ async fn sessions_the_identity_provider_refuses_are_revoked_on_every_proxy() {
     proxy_a.wait_ready().await;
     proxy_b.wait_ready().await;
 
-    let mut idp_cmd = Command::new("node");
-    idp_cmd
-        .arg(e2e_dir().join("idp.mjs"))
-        .env("PORT", idp_port.to_string())
-        .env("ISSUER", &issuer)
-        .env("REDIRECT_URI", format!("{auth}/.vigil/callback"))
-        .env("CLIENT_ID", "vigil")
-        .env("CLIENT_SECRET", CLIENT_SECRET);
+    let idp_cmd = support::idp_command(
+        idp_port,
+        &issuer,
+        &format!("{auth}/.vigil/callback"),
+        CLIENT_SECRET,
+    );
     let idp = Helper::start("idp", idp_cmd, idp_port);
     let logs = || {
         format!(
@@ -160,7 +153,7 @@ async fn sessions_the_identity_provider_refuses_are_revoked_on_every_proxy() {
 
     // Sign in once, in the browser; the session cookies of both route hosts come back.
     let out = Command::new("node")
-        .arg(e2e_dir().join("signin.mjs"))
+        .arg(support::e2e_dir().join("signin.mjs"))
         .env("APP1", format!("{app1}/"))
         .env("APP2", format!("{app2}/"))
         .env("ISSUER", &issuer)
@@ -396,7 +389,7 @@ async fn sessions_the_identity_provider_refuses_are_revoked_on_every_proxy() {
     // pointed at another issuer (another real oidc-provider), bob's session is
     // revoked, and his refresh token never reaches the new issuer.
     let out = Command::new("node")
-        .arg(e2e_dir().join("signin.mjs"))
+        .arg(support::e2e_dir().join("signin.mjs"))
         .env("APP1", format!("{app1}/"))
         .env("APP2", format!("{app2}/"))
         .env("ISSUER", &issuer)
@@ -414,14 +407,12 @@ async fn sessions_the_identity_provider_refuses_are_revoked_on_every_proxy() {
     assert_eq!(status_with(&h, &page1, &bob1).await, 200, "{}", logs());
     let other_port = free_port();
     let other_issuer = format!("http://127.0.0.1:{other_port}");
-    let mut other_cmd = Command::new("node");
-    other_cmd
-        .arg(e2e_dir().join("idp.mjs"))
-        .env("PORT", other_port.to_string())
-        .env("ISSUER", &other_issuer)
-        .env("REDIRECT_URI", format!("{auth}/.vigil/callback"))
-        .env("CLIENT_ID", "vigil")
-        .env("CLIENT_SECRET", CLIENT_SECRET);
+    let other_cmd = support::idp_command(
+        other_port,
+        &other_issuer,
+        &format!("{auth}/.vigil/callback"),
+        CLIENT_SECRET,
+    );
     let other_idp = Helper::start("other-idp", other_cmd, other_port);
     patch_json(
         &c,

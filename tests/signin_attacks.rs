@@ -29,7 +29,6 @@ mod support;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 use serde_json::json;
@@ -47,12 +46,10 @@ const SESSION: &str = "__Host-vigil_session";
 const BIND: &str = "__Host-vigil_bind";
 const LOGIN: &str = "__Host-vigil_login";
 
-fn e2e_dir() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/e2e"))
-}
-
 fn require_idp() {
-    let dir = e2e_dir().join("node_modules").join("oidc-provider");
+    let dir = support::e2e_dir()
+        .join("node_modules")
+        .join("oidc-provider");
     assert!(
         dir.is_dir(),
         "npm package `oidc-provider` is missing in {}: run `make deps`",
@@ -323,14 +320,12 @@ impl Fleet {
         for p in &proxies {
             p.wait_ready().await;
         }
-        let mut idp_cmd = Command::new("node");
-        idp_cmd
-            .arg(e2e_dir().join("idp.mjs"))
-            .env("PORT", idp_port.to_string())
-            .env("ISSUER", &issuer)
-            .env("REDIRECT_URI", format!("{auth}/.vigil/callback"))
-            .env("CLIENT_ID", "vigil")
-            .env("CLIENT_SECRET", CLIENT_SECRET);
+        let idp_cmd = support::idp_command(
+            idp_port,
+            &issuer,
+            &format!("{auth}/.vigil/callback"),
+            CLIENT_SECRET,
+        );
         let idp = Helper::start("idp", idp_cmd, idp_port);
         Fleet {
             _pg: pg,

@@ -5,6 +5,25 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// `tests/e2e`: the npm packages and the scripts of the sign-in tests.
+pub fn e2e_dir() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/e2e"))
+}
+
+/// The command that runs the npm `oidc-provider` (`tests/e2e/idp.mjs`) on `port` as
+/// `issuer`, for client `vigil` with `client_secret`, sending browsers back to
+/// `redirect_uri`; start it with [`Helper::start`].
+pub fn idp_command(port: u16, issuer: &str, redirect_uri: &str, client_secret: &str) -> Command {
+    let mut cmd = Command::new("node");
+    cmd.arg(e2e_dir().join("idp.mjs"))
+        .env("PORT", port.to_string())
+        .env("ISSUER", issuer)
+        .env("REDIRECT_URI", redirect_uri)
+        .env("CLIENT_ID", "vigil")
+        .env("CLIENT_SECRET", client_secret);
+    cmd
+}
+
 /// A free loopback port.
 pub fn free_port() -> u16 {
     vigil_test_postgres::free_port().unwrap()

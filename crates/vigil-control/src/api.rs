@@ -77,12 +77,18 @@ fn etag(version: i64) -> HeaderValue {
     HeaderValue::from_str(&format!("\"{version}\"")).unwrap_or(HeaderValue::from_static("\"0\""))
 }
 
-/// [`render`] as `admin` may see it (see [`hide_from_readers`]).
+/// Hides from `admin`, when it is a reader below the editor role, what only
+/// writers may see of document `doc` of `kind` (see [`hide_from_readers`]).
+fn shown_to(admin: &Admin, kind: &str, doc: &mut Value) {
+    if admin.role < Role::Editor {
+        hide_from_readers(kind, doc);
+    }
+}
+
+/// [`render`] as `admin` may see it.
 fn render_for(admin: &Admin, rec: &Record) -> Value {
     let mut body = render(rec);
-    if admin.role < Role::Editor {
-        hide_from_readers(&rec.kind, &mut body);
-    }
+    shown_to(admin, &rec.kind, &mut body);
     body
 }
 
@@ -548,11 +554,9 @@ pub async fn audit(
         .iter()
         .map(|e| {
             let mut v = serde_json::to_value(e).unwrap_or(Value::Null);
-            if admin.role < Role::Editor {
-                for doc in ["before", "after"] {
-                    if let Some(d) = v.get_mut(doc) {
-                        hide_from_readers(&e.kind, d);
-                    }
+            for doc in ["before", "after"] {
+                if let Some(d) = v.get_mut(doc) {
+                    shown_to(&admin, &e.kind, d);
                 }
             }
             if let Value::Object(o) = &mut v {

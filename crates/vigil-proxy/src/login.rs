@@ -441,13 +441,24 @@ impl Login {
         }
     }
 
-    /// The discovered provider `name`, fetched again when stale or changed.
-    async fn provider(&self, index: &Index, name: &str) -> Result<Arc<Provider>, String> {
-        let Some(Body::IdentityProvider(source)) = index
+    /// Identity provider `name` as the snapshot configures it.
+    fn configured<'i>(
+        index: &'i Index,
+        name: &str,
+    ) -> Option<&'i vigil_proto::v1::IdentityProvider> {
+        match index
             .snapshot
             .get(Kind::IdentityProvider, name)
             .and_then(|e| e.body.as_ref())
-        else {
+        {
+            Some(Body::IdentityProvider(p)) => Some(p),
+            _ => None,
+        }
+    }
+
+    /// The discovered provider `name`, fetched again when stale or changed.
+    async fn provider(&self, index: &Index, name: &str) -> Result<Arc<Provider>, String> {
+        let Some(source) = Self::configured(index, name) else {
             return Err(format!("identity provider `{name}` is not configured"));
         };
         let mut cache = self.providers.lock().await;
@@ -586,14 +597,8 @@ impl Login {
         // RFC 9207: an answer that names its issuer must name this sign-in's
         // provider, so that one provider's answer is never taken for another's.
         if let Some(iss) = q.get("iss") {
-            let expected = match index
-                .snapshot
-                .get(Kind::IdentityProvider, &pending.idp)
-                .and_then(|e| e.body.as_ref())
-            {
-                Some(Body::IdentityProvider(p)) => Some(p.issuer_url.trim_end_matches('/')),
-                _ => None,
-            };
+            let expected =
+                Self::configured(index, &pending.idp).map(|p| p.issuer_url.trim_end_matches('/'));
             if expected != Some(iss.trim_end_matches('/')) {
                 return Err((
                     StatusCode::BAD_REQUEST,
@@ -876,16 +881,15 @@ impl Login {
                 signed_out: true,
                 ..SessionReport::default()
             }));
+            // Each session is reported once, however often its sign-out is asked.
+            {
+                let mut out = self.signed_out.lock();
+                out.retain(|_, exp| *exp > a.now);
+                ended.retain(|report| out.insert(report.session_id.clone(), s.exp).is_none());
+            }
             for report in ended {
-                let first = {
-                    let mut out = self.signed_out.lock();
-                    out.retain(|_, exp| *exp > a.now);
-                    out.insert(report.session_id.clone(), s.exp).is_none()
-                };
-                if first {
-                    tracing::info!(request_id = %a.id, session = %report.session_id, user = %report.user_id, "Signed out");
-                    self.report(report);
-                }
+                tracing::info!(request_id = %a.id, session = %report.session_id, user = %report.user_id, "Signed out");
+                self.report(report);
             }
         }
         let clear = cookie::clear_cookie();
@@ -1052,20 +1056,7 @@ mod tests {
 
     #[test]
     fn use_is_reported_once_a_minute_per_session() {
-        let keys = Arc::new(
-            CookieKeys::new([(1u8, "QkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkI=")]).unwrap(),
-        );
-        let (tx, mut rx) = mpsc::channel(16);
-        let login = Login::new(
-            LoginConfig {
-                authenticate_url: "https://auth.example.com".into(),
-                return_ports: Vec::new(),
-                session_lifetime: Duration::from_secs(3600),
-            },
-            keys,
-            tx,
-        )
-        .unwrap();
+        let (login, mut rx) = login_with(&[]);
         let s = |sid: &str| cookie::SessionCookie {
             sid: sid.into(),
             uid: "usr_1".into(),
@@ -1232,6 +1223,17 @@ mod tests {
         assert_eq!(printable("abcd", 4), "abcd");
     }
 
+    /// Request headers carrying `session`'s cookie for `app.example`.
+    fn with_session(login: &Login, session: &cookie::SessionCookie) -> HeaderMap {
+        let value = login.keys.seal(session, "app.example").unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::COOKIE,
+            HeaderValue::from_str(&format!("{}={value}", cookie::NAME)).unwrap(),
+        );
+        headers
+    }
+
     fn asked<'a>(host: &'a str, headers: &'a HeaderMap) -> Asked<'a> {
         Asked {
             host,
@@ -1255,12 +1257,7 @@ mod tests {
             exp: 9_000,
             ..Default::default()
         };
-        let value = login.keys.seal(&session, "app.example").unwrap();
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            header::COOKIE,
-            HeaderValue::from_str(&format!("{}={value}", cookie::NAME)).unwrap(),
-        );
+        let mut headers = with_session(&login, &session);
         headers.insert("sec-fetch-site", HeaderValue::from_static("cross-site"));
         let res = login.serve(&index, &asked("app.example", &headers)).await;
         assert_eq!(res.status(), StatusCode::OK);
@@ -1337,12 +1334,7 @@ mod tests {
             earlier: vec![("ses_old".into(), "usr_0".into())],
             ..Default::default()
         };
-        let value = login.keys.seal(&session, "app.example").unwrap();
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            header::COOKIE,
-            HeaderValue::from_str(&format!("{}={value}", cookie::NAME)).unwrap(),
-        );
+        let headers = with_session(&login, &session);
         let res = login.serve(&index, &asked("app.example", &headers)).await;
         assert_eq!(res.status(), StatusCode::FOUND);
         assert!(login.is_signed_out("ses_new") && login.is_signed_out("ses_old"));

@@ -1604,12 +1604,6 @@ async fn sniff_http(stream: &tokio::net::TcpStream, within: Duration) -> Option<
     }
 }
 
-/// The accept loop both listeners share: each connection (after its TLS handshake,
-/// when `tls` is given) is served by the service `service_for(peer, client)` makes,
-/// `client` being the certificate the client presented and the handshake verified,
-/// read once here for every request on the connection; with upgrades, until
-/// `shutdown`; then in-flight requests get up to 30 s. `header_read_timeout` is as
-/// in [`serve`].
 /// How many client connections a listener serves at once. Every connection holds a
 /// file descriptor and buffers, and a client (or a flood of them) that opens
 /// connections faster than the header timeout closes them would otherwise run the
@@ -1619,12 +1613,15 @@ async fn sniff_http(stream: &tokio::net::TcpStream, within: Duration) -> Option<
 /// client, or the load balancer in front, can retry on another proxy at once
 /// rather than wait in the listen queue; a warning says so at most every 10 s.
 /// A WebSocket tunnel stops counting once it is handed off from HTTP.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ConnectionLimit {
     /// One permit per connection; `None`: no limit.
     permits: Option<Arc<tokio::sync::Semaphore>>,
     max: usize,
     metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// Connections closed since the last warning, and when that was.
+    refused_since_warning: u64,
+    warned: Option<Instant>,
 }
 
 impl ConnectionLimit {
@@ -1635,13 +1632,22 @@ impl ConnectionLimit {
             permits: (max > 0).then(|| Arc::new(tokio::sync::Semaphore::new(max))),
             max,
             metrics,
+            refused_since_warning: 0,
+            warned: None,
         }
     }
 
-    /// A place for one more connection, or `None` at the limit.
-    fn admit(&self) -> Option<Admitted> {
+    /// A place for one more connection, or `None` at the limit (counted, and
+    /// warned about at most every 10 s).
+    fn admit(&mut self) -> Option<Admitted> {
         let permit = match &self.permits {
-            Some(p) => Some(p.clone().try_acquire_owned().ok()?),
+            Some(p) => match p.clone().try_acquire_owned() {
+                Ok(permit) => Some(permit),
+                Err(_) => {
+                    self.refused();
+                    return None;
+                }
+            },
             None => None,
         };
         if let Some(m) = &self.metrics {
@@ -1651,6 +1657,25 @@ impl ConnectionLimit {
             _permit: permit,
             metrics: self.metrics.clone(),
         })
+    }
+
+    fn refused(&mut self) {
+        if let Some(m) = &self.metrics {
+            m.connections_refused.inc();
+        }
+        self.refused_since_warning += 1;
+        if self
+            .warned
+            .is_none_or(|at| at.elapsed() >= Duration::from_secs(10))
+        {
+            tracing::warn!(
+                max_connections = self.max,
+                closed = self.refused_since_warning,
+                "At the connection limit: new connections are closed as they come (VIGIL_PROXY_MAX_CONNECTIONS)"
+            );
+            self.warned = Some(Instant::now());
+            self.refused_since_warning = 0;
+        }
     }
 }
 
@@ -1668,38 +1693,17 @@ impl Drop for Admitted {
     }
 }
 
-/// Counts and reports the connections closed at the limit.
-struct Refusals {
-    since_warning: u64,
-    warned: Option<Instant>,
-}
-
-impl Refusals {
-    fn refused(&mut self, limit: &ConnectionLimit) {
-        if let Some(m) = &limit.metrics {
-            m.connections_refused.inc();
-        }
-        self.since_warning += 1;
-        if self
-            .warned
-            .is_none_or(|at| at.elapsed() >= Duration::from_secs(10))
-        {
-            tracing::warn!(
-                max_connections = limit.max,
-                closed = self.since_warning,
-                "At the connection limit: new connections are closed as they come (VIGIL_PROXY_MAX_CONNECTIONS)"
-            );
-            self.warned = Some(Instant::now());
-            self.since_warning = 0;
-        }
-    }
-}
-
+/// The accept loop both listeners share: each connection (after its TLS handshake,
+/// when `tls` is given) is served by the service `service_for(peer, client)` makes,
+/// `client` being the certificate the client presented and the handshake verified,
+/// read once here for every request on the connection; with upgrades, until
+/// `shutdown`; then in-flight requests get up to 30 s. `header_read_timeout` is as
+/// in [`serve`].
 async fn serve_with<S>(
     listener: tokio::net::TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
     header_read_timeout: Duration,
-    limit: ConnectionLimit,
+    mut limit: ConnectionLimit,
     shutdown: impl std::future::Future<Output = ()>,
     service_for: impl Fn(SocketAddr, Option<Arc<ClientCert>>) -> S + Send + Sync + 'static,
 ) where
@@ -1716,10 +1720,6 @@ async fn serve_with<S>(
     // channel closes once the last of them has ended.
     let (stop, stopping) = tokio::sync::watch::channel(());
     let service_for = Arc::new(service_for);
-    let mut refusals = Refusals {
-        since_warning: 0,
-        warned: None,
-    };
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -1734,7 +1734,6 @@ async fn serve_with<S>(
             () = &mut shutdown => break,
         };
         let Some(admitted) = limit.admit() else {
-            refusals.refused(&limit);
             drop(stream);
             continue;
         };

@@ -34,7 +34,6 @@
 #[path = "../../../tests/support.rs"]
 mod support;
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -62,10 +61,6 @@ fn env_or(name: &str, default: usize) -> usize {
                 .unwrap_or_else(|_| panic!("{name} must be a number"))
         })
         .unwrap_or(default)
-}
-
-fn e2e_dir() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/e2e"))
 }
 
 fn number(text: &str) -> u64 {
@@ -240,7 +235,9 @@ async fn run() {
     let sessions = env_or("VIGIL_BENCH_SESSIONS", 2_000);
     let in_flight = env_or("VIGIL_BENCH_CONCURRENCY", 8);
     assert!(
-        e2e_dir().join("node_modules/oidc-provider").is_dir(),
+        support::e2e_dir()
+            .join("node_modules/oidc-provider")
+            .is_dir(),
         "npm package `oidc-provider` is missing in tests/e2e: run `make deps`"
     );
     let pg = tokio::task::spawn_blocking(TestPostgres::start)
@@ -253,15 +250,13 @@ async fn run() {
 
     let idp_port = free_port();
     let issuer = format!("http://127.0.0.1:{idp_port}");
-    let mut idp_cmd = Command::new("node");
-    idp_cmd
-        .arg(e2e_dir().join("idp.mjs"))
-        .env("PORT", idp_port.to_string())
-        .env("ISSUER", &issuer)
-        .env("REDIRECT_URI", "https://auth.vigil.bench/.vigil/callback")
-        .env("CLIENT_ID", "vigil")
-        .env("CLIENT_SECRET", CLIENT_SECRET)
-        .env("UNBOUNDED", "1");
+    let mut idp_cmd = support::idp_command(
+        idp_port,
+        &issuer,
+        "https://auth.vigil.bench/.vigil/callback",
+        CLIENT_SECRET,
+    );
+    idp_cmd.env("UNBOUNDED", "1");
     let idp = Helper::start("idp", idp_cmd, idp_port);
     post_json(
         &admin,

@@ -857,36 +857,36 @@ async fn proxy(
     Ok(())
 }
 
-/// The open-file limit in force: the soft limit, first raised to the hard one (as Go
-/// does for every program, and nginx with `worker_rlimit_nofile`). Every connection
-/// holds a file descriptor, and Debian's default soft limit of 1,024 would cap the
-/// proxy far below what it can serve. `None`: unlimited or unknown.
-fn raise_open_files_limit() -> Option<u64> {
-    use rustix::process::{getrlimit, setrlimit, Resource};
-    let mut limit = getrlimit(Resource::Nofile);
-    if limit.current != limit.maximum {
-        let raised = rustix::process::Rlimit {
-            current: limit.maximum,
-            maximum: limit.maximum,
-        };
-        match setrlimit(Resource::Nofile, raised) {
-            Ok(()) => {
-                tracing::debug!(from = ?limit.current, to = ?raised.current, "Open-file limit raised");
-                limit = raised;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, soft = ?limit.current, "Could not raise the open-file limit")
-            }
+/// Raises the soft limit on open files to the hard one (as Go does for every
+/// program, and nginx with `worker_rlimit_nofile`). Every connection holds a file
+/// descriptor, and Debian's default soft limit of 1,024 would cap the proxy far
+/// below what it can serve.
+fn raise_open_files_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current == limit.maximum {
+        return;
+    }
+    let raised = Rlimit {
+        current: limit.maximum,
+        maximum: limit.maximum,
+    };
+    match setrlimit(Resource::Nofile, raised) {
+        Ok(()) => {
+            tracing::debug!(from = ?limit.current, to = ?raised.current, "Open-file limit raised")
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, soft = ?limit.current, "Could not raise the open-file limit")
         }
     }
-    limit.current
 }
 
 /// Client connections served at once: `configured`, else half the open-file limit
 /// (the other half for upstream connections, the snapshot stream and files), else
 /// (no limit known) 65,536. Warns when the limit leaves little room.
 fn connection_limit(configured: Option<u64>) -> usize {
-    let files = raise_open_files_limit();
+    // Raised already, in `main`.
+    let files = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
     let max = configured.unwrap_or_else(|| files.map_or(65_536, |f| (f / 2).max(1)));
     if let Some(f) = files.filter(|f| max.saturating_mul(2) > *f) {
         tracing::warn!(
