@@ -509,22 +509,53 @@ async fn sign_in_and_sessions_withstand_an_outside_attacker() {
     secrets.push(state.clone());
     secrets.push(mallory.cookie(&f.auth, LOGIN).unwrap());
     let cb = format!("{}/.vigil/callback", f.auth);
-    for (query, status) in [
-        (String::new(), 400),
-        ("code=x".to_owned(), 400),
-        (format!("code=x&state={}", "0".repeat(43)), 400),
-        (format!("code=x&state={state}x"), 400),
-        // Another provider's answer (RFC 9207 `iss`).
+    // The provider says it names itself in every answer (RFC 9207), so an answer
+    // without `iss` is not its own.
+    let discovery: serde_json::Value =
+        reqwest::get(format!("{}/.well-known/openid-configuration", f.issuer))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+    assert_eq!(
+        discovery["authorization_response_iss_parameter_supported"],
+        true
+    );
+    // The issuer is `http://127.0.0.1:<port>`: only `:` and `/` need escaping.
+    let iss = f.issuer.replace(':', "%3A").replace('/', "%2F");
+    for (query, status, says) in [
+        (String::new(), 400, "`state`"),
+        ("code=x".to_owned(), 400, "`state`"),
+        (format!("code=x&state={}", "0".repeat(43)), 400, "`state`"),
+        (format!("code=x&state={state}x"), 400, "`state`"),
+        // Another provider's answer, and one naming no provider (RFC 9207 `iss`).
         (
             format!("code=x&state={state}&iss=http%3A%2F%2Fevil.example"),
             400,
+            "another identity provider",
+        ),
+        (format!("code=x&state={state}"), 400, "does not name"),
+        (
+            format!("error=access_denied&state={state}"),
+            400,
+            "does not name",
         ),
         // The provider's refusal, and a code alongside it: refused either way.
-        (format!("error=access_denied&state={state}"), 401),
-        (format!("error=access_denied&code=x&state={state}"), 401),
+        (
+            format!("error=access_denied&state={state}&iss={iss}"),
+            401,
+            "access_denied",
+        ),
+        (
+            format!("error=access_denied&code=x&state={state}&iss={iss}"),
+            401,
+            "access_denied",
+        ),
     ] {
         let a = mallory.get(&format!("{cb}?{query}")).await;
         assert_eq!(a.status, status, "callback?{query}: {a:?}");
+        assert!(a.body.contains(says), "callback?{query}: {}", a.body);
     }
     // A line forged into the log, and markup into the page, through the
     // provider's error text.
@@ -535,6 +566,7 @@ async fn sign_in_and_sessions_withstand_an_outside_attacker() {
             ("error", "access_denied"),
             ("error_description", forged),
             ("state", state.as_str()),
+            ("iss", f.issuer.as_str()),
         ],
     )
     .unwrap();

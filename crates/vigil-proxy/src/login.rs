@@ -28,13 +28,19 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Response, StatusCode};
-use openidconnect::core::{CoreAuthPrompt, CoreAuthenticationFlow, CoreClient};
+use openidconnect::core::{
+    CoreAuthDisplay, CoreAuthPrompt, CoreAuthenticationFlow, CoreClaimName, CoreClaimType,
+    CoreClient, CoreClientAuthMethod, CoreGrantType, CoreJsonWebKey,
+    CoreJweContentEncryptionAlgorithm, CoreJweKeyManagementAlgorithm, CoreResponseMode,
+    CoreResponseType, CoreSubjectIdentifierType,
+};
 use openidconnect::url::{form_urlencoded, Url};
 use openidconnect::{
-    AuthorizationCode, ClientId, ClientSecret, CsrfToken, EndSessionUrl, EndpointMaybeSet,
-    EndpointNotSet, EndpointSet, IssuerUrl, LogoutRequest, Nonce, OAuth2TokenResponse as _,
-    PkceCodeChallenge, PkceCodeVerifier, PostLogoutRedirectUrl, ProviderMetadataWithLogout,
-    RedirectUrl, Scope, TokenResponse as _,
+    AdditionalProviderMetadata, AuthorizationCode, ClientId, ClientSecret, CsrfToken,
+    EndSessionUrl, EndpointMaybeSet, EndpointNotSet, EndpointSet, IssuerUrl,
+    LogoutProviderMetadata, LogoutRequest, Nonce, OAuth2TokenResponse as _, PkceCodeChallenge,
+    PkceCodeVerifier, PostLogoutRedirectUrl, ProviderMetadata, RedirectUrl, Scope,
+    TokenResponse as _,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -97,6 +103,32 @@ pub struct LoginConfig {
     pub session_lifetime: Duration,
 }
 
+/// What discovery says beyond OpenID Connect Discovery itself: whether the
+/// provider names itself in every authorization answer (RFC 9207).
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+struct IssMetadata {
+    #[serde(default)]
+    authorization_response_iss_parameter_supported: bool,
+}
+
+impl AdditionalProviderMetadata for IssMetadata {}
+
+/// A discovery document, with RP-Initiated Logout's and RFC 9207's fields.
+type Metadata = ProviderMetadata<
+    LogoutProviderMetadata<IssMetadata>,
+    CoreAuthDisplay,
+    CoreClientAuthMethod,
+    CoreClaimName,
+    CoreClaimType,
+    CoreGrantType,
+    CoreJweContentEncryptionAlgorithm,
+    CoreJweKeyManagementAlgorithm,
+    CoreJsonWebKey,
+    CoreResponseMode,
+    CoreResponseType,
+    CoreSubjectIdentifierType,
+>;
+
 /// An identity provider as discovered, with what the snapshot says of it.
 struct Provider {
     /// What it was built from: rebuilt when the snapshot's entry changes.
@@ -105,6 +137,9 @@ struct Provider {
     /// Where to end the user's session at the provider too (OpenID Connect
     /// RP-Initiated Logout), when its discovery document names one.
     end_session: Option<EndSessionUrl>,
+    /// The provider says it names itself (`iss`) in every authorization answer
+    /// (RFC 9207): an answer without it is refused.
+    sends_iss: bool,
     groups_claim: String,
     name_claim: String,
     fetched: Instant,
@@ -469,10 +504,14 @@ impl Login {
         }
         let issuer = IssuerUrl::new(source.issuer_url.clone())
             .map_err(|e| format!("identity provider `{name}`: bad issuer URL: {e}"))?;
-        let metadata = ProviderMetadataWithLogout::discover_async(issuer, &self.http)
+        let metadata = Metadata::discover_async(issuer, &self.http)
             .await
             .map_err(|e| format!("identity provider `{name}`: discovery failed: {e}"))?;
         let end_session = metadata.additional_metadata().end_session_endpoint.clone();
+        let sends_iss = metadata
+            .additional_metadata()
+            .additional_metadata
+            .authorization_response_iss_parameter_supported;
         let secret = (!source.client_secret.is_empty())
             .then(|| ClientSecret::new(source.client_secret.clone()));
         let redirect = RedirectUrl::new(format!("{}/.vigil/callback", self.base))
@@ -487,6 +526,7 @@ impl Login {
             source: source.clone(),
             client,
             end_session,
+            sends_iss,
             groups_claim: crate::jwt::mapped_claim(&source.claim_mapping_json, "groups"),
             name_claim: crate::jwt::mapped_claim(&source.claim_mapping_json, "name"),
             fetched: Instant::now(),
@@ -595,8 +635,10 @@ impl Login {
             ));
         }
         // RFC 9207: an answer that names its issuer must name this sign-in's
-        // provider, so that one provider's answer is never taken for another's.
-        if let Some(iss) = q.get("iss") {
+        // provider, so that one provider's answer is never taken for another's;
+        // and a provider that says it always names itself must have done so.
+        let iss = q.get("iss");
+        if let Some(iss) = iss {
             let expected =
                 Self::configured(index, &pending.idp).map(|p| p.issuer_url.trim_end_matches('/'));
             if expected != Some(iss.trim_end_matches('/')) {
@@ -605,6 +647,16 @@ impl Login {
                     "the sign-in answer comes from another identity provider (`iss`)".into(),
                 ));
             }
+        }
+        let provider = self
+            .provider(index, &pending.idp)
+            .await
+            .map_err(|e| (StatusCode::BAD_GATEWAY, e))?;
+        if iss.is_none() && provider.sends_iss {
+            return Err((
+                StatusCode::BAD_REQUEST,
+                "the sign-in answer does not name its identity provider (`iss`), which this provider always does".into(),
+            ));
         }
         if let Some(error) = q.get("error") {
             let detail = q.get("error_description").map_or("", String::as_str);
@@ -621,10 +673,6 @@ impl Login {
         let target = self
             .check_return(index, &pending.rd)
             .map_err(|e| (StatusCode::BAD_REQUEST, e))?;
-        let provider = self
-            .provider(index, &pending.idp)
-            .await
-            .map_err(|e| (StatusCode::BAD_GATEWAY, e))?;
         let tokens = provider
             .client
             .exchange_code(AuthorizationCode::new(code.clone()))
