@@ -276,6 +276,12 @@ async fn websockets_are_decided_tunnelled_and_closed_on_revocation() {
         assert_eq!(next_text(&mut ws).await, text);
     }
     assert_eq!(proxy.metric("vigil_proxy_tunnels_open").await, Some(1.0));
+    // The tunnel is the client's connection still: it holds its place under the
+    // connection limit (the HTTP exchange that opened it has ended).
+    assert_eq!(
+        proxy.metric("vigil_proxy_connections_open").await,
+        Some(1.0)
+    );
 
     // No credential: 401, like any request; no upgrade on a route that turns
     // them off: 403 naming the setting.
@@ -319,8 +325,18 @@ async fn websockets_are_decided_tunnelled_and_closed_on_revocation() {
         "WebSocket closed {} ms after the revocation's 2xx",
         took.as_millis()
     );
-    // The proxy unregisters the tunnel before it ends the connection.
+    // The proxy unregisters the tunnel before it ends the connection, and its
+    // place under the connection limit is given back (the refused upgrades'
+    // connections close too).
     assert_eq!(proxy.metric("vigil_proxy_tunnels_open").await, Some(0.0));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while proxy.metric("vigil_proxy_connections_open").await != Some(0.0) {
+        assert!(
+            Instant::now() < deadline,
+            "the closed tunnel still holds a connection's place"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // The decision log is written by a thread of its own: the line follows.
     let closed = proxy
         .log_line("a close in the decision log", |l| {

@@ -12,7 +12,7 @@
 //! | `vigil_proxy_tunnels_closed_total` | counter | `by` (peer: either side ended it; verification: no longer allowed) |
 //! | `vigil_proxy_streams_watched` | gauge | long streaming responses being re-verified |
 //! | `vigil_proxy_streams_closed_total` | counter | `by` (peer: the body ended or the client left; verification: no longer allowed) |
-//! | `vigil_proxy_connections_open` | gauge | client connections being served (HTTP and TLS handshakes) |
+//! | `vigil_proxy_connections_open` | gauge | client connections being served (HTTP, TLS handshakes and WebSocket tunnels) |
 //! | `vigil_proxy_connections_refused_total` | counter | connections closed at once at the connection limit |
 //!
 //! Route labels only ever name routes of the snapshot (and `-` for none), so the

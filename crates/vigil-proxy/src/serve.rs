@@ -107,6 +107,8 @@ struct Ask<'a> {
     client: Option<&'a ClientCert>,
     /// The device the request comes from, once authentication knows it.
     device: Option<&'a str>,
+    /// The connection's place under the connection limit.
+    place: &'a Place,
 }
 
 impl Ask<'_> {
@@ -327,16 +329,19 @@ impl Proxy {
     }
 
     /// Handles one request from `peer`, whose connection presented the verified
-    /// client certificate `client` (if any); never fails (errors become responses).
+    /// client certificate `client` (if any) and holds `place` under the connection
+    /// limit (a WebSocket tunnel made from it holds the place on); never fails
+    /// (errors become responses).
     pub async fn handle(
         &self,
         req: Request<Incoming>,
         peer: SocketAddr,
         client: Option<&ClientCert>,
+        place: &Place,
     ) -> Response<ProxyBody> {
         let started = Instant::now();
         let id = request_id();
-        let (res, log) = self.decide_and_forward(req, peer, client, &id).await;
+        let (res, log) = self.decide_and_forward(req, peer, client, place, &id).await;
         let elapsed = started.elapsed();
         let elapsed_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
         if let Some(m) = &self.config.metrics {
@@ -368,6 +373,7 @@ impl Proxy {
         req: Request<Incoming>,
         peer: SocketAddr,
         client: Option<&ClientCert>,
+        place: &Place,
         id: &str,
     ) -> (Response<ProxyBody>, DecisionLog) {
         let mut log = DecisionLog::default();
@@ -489,6 +495,7 @@ impl Proxy {
             now: now_s(),
             client,
             device: None,
+            place,
         };
         edge::strip_inbound(
             &mut parts.headers,
@@ -960,13 +967,20 @@ impl Proxy {
         let registration = self
             .tunnels
             .open(info.clone(), recheck, &self.index, index.version());
-        tokio::spawn(tunnel(
+        let tunnelled = tunnel(
             from_client,
             from_upstream,
             registration,
             info,
             self.config.metrics.clone(),
-        ));
+        );
+        // The tunnel is the client's connection still: it keeps its place under
+        // the connection limit until it closes.
+        let place = ask.place.clone();
+        tokio::spawn(async move {
+            tunnelled.await;
+            drop(place);
+        });
         let empty = Empty::<Bytes>::new()
             .map_err(|never: Infallible| match never {})
             .boxed();
@@ -1522,11 +1536,13 @@ pub async fn serve(
         header_read_timeout,
         limit,
         shutdown,
-        move |peer, client| {
+        move |peer, client, place: Place| {
             let proxy = proxy.clone();
             hyper::service::service_fn(move |req: Request<Incoming>| {
-                let (proxy, client) = (proxy.clone(), client.clone());
-                async move { Ok::<_, Infallible>(proxy.handle(req, peer, client.as_deref()).await) }
+                let (proxy, client, place) = (proxy.clone(), client.clone(), place.clone());
+                async move {
+                    Ok::<_, Infallible>(proxy.handle(req, peer, client.as_deref(), &place).await)
+                }
             })
         },
     )
@@ -1549,7 +1565,7 @@ pub async fn serve_redirect(
         header_read_timeout,
         ConnectionLimit::new(max_connections, None),
         shutdown,
-        move |_, _| {
+        move |_, _, _| {
             hyper::service::service_fn(move |req: Request<Incoming>| async move {
                 Ok::<_, Infallible>(redirect_to_https(&req, https_port))
             })
@@ -1679,6 +1695,20 @@ impl ConnectionLimit {
     }
 }
 
+/// A connection's place under the connection limit, shared by what serves the
+/// connection: given back when the last holder (the connection's task, or a
+/// WebSocket tunnel made from it) is dropped.
+#[derive(Clone)]
+pub struct Place {
+    _held: Arc<Admitted>,
+}
+
+impl std::fmt::Debug for Place {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Place")
+    }
+}
+
 /// One admitted connection's place, given back when it is dropped.
 struct Admitted {
     _permit: Option<tokio::sync::OwnedSemaphorePermit>,
@@ -1694,9 +1724,10 @@ impl Drop for Admitted {
 }
 
 /// The accept loop both listeners share: each connection (after its TLS handshake,
-/// when `tls` is given) is served by the service `service_for(peer, client)` makes,
-/// `client` being the certificate the client presented and the handshake verified,
-/// read once here for every request on the connection; with upgrades, until
+/// when `tls` is given) is served by the service `service_for(peer, client, place)`
+/// makes, `client` being the certificate the client presented and the handshake
+/// verified, read once here for every request on the connection, and `place` the
+/// connection's place under `limit`; with upgrades, until
 /// `shutdown`; then in-flight requests get up to 30 s. `header_read_timeout` is as
 /// in [`serve`].
 async fn serve_with<S>(
@@ -1705,7 +1736,7 @@ async fn serve_with<S>(
     header_read_timeout: Duration,
     mut limit: ConnectionLimit,
     shutdown: impl std::future::Future<Output = ()>,
-    service_for: impl Fn(SocketAddr, Option<Arc<ClientCert>>) -> S + Send + Sync + 'static,
+    service_for: impl Fn(SocketAddr, Option<Arc<ClientCert>>, Place) -> S + Send + Sync + 'static,
 ) where
     S: hyper::service::Service<
             Request<Incoming>,
@@ -1742,8 +1773,11 @@ async fn serve_with<S>(
         let stopping = stopping.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
-            // The connection's place is held until this task ends.
-            let _admitted = admitted;
+            // The connection's place is held until this task ends (and by a
+            // tunnel made from it, until that closes).
+            let place = Place {
+                _held: Arc::new(admitted),
+            };
             let result = match tls {
                 None => {
                     // The client's first bytes say which HTTP it speaks; a client
@@ -1752,7 +1786,7 @@ async fn serve_with<S>(
                         tracing::debug!(%peer, "No request in time; connection closed");
                         return;
                     };
-                    let service = service_for(peer, None);
+                    let service = service_for(peer, None, place.clone());
                     serve_connection(stream, service, http, header_read_timeout, stopping).await
                 }
                 Some(acceptor) => {
@@ -1773,7 +1807,7 @@ async fn serve_with<S>(
                                 Some(b"h2") => Http::Two,
                                 _ => Http::One,
                             };
-                            let service = service_for(peer, client);
+                            let service = service_for(peer, client, place.clone());
                             serve_connection(stream, service, http, header_read_timeout, stopping)
                                 .await
                         }
@@ -2160,8 +2194,8 @@ mod tests {
 
     fn slow_service(
         pause: Duration,
-    ) -> impl Fn(SocketAddr, Option<Arc<ClientCert>>) -> Slow + Send + Sync + 'static {
-        move |_, _| Slow { pause }
+    ) -> impl Fn(SocketAddr, Option<Arc<ClientCert>>, Place) -> Slow + Send + Sync + 'static {
+        move |_, _, _| Slow { pause }
     }
 
     async fn h2_client(
