@@ -67,6 +67,9 @@ const LOGIN_TTL: i64 = 600;
 const HANDOFF_TTL: i64 = 60;
 /// Provider metadata and keys are fetched again after this long.
 const DISCOVERY_TTL: Duration = Duration::from_secs(3600);
+/// After a failed discovery, sign-ins with that provider fail at once for this
+/// long (rather than each waiting out the HTTP timeout in turn).
+const DISCOVERY_RETRY: Duration = Duration::from_secs(5);
 /// Claim groups kept in a session (the cookie must stay under 4 KiB).
 const MAX_GROUPS_BYTES: usize = 1500;
 /// The longest return URL: the sign-in in progress, sealed in a cookie, must
@@ -145,6 +148,14 @@ struct Provider {
     fetched: Instant,
 }
 
+/// What is known of one provider: its discovery, and its last failure.
+#[derive(Default)]
+struct ProviderSlot {
+    provider: Option<Arc<Provider>>,
+    /// The last discovery that failed: when, for which configuration, and why.
+    failed: Option<(Instant, vigil_proto::v1::IdentityProvider, String)>,
+}
+
 /// The sign-in endpoints, and what they remember.
 pub struct Login {
     /// `scheme://authority` of the authenticate host, no trailing slash.
@@ -158,7 +169,9 @@ pub struct Login {
     keys: Arc<CookieKeys>,
     reports: mpsc::Sender<SessionReport>,
     http: openidconnect::reqwest::Client,
-    providers: tokio::sync::Mutex<HashMap<String, Arc<Provider>>>,
+    /// One slot per configured provider, each with its own lock: discovering one
+    /// provider never makes sign-ins with another wait.
+    providers: parking_lot::Mutex<HashMap<String, Arc<tokio::sync::Mutex<ProviderSlot>>>>,
     /// Handoff codes redeemed here (id → expiry), so each works once.
     redeemed: parking_lot::Mutex<HashMap<String, i64>>,
     /// Sessions signed out here (id → expiry), denied before the revocation
@@ -322,7 +335,7 @@ impl Login {
             keys,
             reports,
             http,
-            providers: tokio::sync::Mutex::new(HashMap::new()),
+            providers: parking_lot::Mutex::new(HashMap::new()),
             redeemed: parking_lot::Mutex::new(HashMap::new()),
             signed_out: parking_lot::Mutex::new(HashMap::new()),
             reported_use: parking_lot::Mutex::new(HashMap::new()),
@@ -491,17 +504,57 @@ impl Login {
         }
     }
 
-    /// The discovered provider `name`, fetched again when stale or changed.
+    /// The discovered provider `name`, fetched again when stale or changed. A
+    /// provider whose discovery failed is not asked again for [`DISCOVERY_RETRY`];
+    /// one that is only stale and cannot be reached stays in use meanwhile.
     async fn provider(&self, index: &Index, name: &str) -> Result<Arc<Provider>, String> {
         let Some(source) = Self::configured(index, name) else {
             return Err(format!("identity provider `{name}` is not configured"));
         };
-        let mut cache = self.providers.lock().await;
-        if let Some(p) = cache.get(name) {
-            if p.source == *source && p.fetched.elapsed() < DISCOVERY_TTL {
-                return Ok(p.clone());
+        let slot = self
+            .providers
+            .lock()
+            .entry(name.to_owned())
+            .or_default()
+            .clone();
+        let mut slot = slot.lock().await;
+        let cached = slot.provider.clone().filter(|p| p.source == *source);
+        if let Some(p) = cached
+            .as_ref()
+            .filter(|p| p.fetched.elapsed() < DISCOVERY_TTL)
+        {
+            return Ok(p.clone());
+        }
+        if let Some((at, failed_for, why)) = &slot.failed {
+            if failed_for == source && at.elapsed() < DISCOVERY_RETRY {
+                return cached.ok_or_else(|| why.clone());
             }
         }
+        match self.discover(name, source).await {
+            Ok(p) => {
+                slot.provider = Some(p.clone());
+                slot.failed = None;
+                Ok(p)
+            }
+            Err(why) => {
+                slot.failed = Some((Instant::now(), source.clone(), why.clone()));
+                match cached {
+                    Some(stale) => {
+                        tracing::warn!(provider = %name, error = %why, "Identity provider discovery failed; its earlier discovery stays in use");
+                        Ok(stale)
+                    }
+                    None => Err(why),
+                }
+            }
+        }
+    }
+
+    /// Fetches provider `name`'s discovery document and keys.
+    async fn discover(
+        &self,
+        name: &str,
+        source: &vigil_proto::v1::IdentityProvider,
+    ) -> Result<Arc<Provider>, String> {
         let issuer = IssuerUrl::new(source.issuer_url.clone())
             .map_err(|e| format!("identity provider `{name}`: bad issuer URL: {e}"))?;
         let metadata = Metadata::discover_async(issuer, &self.http)
@@ -531,7 +584,6 @@ impl Login {
             name_claim: crate::jwt::mapped_claim(&source.claim_mapping_json, "name"),
             fetched: Instant::now(),
         });
-        cache.insert(name.to_owned(), provider.clone());
         tracing::info!(provider = %name, "Identity provider discovered");
         Ok(provider)
     }
@@ -714,7 +766,10 @@ impl Login {
                     e,
                     openidconnect::ClaimsVerificationError::SignatureVerification(_)
                 ) {
-                    self.providers.lock().await.remove(&pending.idp);
+                    let slot = self.providers.lock().get(&pending.idp).cloned();
+                    if let Some(slot) = slot {
+                        slot.lock().await.provider = None;
+                    }
                 }
                 return Err(unauthorized(format!("the ID token is not valid: {e}")));
             }
@@ -1396,6 +1451,107 @@ mod tests {
                 ("ses_old".into(), "usr_0".into(), true)
             ]
         );
+    }
+
+    /// An index naming identity providers by issuer (in order of name).
+    fn providers(issuers: &[(&str, &str)]) -> Index {
+        use vigil_proto::v1::{Entry, IdentityProvider};
+        Index::default()
+            .apply(vigil_snapshot::Update {
+                version: 1,
+                base_version: 0,
+                full: true,
+                upserts: issuers
+                    .iter()
+                    .map(|(name, issuer)| Entry {
+                        id: (*name).into(),
+                        body: Some(Body::IdentityProvider(IdentityProvider {
+                            issuer_url: (*issuer).into(),
+                            client_id: "vigil".into(),
+                            ..IdentityProvider::default()
+                        })),
+                    })
+                    .collect(),
+                removals: vec![],
+            })
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// A listener on a free local port, its URL, and how many connections it took;
+    /// `answer` says what each connection gets: `None` closes it at once, and a
+    /// connection whose answer is `Some("")` is held open and never answered.
+    async fn local_provider(
+        answer: fn(&str, &str) -> Option<String>,
+    ) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        let taken = Arc::new(AtomicUsize::new(0));
+        let (issuer, count) = (url.clone(), taken.clone());
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((mut s, _)) = l.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let mut buf = vec![0u8; 4096];
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                let head = String::from_utf8_lossy(&buf[..n]).into_owned();
+                match answer(&head, &issuer) {
+                    None => drop(s),
+                    Some(body) if body.is_empty() => held.push(s),
+                    Some(body) => {
+                        let res = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                            body.len()
+                        );
+                        let _ = s.write_all(res.as_bytes()).await;
+                    }
+                }
+            }
+        });
+        (url, taken)
+    }
+
+    #[tokio::test]
+    async fn one_providers_discovery_never_holds_up_another() {
+        use std::sync::atomic::Ordering;
+        let (up, _) = local_provider(|head, issuer| {
+            Some(if head.starts_with("GET /jwks") {
+                r#"{"keys":[]}"#.to_owned()
+            } else {
+                format!(
+                    r#"{{"issuer":"{issuer}","authorization_endpoint":"{issuer}/auth","token_endpoint":"{issuer}/token","jwks_uri":"{issuer}/jwks","response_types_supported":["code"],"subject_types_supported":["public"],"id_token_signing_alg_values_supported":["RS256"]}}"#
+                )
+            })
+        })
+        .await;
+        let (hung, _) = local_provider(|_, _| Some(String::new())).await;
+        let (down, asked) = local_provider(|_, _| None).await;
+        let index = Arc::new(providers(&[("down", &down), ("hung", &hung), ("up", &up)]));
+        let (login, _rx) = login_with(&[]);
+        let login = Arc::new(login);
+        // A sign-in with the provider that never answers is under way...
+        let waiting = tokio::spawn({
+            let (login, index) = (login.clone(), index.clone());
+            async move { login.provider(&index, "hung").await.map(|_| ()) }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!waiting.is_finished());
+        // ...and one with another provider goes on meanwhile.
+        let p = tokio::time::timeout(Duration::from_secs(5), login.provider(&index, "up"))
+            .await
+            .expect("held up by another provider's discovery");
+        assert!(p.is_ok(), "{:?}", p.err());
+        // A provider that cannot be reached is asked once, then its failure is
+        // answered at once for a while, rather than every sign-in trying again.
+        let first = login.provider(&index, "down").await.err().unwrap();
+        assert!(first.contains("discovery failed"), "{first}");
+        let again = tokio::time::timeout(Duration::from_secs(1), login.provider(&index, "down"))
+            .await
+            .unwrap();
+        assert_eq!(again.err(), Some(first));
+        assert_eq!(asked.load(Ordering::SeqCst), 1);
+        waiting.abort();
     }
 
     #[test]
