@@ -21,6 +21,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -70,6 +71,8 @@ const DISCOVERY_TTL: Duration = Duration::from_secs(3600);
 /// After a failed discovery, sign-ins with that provider fail at once for this
 /// long (rather than each waiting out the HTTP timeout in turn).
 const DISCOVERY_RETRY: Duration = Duration::from_secs(5);
+/// New-session and sign-out reports that may wait for room in a full report queue.
+const REPORTS_WAITING: usize = 100_000;
 /// Claim groups kept in a session (the cookie must stay under 4 KiB).
 const MAX_GROUPS_BYTES: usize = 1500;
 /// The longest return URL: the sign-in in progress, sealed in a cookie, must
@@ -168,6 +171,8 @@ pub struct Login {
     lifetime_s: i64,
     keys: Arc<CookieKeys>,
     reports: mpsc::Sender<SessionReport>,
+    /// New-session and sign-out reports waiting for room in `reports`.
+    reports_waiting: Arc<AtomicUsize>,
     http: openidconnect::reqwest::Client,
     /// One slot per configured provider, each with its own lock: discovering one
     /// provider never makes sign-ins with another wait.
@@ -334,6 +339,7 @@ impl Login {
             lifetime_s: i64::try_from(config.session_lifetime.as_secs()).unwrap_or(i64::MAX),
             keys,
             reports,
+            reports_waiting: Arc::new(AtomicUsize::new(0)),
             http,
             providers: parking_lot::Mutex::new(HashMap::new()),
             redeemed: parking_lot::Mutex::new(HashMap::new()),
@@ -837,7 +843,7 @@ impl Login {
             iat: a.now,
             earlier,
         };
-        self.report(SessionReport {
+        self.report_surely(SessionReport {
             session_id: session.sid.clone(),
             user_id: session.uid.clone(),
             device_id: None,
@@ -992,7 +998,7 @@ impl Login {
             }
             for report in ended {
                 tracing::info!(request_id = %a.id, session = %report.session_id, user = %report.user_id, "Signed out");
-                self.report(report);
+                self.report_surely(report);
             }
         }
         let clear = cookie::clear_cookie();
@@ -1029,9 +1035,48 @@ impl Login {
         ))
     }
 
+    /// Queues a session's activity for the control plane; dropped when the queue
+    /// is full (the control plane away a while): activity is reported again.
     fn report(&self, report: SessionReport) {
         if let Err(e) = self.reports.try_send(report) {
-            tracing::warn!(error = %e, "Cannot queue a session report for the control plane");
+            tracing::debug!(error = %e, "Session activity not queued for the control plane");
+        }
+    }
+
+    /// Queues a new session or a sign-out for the control plane. When the queue
+    /// is full, the report waits for room (up to [`REPORTS_WAITING`] of them)
+    /// rather than being dropped: a sign-out the control plane never hears of
+    /// would leave the session usable at the fleet's other proxies.
+    fn report_surely(&self, report: SessionReport) {
+        let report = match self.reports.try_send(report) {
+            Ok(()) => return,
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                tracing::warn!("Session report not queued: the subscriber has stopped");
+                return;
+            }
+            Err(mpsc::error::TrySendError::Full(r)) => r,
+        };
+        let waiting = self.reports_waiting.clone();
+        let runtime = tokio::runtime::Handle::try_current();
+        let admitted = waiting
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < REPORTS_WAITING).then_some(n + 1)
+            })
+            .is_ok();
+        match runtime {
+            Ok(rt) if admitted => {
+                let reports = self.reports.clone();
+                rt.spawn(async move {
+                    let _ = reports.send(report).await;
+                    waiting.fetch_sub(1, Ordering::AcqRel);
+                });
+            }
+            _ => {
+                if admitted {
+                    waiting.fetch_sub(1, Ordering::AcqRel);
+                }
+                tracing::warn!(session = %report.session_id, signed_out = report.signed_out, "Session report dropped: too many wait for the control plane");
+            }
         }
     }
 }
@@ -1552,6 +1597,35 @@ mod tests {
         assert_eq!(again.err(), Some(first));
         assert_eq!(asked.load(Ordering::SeqCst), 1);
         waiting.abort();
+    }
+
+    #[tokio::test]
+    async fn a_full_report_queue_drops_activity_but_never_a_sign_out() {
+        let (login, mut rx) = login_with(&[]);
+        let index = one_route();
+        let session = |sid: &str| cookie::SessionCookie {
+            sid: sid.into(),
+            uid: "usr_1".into(),
+            auth_time: 1_000,
+            exp: 9_000,
+            ..Default::default()
+        };
+        // The control plane is away: activity fills the queue (16 here), and more
+        // of it is dropped.
+        for i in 0..20 {
+            login.note_use(&session(&format!("ses_{i}")), 2_000);
+        }
+        let headers = with_session(&login, &session("ses_out"));
+        let res = login.serve(&index, &asked("app.example", &headers)).await;
+        assert_eq!(res.status(), StatusCode::FOUND);
+        // It comes back: the queue drains, and the sign-out follows the activity.
+        let mut got = Vec::new();
+        while let Ok(Some(r)) = tokio::time::timeout(Duration::from_secs(2), rx.recv()).await {
+            got.push((r.session_id, r.signed_out));
+        }
+        assert_eq!(got.len(), 17, "{got:?}");
+        assert_eq!(got.last(), Some(&("ses_out".to_owned(), true)));
+        assert!(got[..16].iter().all(|(_, out)| !out));
     }
 
     #[test]

@@ -69,7 +69,8 @@ pub struct Handle {
     /// Where the request path reports sessions (new ones, and activity at most once a
     /// minute each) for the control plane to list and revoke. Sent while the stream
     /// is up; while it is down up to [`REPORT_QUEUE`] wait, and `try_send` fails
-    /// beyond that (activity is reported again later).
+    /// beyond that (activity is reported again later; the sign-in path makes new
+    /// sessions and sign-outs wait for room instead).
     pub reports: mpsc::Sender<SessionReport>,
 }
 
@@ -138,6 +139,7 @@ fn spawn(config: Config, store: Option<persist::Store>, initial: Index, chain: u
     let (reports, queued) = mpsc::channel(REPORT_QUEUE);
     let state = State {
         reports: queued,
+        unsent: None,
         store,
         index: index.clone(),
         link: link_tx,
@@ -163,6 +165,8 @@ struct State {
     chain: usize,
     /// Session reports from the request path.
     reports: mpsc::Receiver<SessionReport>,
+    /// A report taken from `reports` that a stream closed before taking.
+    unsent: Option<SessionReport>,
 }
 
 /// A random fraction in [0.5, 1.5) for jitter, without a random-number crate.
@@ -279,9 +283,18 @@ async fn session(config: &Config, address: &str, state: &mut State) -> Result<()
     let result = loop {
         let received = tokio::select! {
             m = tokio::time::timeout_at(silent_at, inbound.message()) => m,
-            Some(report) = state.reports.recv() => {
+            Some(report) = async {
+                match state.unsent.take() {
+                    Some(r) => Some(r),
+                    None => state.reports.recv().await,
+                }
+            } => {
                 let msg = ProxyMessage { msg: Some(proxy_message::Msg::Session(report)) };
-                if tx.send(msg).await.is_err() {
+                if let Err(unsent) = tx.send(msg).await {
+                    // Sent first on the next stream.
+                    if let Some(proxy_message::Msg::Session(r)) = unsent.0.msg {
+                        state.unsent = Some(r);
+                    }
                     break Err("stream closed".to_owned());
                 }
                 continue;
