@@ -404,7 +404,7 @@ async fn the_admin_api_answers_hostile_input_with_located_4xx() {
         .await;
     a.expect("an 8000-character id", &got, &[404], None);
     for (if_match, status) in [
-        ("W/\"1\"", 400),
+        ("W/\"1\"", 412),
         ("\"99999999999999999999\"", 412),
         ("\"-1\"", 412),
     ] {

@@ -116,38 +116,106 @@ fn respond(
     res
 }
 
-/// `If-Match`: `None` when absent, `Some(None)` for `*`, `Some(Some(v))` for `"v"`.
-fn if_match(headers: &HeaderMap) -> Result<Option<Option<i64>>, Problem> {
-    let mut all = headers.get_all(header::IF_MATCH).iter();
-    let Some(v) = all.next() else { return Ok(None) };
-    if all.next().is_some() {
-        return Err(Problem::bad_request("send one If-Match header"));
-    }
-    let s = v
-        .to_str()
-        .map_err(|_| Problem::bad_request("malformed If-Match"))?
-        .trim();
-    if s == "*" {
-        return Ok(Some(None));
-    }
-    let inner = s
-        .strip_prefix('"')
-        .and_then(|x| x.strip_suffix('"'))
-        .ok_or_else(|| {
-            Problem::bad_request(format!(
-                "If-Match must be one strong ETag such as \"12\" or *, got {s}"
-            ))
-        })?;
-    inner.parse::<i64>().map(|n| Some(Some(n))).map_err(|_| {
-        Problem::new(
-            StatusCode::PRECONDITION_FAILED,
-            "precondition-failed",
-            format!("ETag {s} is not one this server issued"),
-        )
-    })
+/// What `If-Match` asks (RFC 9110 §13.1.1): `*`, or a list of entity tags
+/// (from every `If-Match` field, joined). Only this server's strong ETags can
+/// match: the list keeps those, as versions.
+enum IfMatch {
+    Any,
+    Versions(Vec<i64>),
 }
 
-fn require_if_match(headers: &HeaderMap) -> Result<Option<i64>, Problem> {
+impl IfMatch {
+    /// The version a write of `R` `id` must find (`None`: any). A list of several
+    /// is settled against the current version, read for it; one that matches
+    /// none is 412, like a stale ETag.
+    async fn expect<R: Resource>(self, c: &Control, id: &str) -> Result<Option<i64>, Problem> {
+        match self {
+            IfMatch::Any => Ok(None),
+            IfMatch::Versions(v) => match v.as_slice() {
+                [] => Err(Problem::new(
+                    StatusCode::PRECONDITION_FAILED,
+                    "precondition-failed",
+                    "no ETag in If-Match is one this server issued (they are strong, such as \"12\")",
+                )),
+                [one] => Ok(Some(*one)),
+                several => {
+                    let cur = current::<R>(c, id).await?;
+                    if several.contains(&cur.version) {
+                        Ok(Some(cur.version))
+                    } else {
+                        Err(StoreError::VersionMismatch {
+                            kind: R::KIND.into(),
+                            id: id.into(),
+                            current: cur.version,
+                        }
+                        .into())
+                    }
+                }
+            },
+        }
+    }
+}
+
+/// `If-Match`, or `None` when absent; a field that is neither `*` nor a list of
+/// entity tags is a 400.
+fn if_match(headers: &HeaderMap) -> Result<Option<IfMatch>, Problem> {
+    let malformed = |s: &str| {
+        Problem::bad_request(format!(
+            "If-Match must be * or entity tags such as \"12\" (a list separated by commas), got {s}"
+        ))
+    };
+    let (mut fields, mut any, mut tags) = (0, false, 0usize);
+    let mut versions = Vec::new();
+    for value in &headers.get_all(header::IF_MATCH) {
+        fields += 1;
+        let s = value
+            .to_str()
+            .map_err(|_| Problem::bad_request("malformed If-Match"))?;
+        let mut rest = s;
+        loop {
+            rest = rest.trim_start_matches([' ', '\t', ',']);
+            if rest.is_empty() {
+                break;
+            }
+            if let Some(r) = rest.strip_prefix('*') {
+                any = true;
+                rest = r;
+            } else {
+                let (weak, r) = match rest.strip_prefix("W/") {
+                    Some(r) => (true, r),
+                    None => (false, rest),
+                };
+                let r = r.strip_prefix('"').ok_or_else(|| malformed(s))?;
+                let end = r.find('"').ok_or_else(|| malformed(s))?;
+                let tag = &r[..end];
+                if !tag.bytes().all(|b| b == 0x21 || (0x23..=0x7e).contains(&b)) {
+                    return Err(malformed(s));
+                }
+                tags += 1;
+                // Strong comparison: a weak tag never matches.
+                if let (false, Ok(v)) = (weak, tag.parse::<i64>()) {
+                    versions.push(v);
+                }
+                rest = &r[end + 1..];
+            }
+            rest = rest.trim_start_matches([' ', '\t']);
+            if !(rest.is_empty() || rest.starts_with(',')) {
+                return Err(malformed(s));
+            }
+        }
+    }
+    match (fields, any, tags) {
+        (0, _, _) => Ok(None),
+        (_, true, 0) => Ok(Some(IfMatch::Any)),
+        (_, false, 1..) => Ok(Some(IfMatch::Versions(versions))),
+        (_, true, _) => Err(Problem::bad_request(
+            "If-Match is either * or a list of entity tags, not both",
+        )),
+        (_, false, 0) => Err(Problem::bad_request("If-Match is empty")),
+    }
+}
+
+fn require_if_match(headers: &HeaderMap) -> Result<IfMatch, Problem> {
     if_match(headers)?.ok_or_else(|| {
         Problem::new(
             StatusCode::PRECONDITION_REQUIRED,
@@ -366,8 +434,9 @@ pub async fn replace<R: Resource>(
     body: Body,
 ) -> Result<Response, Problem> {
     admin.require(R::WRITE_ROLE)?;
-    let version = require_if_match(&headers)?;
+    let asked = require_if_match(&headers)?;
     let spec = read_spec::<R>(&headers, body, Some(&id)).await?;
+    let version = asked.expect::<R>(&c, &id).await?;
     store_replace::<R>(&c, &admin, &id, spec, version, None).await
 }
 
@@ -401,12 +470,12 @@ pub async fn patch<R: Resource>(
     body: Body,
 ) -> Result<Response, Problem> {
     admin.require(R::WRITE_ROLE)?;
-    let version = require_if_match(&headers)?;
+    let asked = require_if_match(&headers)?;
     let mut patch_doc = read_json(&headers, body, true).await?;
     strip_meta::<R>(&mut patch_doc, Some(&id))?;
     let cur = current::<R>(&c, &id).await?;
-    if let Some(v) = version {
-        if v != cur.version {
+    if let IfMatch::Versions(v) = asked {
+        if !v.contains(&cur.version) {
             return Err(StoreError::VersionMismatch {
                 kind: R::KIND.into(),
                 id,
@@ -430,7 +499,10 @@ pub async fn delete<R: Resource>(
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
     admin.require(R::WRITE_ROLE)?;
-    let version = if_match(&headers)?.flatten();
+    let version = match if_match(&headers)? {
+        Some(asked) => asked.expect::<R>(&c, &id).await?,
+        None => None,
+    };
     let op = Op::Delete {
         kind: R::KIND.into(),
         id,
@@ -577,7 +649,17 @@ pub async fn rotate_token<R: Resource>(
 ) -> Result<Response, Problem> {
     admin.require(R::WRITE_ROLE)?;
     let cur = current::<R>(&c, &id).await?;
-    let version = if_match(&headers)?.flatten();
+    let version = match if_match(&headers)? {
+        Some(IfMatch::Versions(v)) if !v.contains(&cur.version) => {
+            return Err(StoreError::VersionMismatch {
+                kind: R::KIND.into(),
+                id,
+                current: cur.version,
+            }
+            .into())
+        }
+        _ => None,
+    };
     let (token, kept) =
         issue_token::<R>(&c, &id).ok_or_else(|| Problem::not_found("this kind has no token"))?;
     // The document is written again as it is, with only the token changed.

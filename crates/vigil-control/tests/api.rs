@@ -800,20 +800,32 @@ async fn conditional_requests(api: Api) {
     api.put("/v1/policies/p", Some("\"abc\""), &replace)
         .await
         .problem(412, "precondition-failed");
-    // Two If-Match headers.
-    let two = api
-        .send(
-            Method::PUT,
-            "/v1/policies/p",
-            &[
-                ("content-type", JSON),
-                ("if-match", &etag),
-                ("if-match", &etag),
-            ],
-            replace.to_string().into_bytes(),
-        )
-        .await;
-    two.problem(400, "bad-request");
+    // RFC 9110: two If-Match fields are one list; none of these matches. A weak
+    // ETag never matches (strong comparison); `*` cannot be listed with tags.
+    let put_with = |fields: Vec<&'static str>| {
+        let mut h: Vec<(&str, &str)> = vec![("content-type", JSON)];
+        h.extend(fields.into_iter().map(|f| ("if-match", f)));
+        h
+    };
+    for (fields, status) in [
+        (vec!["\"998\"", "\"999\""], 412),
+        (vec!["\"998\", \"999\""], 412),
+        (vec!["W/\"1\""], 412),
+        (vec!["*, \"1\""], 400),
+        (vec!["\"1\" \"2\""], 400),
+        (vec!["\"a b\""], 400),
+        (vec![""], 400),
+    ] {
+        let got = api
+            .send(
+                Method::PUT,
+                "/v1/policies/p",
+                &put_with(fields.clone()),
+                replace.to_string().into_bytes(),
+            )
+            .await;
+        assert_eq!(got.status.as_u16(), status, "{fields:?}: {}", got.text);
+    }
     // Nothing above changed the policy.
     assert_eq!(api.get("/v1/policies/p").await.status(200).etag(), etag);
     // The 412 says which ETag is current.
@@ -822,6 +834,22 @@ async fn conditional_requests(api: Api) {
         .await
         .problem(412, "precondition-failed");
     assert!(stale.detail().contains(&etag), "{}", stale.detail());
+    // A list holding the current ETag matches, whichever field holds it.
+    let listed = format!("\"998\", W/{etag}, {etag}");
+    let got = api
+        .send(
+            Method::PUT,
+            "/v1/policies/p",
+            &[
+                ("content-type", JSON),
+                ("if-match", "\"997\""),
+                ("if-match", &listed),
+            ],
+            replace.to_string().into_bytes(),
+        )
+        .await
+        .status(200);
+    let etag = got.etag();
     // The body's id must match the URL's; the name cannot change.
     api.put(
         "/v1/policies/p",
