@@ -1,11 +1,15 @@
 //! Serving the admin API over HTTP/1.1 and HTTP/2 with the limits `axum::serve`
 //! leaves out: a connection that does not send a request head in time is closed,
-//! so a client cannot pile up idle or half-sent connections until the process
-//! runs out of file descriptors (and with them, database connections). The gRPC
-//! stream's listener is screened the same way ([`screened`]).
+//! an HTTP/2 connection with no request in flight for as long is closed too, and
+//! at most so many connections are served at once, so a client cannot pile up
+//! idle or half-sent connections until the process runs out of file descriptors
+//! (and with them, database connections). The gRPC stream's listener is screened
+//! the same way ([`screened`]).
 
 use std::future::Future;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -24,6 +28,10 @@ const H1_MAX_BUFFER: usize = 64 * 1024;
 /// and closed when the ping is not answered within [`H2_PING_TIMEOUT`].
 const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
 const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Admin connections served at once unless configured otherwise; one more is
+/// closed as soon as it is accepted.
+pub const MAX_CONNECTIONS: usize = 1024;
 
 /// In-flight requests get this long to finish after `shutdown`.
 const DRAIN: Duration = Duration::from_secs(30);
@@ -80,13 +88,18 @@ pub fn screened(
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
-/// Serves `app` on `listener` until `shutdown` resolves, then lets in-flight
-/// requests finish (up to 30 s).
+/// Serves `app` on `listener`, at most `max_connections` at once (0: no limit),
+/// until `shutdown` resolves, then lets in-flight requests finish (up to 30 s).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
+    max_connections: usize,
     shutdown: impl Future<Output = ()>,
 ) {
+    let max_connections = max_connections.min(tokio::sync::Semaphore::MAX_PERMITS);
+    let places =
+        (max_connections > 0).then(|| Arc::new(tokio::sync::Semaphore::new(max_connections)));
+    let mut warned: Option<Instant> = None;
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -98,7 +111,9 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .keep_alive_interval(H2_PING_INTERVAL)
         .keep_alive_timeout(H2_PING_TIMEOUT);
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    // Every connection holds a receiver: a value sent asks them to finish, and
+    // the channel closes once the last of them has ended.
+    let (stop, stopping) = tokio::sync::watch::channel(());
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -113,27 +128,152 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
+        let place = match &places {
+            Some(p) => match p.clone().try_acquire_owned() {
+                Ok(place) => Some(place),
+                Err(_) => {
+                    drop(stream);
+                    if warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
+                        tracing::warn!(max_connections, "Admin API at its connection limit: new connections are closed as they come (VIGIL_ADMIN_MAX_CONNECTIONS)");
+                        warned = Some(Instant::now());
+                    }
+                    continue;
+                }
+            },
+            None => None,
+        };
         let _ = stream.set_nodelay(true);
-        let (app, builder, watcher) = (app.clone(), builder.clone(), graceful.watcher());
+        let (app, builder, mut stopping) = (app.clone(), builder.clone(), stopping.clone());
         tokio::spawn(async move {
+            // The connection's place is held until this task ends.
+            let _place = place;
             // hyper's own wait for the first bytes (which HTTP?) has no deadline.
             if !speaks_in_time(&stream).await {
                 tracing::debug!(%peer, "No request in time; connection closed");
                 return;
             }
-            let service = TowerToHyperService::new(app);
+            let activity = Activity::default();
+            let service = Tracked {
+                inner: TowerToHyperService::new(app),
+                activity: activity.clone(),
+            };
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            if let Err(e) = watcher.watch(conn.into_owned()).await {
+            tokio::pin!(conn);
+            // Asked to finish (GOAWAY on HTTP/2; in-flight requests are answered)
+            // when the server stops, or once no request has been in flight for
+            // the header timeout: hyper closes idle HTTP/1 connections itself,
+            // but would keep an idle HTTP/2 one open as long as it answers pings.
+            let mut asked = false;
+            let ended = loop {
+                let wait = HEADER_READ_TIMEOUT
+                    .saturating_sub(activity.idle_for())
+                    .max(Duration::from_millis(100));
+                tokio::select! {
+                    ended = conn.as_mut() => break ended,
+                    _ = stopping.changed(), if !asked => {
+                        conn.as_mut().graceful_shutdown();
+                        asked = true;
+                    }
+                    () = tokio::time::sleep(wait), if !asked => {
+                        if activity.idle_for() >= HEADER_READ_TIMEOUT {
+                            conn.as_mut().graceful_shutdown();
+                            asked = true;
+                        }
+                    }
+                }
+            };
+            if let Err(e) = ended {
                 tracing::debug!(%peer, error = %e, "Admin connection ended");
             }
         });
     }
     drop(listener);
-    if tokio::time::timeout(DRAIN, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    drop(stopping);
+    let _ = stop.send(());
+    if tokio::time::timeout(DRAIN, stop.closed()).await.is_err() {
         tracing::warn!("Admin requests still in flight after 30 s; closing");
+    }
+}
+
+/// Requests in flight on one connection, and when the last one ended.
+#[derive(Clone)]
+struct Activity(Arc<ActivityCounts>);
+
+struct ActivityCounts {
+    in_flight: AtomicUsize,
+    /// When the last request ended, in milliseconds since `since`.
+    last_end_ms: AtomicU64,
+    /// tokio's clock, which tests can pause and move on.
+    since: tokio::time::Instant,
+}
+
+impl Default for Activity {
+    fn default() -> Activity {
+        Activity(Arc::new(ActivityCounts {
+            in_flight: AtomicUsize::new(0),
+            last_end_ms: AtomicU64::new(0),
+            since: tokio::time::Instant::now(),
+        }))
+    }
+}
+
+impl Activity {
+    /// How long the connection has had no request in flight (zero while one is).
+    fn idle_for(&self) -> Duration {
+        let a = &self.0;
+        if a.in_flight.load(Ordering::Acquire) > 0 {
+            return Duration::ZERO;
+        }
+        let last = Duration::from_millis(a.last_end_ms.load(Ordering::Acquire));
+        a.since.elapsed().saturating_sub(last)
+    }
+}
+
+/// Counts a request in flight until its answer (head and body, which admin
+/// answers send at once) is ready.
+struct InFlight(Activity);
+
+impl InFlight {
+    fn start(a: &Activity) -> InFlight {
+        a.0.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(a.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let a = &self.0 .0;
+        let now = u64::try_from(a.since.elapsed().as_millis()).unwrap_or(u64::MAX);
+        a.last_end_ms.store(now, Ordering::Release);
+        a.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A connection's service, with each request counted in its [`Activity`].
+#[derive(Clone)]
+struct Tracked<S> {
+    inner: S,
+    activity: Activity,
+}
+
+impl<S, R> hyper::service::Service<R> for Tracked<S>
+where
+    S: hyper::service::Service<R>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future =
+        std::pin::Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send + 'static>>;
+
+    fn call(&self, req: R) -> Self::Future {
+        let counted = InFlight::start(&self.activity);
+        let answer = self.inner.call(req);
+        Box::pin(async move {
+            let res = answer.await;
+            drop(counted);
+            res
+        })
     }
 }
 
@@ -148,7 +288,12 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let app = Router::new().route("/", axum::routing::get(|| async { "ok" }));
-        tokio::spawn(serve(listener, app, std::future::pending()));
+        tokio::spawn(serve(
+            listener,
+            app,
+            MAX_CONNECTIONS,
+            std::future::pending(),
+        ));
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
         s.write_all(sent).await.unwrap();
         let mut out = Vec::new();
@@ -177,6 +322,105 @@ mod tests {
         let next = tokio::time::timeout(Duration::from_secs(60), accepted.next()).await;
         assert!(next.is_err(), "nothing else was handed on");
         first.write_all(b"x").await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_http2_connections_are_sent_away() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        tokio::spawn(serve(
+            listener,
+            app,
+            MAX_CONNECTIONS,
+            std::future::pending(),
+        ));
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        // The preface and an empty SETTINGS frame; then no request, only what a
+        // client library does by itself: acknowledge the server's pings.
+        s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+            .await
+            .unwrap();
+        let opened = tokio::time::Instant::now();
+        let (mut buf, mut types) = (Vec::new(), Vec::new());
+        let ended = tokio::time::timeout(Duration::from_secs(300), async {
+            let mut chunk = [0u8; 4096];
+            loop {
+                let n = s.read(&mut chunk).await.unwrap_or(0);
+                if n == 0 {
+                    return;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                // Whole frames: 9-byte header (length, type, flags, stream), payload.
+                while buf.len() >= 9 {
+                    let len =
+                        usize::from(buf[0]) << 16 | usize::from(buf[1]) << 8 | usize::from(buf[2]);
+                    if buf.len() < 9 + len {
+                        break;
+                    }
+                    let frame: Vec<u8> = buf.drain(..9 + len).collect();
+                    types.push(frame[3]);
+                    if frame[3] == 6 && frame[4] & 1 == 0 {
+                        let mut ack = frame.clone();
+                        ack[4] = 1;
+                        let _ = s.write_all(&ack).await;
+                    }
+                }
+            }
+        })
+        .await;
+        assert!(
+            ended.is_ok(),
+            "an idle HTTP/2 connection stayed open: {types:?}"
+        );
+        // Sent away (GOAWAY, type 7) at the header timeout.
+        let took = opened.elapsed();
+        assert!(
+            took < HEADER_READ_TIMEOUT + Duration::from_secs(2),
+            "{took:?}"
+        );
+        assert!(types.contains(&7), "{types:?}");
+    }
+
+    /// The answer to a GET on `s`, or `None` when the server closed it.
+    async fn answer(s: &mut tokio::net::TcpStream) -> Option<String> {
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .ok()?;
+        let mut buf = vec![0u8; 1024];
+        let n = s.read(&mut buf).await.ok()?;
+        (n > 0).then(|| String::from_utf8_lossy(&buf[..n]).into_owned())
+    }
+
+    #[tokio::test]
+    async fn connections_over_the_limit_are_closed_at_once() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        tokio::spawn(serve(listener, app, 2, std::future::pending()));
+        let mut a = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut b = tokio::net::TcpStream::connect(addr).await.unwrap();
+        assert!(answer(&mut a).await.unwrap().starts_with("HTTP/1.1 200"));
+        assert!(answer(&mut b).await.unwrap().starts_with("HTTP/1.1 200"));
+        // Both places are taken (kept alive): a third is closed unanswered.
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        assert_eq!(answer(&mut c).await, None);
+        // Once one ends, its place is free again.
+        drop(a);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut d = tokio::net::TcpStream::connect(addr).await.unwrap();
+            if let Some(got) = answer(&mut d).await {
+                assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the closed connection's place was not freed"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(answer(&mut b).await.unwrap().starts_with("HTTP/1.1 200"));
     }
 
     #[tokio::test(start_paused = true)]

@@ -111,6 +111,7 @@ pub async fn run(args: AllInOneArgs) -> anyhow::Result<()> {
         fleet_join_token: None,
         fleet_join_token_file: file("join.token"),
         database_max_connections: None,
+        admin_max_connections: None,
         // `vigil control`'s default.
         reverify_interval_s: 300,
         reverify_rate: vigil_control::verifier::PER_PROVIDER_PER_SECOND,

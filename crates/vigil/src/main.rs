@@ -294,6 +294,12 @@ pub(crate) struct ControlArgs {
     /// Database connections in the pool (default: four per core, 4 to 32).
     #[arg(long, env = "VIGIL_DATABASE_MAX_CONNECTIONS")]
     pub database_max_connections: Option<u32>,
+    /// Admin API connections served at once (default 1024); one more is closed as
+    /// soon as it is accepted. Idle connections close after 10 s by themselves.
+    #[arg(long, env = "VIGIL_ADMIN_MAX_CONNECTIONS",
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_max_connections: Option<u64>,
     /// Seconds between re-verifications of each browser session with its identity
     /// provider (refresh token, userinfo); 0 disables them.
     #[arg(long, env = "VIGIL_REVERIFY_INTERVAL_S", default_value_t = 300)]
@@ -586,7 +592,18 @@ async fn control(
     if let Some(tx) = started {
         let _ = tx.send(control.clone());
     }
-    vigil_control::serve::serve(listener, vigil_control::router(control), shutdown_signal()).await;
+    let max_connections = args
+        .admin_max_connections
+        .map_or(vigil_control::serve::MAX_CONNECTIONS, |n| {
+            usize::try_from(n).unwrap_or(usize::MAX)
+        });
+    vigil_control::serve::serve(
+        listener,
+        vigil_control::router(control),
+        max_connections,
+        shutdown_signal(),
+    )
+    .await;
     grpc_task.abort();
     store.close().await;
     Ok(())
