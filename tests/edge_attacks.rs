@@ -551,6 +551,37 @@ async fn the_edge_holds_against_malformed_and_ambiguous_requests() {
             ));
         }
     }
+    // A head over 64 KiB (a 70 KB cookie), sent at once or after a request on
+    // its connection: 431 and the connection closed, never the upstream. One
+    // just under the limit is served.
+    for (what, before, cookie, want) in [
+        ("alone", "", 70_000, &[431][..]),
+        ("after a request", served.as_str(), 70_000, &[200, 431][..]),
+        ("under the limit", "", 60_000, &[200][..]),
+    ] {
+        let request = format!(
+            "{before}GET /x HTTP/1.1\r\nHost: app.test\r\n{auth}Cookie: c={}\r\nConnection: close\r\n\r\n",
+            "a".repeat(cookie)
+        );
+        let answer = raw(&proxy, request.as_bytes()).await;
+        let upstream_saw = answer.statuses.last() == Some(&200);
+        // hyper refuses a head that fills its read buffer by itself (431, no
+        // body); the edge refuses the ones that arrive in one larger read.
+        if answer.statuses != want
+            || (want.last() == Some(&431)
+                && (upstream_saw
+                    || !answer
+                        .text
+                        .to_ascii_lowercase()
+                        .contains("connection: close")))
+        {
+            failures.push(format!(
+                "a {cookie}-byte cookie, {what}: got {:?}, want {want:?}\n{}",
+                answer.statuses,
+                answer.text.get(..2000).unwrap_or(&answer.text)
+            ));
+        }
+    }
     // A body that holds what looks like such a head is a body.
     let inner = "POST /y HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
     let request = format!(

@@ -53,12 +53,22 @@ pub enum EdgeError {
     HostMismatch,
     /// Conflicting or unsupported framing; the connection must be closed.
     Framing(&'static str),
+    /// A head longer than the proxy serves (431); the connection is closed.
+    HeadTooLarge,
 }
 
 impl EdgeError {
     /// Whether the connection must be closed after the response.
     pub fn closes_connection(&self) -> bool {
-        matches!(self, EdgeError::Framing(_))
+        matches!(self, EdgeError::Framing(_) | EdgeError::HeadTooLarge)
+    }
+
+    /// The status to refuse with: 431 for a head too large, else 400.
+    pub fn status(&self) -> http::StatusCode {
+        match self {
+            EdgeError::HeadTooLarge => http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            _ => http::StatusCode::BAD_REQUEST,
+        }
     }
 }
 
@@ -72,6 +82,11 @@ impl fmt::Display for EdgeError {
                 f.write_str("the Host header disagrees with the request target")
             }
             EdgeError::Framing(why) => f.write_str(why),
+            EdgeError::HeadTooLarge => write!(
+                f,
+                "the request head is longer than {} KiB",
+                crate::framing::MAX_HEAD / 1024
+            ),
         }
     }
 }
@@ -81,6 +96,13 @@ impl std::error::Error for EdgeError {}
 /// Checks a request's head; returns its canonical host.
 pub fn check(parts: &Parts) -> Result<String, EdgeError> {
     let headers = &parts.headers;
+    if parts
+        .extensions
+        .get::<crate::framing::HeadTooLarge>()
+        .is_some()
+    {
+        return Err(EdgeError::HeadTooLarge);
+    }
     if let Some(name) = headers.keys().find(|n| n.as_str().contains('_')) {
         return Err(EdgeError::Underscore(name.as_str().to_owned()));
     }

@@ -15,6 +15,10 @@
 //! It stops following at anything it cannot frame as hyper does (a head hyper
 //! refuses anyway, an upgrade, `CONNECT`, a conflict, which ends the connection):
 //! nothing after that is marked, and nothing is ever changed in the bytes.
+//!
+//! It also measures each head: one longer than [`MAX_HEAD`] is marked
+//! [`HeadTooLarge`] (the edge answers 431). hyper's own limit, its read buffer,
+//! is approximate: a head that arrives in one large read can pass it.
 
 use std::io;
 use std::pin::Pin;
@@ -29,12 +33,23 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConflictingFraming;
 
+/// Marks a request whose head was longer than [`MAX_HEAD`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeadTooLarge;
+
+/// The longest request head served (request line and fields, with their line
+/// breaks): 64 KiB, as the proxy's HTTP/1 read buffer.
+pub const MAX_HEAD: usize = 64 * 1024;
+
 /// What the transport saw, shared with the connection's service.
 #[derive(Debug)]
 pub struct Heads {
     /// The place on the connection (from 0) of the first head with both fields;
     /// `u64::MAX` while there is none.
     conflict: AtomicU64,
+    /// The place of the first head longer than [`MAX_HEAD`]; `u64::MAX` while
+    /// there is none.
+    oversized: AtomicU64,
     /// How many requests hyper has handed over so far.
     served: AtomicU64,
 }
@@ -43,6 +58,7 @@ impl Default for Heads {
     fn default() -> Self {
         Heads {
             conflict: AtomicU64::new(u64::MAX),
+            oversized: AtomicU64::new(u64::MAX),
             served: AtomicU64::new(0),
         }
     }
@@ -57,12 +73,16 @@ impl Heads {
         if self.conflict.load(Ordering::Relaxed) == place {
             req.extensions_mut().insert(ConflictingFraming);
         }
+        if self.oversized.load(Ordering::Relaxed) == place {
+            req.extensions_mut().insert(HeadTooLarge);
+        }
     }
 }
 
 /// A head, a chunk-size line or a trailer that has not all arrived yet is kept up
-/// to this (hyper's read buffer holds a head to 64 KiB); beyond, following stops.
-const MAX_PARTIAL: usize = 64 * 1024 + 1024;
+/// to this (hyper's read buffer holds a head to 64 KiB); beyond, following stops
+/// (a head is marked too large first).
+const MAX_PARTIAL: usize = MAX_HEAD + 1024;
 /// hyper's default limit on a request's header fields (more is refused with 431).
 const MAX_HEADERS: usize = 100;
 
@@ -182,6 +202,9 @@ impl Follow {
     /// Keeps an incomplete head or line, or stops following when it grows too long.
     fn keep(&mut self, data: &[u8]) {
         if self.partial.len() + data.len() > MAX_PARTIAL {
+            if self.state == State::Head {
+                self.oversized(self.heads);
+            }
             self.state = State::Off;
             self.partial = Vec::new();
         } else {
@@ -189,8 +212,21 @@ impl Follow {
         }
     }
 
+    /// Notes that the head at `place` is longer than [`MAX_HEAD`].
+    fn oversized(&self, place: u64) {
+        let _ = self.shared.oversized.compare_exchange(
+            u64::MAX,
+            place,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+
     /// Parses a complete head and says how its body is framed.
     fn framed(&mut self, head: &[u8]) -> State {
+        if head.len() > MAX_HEAD {
+            self.oversized(self.heads);
+        }
         // Left uninitialised: filling 100 empty fields would cost more than the parse.
         let mut fields = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
         let mut req = httparse::Request::new(&mut []);
@@ -416,6 +452,39 @@ mod tests {
         );
         each_step(before.as_bytes(), (None, true));
         each_step(format!("{before}{both}").as_bytes(), (Some(3), false));
+    }
+
+    #[test]
+    fn heads_over_the_limit_are_marked_wherever_they_are() {
+        let head = |n: usize| {
+            let pad = n - "GET / HTTP/1.1\r\nCookie: \r\n\r\n".len();
+            format!("GET / HTTP/1.1\r\nCookie: {}\r\n\r\n", "a".repeat(pad))
+        };
+        for (stream, want) in [
+            (head(MAX_HEAD), None),
+            (head(MAX_HEAD + 1), Some(0)),
+            (format!("{GET}{}", head(70_000)), Some(1)),
+            (format!("{GET}{}{GET}", head(MAX_HEAD)), None),
+        ] {
+            for step in [1, 7, 1024, 8192, stream.len()] {
+                let heads = Arc::new(Heads::default());
+                let mut f = Follow::new(heads.clone());
+                for piece in stream.as_bytes().chunks(step) {
+                    f.feed(piece);
+                }
+                let at = heads.oversized.load(Ordering::Relaxed);
+                assert_eq!((at != u64::MAX).then_some(at), want, "step {step}");
+            }
+        }
+        // The mark goes on the request at that place.
+        let heads = Heads::default();
+        heads.oversized.store(1, Ordering::Relaxed);
+        let mut first = http::Request::new(());
+        let mut second = http::Request::new(());
+        heads.mark(&mut first);
+        heads.mark(&mut second);
+        assert!(first.extensions().get::<HeadTooLarge>().is_none());
+        assert!(second.extensions().get::<HeadTooLarge>().is_some());
     }
 
     #[test]

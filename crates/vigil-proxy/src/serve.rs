@@ -387,7 +387,7 @@ impl Proxy {
             Ok(h) => h,
             Err(e) => {
                 log.refuse("edge", e.to_string());
-                let mut res = refusal(StatusCode::BAD_REQUEST, &e.to_string(), id, html);
+                let mut res = refusal(e.status(), &e.to_string(), id, html);
                 if e.closes_connection() {
                     res.headers_mut()
                         .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -1580,7 +1580,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The most an HTTP/1 connection buffers, which bounds a request head: a longer one
 /// gets 431. hyper's default is about 400 KiB per connection; HTTP/2 heads are held
 /// to 16 KiB (hyper's `SETTINGS_MAX_HEADER_LIST_SIZE`), Envoy's to 60 KiB.
-const H1_MAX_BUFFER: usize = 64 * 1024;
+const H1_MAX_BUFFER: usize = crate::framing::MAX_HEAD;
 
 /// An HTTP/2 connection is pinged after this long without a frame from the peer,
 /// and closed when the ping is not answered within [`H2_PING_TIMEOUT`].
