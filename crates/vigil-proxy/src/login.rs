@@ -151,6 +151,38 @@ struct Provider {
     fetched: Instant,
 }
 
+/// Handoff codes redeemed (id → expiry), and the same in the order they came,
+/// so that forgetting the expired ones costs nothing per redemption beyond them
+/// (a code is good for a minute, so the order is nearly that of expiry).
+#[derive(Default)]
+struct Redeemed {
+    ids: HashMap<String, i64>,
+    order: std::collections::VecDeque<(i64, String)>,
+}
+
+impl Redeemed {
+    /// Records code `id` (good until `exp`) as redeemed at `now`; false when it
+    /// was already.
+    fn first_use(&mut self, id: &str, exp: i64, now: i64) -> bool {
+        while let Some((e, _)) = self.order.front() {
+            if *e > now {
+                break;
+            }
+            if let Some((e, old)) = self.order.pop_front() {
+                if self.ids.get(&old) == Some(&e) {
+                    self.ids.remove(&old);
+                }
+            }
+        }
+        if self.ids.get(id).is_some_and(|e| *e > now) {
+            return false;
+        }
+        self.ids.insert(id.to_owned(), exp);
+        self.order.push_back((exp, id.to_owned()));
+        true
+    }
+}
+
 /// What is known of one provider: its discovery, and its last failure.
 #[derive(Default)]
 struct ProviderSlot {
@@ -177,8 +209,8 @@ pub struct Login {
     /// One slot per configured provider, each with its own lock: discovering one
     /// provider never makes sign-ins with another wait.
     providers: parking_lot::Mutex<HashMap<String, Arc<tokio::sync::Mutex<ProviderSlot>>>>,
-    /// Handoff codes redeemed here (id → expiry), so each works once.
-    redeemed: parking_lot::Mutex<HashMap<String, i64>>,
+    /// Handoff codes redeemed here, so each works once.
+    redeemed: parking_lot::Mutex<Redeemed>,
     /// Sessions signed out here (id → expiry), denied before the revocation
     /// comes back in a snapshot.
     signed_out: parking_lot::Mutex<HashMap<String, i64>>,
@@ -342,7 +374,7 @@ impl Login {
             reports_waiting: Arc::new(AtomicUsize::new(0)),
             http,
             providers: parking_lot::Mutex::new(HashMap::new()),
-            redeemed: parking_lot::Mutex::new(HashMap::new()),
+            redeemed: parking_lot::Mutex::new(Redeemed::default()),
             signed_out: parking_lot::Mutex::new(HashMap::new()),
             reported_use: parking_lot::Mutex::new(HashMap::new()),
         })
@@ -926,12 +958,8 @@ impl Login {
         if bound.as_deref() != Some(h.bh.as_str()) {
             return Err(bad("this sign-in was started in another browser"));
         }
-        {
-            let mut redeemed = self.redeemed.lock();
-            redeemed.retain(|_, exp| *exp > a.now);
-            if redeemed.insert(h.jti.clone(), h.exp).is_some() {
-                return Err(bad("the sign-in code was used already"));
-            }
+        if !self.redeemed.lock().first_use(&h.jti, h.exp, a.now) {
+            return Err(bad("the sign-in code was used already"));
         }
         let target = self
             .check_return(index, &h.rd)
@@ -1626,6 +1654,22 @@ mod tests {
         assert_eq!(got.len(), 17, "{got:?}");
         assert_eq!(got.last(), Some(&("ses_out".to_owned(), true)));
         assert!(got[..16].iter().all(|(_, out)| !out));
+    }
+
+    #[test]
+    fn each_code_is_redeemed_once_until_it_expires() {
+        let mut r = Redeemed::default();
+        assert!(r.first_use("a", 160, 100));
+        assert!(!r.first_use("a", 160, 130));
+        assert!(r.first_use("b", 190, 130));
+        // Expired codes are forgotten as time passes, out of order or not.
+        assert!(r.first_use("c", 150, 140));
+        assert!(!r.first_use("b", 190, 170));
+        // a is forgotten; c, expired too but behind b, waits for b to go.
+        assert_eq!(r.ids.len(), 2);
+        assert!(!r.first_use("b", 190, 189));
+        assert!(r.first_use("d", 260, 200));
+        assert_eq!((r.ids.len(), r.order.len()), (1, 1));
     }
 
     #[test]
