@@ -478,6 +478,38 @@ async fn sessions_reported_by_a_proxy_are_listed_and_revocable() {
     let after = get_json(&c, &url, "/v1/sessions/ses_e2e1").await;
     assert!(after["revoked_at"].is_string(), "{after}");
     assert_eq!(after["last_seen_at"], "2030-03-17T17:48:10Z");
+
+    // A first sign-in whose provider sends an email and a name the directory
+    // would refuse from an admin: the user is added without them, and the
+    // session (and later its sign-out) is recorded all the same.
+    let (issuer, subject) = ("https://idp.example", "odd-claims");
+    let newcomer = vigil_snapshot::provisioned_user_id(issuer, subject);
+    let first = vigil_proto::v1::SessionReport {
+        issuer: issuer.into(),
+        subject: subject.into(),
+        email: Some("not an email".into()),
+        email_verified: true,
+        display_name: Some("Eve\u{0}\r\nAdmin".into()),
+        ..report("ses_newcomer", &newcomer, now + 600)
+    };
+    reports_handled(&proxy, &c, &url, first).await;
+    let added = get_json(&c, &url, &format!("/v1/users/{newcomer}")).await;
+    assert_eq!(added["subject"], subject, "{added}");
+    assert!(added["email"].is_null(), "{added}");
+    let signed_out = vigil_proto::v1::SessionReport {
+        signed_out: true,
+        ..report("ses_newcomer", &newcomer, now + 700)
+    };
+    proxy.reports.send(signed_out).await.unwrap();
+    until("the newcomer's sign-out in the snapshot", || {
+        proxy
+            .index
+            .load()
+            .snapshot
+            .get(Kind::RevokedSession, "ses_newcomer")
+            .is_some()
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
