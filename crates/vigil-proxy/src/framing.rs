@@ -163,8 +163,11 @@ impl Follow {
                 }
             }
         } else {
+            // The end is looked for across what was kept and all of `data`
+            // before anything is measured: a head may end early in a read
+            // that also holds a large body.
             let from = self.partial.len().saturating_sub(2);
-            self.keep(data);
+            self.partial.extend_from_slice(data);
             match head_end(&self.partial, from) {
                 Some(end) => {
                     let left = self.partial.len() - end;
@@ -174,7 +177,14 @@ impl Follow {
                     self.partial.clear();
                     &data[data.len() - left..]
                 }
-                None => &[],
+                None => {
+                    if self.partial.len() > MAX_PARTIAL {
+                        self.oversized(self.heads);
+                        self.state = State::Off;
+                        self.partial = Vec::new();
+                    }
+                    &[]
+                }
             }
         }
     }
@@ -476,6 +486,20 @@ mod tests {
                 assert_eq!((at != u64::MAX).then_some(at), want, "step {step}");
             }
         }
+        // A 41 KB head whose last bytes come in one read with a 30 KB body:
+        // the head is measured, not the read.
+        let body = "b".repeat(30_000);
+        let stream = format!(
+            "POST / HTTP/1.1\r\nContent-Length: {}\r\nCookie: {}\r\n\r\n{body}{GET}",
+            body.len(),
+            "a".repeat(41_000)
+        );
+        let heads = Arc::new(Heads::default());
+        let mut f = Follow::new(heads.clone());
+        f.feed(&stream.as_bytes()[..40_000]);
+        f.feed(&stream.as_bytes()[40_000..]);
+        assert_eq!(heads.oversized.load(Ordering::Relaxed), u64::MAX);
+        assert_eq!((f.state, f.heads), (State::Head, 2));
         // The mark goes on the request at that place.
         let heads = Heads::default();
         heads.oversized.store(1, Ordering::Relaxed);
