@@ -496,6 +496,22 @@ async fn sessions_reported_by_a_proxy_are_listed_and_revocable() {
     let added = get_json(&c, &url, &format!("/v1/users/{newcomer}")).await;
     assert_eq!(added["subject"], subject, "{added}");
     assert!(added["email"].is_null(), "{added}");
+    assert!(added["display_name"].is_null(), "{added}");
+    // Only the name is bad (NUL): the email stays.
+    let (issuer2, subject2) = ("https://idp.example", "odd-name");
+    let second = vigil_snapshot::provisioned_user_id(issuer2, subject2);
+    let named = vigil_proto::v1::SessionReport {
+        issuer: issuer2.into(),
+        subject: subject2.into(),
+        email: Some("eve@corp.example".into()),
+        email_verified: true,
+        display_name: Some("Eve\u{0}".into()),
+        ..report("ses_oddname", &second, now + 600)
+    };
+    reports_handled(&proxy, &c, &url, named).await;
+    let added = get_json(&c, &url, &format!("/v1/users/{second}")).await;
+    assert_eq!(added["email"], "eve@corp.example", "{added}");
+    assert!(added["display_name"].is_null(), "{added}");
     let signed_out = vigil_proto::v1::SessionReport {
         signed_out: true,
         ..report("ses_newcomer", &newcomer, now + 700)

@@ -727,6 +727,14 @@ impl Resource for User {
                 ));
             }
         }
+        if let Some(name) = &spec.display_name {
+            if name.chars().any(char::is_control) {
+                errors.push(FieldError::new(
+                    "/display_name",
+                    "must not contain control characters",
+                ));
+            }
+        }
         if let Some(e) = &spec.email {
             let domain = e.rsplit_once('@').map_or("", |(_, d)| d);
             if e.matches('@').count() != 1

@@ -97,26 +97,39 @@ async fn provision(control: &Control, r: &SessionReport) -> Result<Option<Op>, S
         groups: Vec::new(),
         attributes: serde_json::Map::new(),
     };
-    let entity = match crate::api::prepare::<User>(control, spec.clone(), &r.user_id, false).await {
-        Ok((entity, _)) => entity,
-        // The provider's claims are its own: an email or a name the directory
-        // would refuse from an admin must not keep the user, and with it the
-        // session and its sign-out, out of the directory. They are left out.
-        Err(refused) if spec.email.is_some() || spec.display_name.is_some() => {
-            tracing::warn!(user = %r.user_id, error = %refused.detail, "A new user's email or name from its identity provider is not valid here; the user is added without them");
-            let bare = UserSpec {
-                email: None,
-                email_verified: false,
-                display_name: None,
-                ..spec
-            };
-            crate::api::prepare::<User>(control, bare, &r.user_id, false)
-                .await
-                .map_err(|p| p.detail)?
-                .0
-        }
-        Err(refused) => return Err(refused.detail),
+    // The provider's claims are its own: an email or a name the directory would
+    // refuse from an admin must not keep the user, and with it the session and
+    // its sign-out, out of the directory. Each is left out on its own if need be.
+    let without_name = UserSpec {
+        display_name: None,
+        ..spec.clone()
     };
+    let without_email = UserSpec {
+        email: None,
+        email_verified: false,
+        ..spec.clone()
+    };
+    let bare = UserSpec {
+        display_name: None,
+        ..without_email.clone()
+    };
+    let mut refused = None;
+    let mut entity = None;
+    for candidate in [spec, without_name, without_email, bare] {
+        match crate::api::prepare::<User>(control, candidate, &r.user_id, false).await {
+            Ok((e, _)) => {
+                entity = Some(e);
+                break;
+            }
+            Err(p) => {
+                refused.get_or_insert(p.detail);
+            }
+        }
+    }
+    let entity = entity.ok_or_else(|| refused.clone().unwrap_or_default())?;
+    if let Some(why) = refused {
+        tracing::warn!(user = %r.user_id, error = %why, "A new user's email or name from its identity provider is not valid here; the user is added without it");
+    }
     Ok(Some(Op::Create(entity)))
 }
 
