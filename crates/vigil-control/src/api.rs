@@ -192,9 +192,12 @@ fn if_match(headers: &HeaderMap) -> Result<Option<IfMatch>, Problem> {
                     return Err(malformed(s));
                 }
                 tags += 1;
-                // Strong comparison: a weak tag never matches.
+                // Strong comparison, octet by octet: a weak tag never matches,
+                // nor `"05"` or `"+5"` for version 5.
                 if let (false, Ok(v)) = (weak, tag.parse::<i64>()) {
-                    versions.push(v);
+                    if v.to_string() == tag {
+                        versions.push(v);
+                    }
                 }
                 rest = &r[end + 1..];
             }

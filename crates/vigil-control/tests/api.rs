@@ -826,6 +826,18 @@ async fn conditional_requests(api: Api) {
             .await;
         assert_eq!(got.status.as_u16(), status, "{fields:?}: {}", got.text);
     }
+    // Tags are compared octet by octet: `"+N"` and `"0N"` are not `"N"`.
+    let n = etag.trim_matches('"');
+    let lookalikes = format!("\"+{n}\", \"0{n}\"");
+    let got = api
+        .send(
+            Method::PUT,
+            "/v1/policies/p",
+            &[("content-type", JSON), ("if-match", &lookalikes)],
+            replace.to_string().into_bytes(),
+        )
+        .await;
+    assert_eq!(got.status.as_u16(), 412, "{lookalikes}: {}", got.text);
     // Nothing above changed the policy.
     assert_eq!(api.get("/v1/policies/p").await.status(200).etag(), etag);
     // The 412 says which ETag is current.

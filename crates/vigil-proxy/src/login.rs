@@ -68,6 +68,9 @@ const LOGIN_TTL: i64 = 600;
 const HANDOFF_TTL: i64 = 60;
 /// Provider metadata and keys are fetched again after this long.
 const DISCOVERY_TTL: Duration = Duration::from_secs(3600);
+/// A discovery whose refresh fails stays in use at most this long: keys the
+/// provider withdrew must not stay trusted because its discovery is unreachable.
+const DISCOVERY_STALE_MAX: Duration = Duration::from_secs(24 * 3600);
 /// After a failed discovery, sign-ins with that provider fail at once for this
 /// long (rather than each waiting out the HTTP timeout in turn).
 const DISCOVERY_RETRY: Duration = Duration::from_secs(5);
@@ -544,7 +547,8 @@ impl Login {
 
     /// The discovered provider `name`, fetched again when stale or changed. A
     /// provider whose discovery failed is not asked again for [`DISCOVERY_RETRY`];
-    /// one that is only stale and cannot be reached stays in use meanwhile.
+    /// one that is only stale and cannot be reached stays in use meanwhile, up to
+    /// [`DISCOVERY_STALE_MAX`] after it was fetched.
     async fn provider(&self, index: &Index, name: &str) -> Result<Arc<Provider>, String> {
         let Some(source) = Self::configured(index, name) else {
             return Err(format!("identity provider `{name}` is not configured"));
@@ -556,7 +560,10 @@ impl Login {
             .or_default()
             .clone();
         let mut slot = slot.lock().await;
-        let cached = slot.provider.clone().filter(|p| p.source == *source);
+        let cached = slot
+            .provider
+            .clone()
+            .filter(|p| p.source == *source && p.fetched.elapsed() < DISCOVERY_STALE_MAX);
         if let Some(p) = cached
             .as_ref()
             .filter(|p| p.fetched.elapsed() < DISCOVERY_TTL)
