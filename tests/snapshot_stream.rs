@@ -929,3 +929,122 @@ async fn versions_that_change_nothing_are_announced_together() {
         took.as_millis()
     );
 }
+
+/// A TCP relay in front of the control plane's gRPC listener that can swallow
+/// what the proxy sends (the stream stays up, its writes go nowhere) and cut
+/// every connection through it.
+struct Relay {
+    url: String,
+    swallow: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    open: std::sync::Arc<tokio::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl Relay {
+    async fn start(to: &str) -> Relay {
+        use std::sync::atomic::Ordering;
+        let to = to.trim_start_matches("http://").to_owned();
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        let swallow = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let open = std::sync::Arc::new(tokio::sync::Mutex::new(Vec::new()));
+        let (s, o) = (swallow.clone(), open.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = l.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(&to).await else {
+                    continue;
+                };
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                let s = s.clone();
+                let up = tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+                    let mut buf = vec![0u8; 16 * 1024];
+                    loop {
+                        let n = match cr.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        if !s.load(Ordering::SeqCst) && sw.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+                let down = tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut sr, &mut cw).await;
+                });
+                o.lock()
+                    .await
+                    .extend([up.abort_handle(), down.abort_handle()]);
+            }
+        });
+        Relay { url, swallow, open }
+    }
+
+    fn swallow(&self, on: bool) {
+        self.swallow.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Closes every connection through the relay.
+    async fn cut(&self) {
+        for task in self.open.lock().await.drain(..) {
+            task.abort();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sign_out_a_dying_stream_swallowed_is_sent_again() {
+    let pg = TestPostgres::start().unwrap();
+    let db = pg.create_database("resend").unwrap();
+    let cp = ControlProcess::start(&db);
+    let c = client();
+    let url = cp.url.clone();
+    let token = join_token(&c, &url, "fleet").await;
+    let user = post_json(
+        &c,
+        &url,
+        "/v1/users",
+        json!({"issuer": "https://idp.example", "subject": "resend"}),
+    )
+    .await;
+    let uid = user["id"].as_str().unwrap().to_owned();
+    let rev = revision_of(&user);
+    let relay = Relay::start(&cp.grpc_url).await;
+    let proxy = subscriber::start(subscriber::Config {
+        addresses: vec![relay.url.clone()],
+        join_token: token.clone(),
+        ca_pem: None,
+        verifier: trusted(),
+        proxy_id: "edge-relayed".into(),
+        labels: vec![],
+        snapshot_file: None,
+    });
+    until("the first snapshot", || proxy.index.load().version() >= rev).await;
+    let now = 1_900_000_000;
+    let report = |signed_out: bool| vigil_proto::v1::SessionReport {
+        session_id: "ses_resend".into(),
+        user_id: uid.clone(),
+        auth_time: now,
+        expires_at: now + 3600,
+        last_seen_at: now + 10,
+        signed_out,
+        ..Default::default()
+    };
+    reports_handled(&proxy, &c, &url, report(false)).await;
+    // The link goes dead without a sign of it: the sign-out is written into it
+    // and lost. Then the connection breaks, and the proxy subscribes again.
+    relay.swallow(true);
+    proxy.reports.send(report(true)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    relay.swallow(false);
+    relay.cut().await;
+    until("the sign-out in the snapshot, sent again", || {
+        proxy
+            .index
+            .load()
+            .snapshot
+            .get(Kind::RevokedSession, "ses_resend")
+            .is_some()
+    })
+    .await;
+}

@@ -100,6 +100,21 @@ pub const REPORT_QUEUE: usize = 1024;
 
 /// No message (update or heartbeat) for this long means the stream is dead.
 const SILENCE: Duration = Duration::from_secs(35);
+
+/// New-session and sign-out reports sent within this long are sent again on the
+/// next stream: reports are not acknowledged, and a stream can take this long
+/// to be known dead, all the while accepting what is written into it. The
+/// control plane takes a report it already has as a no-op.
+const RESEND_WINDOW: Duration = Duration::from_secs(2 * 35);
+
+/// At most this many reports are kept to send again.
+const RESEND_MAX: usize = 10_000;
+
+/// Whether a report must reach the control plane (a new session, which carries
+/// its issuer, or a sign-out), rather than activity, which is reported again.
+fn must_arrive(r: &SessionReport) -> bool {
+    r.signed_out || !r.issuer.is_empty()
+}
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(15);
 
@@ -140,6 +155,7 @@ fn spawn(config: Config, store: Option<persist::Store>, initial: Index, chain: u
     let state = State {
         reports: queued,
         unsent: None,
+        recent: std::collections::VecDeque::new(),
         store,
         index: index.clone(),
         link: link_tx,
@@ -167,6 +183,9 @@ struct State {
     reports: mpsc::Receiver<SessionReport>,
     /// A report taken from `reports` that a stream closed before taking.
     unsent: Option<SessionReport>,
+    /// New-session and sign-out reports sent lately, to send again on the next
+    /// stream (see [`RESEND_WINDOW`]).
+    recent: std::collections::VecDeque<(tokio::time::Instant, SessionReport)>,
 }
 
 /// A random fraction in [0.5, 1.5) for jitter, without a random-number crate.
@@ -258,6 +277,22 @@ async fn session(config: &Config, address: &str, state: &mut State) -> Result<()
         address: address.to_owned(),
     });
     tracing::info!(address, held, "Subscribed to the control plane");
+    // What the last streams may have swallowed goes again.
+    while state
+        .recent
+        .front()
+        .is_some_and(|(at, _)| at.elapsed() >= RESEND_WINDOW)
+    {
+        state.recent.pop_front();
+    }
+    for (_, report) in &state.recent {
+        let msg = ProxyMessage {
+            msg: Some(proxy_message::Msg::Session(report.clone())),
+        };
+        if tx.send(msg).await.is_err() {
+            return Err("stream closed".to_owned());
+        }
+    }
     let beats = {
         let tx = tx.clone();
         tokio::spawn(async move {
@@ -289,6 +324,7 @@ async fn session(config: &Config, address: &str, state: &mut State) -> Result<()
                     None => state.reports.recv().await,
                 }
             } => {
+                let kept = must_arrive(&report).then(|| report.clone());
                 let msg = ProxyMessage { msg: Some(proxy_message::Msg::Session(report)) };
                 if let Err(unsent) = tx.send(msg).await {
                     // Sent first on the next stream.
@@ -296,6 +332,12 @@ async fn session(config: &Config, address: &str, state: &mut State) -> Result<()
                         state.unsent = Some(r);
                     }
                     break Err("stream closed".to_owned());
+                }
+                if let Some(report) = kept {
+                    if state.recent.len() >= RESEND_MAX {
+                        state.recent.pop_front();
+                    }
+                    state.recent.push_back((tokio::time::Instant::now(), report));
                 }
                 continue;
             }
