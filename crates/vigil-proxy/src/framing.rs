@@ -52,6 +52,10 @@ pub struct Heads {
     oversized: AtomicU64,
     /// How many requests hyper has handed over so far.
     served: AtomicU64,
+    /// The place of the request at (or in) which following stopped, other than
+    /// for a conflict: what comes after it is neither measured nor checked, so
+    /// the connection should end with its response. `u64::MAX` while following.
+    stopped_at: AtomicU64,
 }
 
 impl Default for Heads {
@@ -60,15 +64,25 @@ impl Default for Heads {
             conflict: AtomicU64::new(u64::MAX),
             oversized: AtomicU64::new(u64::MAX),
             served: AtomicU64::new(0),
+            stopped_at: AtomicU64::new(u64::MAX),
         }
     }
 }
 
 impl Heads {
+    /// Whether following stopped at or before the request at `place` (an upgrade
+    /// asked for, `CONNECT`, a head or a chunk it cannot frame as hyper does):
+    /// what comes after it on the connection is not checked, so its response,
+    /// unless it is a `101`, should close the connection.
+    pub fn stopped_by(&self, place: u64) -> bool {
+        self.stopped_at.load(Ordering::Relaxed) <= place
+    }
+
     /// Counts `req`, the connection's next request, and marks it when its head was
-    /// the conflicting one. hyper parses a head only from bytes the transport has
-    /// already followed, so the note is there before its request is.
-    pub fn mark<B>(&self, req: &mut http::Request<B>) {
+    /// the conflicting one (or too long); returns its place. hyper parses a head
+    /// only from bytes the transport has already followed, so the note is there
+    /// before its request is.
+    pub fn mark<B>(&self, req: &mut http::Request<B>) -> u64 {
         let place = self.served.fetch_add(1, Ordering::Relaxed);
         if self.conflict.load(Ordering::Relaxed) == place {
             req.extensions_mut().insert(ConflictingFraming);
@@ -76,6 +90,7 @@ impl Heads {
         if self.oversized.load(Ordering::Relaxed) == place {
             req.extensions_mut().insert(HeadTooLarge);
         }
+        place
     }
 }
 
@@ -113,6 +128,9 @@ struct Follow {
     partial: Vec<u8>,
     /// Heads framed so far.
     heads: u64,
+    /// Following stopped at a head with both `Content-Length` and
+    /// `Transfer-Encoding` (its request is refused and the connection closed).
+    conflicted: bool,
     shared: Arc<Heads>,
 }
 
@@ -122,6 +140,7 @@ impl Follow {
             state: State::Head,
             partial: Vec::new(),
             heads: 0,
+            conflicted: false,
             shared,
         }
     }
@@ -154,7 +173,7 @@ impl Follow {
             let data = skip_newlines(data);
             match head_end(data, 0) {
                 Some(end) => {
-                    self.state = self.framed(&data[..end]);
+                    self.whole_head(&data[..end]);
                     &data[end..]
                 }
                 None => {
@@ -172,7 +191,7 @@ impl Follow {
                 Some(end) => {
                     let left = self.partial.len() - end;
                     let head = std::mem::take(&mut self.partial);
-                    self.state = self.framed(&head[..end]);
+                    self.whole_head(&head[..end]);
                     self.partial = head;
                     self.partial.clear();
                     &data[data.len() - left..]
@@ -180,7 +199,7 @@ impl Follow {
                 None => {
                     if self.partial.len() > MAX_PARTIAL {
                         self.oversized(self.heads);
-                        self.state = State::Off;
+                        self.stop(self.heads);
                         self.partial = Vec::new();
                     }
                     &[]
@@ -205,8 +224,37 @@ impl Follow {
             self.partial.clear();
             next
         };
-        self.state = next;
+        if next == State::Off {
+            self.stop(self.place());
+        } else {
+            self.state = next;
+        }
         rest
+    }
+
+    /// Stops following, in the head or body of the request at `place` (see
+    /// [`Heads::stopped_by`]).
+    fn stop(&mut self, place: u64) {
+        self.state = State::Off;
+        self.shared.stopped_at.fetch_min(place, Ordering::Relaxed);
+    }
+
+    /// The place of the request whose head or body is being followed.
+    fn place(&self) -> u64 {
+        match self.state {
+            State::Head => self.heads,
+            _ => self.heads.saturating_sub(1),
+        }
+    }
+
+    /// Follows a head that has arrived whole.
+    fn whole_head(&mut self, head: &[u8]) {
+        let before = self.heads;
+        self.state = self.framed(head);
+        if self.state == State::Off && !self.conflicted {
+            // The head's place, whether it was counted or hyper refuses it.
+            self.stop(before);
+        }
     }
 
     /// Keeps an incomplete head or line, or stops following when it grows too long.
@@ -215,7 +263,7 @@ impl Follow {
             if self.state == State::Head {
                 self.oversized(self.heads);
             }
-            self.state = State::Off;
+            self.stop(self.place());
             self.partial = Vec::new();
         } else {
             self.partial.extend_from_slice(data);
@@ -267,6 +315,7 @@ impl Follow {
             }
         }
         if chunked.is_some() && length.is_some() {
+            self.conflicted = true;
             let _ = self.shared.conflict.compare_exchange(
                 u64::MAX,
                 place,
@@ -509,6 +558,38 @@ mod tests {
         heads.mark(&mut second);
         assert!(first.extensions().get::<HeadTooLarge>().is_none());
         assert!(second.extensions().get::<HeadTooLarge>().is_some());
+    }
+
+    #[test]
+    fn where_following_stops_is_noted_except_at_a_conflict() {
+        let stopped = |stream: &str| {
+            let heads = Arc::new(Heads::default());
+            let mut f = Follow::new(heads.clone());
+            for piece in stream.as_bytes().chunks(5) {
+                f.feed(piece);
+            }
+            let at = heads.stopped_at.load(Ordering::Relaxed);
+            (at != u64::MAX).then_some(at)
+        };
+        let upgrade = "GET /ws HTTP/1.1\r\nUpgrade: foo\r\n\r\n";
+        assert_eq!(stopped(&format!("{GET}{upgrade}{GET}")), Some(1));
+        assert_eq!(stopped(&format!("{upgrade}{GET}")), Some(0));
+        assert_eq!(
+            stopped(&format!(
+                "{GET}POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"
+            )),
+            Some(1)
+        );
+        assert_eq!(stopped(&format!("{GET}{GET}")), None);
+        assert_eq!(
+            stopped(&format!(
+                "{GET}POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"
+            )),
+            None
+        );
+        let heads = Heads::default();
+        heads.stopped_at.store(1, Ordering::Relaxed);
+        assert!(!heads.stopped_by(0) && heads.stopped_by(1) && heads.stopped_by(2));
     }
 
     #[test]

@@ -1975,11 +1975,10 @@ where
     type Future = Counted<S::Future>;
 
     fn call(&self, mut req: Request<Incoming>) -> Self::Future {
-        if let Some(heads) = &self.heads {
-            heads.mark(&mut req);
-        }
+        let place = self.heads.as_ref().map(|heads| heads.mark(&mut req));
         Counted {
             open: self.streams.as_ref().map(OpenStreams::opened),
+            followed: self.heads.clone().zip(place),
             answer: self.inner.call(req),
         }
     }
@@ -1990,6 +1989,9 @@ pin_project_lite::pin_project! {
     /// on into the response body.
     struct Counted<F> {
         open: Option<StreamOpen>,
+        // HTTP/1.1: what the transport saw of the connection's framing, and
+        // the request's place on the connection.
+        followed: Option<(Arc<Heads>, u64)>,
         #[pin]
         answer: F,
     }
@@ -2006,7 +2008,19 @@ where
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Self::Output> {
         let this = self.project();
-        let res = std::task::ready!(this.answer.poll(cx))?;
+        let mut res = std::task::ready!(this.answer.poll(cx))?;
+        // Once the framing below hyper is no longer followed (an upgrade was
+        // asked for and refused, say), nothing after this response would be
+        // measured or checked: the connection ends with it, unless it switches.
+        if this
+            .followed
+            .as_ref()
+            .is_some_and(|(heads, place)| heads.stopped_by(*place))
+            && res.status() != StatusCode::SWITCHING_PROTOCOLS
+        {
+            res.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         std::task::Poll::Ready(Ok(match this.open.take() {
             None => res,
             Some(open) => res.map(|body| WhileOpen { body, _open: open }.boxed()),
