@@ -437,19 +437,10 @@ async fn keys_from_files_as_the_chart_writes_them() {
     let proxy = |trust: &str, log: &str| {
         let (port, health) = (free_port(), free_port());
         let mut cmd = Command::new(VIGIL);
-        cmd.args([
-            "proxy",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--health-listen",
-            &format!("127.0.0.1:{health}"),
-            "--control-plane",
-            &format!("http://127.0.0.1:{grpc}"),
-            "--proxy-id",
-            log,
-        ])
-        .env("VIGIL_JOIN_TOKEN_FILE", &join_file)
-        .env("VIGIL_SNAPSHOT_KEYS_FILE", trust);
+        cmd.args(proxy_on(port, health, &format!("http://127.0.0.1:{grpc}")))
+            .args(["--proxy-id", log])
+            .env("VIGIL_JOIN_TOKEN_FILE", &join_file)
+            .env("VIGIL_SNAPSHOT_KEYS_FILE", trust);
         (Running::start(cmd, &dir.0.join(log)), health)
     };
     let (trusting, health) = proxy(&trusted_file, "trusting.log");
@@ -494,11 +485,9 @@ async fn keys_from_files_as_the_chart_writes_them() {
     outsider.wait_for("unknown join token");
 }
 
-/// Behind a load balancer mapping 443 to the proxy's port, the plain-HTTP
-/// listener sends browsers to the public HTTPS port, not the proxy's own.
 /// `vigil proxy`'s arguments for a proxy on `port` (health on `health`) whose
-/// control plane never answers.
-fn lone_proxy(port: u16, health: u16) -> Vec<String> {
+/// control plane is at `control_plane`.
+fn proxy_on(port: u16, health: u16, control_plane: &str) -> Vec<String> {
     [
         "proxy",
         "--listen",
@@ -506,16 +495,30 @@ fn lone_proxy(port: u16, health: u16) -> Vec<String> {
         "--health-listen",
         &format!("127.0.0.1:{health}"),
         "--control-plane",
-        "http://127.0.0.1:9",
-        "--join-token",
-        "unused",
-        "--snapshot-keys",
-        &support::signer().public_key_base64(),
+        control_plane,
     ]
     .map(str::to_owned)
     .to_vec()
 }
 
+/// `vigil proxy`'s arguments for a proxy on `port` (health on `health`) whose
+/// control plane never answers.
+fn lone_proxy(port: u16, health: u16) -> Vec<String> {
+    let mut args = proxy_on(port, health, "http://127.0.0.1:9");
+    args.extend(
+        [
+            "--join-token",
+            "unused",
+            "--snapshot-keys",
+            &support::signer().public_key_base64(),
+        ]
+        .map(str::to_owned),
+    );
+    args
+}
+
+/// Behind a load balancer mapping 443 to the proxy's port, the plain-HTTP
+/// listener sends browsers to the public HTTPS port, not the proxy's own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redirect_to_the_public_https_port() {
     let dir = Scratch::new("redirect");

@@ -83,6 +83,25 @@ async fn reports_handled(
     }
 }
 
+/// A throwaway PostgreSQL, a control plane on its database `db`, a client, the
+/// control plane's URL and a fleet join token.
+async fn plane(
+    db: &str,
+) -> (
+    TestPostgres,
+    ControlProcess,
+    reqwest::Client,
+    String,
+    String,
+) {
+    let pg = TestPostgres::start().unwrap();
+    let cp = ControlProcess::start(&pg.create_database(db).unwrap());
+    let c = client();
+    let url = cp.url.clone();
+    let token = join_token(&c, &url, "fleet").await;
+    (pg, cp, c, url, token)
+}
+
 async fn until(what: &str, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !f() {
@@ -237,12 +256,7 @@ async fn snapshots_and_deltas_reach_proxies_and_survive_outages() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn untrusted_snapshots_and_unknown_tokens_are_refused() {
-    let pg = TestPostgres::start().unwrap();
-    let db = pg.create_database("refuse").unwrap();
-    let cp = ControlProcess::start(&db);
-    let c = client();
-    let url = cp.url.clone();
-    let token = join_token(&c, &url, "fleet").await;
+    let (_pg, cp, c, url, token) = plane("refuse").await;
     post_json(&c, &url, "/v1/groups", json!({"name": "eng"})).await;
 
     // Signed by a key the proxy does not trust: nacked, nothing applied.
@@ -353,12 +367,7 @@ async fn a_write_through_one_replica_reaches_a_proxy_on_another() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sessions_reported_by_a_proxy_are_listed_and_revocable() {
-    let pg = TestPostgres::start().unwrap();
-    let db = pg.create_database("sessions").unwrap();
-    let cp = ControlProcess::start(&db);
-    let c = client();
-    let url = cp.url.clone();
-    let token = join_token(&c, &url, "fleet").await;
+    let (_pg, cp, c, url, token) = plane("sessions").await;
     let user = post_json(
         &c,
         &url,
@@ -530,12 +539,7 @@ async fn sessions_reported_by_a_proxy_are_listed_and_revocable() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stalled_proxy_does_not_grow_the_control_planes_memory() {
-    let pg = TestPostgres::start().unwrap();
-    let db = pg.create_database("stall").unwrap();
-    let cp = ControlProcess::start(&db);
-    let c = client();
-    let url = cp.url.clone();
-    let token = join_token(&c, &url, "fleet").await;
+    let (_pg, cp, c, url, token) = plane("stall").await;
     let user = post_json(
         &c,
         &url,
@@ -994,12 +998,7 @@ impl Relay {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_sign_out_a_dying_stream_swallowed_is_sent_again() {
-    let pg = TestPostgres::start().unwrap();
-    let db = pg.create_database("resend").unwrap();
-    let cp = ControlProcess::start(&db);
-    let c = client();
-    let url = cp.url.clone();
-    let token = join_token(&c, &url, "fleet").await;
+    let (_pg, cp, c, url, token) = plane("resend").await;
     let user = post_json(
         &c,
         &url,

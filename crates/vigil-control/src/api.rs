@@ -125,11 +125,24 @@ enum IfMatch {
 }
 
 impl IfMatch {
-    /// The version a write of `R` `id` must find (`None`: any). A list of several
-    /// is settled against the current version, read for it; one that matches
-    /// none is 412, like a stale ETag.
-    async fn expect<R: Resource>(self, c: &Control, id: &str) -> Result<Option<i64>, Problem> {
+    /// Whether `R` `id` at version `current` meets it; else the 412 that names
+    /// the current ETag.
+    fn admits<R: Resource>(&self, id: &str, current: i64) -> Result<(), Problem> {
         match self {
+            IfMatch::Versions(v) if !v.contains(&current) => Err(StoreError::VersionMismatch {
+                kind: R::KIND.into(),
+                id: id.into(),
+                current,
+            }
+            .into()),
+            _ => Ok(()),
+        }
+    }
+
+    /// The version a write of `R` `id` must find (`None`: any). A list of several
+    /// is settled against the current version, read for it.
+    async fn expect<R: Resource>(self, c: &Control, id: &str) -> Result<Option<i64>, Problem> {
+        match &self {
             IfMatch::Any => Ok(None),
             IfMatch::Versions(v) => match v.as_slice() {
                 [] => Err(Problem::new(
@@ -138,18 +151,10 @@ impl IfMatch {
                     "no ETag in If-Match is one this server issued (they are strong, such as \"12\")",
                 )),
                 [one] => Ok(Some(*one)),
-                several => {
+                _ => {
                     let cur = current::<R>(c, id).await?;
-                    if several.contains(&cur.version) {
-                        Ok(Some(cur.version))
-                    } else {
-                        Err(StoreError::VersionMismatch {
-                            kind: R::KIND.into(),
-                            id: id.into(),
-                            current: cur.version,
-                        }
-                        .into())
-                    }
+                    self.admits::<R>(id, cur.version)?;
+                    Ok(Some(cur.version))
                 }
             },
         }
@@ -477,16 +482,7 @@ pub async fn patch<R: Resource>(
     let mut patch_doc = read_json(&headers, body, true).await?;
     strip_meta::<R>(&mut patch_doc, Some(&id))?;
     let cur = current::<R>(&c, &id).await?;
-    if let IfMatch::Versions(v) = asked {
-        if !v.contains(&cur.version) {
-            return Err(StoreError::VersionMismatch {
-                kind: R::KIND.into(),
-                id,
-                current: cur.version,
-            }
-            .into());
-        }
-    }
+    asked.admits::<R>(&id, cur.version)?;
     // Stored documents hold no metadata, so the patch applies to them as they are.
     let mut doc = cur.body;
     merge_patch(&mut doc, &patch_doc);
@@ -652,17 +648,9 @@ pub async fn rotate_token<R: Resource>(
 ) -> Result<Response, Problem> {
     admin.require(R::WRITE_ROLE)?;
     let cur = current::<R>(&c, &id).await?;
-    let version = match if_match(&headers)? {
-        Some(IfMatch::Versions(v)) if !v.contains(&cur.version) => {
-            return Err(StoreError::VersionMismatch {
-                kind: R::KIND.into(),
-                id,
-                current: cur.version,
-            }
-            .into())
-        }
-        _ => None,
-    };
+    if let Some(asked) = if_match(&headers)? {
+        asked.admits::<R>(&id, cur.version)?;
+    }
     let (token, kept) =
         issue_token::<R>(&c, &id).ok_or_else(|| Problem::not_found("this kind has no token"))?;
     // The document is written again as it is, with only the token changed.
@@ -671,7 +659,7 @@ pub async fn rotate_token<R: Resource>(
     let op = Op::Replace {
         entity,
         // The document read is written back: a write in between must not be undone.
-        if_version: Some(version.unwrap_or(cur.version)),
+        if_version: Some(cur.version),
         secret: SecretChange::Set(Some(kept)),
     };
     let rec = commit_one(&c, &admin, Some("rotate-token"), op).await?;

@@ -283,17 +283,24 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-    /// What the server sends on a connection given `sent` before it closes it.
-    async fn answer_to(sent: &[u8]) -> String {
+    /// The address of an admin server (one route, `/`, answering `ok`) serving at
+    /// most `max_connections` at once.
+    async fn serving(max_connections: usize) -> std::net::SocketAddr {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let app = Router::new().route("/", axum::routing::get(|| async { "ok" }));
         tokio::spawn(serve(
             listener,
             app,
-            MAX_CONNECTIONS,
+            max_connections,
             std::future::pending(),
         ));
+        addr
+    }
+
+    /// What the server sends on a connection given `sent` before it closes it.
+    async fn answer_to(sent: &[u8]) -> String {
+        let addr = serving(MAX_CONNECTIONS).await;
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
         s.write_all(sent).await.unwrap();
         let mut out = Vec::new();
@@ -326,15 +333,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn idle_http2_connections_are_sent_away() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let app = Router::new().route("/", axum::routing::get(|| async { "ok" }));
-        tokio::spawn(serve(
-            listener,
-            app,
-            MAX_CONNECTIONS,
-            std::future::pending(),
-        ));
+        let addr = serving(MAX_CONNECTIONS).await;
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
         // The preface and an empty SETTINGS frame; then no request, only what a
         // client library does by itself: acknowledge the server's pings.
@@ -394,10 +393,7 @@ mod tests {
 
     #[tokio::test]
     async fn connections_over_the_limit_are_closed_at_once() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let app = Router::new().route("/", axum::routing::get(|| async { "ok" }));
-        tokio::spawn(serve(listener, app, 2, std::future::pending()));
+        let addr = serving(2).await;
         let mut a = tokio::net::TcpStream::connect(addr).await.unwrap();
         let mut b = tokio::net::TcpStream::connect(addr).await.unwrap();
         assert!(answer(&mut a).await.unwrap().starts_with("HTTP/1.1 200"));

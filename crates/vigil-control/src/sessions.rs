@@ -100,22 +100,19 @@ async fn provision(control: &Control, r: &SessionReport) -> Result<Option<Op>, S
     // The provider's claims are its own: an email or a name the directory would
     // refuse from an admin must not keep the user, and with it the session and
     // its sign-out, out of the directory. Each is left out on its own if need be.
-    let without_name = UserSpec {
-        display_name: None,
-        ..spec.clone()
-    };
-    let without_email = UserSpec {
-        email: None,
-        email_verified: false,
-        ..spec.clone()
-    };
-    let bare = UserSpec {
-        display_name: None,
-        ..without_email.clone()
-    };
     let mut refused = None;
     let mut entity = None;
-    for candidate in [spec, without_name, without_email, bare] {
+    for (email, name) in [(true, true), (true, false), (false, true), (false, false)] {
+        // Leaving out what is not there changes nothing: not tried again.
+        if (!email && spec.email.is_none()) || (!name && spec.display_name.is_none()) {
+            continue;
+        }
+        let candidate = UserSpec {
+            email: spec.email.clone().filter(|_| email),
+            email_verified: spec.email_verified && email,
+            display_name: spec.display_name.clone().filter(|_| name),
+            ..spec.clone()
+        };
         match crate::api::prepare::<User>(control, candidate, &r.user_id, false).await {
             Ok((e, _)) => {
                 entity = Some(e);

@@ -128,9 +128,6 @@ struct Follow {
     partial: Vec<u8>,
     /// Heads framed so far.
     heads: u64,
-    /// Following stopped at a head with both `Content-Length` and
-    /// `Transfer-Encoding` (its request is refused and the connection closed).
-    conflicted: bool,
     shared: Arc<Heads>,
 }
 
@@ -140,7 +137,6 @@ impl Follow {
             state: State::Head,
             partial: Vec::new(),
             heads: 0,
-            conflicted: false,
             shared,
         }
     }
@@ -198,9 +194,7 @@ impl Follow {
                 }
                 None => {
                     if self.partial.len() > MAX_PARTIAL {
-                        self.oversized(self.heads);
-                        self.stop(self.heads);
-                        self.partial = Vec::new();
+                        self.overflow();
                     }
                     &[]
                 }
@@ -236,7 +230,7 @@ impl Follow {
     /// [`Heads::stopped_by`]).
     fn stop(&mut self, place: u64) {
         self.state = State::Off;
-        self.shared.stopped_at.fetch_min(place, Ordering::Relaxed);
+        first(&self.shared.stopped_at, place);
     }
 
     /// The place of the request whose head or body is being followed.
@@ -251,8 +245,10 @@ impl Follow {
     fn whole_head(&mut self, head: &[u8]) {
         let before = self.heads;
         self.state = self.framed(head);
-        if self.state == State::Off && !self.conflicted {
-            // The head's place, whether it was counted or hyper refuses it.
+        // A conflict is marked (its request refused, the connection closed);
+        // any other stop is noted at the head's place, whether it was counted
+        // or hyper refuses it.
+        if self.state == State::Off && self.shared.conflict.load(Ordering::Relaxed) == u64::MAX {
             self.stop(before);
         }
     }
@@ -260,30 +256,26 @@ impl Follow {
     /// Keeps an incomplete head or line, or stops following when it grows too long.
     fn keep(&mut self, data: &[u8]) {
         if self.partial.len() + data.len() > MAX_PARTIAL {
-            if self.state == State::Head {
-                self.oversized(self.heads);
-            }
-            self.stop(self.place());
-            self.partial = Vec::new();
+            self.overflow();
         } else {
             self.partial.extend_from_slice(data);
         }
     }
 
-    /// Notes that the head at `place` is longer than [`MAX_HEAD`].
-    fn oversized(&self, place: u64) {
-        let _ = self.shared.oversized.compare_exchange(
-            u64::MAX,
-            place,
-            Ordering::Relaxed,
-            Ordering::Relaxed,
-        );
+    /// Gives up on a head or line that grew past [`MAX_PARTIAL`] (a head that
+    /// long is too large).
+    fn overflow(&mut self) {
+        if self.state == State::Head {
+            first(&self.shared.oversized, self.heads);
+        }
+        self.stop(self.place());
+        self.partial = Vec::new();
     }
 
     /// Parses a complete head and says how its body is framed.
     fn framed(&mut self, head: &[u8]) -> State {
         if head.len() > MAX_HEAD {
-            self.oversized(self.heads);
+            first(&self.shared.oversized, self.heads);
         }
         // Left uninitialised: filling 100 empty fields would cost more than the parse.
         let mut fields = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
@@ -315,13 +307,7 @@ impl Follow {
             }
         }
         if chunked.is_some() && length.is_some() {
-            self.conflicted = true;
-            let _ = self.shared.conflict.compare_exchange(
-                u64::MAX,
-                place,
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            );
+            first(&self.shared.conflict, place);
             // hyper closes the connection after this request.
             return State::Off;
         }
@@ -336,6 +322,12 @@ impl Follow {
             (None, _) => State::Head,
         }
     }
+}
+
+/// Notes `place` in `slot` unless an earlier place is there (places only grow;
+/// `u64::MAX` is none).
+fn first(slot: &AtomicU64, place: u64) {
+    slot.fetch_min(place, Ordering::Relaxed);
 }
 
 /// Skips up to `left` bytes of `data`: what is left of `data`, and what is left

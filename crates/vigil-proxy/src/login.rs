@@ -154,18 +154,24 @@ struct Provider {
     fetched: Instant,
 }
 
-/// Handoff codes redeemed (id → expiry), and the same in the order they came,
-/// so that forgetting the expired ones costs nothing per redemption beyond them
-/// (a code is good for a minute, so the order is nearly that of expiry).
+/// Ids seen here, each until its expiry (handoff codes redeemed, sessions signed
+/// out), and the same in the order they came, so that forgetting the expired
+/// ones costs nothing per use beyond them (ids come nearly in order of expiry;
+/// one that expired behind a later one waits for it).
 #[derive(Default)]
-struct Redeemed {
+struct Expiring {
     ids: HashMap<String, i64>,
     order: std::collections::VecDeque<(i64, String)>,
 }
 
-impl Redeemed {
-    /// Records code `id` (good until `exp`) as redeemed at `now`; false when it
-    /// was already.
+impl Expiring {
+    /// Whether `id` was seen (and not forgotten yet).
+    fn contains(&self, id: &str) -> bool {
+        self.ids.contains_key(id)
+    }
+
+    /// Records `id` (good until `exp`) as seen at `now`; false when it was
+    /// already, and has not expired.
     fn first_use(&mut self, id: &str, exp: i64, now: i64) -> bool {
         while let Some((e, _)) = self.order.front() {
             if *e > now {
@@ -213,10 +219,10 @@ pub struct Login {
     /// provider never makes sign-ins with another wait.
     providers: parking_lot::Mutex<HashMap<String, Arc<tokio::sync::Mutex<ProviderSlot>>>>,
     /// Handoff codes redeemed here, so each works once.
-    redeemed: parking_lot::Mutex<Redeemed>,
-    /// Sessions signed out here (id → expiry), denied before the revocation
-    /// comes back in a snapshot.
-    signed_out: parking_lot::Mutex<HashMap<String, i64>>,
+    redeemed: parking_lot::Mutex<Expiring>,
+    /// Sessions signed out here (until they expire), denied before the
+    /// revocation comes back in a snapshot.
+    signed_out: parking_lot::Mutex<Expiring>,
     /// When each session's use was last reported from here (id → Unix seconds).
     reported_use: parking_lot::Mutex<HashMap<String, i64>>,
 }
@@ -377,8 +383,8 @@ impl Login {
             reports_waiting: Arc::new(AtomicUsize::new(0)),
             http,
             providers: parking_lot::Mutex::new(HashMap::new()),
-            redeemed: parking_lot::Mutex::new(Redeemed::default()),
-            signed_out: parking_lot::Mutex::new(HashMap::new()),
+            redeemed: parking_lot::Mutex::new(Expiring::default()),
+            signed_out: parking_lot::Mutex::new(Expiring::default()),
             reported_use: parking_lot::Mutex::new(HashMap::new()),
         })
     }
@@ -407,7 +413,7 @@ impl Login {
 
     /// Whether session `sid` was signed out at this proxy.
     pub fn is_signed_out(&self, sid: &str) -> bool {
-        self.signed_out.lock().contains_key(sid)
+        self.signed_out.lock().contains(sid)
     }
 
     /// Sends a browser to sign in and come back to `here` (the URL it asked for);
@@ -1028,8 +1034,7 @@ impl Login {
             // Each session is reported once, however often its sign-out is asked.
             {
                 let mut out = self.signed_out.lock();
-                out.retain(|_, exp| *exp > a.now);
-                ended.retain(|report| out.insert(report.session_id.clone(), s.exp).is_none());
+                ended.retain(|report| out.first_use(&report.session_id, s.exp, a.now));
             }
             for report in ended {
                 tracing::info!(request_id = %a.id, session = %report.session_id, user = %report.user_id, "Signed out");
@@ -1237,16 +1242,21 @@ fn claim_groups(claims: &serde_json::Map<String, serde_json::Value>, name: &str)
 mod tests {
     use super::*;
 
-    #[test]
-    fn use_is_reported_once_a_minute_per_session() {
-        let (login, mut rx) = login_with(&[]);
-        let s = |sid: &str| cookie::SessionCookie {
+    /// Session `sid` of `usr_1`, signed in at 1,000 until 9,000.
+    fn session(sid: &str) -> cookie::SessionCookie {
+        cookie::SessionCookie {
             sid: sid.into(),
             uid: "usr_1".into(),
             auth_time: 1_000,
             exp: 9_000,
             ..Default::default()
-        };
+        }
+    }
+
+    #[test]
+    fn use_is_reported_once_a_minute_per_session() {
+        let (login, mut rx) = login_with(&[]);
+        let s = session;
         login.note_use(&s("ses_a"), 2_000);
         login.note_use(&s("ses_a"), 2_030);
         login.note_use(&s("ses_b"), 2_030);
@@ -1433,14 +1443,7 @@ mod tests {
     async fn another_site_cannot_sign_a_user_out() {
         let (login, mut rx) = login_with(&[]);
         let index = one_route();
-        let session = cookie::SessionCookie {
-            sid: "ses_a".into(),
-            uid: "usr_1".into(),
-            auth_time: 1_000,
-            exp: 9_000,
-            ..Default::default()
-        };
-        let mut headers = with_session(&login, &session);
+        let mut headers = with_session(&login, &session("ses_a"));
         headers.insert("sec-fetch-site", HeaderValue::from_static("cross-site"));
         let res = login.serve(&index, &asked("app.example", &headers)).await;
         assert_eq!(res.status(), StatusCode::OK);
@@ -1510,12 +1513,8 @@ mod tests {
         let (login, mut rx) = login_with(&[]);
         let index = one_route();
         let session = cookie::SessionCookie {
-            sid: "ses_new".into(),
-            uid: "usr_1".into(),
-            auth_time: 1_000,
-            exp: 9_000,
             earlier: vec![("ses_old".into(), "usr_0".into())],
-            ..Default::default()
+            ..session("ses_new")
         };
         let headers = with_session(&login, &session);
         let res = login.serve(&index, &asked("app.example", &headers)).await;
@@ -1638,13 +1637,6 @@ mod tests {
     async fn a_full_report_queue_drops_activity_but_never_a_sign_out() {
         let (login, mut rx) = login_with(&[]);
         let index = one_route();
-        let session = |sid: &str| cookie::SessionCookie {
-            sid: sid.into(),
-            uid: "usr_1".into(),
-            auth_time: 1_000,
-            exp: 9_000,
-            ..Default::default()
-        };
         // The control plane is away: activity fills the queue (16 here), and more
         // of it is dropped.
         for i in 0..20 {
@@ -1665,7 +1657,7 @@ mod tests {
 
     #[test]
     fn each_code_is_redeemed_once_until_it_expires() {
-        let mut r = Redeemed::default();
+        let mut r = Expiring::default();
         assert!(r.first_use("a", 160, 100));
         assert!(!r.first_use("a", 160, 130));
         assert!(r.first_use("b", 190, 130));

@@ -328,20 +328,14 @@ impl Proxy {
         &self.streams.registry
     }
 
-    /// Handles one request from `peer`, whose connection presented the verified
-    /// client certificate `client` (if any) and holds `place` under the connection
-    /// limit (a WebSocket tunnel made from it holds the place on); never fails
-    /// (errors become responses).
-    pub async fn handle(
-        &self,
-        req: Request<Incoming>,
-        peer: SocketAddr,
-        client: Option<&ClientCert>,
-        place: &Place,
-    ) -> Response<ProxyBody> {
+    /// Handles one request on connection `conn`; never fails (errors become
+    /// responses).
+    pub async fn handle(&self, req: Request<Incoming>, conn: &Connection) -> Response<ProxyBody> {
         let started = Instant::now();
         let id = request_id();
-        let (res, log) = self.decide_and_forward(req, peer, client, place, &id).await;
+        let (res, log) = self
+            .decide_and_forward(req, conn.peer, conn.client.as_deref(), &conn.place, &id)
+            .await;
         let elapsed = started.elapsed();
         let elapsed_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
         if let Some(m) = &self.config.metrics {
@@ -967,20 +961,14 @@ impl Proxy {
         let registration = self
             .tunnels
             .open(info.clone(), recheck, &self.index, index.version());
-        let tunnelled = tunnel(
+        tokio::spawn(tunnel(
             from_client,
             from_upstream,
             registration,
             info,
             self.config.metrics.clone(),
-        );
-        // The tunnel is the client's connection still: it keeps its place under
-        // the connection limit until it closes.
-        let place = ask.place.clone();
-        tokio::spawn(async move {
-            tunnelled.await;
-            drop(place);
-        });
+            ask.place.clone(),
+        ));
         let empty = Empty::<Bytes>::new()
             .map_err(|never: Infallible| match never {})
             .boxed();
@@ -1335,6 +1323,9 @@ async fn tunnel(
     mut registration: crate::tunnel::Registration,
     info: TunnelInfo,
     metrics: Option<Arc<crate::metrics::Metrics>>,
+    // The tunnel is the client's connection still: it keeps its place under the
+    // connection limit until it closes.
+    _place: Place,
 ) {
     use hyper_util::rt::TokioIo;
     use tokio::io::AsyncWriteExt as _;
@@ -1528,7 +1519,6 @@ pub async fn serve(
 ) {
     let header_read_timeout = proxy.config.header_read_timeout;
     let limit = ConnectionLimit::new(proxy.config.max_connections, proxy.config.metrics.clone());
-    // One reference count to bump per request, not one per part of the proxy.
     let proxy = Arc::new(proxy);
     serve_with(
         listener,
@@ -1536,13 +1526,17 @@ pub async fn serve(
         header_read_timeout,
         limit,
         shutdown,
-        move |peer, client, place: Place| {
-            let proxy = proxy.clone();
+        move |peer, client, place| {
+            // One reference count to bump per request, not one per part.
+            let conn = Arc::new(Connection {
+                proxy: proxy.clone(),
+                peer,
+                client,
+                place,
+            });
             hyper::service::service_fn(move |req: Request<Incoming>| {
-                let (proxy, client, place) = (proxy.clone(), client.clone(), place.clone());
-                async move {
-                    Ok::<_, Infallible>(proxy.handle(req, peer, client.as_deref(), &place).await)
-                }
+                let conn = conn.clone();
+                async move { Ok::<_, Infallible>(conn.proxy.handle(req, &conn).await) }
             })
         },
     )
@@ -1628,7 +1622,7 @@ async fn sniff_http(stream: &tokio::net::TcpStream, within: Duration) -> Option<
 /// closed as soon as it is accepted (as Envoy's overload manager does), so that the
 /// client, or the load balancer in front, can retry on another proxy at once
 /// rather than wait in the listen queue; a warning says so at most every 10 s.
-/// A WebSocket tunnel stops counting once it is handed off from HTTP.
+/// A WebSocket tunnel counts until it closes.
 #[derive(Debug)]
 pub struct ConnectionLimit {
     /// One permit per connection; `None`: no limit.
@@ -1693,6 +1687,20 @@ impl ConnectionLimit {
             self.refused_since_warning = 0;
         }
     }
+}
+
+/// One client connection, as every request on it sees it.
+#[derive(Debug)]
+pub struct Connection {
+    /// The proxy serving it.
+    pub proxy: Arc<Proxy>,
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// The certificate the client presented and the handshake verified, if any.
+    pub client: Option<Arc<ClientCert>>,
+    /// Its place under the connection limit (a WebSocket tunnel made from it
+    /// holds the place on).
+    pub place: Place,
 }
 
 /// A connection's place under the connection limit, shared by what serves the
@@ -1975,10 +1983,17 @@ where
     type Future = Counted<S::Future>;
 
     fn call(&self, mut req: Request<Incoming>) -> Self::Future {
-        let place = self.heads.as_ref().map(|heads| heads.mark(&mut req));
+        // Once the framing below hyper is no longer followed (an upgrade was
+        // asked for, say), nothing after this request would be measured or
+        // checked: the connection ends with its response, unless that switches.
+        // The follower stops at a head before hyper hands its request over.
+        let last = self.heads.as_ref().is_some_and(|heads| {
+            let place = heads.mark(&mut req);
+            heads.stopped_by(place)
+        });
         Counted {
             open: self.streams.as_ref().map(OpenStreams::opened),
-            followed: self.heads.clone().zip(place),
+            last,
             answer: self.inner.call(req),
         }
     }
@@ -1989,9 +2004,8 @@ pin_project_lite::pin_project! {
     /// on into the response body.
     struct Counted<F> {
         open: Option<StreamOpen>,
-        // HTTP/1.1: what the transport saw of the connection's framing, and
-        // the request's place on the connection.
-        followed: Option<(Arc<Heads>, u64)>,
+        // The connection is to close after this response (unless a 101).
+        last: bool,
         #[pin]
         answer: F,
     }
@@ -2009,15 +2023,7 @@ where
     ) -> std::task::Poll<Self::Output> {
         let this = self.project();
         let mut res = std::task::ready!(this.answer.poll(cx))?;
-        // Once the framing below hyper is no longer followed (an upgrade was
-        // asked for and refused, say), nothing after this response would be
-        // measured or checked: the connection ends with it, unless it switches.
-        if this
-            .followed
-            .as_ref()
-            .is_some_and(|(heads, place)| heads.stopped_by(*place))
-            && res.status() != StatusCode::SWITCHING_PROTOCOLS
-        {
+        if *this.last && res.status() != StatusCode::SWITCHING_PROTOCOLS {
             res.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }

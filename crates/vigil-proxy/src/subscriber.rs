@@ -101,10 +101,10 @@ pub const REPORT_QUEUE: usize = 1024;
 /// No message (update or heartbeat) for this long means the stream is dead.
 const SILENCE: Duration = Duration::from_secs(35);
 
-/// New-session and sign-out reports sent within this long are sent again on the
-/// next stream: reports are not acknowledged, and a stream can take this long
-/// to be known dead, all the while accepting what is written into it. The
-/// control plane takes a report it already has as a no-op.
+/// New-session and sign-out reports sent within this long before a stream ended
+/// are sent again on the next one: reports are not acknowledged, and a stream
+/// can take this long to be known dead, all the while accepting what is
+/// written into it. The control plane takes a report it already has as a no-op.
 const RESEND_WINDOW: Duration = Duration::from_secs(2 * 35);
 
 /// At most this many reports are kept to send again.
@@ -154,8 +154,8 @@ fn spawn(config: Config, store: Option<persist::Store>, initial: Index, chain: u
     let (reports, queued) = mpsc::channel(REPORT_QUEUE);
     let state = State {
         reports: queued,
-        unsent: None,
         recent: std::collections::VecDeque::new(),
+        ended: tokio::time::Instant::now(),
         store,
         index: index.clone(),
         link: link_tx,
@@ -181,11 +181,12 @@ struct State {
     chain: usize,
     /// Session reports from the request path.
     reports: mpsc::Receiver<SessionReport>,
-    /// A report taken from `reports` that a stream closed before taking.
-    unsent: Option<SessionReport>,
-    /// New-session and sign-out reports sent lately, to send again on the next
-    /// stream (see [`RESEND_WINDOW`]).
+    /// New-session and sign-out reports sent lately, and any report a closing
+    /// stream did not take, to send again on the next stream (see
+    /// [`RESEND_WINDOW`]).
     recent: std::collections::VecDeque<(tokio::time::Instant, SessionReport)>,
+    /// When the last stream ended.
+    ended: tokio::time::Instant,
 }
 
 /// A random fraction in [0.5, 1.5) for jitter, without a random-number crate.
@@ -209,7 +210,9 @@ async fn run(config: Config, mut state: State) {
     loop {
         let address = &config.addresses[attempt % config.addresses.len()];
         attempt += 1;
-        match session(&config, address, &mut state).await {
+        let ended = session(&config, address, &mut state).await;
+        state.ended = tokio::time::Instant::now();
+        match ended {
             Ok(()) => backoff = BACKOFF_MIN,
             Err(e) => {
                 tracing::warn!(address, error = %e, "Control-plane stream ended; retrying");
@@ -278,10 +281,11 @@ async fn session(config: &Config, address: &str, state: &mut State) -> Result<()
     });
     tracing::info!(address, held, "Subscribed to the control plane");
     // What the last streams may have swallowed goes again.
+    let ended = state.ended;
     while state
         .recent
         .front()
-        .is_some_and(|(at, _)| at.elapsed() >= RESEND_WINDOW)
+        .is_some_and(|(at, _)| ended.duration_since(*at) >= RESEND_WINDOW)
     {
         state.recent.pop_front();
     }
@@ -318,26 +322,20 @@ async fn session(config: &Config, address: &str, state: &mut State) -> Result<()
     let result = loop {
         let received = tokio::select! {
             m = tokio::time::timeout_at(silent_at, inbound.message()) => m,
-            Some(report) = async {
-                match state.unsent.take() {
-                    Some(r) => Some(r),
-                    None => state.reports.recv().await,
-                }
-            } => {
-                let kept = must_arrive(&report).then(|| report.clone());
+            Some(report) = state.reports.recv() => {
+                let copy = report.clone();
                 let msg = ProxyMessage { msg: Some(proxy_message::Msg::Session(report)) };
-                if let Err(unsent) = tx.send(msg).await {
-                    // Sent first on the next stream.
-                    if let Some(proxy_message::Msg::Session(r)) = unsent.0.msg {
-                        state.unsent = Some(r);
-                    }
-                    break Err("stream closed".to_owned());
-                }
-                if let Some(report) = kept {
+                let sent = tx.send(msg).await.is_ok();
+                // Kept to send again: what must arrive, and whatever the stream
+                // did not take.
+                if !sent || must_arrive(&copy) {
                     if state.recent.len() >= RESEND_MAX {
                         state.recent.pop_front();
                     }
-                    state.recent.push_back((tokio::time::Instant::now(), report));
+                    state.recent.push_back((tokio::time::Instant::now(), copy));
+                }
+                if !sent {
+                    break Err("stream closed".to_owned());
                 }
                 continue;
             }
